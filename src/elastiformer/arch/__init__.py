@@ -1,0 +1,17 @@
+"""Per-architecture specs: where a model family keeps its layers, attention, MLP and their weights.
+
+Routers attach to the unmodified transformers modules; a spec only says where things are and how to read the
+weights as plain `(out, in)` matrices. Add a family with `register_architecture(spec)`.
+"""
+
+from .spec import ArchSpec, AttentionWeights, MLPWeights, get_arch_spec, register_architecture, supported_model_types
+from . import gpt2, llama  # noqa: F401  (registers the built-in specs)
+
+__all__ = [
+    "ArchSpec",
+    "AttentionWeights",
+    "MLPWeights",
+    "get_arch_spec",
+    "register_architecture",
+    "supported_model_types",
+]

@@ -1,0 +1,40 @@
+"""GPT-2 family: `transformer.h[i].attn` with a fused `c_attn` and `c_proj` (Conv1D: `y = x @ W + b`, so the
+Linear-convention weight is `W.T`), absolute position embeddings (no rotary), `mlp` = c_proj(act(c_fc(x)))."""
+
+from torch import nn
+
+from .spec import ArchSpec, AttentionWeights, MLPWeights, register_architecture
+
+
+def _attention_weights(attn: nn.Module) -> AttentionWeights:
+    C = attn.embed_dim
+    w, b = attn.c_attn.weight, attn.c_attn.bias  # (C, 3C), (3C,)
+    return AttentionWeights(
+        q_w=w[:, :C].T, q_b=b[:C],
+        k_w=w[:, C:2 * C].T, k_b=b[C:2 * C],
+        v_w=w[:, 2 * C:].T, v_b=b[2 * C:],
+        o_w=attn.c_proj.weight.T, o_b=attn.c_proj.bias,
+    )
+
+
+def _mlp_weights(mlp: nn.Module) -> MLPWeights:
+    return MLPWeights(
+        up_w=mlp.c_fc.weight.T, up_b=mlp.c_fc.bias,
+        gate_w=None, gate_b=None,
+        down_w=mlp.c_proj.weight.T, down_b=mlp.c_proj.bias,
+        act=mlp.act,
+    )
+
+
+GPT2 = register_architecture(
+    ArchSpec(
+        name="gpt2",
+        model_types=("gpt2",),
+        layers_path="transformer.h",
+        attn_name="attn",
+        mlp_name="mlp",
+        rotary=False,
+        attention_weights=_attention_weights,
+        mlp_weights=_mlp_weights,
+    )
+)

@@ -1,0 +1,210 @@
+"""`ElasticAttention`: token routing and head routing around an unmodified attention module.
+
+Token routing: the selected tokens of each sequence are gathered (order kept, padded to the longest selection in
+the batch), the attention runs on them alone with their original rotary positions, and the result is scattered
+back; unselected tokens neither query nor serve as keys / values in this layer. With a KV cache, this layer's cache
+holds only the tokens it processed, so the wrapper keeps, on the cache object, the sequence index of every cached
+entry (`-1` for batch padding) and builds the mask from those indices.
+
+Head routing: K and V are computed for every processed token (later tokens may need them), but each query head runs
+only on the tokens that chose it: q projection, attention and its slice of the output projection.
+
+Layer 0 always runs dense under token routing: transformers reads the cache length from layer 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
+
+from ..arch import ArchSpec
+from ..flops import attention_projection_flops, attention_score_flops, dense_attention_flops
+from ..routers import HeadRouter, TokenRouter
+from .state import RoutingState, SubLayerStats
+
+_CACHE_INDEX_ATTR = "_elastiformer_kv_index"  # {layer_idx: (B, P) long} sequence index of each cached entry
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, ...), idx: (B, m) -> (B, m, ...)."""
+    view = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:])
+    return x.gather(1, view)
+
+
+def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the True entries of each row, in order, padded to the longest row.
+
+    mask: (B, T) bool -> idx (B, m) long, slot_valid (B, m) bool (False where a row ran out of True entries).
+    """
+    counts = mask.sum(dim=1)  # (B,)
+    m = int(counts.max()) if mask.numel() else 0
+    idx = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :m]  # selected first, original order
+    slot_valid = torch.arange(m, device=mask.device)[None, :] < counts[:, None]
+    return idx, slot_valid
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (transformers' `rotate_half` convention). x: (B, heads, m, D), cos/sin: (B, m, D)."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class ElasticAttention(nn.Module):
+    def __init__(self, base_layer: nn.Module, layer_idx: int, spec: ArchSpec, dims: dict[str, int],
+                 state: RoutingState, token_router: TokenRouter | None, head_router: HeadRouter | None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer_idx = layer_idx
+        self.spec = spec
+        self.dims = dims
+        self.token_router = token_router
+        self.head_router = head_router
+        self._state = [state]  # in a list so nn.Module does not register it
+
+    @property
+    def state(self) -> RoutingState:
+        return self._state[0]
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        st = self.state
+        d = self.dims
+        x = hidden_states  # (B, T, C)
+        B, T, C = x.shape
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = getattr(cache, "self_attention_cache", cache)  # GPT-2 may wrap it in an EncoderDecoderCache
+        past = self._cached_index(cache, B, x.device)  # (B, P)
+        dense = dense_attention_flops(B, T, past.shape[1] + T, C, d["H"], d["KVH"], d["D"])
+        tok_cap = st.layer_capacity("attn_tokens", self.layer_idx) if self.token_router is not None else 1.0
+        head_cap = st.layer_capacity("attn_heads", self.layer_idx) if self.head_router is not None else 1.0
+
+        if st.recording and self.token_router is not None:
+            keep = st.token_valid(B, T, x.device) & ~st.forced_tokens(B, T, x.device)
+            st.recorded_scores[id(self.token_router)].append(self.token_router.score(x)[keep].detach().float())
+        if tok_cap >= 1.0 and head_cap >= 1.0:  # full capacity: the base sub-layer, untouched
+            if cache is not None:
+                self._remember_index(cache, past, st.current_positions(T, x.device).expand(B, T))
+            st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, dense))
+            return self.base_layer(hidden_states, *args, **kwargs)
+
+        # ---- which tokens this layer processes ----
+        positions = st.current_positions(T, x.device).expand(B, T)  # (B, T) sequence index of each token
+        valid = st.token_valid(B, T, x.device)
+        router_flops = 0
+        if tok_cap < 1.0:
+            sel = self.token_router(x, tok_cap, valid, st.forced_tokens(B, T, x.device), topk=st.topk)
+            router_flops += self.token_router.flops(B * T)
+            if sel.aux_loss is not None:
+                st.aux_losses["token_bce"].append(sel.aux_loss)
+            idx, slot_valid = compact(sel.selected)  # (B, m)
+            x_sub = gather_rows(x, idx)  # (B, m, C)
+            gate = gather_rows(sel.gate, idx)[..., None]  # (B, m, 1)
+            token_fraction = float(slot_valid.sum()) / max(1, int(valid.sum()))
+        else:
+            idx = torch.arange(T, device=x.device).expand(B, T)
+            slot_valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
+            x_sub, gate, token_fraction = x, None, 1.0
+        m = idx.shape[1]
+        q_pos = torch.where(slot_valid, positions.gather(1, idx), -1)  # (B, m), -1 marks batch padding
+        kv_pos = torch.cat([past, q_pos], dim=1)  # (B, P + m)
+        mask = self._additive_mask(q_pos, kv_pos, x.dtype)  # (B, 1, m, P + m)
+
+        kw = dict(kwargs)
+        kw["attention_mask"] = mask
+        if "position_embeddings" in kw and kw["position_embeddings"] is not None:
+            cos, sin = kw["position_embeddings"]  # (B or 1, T, D)
+            kw["position_embeddings"] = (gather_rows(cos.expand(B, -1, -1), idx), gather_rows(sin.expand(B, -1, -1), idx))
+        if kw.get("position_ids") is not None:
+            kw["position_ids"] = kw["position_ids"].expand(B, -1).gather(1, idx)
+
+        if m == 0:
+            out_sub, flops, unit_fraction = x.new_zeros(B, 0, C), 0, 1.0
+        elif head_cap < 1.0:
+            out_sub, flops, unit_fraction = self._head_routed(x_sub, slot_valid, mask, kw, cache, head_cap)
+            router_flops += self.head_router.flops(B * m)
+        else:
+            out_sub = self.base_layer(x_sub, *args, **kw)[0]  # (B, m, C)
+            flops = attention_projection_flops(B * m, B * m, C, d["H"], d["KVH"], d["D"]) + \
+                attention_score_flops(B * m, kv_pos.shape[1], d["H"], d["D"])
+            unit_fraction = 1.0
+        if cache is not None:
+            self._remember_index(cache, past, q_pos)
+
+        if gate is not None:  # scatter the processed tokens back; skipped tokens add nothing to the residual
+            out_sub = out_sub * gate
+            flat = (idx + torch.arange(B, device=x.device)[:, None] * T)[slot_valid]  # (n,) into (B*T)
+            out = x.new_zeros(B * T, C).index_copy(0, flat, out_sub[slot_valid].to(x.dtype)).view(B, T, C)
+        else:
+            out = out_sub
+        st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, flops + router_flops, router_flops,
+                                      token_fraction, unit_fraction))
+        return out, None
+
+    # ---- head routing: each query head runs only on the tokens that chose it ----
+    def _head_routed(self, x, slot_valid, mask, kw, cache, capacity):
+        d = self.dims
+        B, m, C = x.shape
+        H, KVH, D = d["H"], d["KVH"], d["D"]
+        n_rep = H // KVH
+        w = self.spec.attention_weights(self.base_layer)
+        heads = self.head_router(x, capacity)  # active / gate: (B, m, H)
+        k = F.linear(x, w.k_w, w.k_b).view(B, m, KVH, D).transpose(1, 2)  # (B, KVH, m, D)
+        v = F.linear(x, w.v_w, w.v_b).view(B, m, KVH, D).transpose(1, 2)  # (B, KVH, m, D)
+        cos_sin = kw.get("position_embeddings") if self.spec.rotary else None
+        if cos_sin is not None:
+            k = rotate(k, *cos_sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, KVH, P + m, D)
+        kv_len = k.shape[2]
+        flops = attention_projection_flops(0, B * m, C, H, KVH, D)
+        out = x.new_zeros(B * m, C)
+        active = heads.active & slot_valid[..., None]  # (B, m, H)
+        for h in range(H):  # loop over heads, never over tokens
+            hidx, hvalid = compact(active[..., h])  # (B, mh): the tokens that chose head h
+            mh = hidx.shape[1]
+            if mh == 0:
+                continue
+            xh = gather_rows(x, hidx)  # (B, mh, C)
+            rows = slice(h * D, (h + 1) * D)
+            q = F.linear(xh, w.q_w[rows], None if w.q_b is None else w.q_b[rows])[:, None]  # (B, 1, mh, D)
+            if cos_sin is not None:
+                q = rotate(q, gather_rows(cos_sin[0], hidx), gather_rows(cos_sin[1], hidx))
+            mask_h = mask[:, 0].gather(1, hidx[..., None].expand(B, mh, kv_len))[:, None]  # (B, 1, mh, kv)
+            g = h // n_rep
+            o = F.scaled_dot_product_attention(q, k[:, g:g + 1], v[:, g:g + 1], attn_mask=mask_h,
+                                               scale=self.base_layer.scaling)  # (B, 1, mh, D)
+            o = o[:, 0] * gather_rows(heads.gate[..., h], hidx)[..., None]  # (B, mh, D)
+            contrib = F.linear(o, w.o_w[:, rows])  # (B, mh, C): this head's share of the output projection
+            flat = (hidx + torch.arange(B, device=x.device)[:, None] * m)[hvalid]
+            out.index_add_(0, flat, contrib[hvalid].to(out.dtype))
+            flops += 2 * B * mh * C * D * 2 + attention_score_flops(B * mh, kv_len, 1, D)
+        if w.o_b is not None:
+            out = out + w.o_b
+        unit_fraction = float(active.sum()) / max(1, int(slot_valid.sum()) * H)
+        return out.view(B, m, C), flops, unit_fraction
+
+    # ---- bookkeeping for the KV cache ----
+    def _cached_index(self, cache, B: int, device) -> torch.Tensor:
+        """(B, P) sequence index of each entry already in this layer's cache (-1: batch padding)."""
+        if cache is None:
+            return torch.zeros(B, 0, dtype=torch.long, device=device)
+        index = getattr(cache, _CACHE_INDEX_ATTR, {}).get(self.layer_idx)
+        if index is not None:
+            return index
+        P = cache.get_seq_length(self.layer_idx) if self.layer_idx < len(getattr(cache, "layers", [])) else 0
+        return torch.arange(P, device=device).expand(B, P)  # filled before routing was on: every token is there
+
+    def _remember_index(self, cache, past: torch.Tensor, new: torch.Tensor) -> None:
+        if not hasattr(cache, _CACHE_INDEX_ATTR):
+            setattr(cache, _CACHE_INDEX_ATTR, {})
+        getattr(cache, _CACHE_INDEX_ATTR)[self.layer_idx] = torch.cat([past, new], dim=1)
+
+    def _additive_mask(self, q_pos: torch.Tensor, kv_pos: torch.Tensor, dtype) -> torch.Tensor:
+        """Causal by sequence index, no padding keys, no batch-padding slots. -> (B, 1, m, kv) float."""
+        st = self.state
+        allowed = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos[:, :, None])  # (B, m, kv)
+        if st.pad_mask is not None and st.pad_mask.shape[0] == kv_pos.shape[0]:
+            real = st.pad_mask.gather(1, kv_pos.clamp(min=0).clamp(max=st.pad_mask.shape[1] - 1))  # (B, kv)
+            allowed = allowed & real[:, None, :]
+        zero = torch.zeros((), dtype=dtype, device=q_pos.device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]

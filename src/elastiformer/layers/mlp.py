@@ -1,0 +1,121 @@
+"""`ElasticMLP`: token routing (only selected tokens enter the MLP) and expert routing (the dense MLP split exactly
+into `E` experts, each a contiguous slice of the hidden neurons; each token runs only its chosen experts).
+
+With every expert active the sum over experts is the dense MLP: down(act(gate(x)) * up(x)) splits over hidden
+neurons because the activation is elementwise and `down` is linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arch import ArchSpec
+from ..flops import mlp_flops
+from ..routers import ExpertRouter, TokenRouter
+from .state import RoutingState, SubLayerStats
+
+
+class ElasticMLP(nn.Module):
+    def __init__(self, base_layer: nn.Module, layer_idx: int, spec: ArchSpec, dims: dict[str, int],
+                 state: RoutingState, token_router: TokenRouter | None, expert_router: ExpertRouter | None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer_idx = layer_idx
+        self.spec = spec
+        self.dims = dims
+        self.token_router = token_router
+        self.expert_router = expert_router
+        self._state = [state]  # in a list so nn.Module does not register it
+        if expert_router is not None and dims["I"] % expert_router.n_experts:
+            raise ValueError("MLP width must divide into experts")  # checked with a clear message by the model
+
+    @property
+    def state(self) -> RoutingState:
+        return self._state[0]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        st = self.state
+        C, I = self.dims["C"], self.dims["I"]
+        gated = self.spec.mlp_weights(self.base_layer).gate_w is not None
+        B, T, _ = x.shape
+        tok_cap = st.layer_capacity("mlp_tokens", self.layer_idx) if self.token_router is not None else 1.0
+        exp_cap = st.layer_capacity("mlp_experts_active", self.layer_idx) if self.expert_router is not None else 1.0
+        dense = mlp_flops(B * T, C, I, gated)
+
+        if st.recording and self.token_router is not None:
+            self._record_scores(x)
+        if tok_cap >= 1.0 and exp_cap >= 1.0:  # full capacity: the base sub-layer, untouched
+            st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, dense))
+            return self.base_layer(x, *args, **kwargs)
+
+        xf = x.reshape(B * T, C)  # (B, T, C) -> (N, C)
+        router_flops = 0
+        idx = None
+        if tok_cap < 1.0:
+            valid = st.token_valid(B, T, x.device)
+            forced = st.forced_tokens(B, T, x.device)
+            sel = self.token_router(x, tok_cap, valid, forced, topk=st.topk)
+            router_flops += self.token_router.flops(B * T)
+            if sel.aux_loss is not None:
+                st.aux_losses["token_bce"].append(sel.aux_loss)
+            idx = sel.selected.flatten().nonzero().squeeze(1)  # (n,) flat indices of processed tokens
+            x_in = xf.index_select(0, idx)  # (n, C)
+            gate = sel.gate.flatten().index_select(0, idx)[:, None]  # (n, 1)
+            token_fraction = idx.numel() / max(1, int(valid.sum()))
+        else:
+            x_in, gate, token_fraction = xf, None, 1.0
+
+        n = x_in.shape[0]
+        if exp_cap < 1.0:
+            y, exp_flops, unit_fraction = self._run_experts(x_in, exp_cap)
+            router_flops += self.expert_router.flops(n)
+        else:
+            y = self.base_layer(x_in) if n else x_in.new_zeros(0, C)  # (n, C)
+            exp_flops, unit_fraction = mlp_flops(n, C, I, gated), 1.0
+
+        if idx is not None:
+            y = y * gate
+            y = xf.new_zeros(B * T, C).index_copy(0, idx, y.to(xf.dtype))  # scatter back; skipped tokens add 0
+        st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, exp_flops + router_flops, router_flops,
+                                      token_fraction, unit_fraction))
+        return y.view(B, T, C)
+
+    def _record_scores(self, x: torch.Tensor) -> None:
+        B, T, _ = x.shape
+        keep = self.state.token_valid(B, T, x.device) & ~self.state.forced_tokens(B, T, x.device)
+        self.state.recorded_scores[id(self.token_router)].append(self.token_router.score(x)[keep].detach().float())
+
+    def _run_experts(self, x: torch.Tensor, capacity: float) -> tuple[torch.Tensor, int, float]:
+        """Dispatch each token to its chosen experts only. x: (n, C) -> (n, C)."""
+        C, I = self.dims["C"], self.dims["I"]
+        w = self.spec.mlp_weights(self.base_layer)
+        E = self.expert_router.n_experts
+        width = I // E
+        n = x.shape[0]
+        out = x.new_zeros(n, C)
+        if n == 0:
+            return out, 0, 1.0
+        sel = self.expert_router(x, capacity, with_aux=self.state.topk)
+        if sel.aux_loss is not None:
+            self.state.aux_losses["expert_balance"].append(sel.aux_loss)
+        flops = 0
+        for e in range(E):  # loop over experts (a handful), never over tokens
+            token_idx, slot = (sel.chosen == e).nonzero(as_tuple=True)  # tokens that chose e, and in which slot
+            if token_idx.numel() == 0:
+                continue
+            s = slice(e * width, (e + 1) * width)
+            xe = x.index_select(0, token_idx)  # (n_e, C)
+            h = F.linear(xe, w.up_w[s], None if w.up_b is None else w.up_b[s])  # (n_e, I/E)
+            if w.gate_w is not None:
+                h = w.act(F.linear(xe, w.gate_w[s], None if w.gate_b is None else w.gate_b[s])) * h
+            else:
+                h = w.act(h)
+            ye = F.linear(h, w.down_w[:, s])  # (n_e, C); the down bias is added once below
+            ye = ye * sel.gate[token_idx, slot][:, None]
+            out.index_add_(0, token_idx, ye)
+            flops += mlp_flops(token_idx.numel(), C, width, w.gate_w is not None)
+        if w.down_b is not None:
+            out = out + w.down_b
+        return out, flops, sel.chosen.shape[1] / E

@@ -1,0 +1,84 @@
+"""`RoutingState`: what every wrapped sub-layer of one elastic model shares.
+
+The budget and mode (set by `ElasticModel`), the per-forward context that only the top-level model call sees
+(padding mask, positions of the current tokens in the sequence), and what each sub-layer reports back (FLOPs,
+auxiliary losses, calibration scores). One object per elastic model, referenced by each wrapper.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SubLayerStats:
+    layer: int
+    sublayer: str  # "attn" | "mlp"
+    dense_flops: int  # what the unmodified sub-layer would have executed on the same input
+    executed_flops: int  # what ran, routers included
+    router_flops: int = 0
+    token_fraction: float = 1.0  # of valid tokens processed
+    unit_fraction: float = 1.0  # of heads / experts active per processed token
+
+
+@dataclass
+class RoutingState:
+    n_layers: int
+    enabled: bool = True
+    topk: bool = False  # training: top-k at the capacity; inference: calibrated thresholds
+    recording: bool = False  # calibration: run dense, record token-router scores
+    budget: dict[str, float] = field(default_factory=dict)  # global capacity per component
+    dense_layers: dict[str, frozenset[int]] = field(default_factory=dict)
+    keep_first_token: bool = True
+    # ---- per-forward context, set by the model's forward pre-hook ----
+    pad_mask: torch.Tensor | None = None  # (B, S) bool over every position so far (past + current)
+    positions: torch.Tensor | None = None  # (T,) index of each current token in the sequence
+    past_len: int = 0
+    # ---- reported back by the sub-layers during a forward ----
+    stats: list[SubLayerStats] = field(default_factory=list)
+    aux_losses: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+    recorded_scores: dict[int, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+
+    def layer_capacity(self, component: str, layer: int) -> float:
+        """Per-layer capacity that spends the global budget: dense layers run in full, the rest share the remainder."""
+        if not self.enabled or self.recording or component not in self.budget:
+            return 1.0
+        dense = self.dense_layers.get(component, frozenset())
+        if layer in dense:
+            return 1.0
+        b = self.budget[component]
+        n_routed = self.n_layers - len(dense)
+        return min(1.0, max(0.0, (b * self.n_layers - len(dense)) / n_routed))
+
+    def min_budget(self, component: str) -> float:
+        """The smallest global budget that still leaves the routed layers something to do."""
+        return len(self.dense_layers.get(component, ())) / self.n_layers
+
+    def token_valid(self, B: int, T: int, device) -> torch.Tensor:
+        """(B, T) bool: current tokens that are not padding."""
+        if self.pad_mask is None or self.pad_mask.shape[0] != B or self.pad_mask.shape[1] < T:
+            return torch.ones(B, T, dtype=torch.bool, device=device)
+        return self.pad_mask[:, -T:]
+
+    def forced_tokens(self, B: int, T: int, device) -> torch.Tensor:
+        """(B, T) bool: tokens that token routing always processes (each sequence's first real token)."""
+        if not self.keep_first_token:
+            return torch.zeros(B, T, dtype=torch.bool, device=device)
+        positions = self.current_positions(T, device)
+        if self.pad_mask is None or self.pad_mask.shape[0] != B:
+            first = torch.zeros(B, dtype=torch.long, device=device)
+        else:
+            first = self.pad_mask.long().argmax(dim=1)  # (B,) index of the first True
+        return positions[None, :] == first[:, None]
+
+    def current_positions(self, T: int, device) -> torch.Tensor:
+        if self.positions is None or self.positions.shape[0] != T:
+            return torch.arange(T, device=device)
+        return self.positions
+
+    def reset_forward(self) -> None:
+        self.stats = []
+        self.aux_losses = defaultdict(list)

@@ -1,0 +1,456 @@
+"""`ElasticModel`: a pretrained causal LM with routers attached in place, and `get_elastic_model` to make one.
+
+Like PEFT's `PeftModel`: the base model's attention and MLP modules are replaced by wrappers that own the original
+module (`base_layer`) and its routers; the base weights are frozen and never modified; only router tensors are
+saved. Like torchao, the transform happens in place from a config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from . import __version__
+from .arch import ArchSpec, get_arch_spec
+from .cache import atomic_dir
+from .config import BUDGET_KEYS, ElasticConfig, check_fraction
+from .errors import BudgetError, ConfigError, ElastiformerError, NotCalibratedError, RouterFileError
+from .flops import lm_head_flops
+from .layers import ElasticAttention, ElasticMLP, RoutingState
+from .routers import ExpertRouter, HeadRouter, TokenRouter
+from .routers.token import N_QUANTILES
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "elastic_config.json"
+WEIGHTS_NAME = "routers.safetensors"
+FORMAT_VERSION = 1
+
+
+def _resolve_layers(indices: Iterable[int], n_layers: int) -> frozenset[int]:
+    out = set()
+    for i in indices:
+        j = i + n_layers if i < 0 else i
+        if not 0 <= j < n_layers:
+            raise ConfigError(f"dense_layers has {i}, but the model has {n_layers} layers: use indices in "
+                              f"[-{n_layers}, {n_layers - 1}]")
+        out.add(j)
+    return frozenset(out)
+
+
+class ElasticModel(nn.Module):
+    """Wraps a *ForCausalLM model whose sub-layers have been made elastic. Use `get_elastic_model` to build one."""
+
+    def __init__(self, model: nn.Module, config: ElasticConfig):
+        super().__init__()
+        spec = get_arch_spec(model)
+        self.base_model = model
+        self.elastic_config = config
+        self.spec: ArchSpec = spec
+        self.dims = spec.dims(model.config)
+        L = self.dims["L"]
+        dense = _resolve_layers(config.dense_layers, L)
+        self.state = RoutingState(
+            n_layers=L,
+            dense_layers={k: dense | ({0} if k == "attn_tokens" else frozenset()) for k in BUDGET_KEYS},
+            keep_first_token=config.keep_first_token,
+        )
+        self._check_dims()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.targeted_module_names: list[str] = []
+        self._inject()
+        self.set_budget(**config.capacities())
+        self._hook = model.register_forward_pre_hook(self._capture_context, with_kwargs=True)
+        self.eval()
+
+    # ------------------------------------------------------------------ building
+    def _check_dims(self) -> None:
+        c, d = self.elastic_config, self.dims
+        if c.mlp_experts is not None and d["I"] % c.mlp_experts:
+            raise ConfigError(f"mlp_experts={c.mlp_experts} does not divide the MLP width {d['I']}: pick a "
+                              f"divisor, e.g. {', '.join(str(e) for e in (2, 3, 4, 6, 8, 12, 16) if d['I'] % e == 0)}")
+        if d["H"] % d["KVH"]:
+            raise ConfigError(f"{d['H']} heads do not divide into {d['KVH']} KV groups")
+
+    def _inject(self) -> None:
+        c, d, st = self.elastic_config, self.dims, self.state
+        kw = dict(kind=c.router, router_hidden=c.router_hidden)
+        layers = self.spec.layers(self.base_model)
+        prefix = self.spec.layers_path
+        for i, block in enumerate(layers):
+            routed = lambda comp: getattr(c, comp) is not None and i not in st.dense_layers[comp]  # noqa: E731
+            attn = getattr(block, self.spec.attn_name)
+            mlp = getattr(block, self.spec.mlp_name)
+            if isinstance(attn, ElasticAttention) or isinstance(mlp, ElasticMLP):
+                raise ConfigError("this model already has routers: call get_elastic_model on a fresh base model")
+            token_attn = TokenRouter(d["C"], **kw) if routed("attn_tokens") else None
+            heads = HeadRouter(d["C"], d["H"], d["KVH"], c.head_granularity, **kw) if routed("attn_heads") else None
+            token_mlp = TokenRouter(d["C"], **kw) if routed("mlp_tokens") else None
+            experts = ExpertRouter(d["C"], c.mlp_experts, **kw) if routed("mlp_experts_active") else None
+            device = next(block.parameters()).device
+            for r in (token_attn, heads, token_mlp, experts):
+                if r is not None:
+                    r.to(device)
+            setattr(block, self.spec.attn_name, ElasticAttention(attn, i, self.spec, d, st, token_attn, heads))
+            setattr(block, self.spec.mlp_name, ElasticMLP(mlp, i, self.spec, d, st, token_mlp, experts))
+            self.targeted_module_names += [f"{prefix}.{i}.{self.spec.attn_name}", f"{prefix}.{i}.{self.spec.mlp_name}"]
+        if not any(True for _ in self.routers()):
+            raise ConfigError("no layer is routed: dense_layers covers every layer of the model")
+        logger.info("elastiformer: wrapped %d sub-layers, %d router parameters",
+                    len(self.targeted_module_names), self.num_router_parameters())
+
+    # ------------------------------------------------------------------ routers
+    def named_routers(self) -> Iterator[tuple[str, nn.Module]]:
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, (TokenRouter, HeadRouter, ExpertRouter)):
+                yield name, module
+
+    def routers(self) -> Iterator[nn.Module]:
+        return (m for _, m in self.named_routers())
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return [p for r in self.routers() for p in r.parameters()]
+
+    def num_router_parameters(self) -> int:
+        return sum(p.numel() for p in self.router_parameters())
+
+    def num_base_parameters(self) -> int:
+        ids = {id(p) for p in self.router_parameters()}
+        return sum(p.numel() for p in self.base_model.parameters() if id(p) not in ids)
+
+    def router_state_dict(self) -> dict[str, torch.Tensor]:
+        """Router parameters and calibration buffers, keyed by their path in the base model."""
+        return {f"{name}.{k}": v.detach().contiguous() for name, r in self.named_routers()
+                for k, v in r.state_dict().items()}
+
+    # ------------------------------------------------------------------ modes and budgets
+    def train(self, mode: bool = True) -> "ElasticModel":
+        """Training mode routes by top-k at the capacity. The base model stays in eval mode (no dropout), because
+        the student must differ from the teacher only by what the routers chose."""
+        super().train(mode)
+        self.base_model.eval()
+        for r in self.routers():
+            r.train(mode)
+        self.state.topk = mode
+        return self
+
+    def set_budget(self, value: float | None = None, /, **budgets: float) -> "ElasticModel":
+        """Set the global capacity of routed components, e.g. `set_budget(mlp_tokens=0.6)`, or `set_budget(0.6)`
+        for every routed component. Takes effect at the next forward; no retraining."""
+        routed = self.elastic_config.components()
+        if value is not None:
+            budgets = {k: value for k in routed} | budgets
+        if not budgets:
+            raise BudgetError(f"set_budget needs a value: pass one fraction, or any of {', '.join(routed)}")
+        new = {}
+        for key, b in budgets.items():
+            if key not in BUDGET_KEYS:
+                raise BudgetError(f"unknown budget {key!r}: the budget keys are {', '.join(BUDGET_KEYS)}")
+            if key not in routed:
+                raise BudgetError(f"{key} is not routed in this model: configure it in ElasticConfig "
+                                  f"(routed here: {', '.join(routed)})")
+            b = check_fraction(key, b)
+            lo = self.state.min_budget(key)
+            if b < lo - 1e-9 or (b < 1.0 and math.isclose(b, lo)):
+                raise BudgetError(f"{key}={b} is below what the dense layers need ({lo:.3f}): pass a budget above "
+                                  f"{lo:.3f} or list fewer dense_layers")
+            new[key] = b
+        self.state.budget.update(new)
+        return self
+
+    def get_budget(self) -> dict[str, float]:
+        return dict(self.state.budget)
+
+    @contextlib.contextmanager
+    def budget(self, value: float | None = None, /, **budgets: float):
+        """`with em.budget(mlp_tokens=0.5): ...` runs at that budget, then restores the previous one."""
+        saved = dict(self.state.budget)
+        self.set_budget(value, **budgets)
+        try:
+            yield self
+        finally:
+            self.state.budget = saved
+
+    @contextlib.contextmanager
+    def disable_routers(self):
+        """The unmodified base model (the distillation teacher); reentrant and exception-safe."""
+        saved = self.state.enabled
+        self.state.enabled = False
+        try:
+            yield self
+        finally:
+            self.state.enabled = saved
+
+    # ------------------------------------------------------------------ forward
+    def _capture_context(self, module, args, kwargs):
+        """Forward pre-hook on the base model: the wrappers need the padding mask and positions of this call."""
+        st = self.state
+        st.reset_forward()
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        if ref is None:
+            return None
+        B, T = ref.shape[0], ref.shape[1]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        st.past_len = past
+        st.positions = torch.arange(past, past + T, device=ref.device)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and mask.shape == (B, past + T):
+            st.pad_mask = mask.bool()
+        elif mask is not None and mask.dim() == 2 and mask.shape == (B, T) and past == 0:
+            st.pad_mask = mask.bool()
+        elif mask is None:
+            st.pad_mask = None
+        else:
+            raise ConfigError(f"attention_mask of shape {tuple(mask.shape)} is not supported: pass a 2-D (batch, "
+                              f"past + current tokens) mask of 0/1, as tokenizers and generate() produce")
+        if not st.topk and st.enabled and not st.recording:
+            self._check_calibrated()
+        return None
+
+    def _check_calibrated(self) -> None:
+        for key in ("mlp_tokens", "attn_tokens"):
+            if self.state.budget.get(key, 1.0) < 1.0:
+                for name, r in self.named_routers():
+                    if isinstance(r, TokenRouter) and not r.is_calibrated:
+                        raise NotCalibratedError(
+                            f"{key} routing at inference needs calibrated thresholds ({name} has none): call "
+                            "em.calibrate(data) first (train_routers does it when it ends), or em.train() for top-k")
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """Generation with routing on; the decisions are causal, so it gives the same tokens with or without cache."""
+        return self.base_model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model, name)
+
+    # ------------------------------------------------------------------ calibration
+    @torch.no_grad()
+    def calibrate(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = None) -> "ElasticModel":
+        """Fit every token router's score quantiles on `data`, so `set_budget` takes effect at once for any budget.
+
+        The thresholds are quantiles of each router's scores over the tokens it would be asked about, recorded in one
+        dense pass: at inference a token is processed when its score is at or above the quantile that leaves
+        `capacity` of the calibration tokens above it.
+        """
+        token_routers = {id(r): r for r in self.routers() if isinstance(r, TokenRouter)}
+        if not token_routers:
+            return self
+        st = self.state
+        st.recorded_scores = defaultdict(list)
+        was_training, st.recording = self.training, True
+        self.eval()
+        n = 0
+        try:
+            for batch in _as_batches(data):
+                self.base_model(**batch)
+                n += 1
+                if max_batches is not None and n >= max_batches:
+                    break
+        finally:
+            st.recording = False
+            self.train(was_training)
+        if n == 0:
+            raise ElastiformerError("calibrate() got no data: pass an iterable of dicts holding input_ids")
+        levels = torch.linspace(0, 1, N_QUANTILES)
+        for key, r in token_routers.items():
+            scores = torch.cat(st.recorded_scores.get(key, [torch.zeros(0)]))
+            if scores.numel() == 0:
+                raise ElastiformerError("calibrate() saw no tokens: pass longer sequences")
+            r.score_quantiles.copy_(torch.quantile(scores.cpu(), levels).to(r.score_quantiles))
+        st.recorded_scores = defaultdict(list)
+        return self
+
+    @property
+    def is_calibrated(self) -> bool:
+        return all(r.is_calibrated for r in self.routers() if isinstance(r, TokenRouter))
+
+    # ------------------------------------------------------------------ accounting
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """Auxiliary losses of the last forward (training mode), averaged over layers: `token_bce` (teaches token
+        scores to separate the top-k, for causal inference) and `expert_balance` (Switch load balancing)."""
+        return {k: torch.stack(v).mean() for k, v in self.state.aux_losses.items() if v}
+
+    def last_stats(self) -> dict[str, Any]:
+        """FLOPs of the transformer blocks in the last forward (routers included), counted from what ran."""
+        stats = self.state.stats
+        dense = sum(s.dense_flops for s in stats)
+        executed = sum(s.executed_flops for s in stats)
+        n_tokens = int(self.state.positions.numel()) if self.state.positions is not None else 0
+        out: dict[str, Any] = {
+            "dense_flops": dense,
+            "elastic_flops": executed,
+            "flops_ratio": executed / dense if dense else 1.0,
+            "router_flops": sum(s.router_flops for s in stats),
+            "budget": self.get_budget(),
+            "per_layer": [vars(s).copy() for s in stats],
+        }
+        for sub in ("attn", "mlp"):
+            part = [s for s in stats if s.sublayer == sub]
+            d, e = sum(s.dense_flops for s in part), sum(s.executed_flops for s in part)
+            out[sub] = {"dense_flops": d, "elastic_flops": e, "flops_ratio": e / d if d else 1.0,
+                        "token_fraction": _mean([s.token_fraction for s in part]),
+                        "unit_fraction": _mean([s.unit_fraction for s in part])}
+        if stats and n_tokens:
+            B = self.state.pad_mask.shape[0] if self.state.pad_mask is not None else None
+            head = lm_head_flops(n_tokens * (B or 1), self.dims["C"], self.dims["V"]) if B else None
+            if head is not None:
+                out["model_dense_flops"] = dense + head
+                out["model_elastic_flops"] = executed + head
+        return out
+
+    # ------------------------------------------------------------------ artifacts
+    def base_identity(self) -> dict[str, Any]:
+        cfg = self.base_model.config
+        source = getattr(self.base_model, "elastiformer_source", None) or {}
+        return {
+            "model_type": cfg.model_type,
+            "architectures": list(getattr(cfg, "architectures", None) or [type(self.base_model).__name__]),
+            "dims": self.dims,
+            "fingerprint": weight_fingerprint(self.base_model),
+            "name_or_path": source.get("name_or_path") or getattr(cfg, "_name_or_path", "") or "",
+            "gguf_file": source.get("gguf_file"),
+        }
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write `elastic_config.json` and `routers.safetensors` (routers and calibration only), atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "elastiformer_version": __version__,
+            "elastic_config": self.elastic_config.to_dict(),
+            "base_model": self.base_identity(),
+        }
+        try:
+            with atomic_dir(path) as tmp:
+                save_file({k: v.cpu() for k, v in self.router_state_dict().items()}, str(tmp / WEIGHTS_NAME),
+                          metadata={"format_version": str(FORMAT_VERSION)})
+                (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        except OSError as err:
+            raise ElastiformerError(f"cannot write routers to {path}: {err.strerror}; pass a writable folder") from err
+        return path
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module | str, path: str | Path, *, check_fingerprint: bool = True) -> "ElasticModel":
+        """Re-attach saved routers to a freshly loaded base model; refuses a different base model."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta = read_router_config(path)
+        if isinstance(model, (str, Path)):
+            from .models import load_model
+
+            model = load_model(str(model))
+        em = get_elastic_model(model, ElasticConfig.from_dict(meta["elastic_config"]))
+        saved, here = meta.get("base_model", {}), em.base_identity()
+        if saved.get("model_type") != here["model_type"] or saved.get("dims") != here["dims"]:
+            raise RouterFileError(
+                f"routers in {path} were trained for a {saved.get('model_type')} model with {saved.get('dims')}, "
+                f"not this {here['model_type']} model with {here['dims']}: load the base model they were trained for")
+        if check_fingerprint and saved.get("fingerprint") != here["fingerprint"]:
+            raise RouterFileError(
+                f"routers in {path} were trained on other weights ({saved.get('name_or_path') or 'unknown'}) than this "
+                f"model's: load that base model, or pass check_fingerprint=False if you know the weights match")
+        try:
+            tensors = load_file(str(path / WEIGHTS_NAME))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise RouterFileError(f"{path / WEIGHTS_NAME} is corrupt or unreadable ({err}): save the routers again") from err
+        own = em.router_state_dict()
+        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        bad_shape = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]
+        if missing or unexpected or bad_shape:
+            raise RouterFileError(f"{path / WEIGHTS_NAME} does not match its config (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]}, wrong shape {bad_shape[:3]}): save the routers again")
+        modules = dict(em.base_model.named_modules())
+        with torch.no_grad():
+            for key, value in tensors.items():
+                owner, _, attr = key.rpartition(".")
+                target = getattr(modules[owner], attr)
+                target.copy_(value.to(target.device, target.dtype))
+        return em
+
+
+def read_router_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise RouterFileError(f"no router folder at {path}: pass the folder that save_pretrained wrote")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (path / name).is_file():
+            raise RouterFileError(f"{path} has no {name}: pass a folder written by ElasticModel.save_pretrained")
+    try:
+        meta = json.loads((path / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RouterFileError(f"{path / CONFIG_NAME} is not valid JSON ({err}): save the routers again") from err
+    version = meta.get("format_version")
+    if not isinstance(version, int) or "elastic_config" not in meta:
+        raise RouterFileError(f"{path / CONFIG_NAME} is not an elastiformer router config: save the routers again")
+    if version > FORMAT_VERSION:
+        raise RouterFileError(f"{path} was written in router format {version}, newer than this elastiformer "
+                              f"understands ({FORMAT_VERSION}): upgrade elastiformer")
+    return meta
+
+
+def weight_fingerprint(model: nn.Module) -> str:
+    """A cheap, deterministic hash of the base weights: names, shapes and a strided sample of every tensor."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if any(tag in name for tag in ("token_router", "head_router", "expert_router")):
+            continue
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu()
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 1.0
+
+
+def _as_batches(data) -> Iterator[dict[str, torch.Tensor]]:
+    """Accept a tensor [N, T] / [T], a dict, or an iterable of dicts with input_ids ([T] or [B, T])."""
+    if isinstance(data, torch.Tensor):
+        data = [{"input_ids": data}]
+    elif isinstance(data, dict):
+        data = [data]
+    for batch in data:
+        if isinstance(batch, torch.Tensor):
+            batch = {"input_ids": batch}
+        if not isinstance(batch, dict) or "input_ids" not in batch:
+            raise ElastiformerError("data items must be dicts holding input_ids (one sequence [T] or a batch [B, T])")
+        batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        if batch["input_ids"].dim() == 1:
+            batch = {k: v[None] for k, v in batch.items()}
+        yield batch
+
+
+def get_elastic_model(model: nn.Module, config: ElasticConfig) -> ElasticModel:
+    """Attach routers to `model` in place (its modules are wrapped, its weights frozen) and return the wrapper."""
+    if isinstance(model, ElasticModel):
+        raise ConfigError("this model is already elastic: pass the base model (em.base_model) of a fresh load")
+    if not isinstance(config, ElasticConfig):
+        raise ConfigError(f"config must be an ElasticConfig, got {type(config).__name__}")
+    if config.lora_rank:
+        raise ConfigError("lora_rank > 0 is not available yet in this version: use lora_rank=0")
+    return ElasticModel(model, config)

@@ -1,0 +1,42 @@
+"""Expert router: per token, which of the MLP's experts (slices of its hidden neurons) run. Top-k of a softmax,
+with the Switch-Transformer load-balancing loss so that training does not collapse onto a few experts."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .net import make_router_net, router_net_flops, straight_through_gate
+
+
+class ExpertSelection(NamedTuple):
+    chosen: torch.Tensor  # (N, k) expert indices per token
+    gate: torch.Tensor  # (N, k) float, forward value 1
+    aux_loss: torch.Tensor | None  # load balance (training only)
+
+
+class ExpertRouter(nn.Module):
+    def __init__(self, hidden: int, n_experts: int, kind: str = "linear", router_hidden: int = 32):
+        super().__init__()
+        self.n_experts = n_experts
+        self.net = make_router_net(hidden, n_experts, kind, router_hidden)
+
+    def flops(self, n_tokens: int) -> int:
+        return router_net_flops(self.net, n_tokens)
+
+    def n_active(self, capacity: float) -> int:
+        return max(1, min(self.n_experts, round(capacity * self.n_experts)))
+
+    def forward(self, x: torch.Tensor, capacity: float, with_aux: bool) -> ExpertSelection:
+        probs = self.net(x).softmax(dim=-1)  # (N, C) -> (N, E)
+        k = self.n_active(capacity)
+        top_p, chosen = probs.topk(k, dim=-1)  # (N, k)
+        aux = None
+        if with_aux:
+            E = self.n_experts
+            # fraction of routed slots per expert, times mean router probability per expert (Switch, eq. 4)
+            load = torch.zeros(E, device=x.device).index_add_(0, chosen.flatten(), torch.ones(chosen.numel(), device=x.device))
+            aux = E * (load / chosen.numel() * probs.mean(dim=0)).sum()
+        return ExpertSelection(chosen, straight_through_gate(top_p), aux)

@@ -1,0 +1,47 @@
+"""Head router: per token, which attention heads are active (top-k of the router logits, training and inference
+alike: the choice depends on that token only, so it is causal as it stands).
+
+Grouped-query aware: with `granularity="group"` the router scores whole KV groups, and a group's query heads are
+on or off together.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .net import make_router_net, router_net_flops, straight_through_gate
+
+
+class HeadSelection(NamedTuple):
+    active: torch.Tensor  # (B, T, H) bool
+    gate: torch.Tensor  # (B, T, H) float, forward value 1
+    aux_loss: torch.Tensor | None
+
+
+class HeadRouter(nn.Module):
+    def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, granularity: str = "query",
+                 kind: str = "linear", router_hidden: int = 32):
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_rep = n_heads // n_kv_heads if granularity == "group" else 1
+        self.n_units = n_heads // self.n_rep  # what the router chooses among: heads or KV groups
+        self.net = make_router_net(hidden, self.n_units, kind, router_hidden)
+
+    def flops(self, n_tokens: int) -> int:
+        return router_net_flops(self.net, n_tokens)
+
+    def n_active(self, capacity: float) -> int:
+        return max(1, min(self.n_units, round(capacity * self.n_units)))
+
+    def forward(self, x: torch.Tensor, capacity: float) -> HeadSelection:
+        logits = self.net(x)  # (B, T, C) -> (B, T, U)
+        top = logits.topk(self.n_active(capacity), dim=-1).indices  # (B, T, k)
+        active = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)  # (B, T, U)
+        gate = straight_through_gate(torch.sigmoid(logits))  # (B, T, U)
+        if self.n_rep > 1:  # a group's query heads share its decision: (B, T, KVH) -> (B, T, H)
+            active = active.repeat_interleave(self.n_rep, dim=-1)
+            gate = gate.repeat_interleave(self.n_rep, dim=-1)
+        return HeadSelection(active, gate, None)
