@@ -191,6 +191,17 @@ class ElasticModel(nn.Module):
         finally:
             self.state.enabled = saved
 
+    @contextlib.contextmanager
+    def random_routing(self):
+        """The random-routing baseline: every router chooses uniformly at random at the same capacity (and costs
+        nothing), so its FLOPs match the learned routers' minus the routers themselves."""
+        saved = self.state.random
+        self.state.random = True
+        try:
+            yield self
+        finally:
+            self.state.random = saved
+
     # ------------------------------------------------------------------ forward
     def _capture_context(self, module, args, kwargs):
         """Forward pre-hook on the base model: the wrappers need the padding mask and positions of this call."""
@@ -204,6 +215,7 @@ class ElasticModel(nn.Module):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         st.past_len = past
+        st.batch_size = B
         st.positions = torch.arange(past, past + T, device=ref.device)
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2 and mask.shape == (B, past + T):
@@ -215,7 +227,7 @@ class ElasticModel(nn.Module):
         else:
             raise ConfigError(f"attention_mask of shape {tuple(mask.shape)} is not supported: pass a 2-D (batch, "
                               f"past + current tokens) mask of 0/1, as tokenizers and generate() produce")
-        if not st.topk and st.enabled and not st.recording:
+        if not st.topk and st.enabled and not st.recording and not st.random:
             self._check_calibrated()
         return None
 
@@ -308,12 +320,11 @@ class ElasticModel(nn.Module):
             out[sub] = {"dense_flops": d, "elastic_flops": e, "flops_ratio": e / d if d else 1.0,
                         "token_fraction": _mean([s.token_fraction for s in part]),
                         "unit_fraction": _mean([s.unit_fraction for s in part])}
-        if stats and n_tokens:
-            B = self.state.pad_mask.shape[0] if self.state.pad_mask is not None else None
-            head = lm_head_flops(n_tokens * (B or 1), self.dims["C"], self.dims["V"]) if B else None
-            if head is not None:
-                out["model_dense_flops"] = dense + head
-                out["model_elastic_flops"] = executed + head
+        if stats and n_tokens:  # the whole model: blocks plus the LM head (embedding lookups cost no FLOPs)
+            head = lm_head_flops(n_tokens * self.state.batch_size, self.dims["C"], self.dims["V"])
+            out["model_dense_flops"] = dense + head
+            out["model_elastic_flops"] = executed + head
+            out["model_flops_ratio"] = (executed + head) / (dense + head)
         return out
 
     # ------------------------------------------------------------------ artifacts

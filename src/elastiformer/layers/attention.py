@@ -92,8 +92,9 @@ class ElasticAttention(nn.Module):
         valid = st.token_valid(B, T, x.device)
         router_flops = 0
         if tok_cap < 1.0:
-            sel = self.token_router(x, tok_cap, valid, st.forced_tokens(B, T, x.device), topk=st.topk)
-            router_flops += self.token_router.flops(B * T)
+            sel = self.token_router(x, tok_cap, valid, st.forced_tokens(B, T, x.device), topk=st.topk,
+                                    random=st.random)
+            router_flops += 0 if st.random else self.token_router.flops(B * T)
             if sel.aux_loss is not None:
                 st.aux_losses["token_bce"].append(sel.aux_loss)
             idx, slot_valid = compact(sel.selected)  # (B, m)
@@ -121,7 +122,7 @@ class ElasticAttention(nn.Module):
             out_sub, flops, unit_fraction = x.new_zeros(B, 0, C), 0, 1.0
         elif head_cap < 1.0:
             out_sub, flops, unit_fraction = self._head_routed(x_sub, slot_valid, mask, kw, cache, head_cap)
-            router_flops += self.head_router.flops(B * m)
+            router_flops += 0 if st.random else self.head_router.flops(B * m)
         else:
             out_sub = self.base_layer(x_sub, *args, **kw)[0]  # (B, m, C)
             flops = attention_projection_flops(B * m, B * m, C, d["H"], d["KVH"], d["D"]) + \
@@ -147,7 +148,7 @@ class ElasticAttention(nn.Module):
         H, KVH, D = d["H"], d["KVH"], d["D"]
         n_rep = H // KVH
         w = self.spec.attention_weights(self.base_layer)
-        heads = self.head_router(x, capacity)  # active / gate: (B, m, H)
+        heads = self.head_router(x, capacity, random=self.state.random)  # active / gate: (B, m, H)
         k = F.linear(x, w.k_w, w.k_b).view(B, m, KVH, D).transpose(1, 2)  # (B, KVH, m, D)
         v = F.linear(x, w.v_w, w.v_b).view(B, m, KVH, D).transpose(1, 2)  # (B, KVH, m, D)
         cos_sin = kw.get("position_embeddings") if self.spec.rotary else None

@@ -56,8 +56,8 @@ class ElasticMLP(nn.Module):
         if tok_cap < 1.0:
             valid = st.token_valid(B, T, x.device)
             forced = st.forced_tokens(B, T, x.device)
-            sel = self.token_router(x, tok_cap, valid, forced, topk=st.topk)
-            router_flops += self.token_router.flops(B * T)
+            sel = self.token_router(x, tok_cap, valid, forced, topk=st.topk, random=st.random)
+            router_flops += 0 if st.random else self.token_router.flops(B * T)
             if sel.aux_loss is not None:
                 st.aux_losses["token_bce"].append(sel.aux_loss)
             idx = sel.selected.flatten().nonzero().squeeze(1)  # (n,) flat indices of processed tokens
@@ -70,7 +70,7 @@ class ElasticMLP(nn.Module):
         n = x_in.shape[0]
         if exp_cap < 1.0:
             y, exp_flops, unit_fraction = self._run_experts(x_in, exp_cap)
-            router_flops += self.expert_router.flops(n)
+            router_flops += 0 if st.random else self.expert_router.flops(n)
         else:
             y = self.base_layer(x_in) if n else x_in.new_zeros(0, C)  # (n, C)
             exp_flops, unit_fraction = mlp_flops(n, C, I, gated), 1.0
@@ -97,7 +97,7 @@ class ElasticMLP(nn.Module):
         out = x.new_zeros(n, C)
         if n == 0:
             return out, 0, 1.0
-        sel = self.expert_router(x, capacity, with_aux=self.state.topk)
+        sel = self.expert_router(x, capacity, with_aux=self.state.topk, random=self.state.random)
         if sel.aux_loss is not None:
             self.state.aux_losses["expert_balance"].append(sel.aux_loss)
         flops = 0

@@ -30,6 +30,7 @@ class RoutingState:
     enabled: bool = True
     topk: bool = False  # training: top-k at the capacity; inference: calibrated thresholds
     recording: bool = False  # calibration: run dense, record token-router scores
+    random: bool = False  # baseline: routers choose at random at the same capacity
     budget: dict[str, float] = field(default_factory=dict)  # global capacity per component
     dense_layers: dict[str, frozenset[int]] = field(default_factory=dict)
     keep_first_token: bool = True
@@ -37,6 +38,7 @@ class RoutingState:
     pad_mask: torch.Tensor | None = None  # (B, S) bool over every position so far (past + current)
     positions: torch.Tensor | None = None  # (T,) index of each current token in the sequence
     past_len: int = 0
+    batch_size: int = 0
     # ---- reported back by the sub-layers during a forward ----
     stats: list[SubLayerStats] = field(default_factory=list)
     aux_losses: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))

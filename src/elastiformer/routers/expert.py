@@ -29,9 +29,12 @@ class ExpertRouter(nn.Module):
     def n_active(self, capacity: float) -> int:
         return max(1, min(self.n_experts, round(capacity * self.n_experts)))
 
-    def forward(self, x: torch.Tensor, capacity: float, with_aux: bool) -> ExpertSelection:
-        probs = self.net(x).softmax(dim=-1)  # (N, C) -> (N, E)
+    def forward(self, x: torch.Tensor, capacity: float, with_aux: bool, random: bool = False) -> ExpertSelection:
         k = self.n_active(capacity)
+        if random:  # the random-routing baseline
+            chosen = torch.rand(x.shape[0], self.n_experts, device=x.device).topk(k, dim=-1).indices
+            return ExpertSelection(chosen, torch.ones(chosen.shape, device=x.device), None)
+        probs = self.net(x).softmax(dim=-1)  # (N, C) -> (N, E)
         top_p, chosen = probs.topk(k, dim=-1)  # (N, k)
         aux = None
         if with_aux:

@@ -36,11 +36,14 @@ class HeadRouter(nn.Module):
     def n_active(self, capacity: float) -> int:
         return max(1, min(self.n_units, round(capacity * self.n_units)))
 
-    def forward(self, x: torch.Tensor, capacity: float) -> HeadSelection:
-        logits = self.net(x)  # (B, T, C) -> (B, T, U)
+    def forward(self, x: torch.Tensor, capacity: float, random: bool = False) -> HeadSelection:
+        if random:  # the random-routing baseline
+            logits = torch.rand(*x.shape[:-1], self.n_units, device=x.device)
+        else:
+            logits = self.net(x)  # (B, T, C) -> (B, T, U)
         top = logits.topk(self.n_active(capacity), dim=-1).indices  # (B, T, k)
         active = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)  # (B, T, U)
-        gate = straight_through_gate(torch.sigmoid(logits))  # (B, T, U)
+        gate = torch.ones_like(logits) if random else straight_through_gate(torch.sigmoid(logits))  # (B, T, U)
         if self.n_rep > 1:  # a group's query heads share its decision: (B, T, KVH) -> (B, T, H)
             active = active.repeat_interleave(self.n_rep, dim=-1)
             gate = gate.repeat_interleave(self.n_rep, dim=-1)

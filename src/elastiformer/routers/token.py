@@ -64,8 +64,15 @@ class TokenRouter(nn.Module):
         valid: torch.Tensor,  # (B, T) bool: real (non-padding) tokens
         forced: torch.Tensor,  # (B, T) bool: always processed (e.g. the first token)
         topk: bool,
+        random: bool = False,
     ) -> TokenSelection:
-        scores = self.score(x)  # (B, T)
+        if random:  # the random-routing baseline: uniform scores, so a threshold of 1 - capacity keeps `capacity`
+            scores = torch.rand(x.shape[:2], device=x.device)
+            if not topk:
+                selected = ((scores >= 1.0 - capacity) | forced) & valid
+                return TokenSelection(selected, torch.ones_like(scores), None, scores)
+        else:
+            scores = self.score(x)  # (B, T)
         p = torch.sigmoid(scores)
         aux = None
         if topk:
@@ -77,8 +84,9 @@ class TokenRouter(nn.Module):
             k = (capacity * n_valid).round().clamp(min=1).minimum(n_valid)  # (B, 1)
             selected = (rank < k) & valid
             learn = valid & ~forced
-            if learn.any():
+            if learn.any() and not random:
                 aux = F.binary_cross_entropy_with_logits(scores[learn], selected[learn].float())
         else:
             selected = ((scores >= self.threshold(capacity)) | forced) & valid
-        return TokenSelection(selected, straight_through_gate(p), aux, scores)
+        gate = torch.ones_like(p) if random else straight_through_gate(p)
+        return TokenSelection(selected, gate, aux, scores)

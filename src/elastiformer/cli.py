@@ -1,0 +1,390 @@
+"""The `elastiformer` command: train | eval | info | demo.
+
+Every subcommand takes `--config FILE.yaml` whose keys are the subcommand's option names (dashes or underscores);
+options given on the command line win over the file. Errors a user can fix print one line and exit 2; `--debug`
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .errors import ConfigError, ElastiformerError
+
+app = typer.Typer(
+    help="Make a pretrained Transformer elastic: train tiny routers by self-distillation, then pick the compute "
+         "budget at inference time.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_DEBUG = False
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors.")):
+    global _DEBUG
+    _DEBUG = debug
+
+
+# ---------------------------------------------------------------------- option merging (CLI > YAML > defaults)
+def _merge(config: Optional[Path], given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(defaults)
+    if config is not None:
+        import yaml
+
+        if not config.is_file():
+            raise ConfigError(f"no config file at {config}: pass a YAML file of option: value lines")
+        try:
+            loaded = yaml.safe_load(config.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{config} is not valid YAML ({str(err).splitlines()[0]}): fix the file") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{config} must hold a mapping of option: value, not a {type(loaded).__name__}")
+        loaded = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+        unknown = sorted(set(loaded) - set(defaults))
+        if unknown:
+            raise ConfigError(f"{config} has unknown keys {unknown}: the options here are "
+                              f"{', '.join(sorted(defaults))}")
+        merged.update(loaded)
+    merged.update({k: v for k, v in given.items() if v is not None})
+    return merged
+
+
+def _floats(text: Any, name: str) -> list[float]:
+    if isinstance(text, (int, float)):
+        return [float(text)]
+    if isinstance(text, (list, tuple)):
+        return [float(x) for x in text]
+    try:
+        return [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError as err:
+        raise ConfigError(f"--{name.replace('_', '-')} {text!r}: pass numbers separated by commas, e.g. 0.5,0.7,0.9") from err
+
+
+def _ints(text: Any, name: str) -> tuple[int, ...]:
+    if text in (None, "", "none"):
+        return ()
+    if isinstance(text, (list, tuple)):
+        return tuple(int(x) for x in text)
+    try:
+        return tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError as err:
+        raise ConfigError(f"--{name.replace('_', '-')} {text!r}: pass integers separated by commas, e.g. 0,-1") from err
+
+
+def _check_output(path: Path, overwrite: bool, what: str) -> None:
+    if path.exists() and any(path.iterdir() if path.is_dir() else [path]) and not overwrite:
+        raise ConfigError(f"{path} already exists: pass --overwrite to replace {what}, or another --output")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"cannot write to {path} ({err.strerror}): pass a writable --output folder") from err
+
+
+# ---------------------------------------------------------------------- train
+TRAIN_DEFAULTS = dict(
+    model="smollm2-135m", data="gutenberg", output="runs/train", mlp_tokens=None, attn_tokens=None, attn_heads=None,
+    mlp_experts=None, mlp_experts_active=None, router="linear", dense_layers="", steps=200, batch_size=4,
+    seq_len=128, max_sequences=None, lr=2e-3, schedule="cosine", warmup=10, grad_accum=1, seed=0, temperature=1.0,
+    budget=None, budget_range="0.5,0.95", checkpoint_every=50, resume=False, device=None, overwrite=False,
+)
+
+
+def _elastic_config(o: dict[str, Any]):
+    from .config import ElasticConfig
+
+    return ElasticConfig(
+        mlp_tokens=o["mlp_tokens"], attn_tokens=o["attn_tokens"], attn_heads=o["attn_heads"],
+        mlp_experts=o["mlp_experts"], mlp_experts_active=o["mlp_experts_active"], router=o["router"],
+        dense_layers=_ints(o["dense_layers"], "dense_layers"),
+    )
+
+
+def run_train(o: dict[str, Any]) -> dict[str, Any]:
+    """Train routers as `o` says; returns the report dict (also written to OUTPUT/train_log.json)."""
+    from .data import load_dataset_for
+    from .model import get_elastic_model
+    from .models import load_model, load_tokenizer
+    from .trainer import train_routers
+
+    cfg = _elastic_config(o)  # validate before any heavy work
+    out = Path(o["output"])
+    if not o["resume"]:
+        _check_output(out, o["overwrite"], "its routers")
+    budget_range = None if o["budget"] is not None else tuple(_floats(o["budget_range"], "budget_range"))
+    if budget_range is not None and len(budget_range) != 2:
+        raise ConfigError(f"--budget-range {o['budget_range']!r}: pass two numbers low,high, e.g. 0.5,0.95")
+    model = load_model(o["model"])
+    tokenizer = load_tokenizer(o["model"] if isinstance(o["model"], str) else model)
+    data = load_dataset_for(tokenizer, None if o["data"] == "gutenberg" else o["data"], "train",
+                            seq_len=int(o["seq_len"]), max_sequences=o["max_sequences"])
+    em = get_elastic_model(model, cfg)
+    report = train_routers(
+        em, data, steps=int(o["steps"]), batch_size=int(o["batch_size"]), lr=float(o["lr"]), schedule=o["schedule"],
+        warmup=int(o["warmup"]), grad_accum=int(o["grad_accum"]), seed=int(o["seed"]),
+        temperature=float(o["temperature"]), budget=None if o["budget"] is None else float(o["budget"]),
+        budget_range=budget_range, output_dir=out, checkpoint_every=int(o["checkpoint_every"]),
+        resume=bool(o["resume"]), device=o["device"],
+    )
+    return report.to_dict() | {"routers": str(out / "routers")}
+
+
+@app.command()
+def train(
+    model: Optional[str] = typer.Option(None, help="Short name (smollm2-135m), HF folder, .gguf file or hub id."),
+    data: Optional[str] = typer.Option(None, help="'gutenberg' (default: its training books), a .txt file or folder, "
+                                       "a .jsonl file, or a datasets folder."),
+    output: Optional[Path] = typer.Option(None, help="Folder for routers/, checkpoint/ and train_log.json."),
+    mlp_tokens: Optional[float] = typer.Option(None, help="Route tokens of each MLP at this capacity."),
+    attn_tokens: Optional[float] = typer.Option(None, help="Route tokens of each attention at this capacity."),
+    attn_heads: Optional[float] = typer.Option(None, help="Fraction of attention heads active per token."),
+    mlp_experts: Optional[int] = typer.Option(None, help="Split each MLP into this many experts."),
+    mlp_experts_active: Optional[float] = typer.Option(None, help="Fraction of experts active per token."),
+    router: Optional[str] = typer.Option(None, help="Router network: linear or mlp."),
+    dense_layers: Optional[str] = typer.Option(None, help="Layers never routed, e.g. 0,-2,-1."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence."),
+    max_sequences: Optional[int] = typer.Option(None, help="Use at most this many training sequences."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate of the routers."),
+    schedule: Optional[str] = typer.Option(None, help="cosine, linear or constant (after warmup)."),
+    warmup: Optional[int] = typer.Option(None, help="Linear warmup steps."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
+    seed: Optional[int] = typer.Option(None, help="Seed of data order, budgets and router init."),
+    temperature: Optional[float] = typer.Option(None, help="Distillation temperature."),
+    budget: Optional[float] = typer.Option(None, help="Train at this fixed global budget instead of sampling."),
+    budget_range: Optional[str] = typer.Option(None, help="Sample a budget per step in low,high (default 0.5,0.95)."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT/checkpoint."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: a GPU when there is one)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT."),
+    config: Optional[Path] = typer.Option(None, help="YAML file of these options (the command line wins)."),
+):
+    """Train routers by self-distillation against the frozen model itself."""
+    given = {k: v for k, v in locals().items() if k != "config"}
+    given["resume"] = resume or None
+    given["overwrite"] = overwrite or None
+    o = _merge(config, given, TRAIN_DEFAULTS)
+    if not any(o[k] is not None for k in ("mlp_tokens", "attn_tokens", "attn_heads", "mlp_experts")):
+        o["mlp_tokens"] = 0.8  # the component that pays best on small models (DESIGN.md section 7)
+    report = run_train(o)
+    typer.echo(f"trained {report['steps']} steps on {report['tokens']:,} tokens in {report['seconds']:.0f}s; "
+               f"final KL {report['final_kl']:.4f}; routers in {report['routers']}")
+
+
+# ---------------------------------------------------------------------- eval
+EVAL_DEFAULTS = dict(
+    model="smollm2-135m", routers=None, data="gutenberg", split="heldout", budgets="0.7,0.8,0.9", seq_len=256,
+    max_sequences=16, batch_size=4, timing_reps=3, output=None, plot=None, seed=0, overwrite=False,
+)
+
+
+def run_eval(o: dict[str, Any], em=None) -> dict[str, Any]:
+    from .data import load_dataset_for
+    from .evaluate import evaluate
+    from .model import ElasticModel
+    from .models import load_model, load_tokenizer
+
+    budgets = _floats(o["budgets"], "budgets")
+    for b in budgets:
+        from .config import check_fraction
+
+        check_fraction("budget", b)
+    if em is None:
+        if not o["routers"]:
+            raise ConfigError("eval needs --routers FOLDER (the routers/ folder that `elastiformer train` wrote)")
+        from .model import read_router_config
+
+        read_router_config(o["routers"])  # fail fast, before loading the model
+        model = load_model(o["model"])
+        em = ElasticModel.from_pretrained(model, o["routers"])
+    tokenizer = load_tokenizer(o["model"] if isinstance(o["model"], str) else em.base_model)
+    data = load_dataset_for(tokenizer, None if o["data"] == "gutenberg" else o["data"], o["split"],
+                            seq_len=int(o["seq_len"]), max_sequences=o["max_sequences"])
+    result = evaluate(em, data, budgets=budgets, batch_size=int(o["batch_size"]), timing_reps=int(o["timing_reps"]),
+                      seed=int(o["seed"]))
+    result |= {"model": str(o["model"]), "routers": str(o["routers"]), "data": o["data"], "split": o["split"],
+               "seq_len": int(o["seq_len"]), "elastic_config": em.elastic_config.to_dict()}
+    return result
+
+
+def print_table(result: dict[str, Any]) -> None:
+    typer.echo(f"teacher: NLL {result['teacher_nll']:.3f} nats/token, perplexity {result['teacher_perplexity']:.2f} "
+               f"on {result['tokens']:,} held-out tokens; routers are {100 * result['router_param_fraction']:.4f}% "
+               "of the model's parameters")
+    head = f"{'budget':>7} {'method':>8} {'block FLOPs':>11} {'model FLOPs':>11} {'dLM loss':>9} {'KL':>7} " \
+           f"{'top-1 agree':>11} {'time':>6}"
+    typer.echo(head)
+    typer.echo("-" * len(head))
+    for r in result["records"]:
+        t = "-" if r["prefill_time_ratio"] is None else f"{r['prefill_time_ratio']:.2f}"
+        typer.echo(f"{r['budget']:>7.2f} {r['method']:>8} {r['block_flops_ratio']:>11.3f} "
+                   f"{r['model_flops_ratio']:>11.3f} {r['delta_lm_loss']:>+9.3f} {r['kl']:>7.3f} "
+                   f"{r['top1_agreement']:>11.3f} {t:>6}")
+    typer.echo("block / model FLOPs and time are elastic / dense; dLM loss = elastic NLL - teacher NLL (nats/token)")
+
+
+def plot_curve(result: dict[str, Any], path: Path) -> None:
+    """Quality (delta LM loss) against executed block FLOPs, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .cache import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in result["records"]):
+        pts = sorted((r["block_flops_ratio"], r["delta_lm_loss"]) for r in result["records"] if r["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    ax.set_xlabel("executed / dense FLOPs of the transformer blocks")
+    ax.set_ylabel("ΔLM loss vs the original model (nats/token)")
+    ax.set_title(f"{result.get('model', '')}: quality against compute")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+@app.command("eval")
+def eval_(
+    routers: Optional[Path] = typer.Option(None, help="Router folder written by `elastiformer train` (OUTPUT/routers)."),
+    model: Optional[str] = typer.Option(None, help="The base model the routers were trained for."),
+    data: Optional[str] = typer.Option(None, help="'gutenberg' (its held-out books) or your own text source."),
+    split: Optional[str] = typer.Option(None, help="heldout (default) or train."),
+    budgets: Optional[str] = typer.Option(None, help="Budgets to evaluate, e.g. 0.5,0.7,0.9."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence."),
+    max_sequences: Optional[int] = typer.Option(None, help="Evaluate on at most this many sequences."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per forward."),
+    timing_reps: Optional[int] = typer.Option(None, help="Interleaved timing repetitions (0: no timing)."),
+    output: Optional[Path] = typer.Option(None, help="Write the results as JSON here."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG of quality against compute here."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the random-routing baseline."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    config: Optional[Path] = typer.Option(None, help="YAML file of these options (the command line wins)."),
+):
+    """Evaluate routers on held-out text at several budgets, beside random routing at the same capacity."""
+    given = {k: v for k, v in locals().items() if k != "config"}
+    given["overwrite"] = overwrite or None
+    o = _merge(config, given, EVAL_DEFAULTS)
+    for key in ("output", "plot"):
+        if o[key] is not None and Path(o[key]).exists() and not o["overwrite"]:
+            raise ConfigError(f"{o[key]} already exists: pass --overwrite to replace it")
+    result = run_eval(o)
+    print_table(result)
+    if o["output"]:
+        from .cache import atomic_write_json
+
+        atomic_write_json(o["output"], result)
+        typer.echo(f"results: {o['output']}")
+    if o["plot"]:
+        plot_curve(result, Path(o["plot"]))
+        typer.echo(f"plot: {o['plot']}")
+
+
+# ---------------------------------------------------------------------- info
+@app.command()
+def info(
+    routers: Optional[Path] = typer.Argument(None, help="A router folder to describe."),
+    model: Optional[str] = typer.Option(None, help="Describe this model's routable structure."),
+):
+    """Describe a router folder, a model, or (with no argument) what elastiformer supports."""
+    from .arch import supported_model_types
+    from .models import available_models
+
+    if routers is not None:
+        from .model import read_router_config
+
+        meta = read_router_config(routers)
+        typer.echo(json.dumps({k: meta[k] for k in ("format_version", "elastiformer_version", "elastic_config",
+                                                     "base_model") if k in meta}, indent=2))
+        return
+    if model is not None:
+        from .arch import get_arch_spec
+        from .models import load_model
+
+        m = load_model(model)
+        spec = get_arch_spec(m)
+        dims = spec.dims(m.config)
+        n = sum(p.numel() for p in m.parameters())
+        typer.echo(f"{model}: {m.config.model_type} ({spec.name} spec), {n / 1e6:.1f}M parameters, "
+                   f"{dims['L']} layers, hidden {dims['C']}, {dims['H']} heads / {dims['KVH']} KV heads "
+                   f"(head dim {dims['D']}), MLP {dims['I']}, vocab {dims['V']}")
+        divisors = [e for e in range(2, 65) if dims["I"] % e == 0]
+        typer.echo(f"mlp_experts can be any of {divisors}")
+        return
+    typer.echo("bundled models (no hub needed):")
+    for name, desc in available_models().items():
+        typer.echo(f"  {name}: {desc}")
+    typer.echo(f"supported model types: {', '.join(supported_model_types())}")
+
+
+# ---------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("runs/demo"), help="Where the routers, JSON and PNG go."),
+    steps: int = typer.Option(80, help="Training steps (about 5 s each on 2 CPU cores)."),
+    max_sequences: int = typer.Option(16, help="Held-out sequences to evaluate on."),
+):
+    """The main job end to end: make SmolLM2-135M's MLPs token-elastic on Gutenberg books and show the trade-off."""
+    t0 = time.perf_counter()
+    typer.echo("elastiformer demo: SmolLM2-135M, MLP token routing (Mixture-of-Depths style), trained by "
+               "self-distillation on Gutenberg books, evaluated on held-out books.\n")
+    opts = dict(TRAIN_DEFAULTS) | dict(output=str(output), mlp_tokens=0.8, dense_layers="0,-2,-1", steps=steps,
+                                       batch_size=4, seq_len=128, max_sequences=2000, budget_range="0.6,0.95",
+                                       overwrite=True, checkpoint_every=20)
+    typer.echo(f"1/2 training routers for {steps} steps (layers 0, 28, 29 stay dense: DESIGN.md section 7)...")
+    report = run_train(opts)
+    typer.echo(f"    {report['steps']} steps, {report['tokens']:,} tokens, {report['seconds']:.0f}s, "
+               f"final KL {report['final_kl']:.4f}\n")
+    typer.echo("2/2 evaluating on held-out books at 3 budgets, beside random routing...")
+    ev = dict(EVAL_DEFAULTS) | dict(routers=str(output / "routers"), budgets="0.7,0.8,0.9",
+                                    max_sequences=max_sequences)
+    result = run_eval(ev)
+    result["train"] = {k: report[k] for k in ("steps", "tokens", "seconds", "final_kl")}
+    from .cache import atomic_write_json
+
+    atomic_write_json(output / "demo.json", result)
+    plot_curve(result, output / "demo.png")
+    typer.echo("")
+    print_table(result)
+    typer.echo(f"\nwrote {output / 'demo.json'} and {output / 'demo.png'} in {time.perf_counter() - t0:.0f}s")
+
+
+def main() -> None:
+    """Console entry point: one-line errors for what the user can fix, tracebacks for bugs (and with --debug)."""
+    import click
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except ElastiformerError as e:
+        if _DEBUG or "--debug" in sys.argv:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

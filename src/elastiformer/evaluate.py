@@ -1,0 +1,162 @@
+"""`evaluate`: what the elastic model costs and loses on held-out data, at one or many budgets, always beside the
+random-routing baseline at the same capacity, and timed against the dense model in the same process."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import check_fraction
+from .errors import ConfigError, DataError
+from .model import ElasticModel, _as_batches
+
+
+def _lm_metrics(teacher: torch.Tensor, student: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> dict:
+    """Sums over next-token positions: teacher / student NLL on the real next tokens, KL(teacher || student),
+    top-1 agreement. logits: (B, T, V), ids: (B, T)."""
+    t = F.log_softmax(teacher[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    s = F.log_softmax(student[:, :-1].float(), dim=-1)
+    target = ids[:, 1:]  # (B, T-1)
+    keep = torch.ones_like(target, dtype=torch.bool) if mask is None else (mask[:, 1:].bool() & mask[:, :-1].bool())
+    nll_t = -t.gather(-1, target[..., None]).squeeze(-1)
+    nll_s = -s.gather(-1, target[..., None]).squeeze(-1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    agree = (t.argmax(-1) == s.argmax(-1)).float()
+    return {"n": int(keep.sum()), "nll_teacher": float(nll_t[keep].sum()), "nll": float(nll_s[keep].sum()),
+            "kl": float(kl[keep].sum()), "agree": float(agree[keep].sum())}
+
+
+def _time_ratio(em: ElasticModel, batch: dict, context, reps: int) -> tuple[float, float, float]:
+    """Median wall-clock of elastic and dense forwards on `batch`, interleaved (dense, elastic, dense, ...)."""
+    dense, elastic = [], []
+    with torch.no_grad():
+        with em.disable_routers():
+            em(**batch)  # warm-up
+        with context():
+            em(**batch)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            with em.disable_routers():
+                em(**batch)
+            dense.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with context():
+                em(**batch)
+            elastic.append(time.perf_counter() - t0)
+    d, e = statistics.median(dense), statistics.median(elastic)
+    return e / d, d, e
+
+
+def evaluate(
+    em: ElasticModel,
+    data: Iterable[dict[str, torch.Tensor]] | torch.Tensor,
+    budgets: Sequence[float | dict[str, float]] = (1.0,),
+    *,
+    baselines: Sequence[str] = ("random",),
+    batch_size: int = 4,
+    timing_reps: int = 3,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate `em` at each budget (one fraction for every routed component, or a dict per component).
+
+    Returns `{"teacher_nll", "teacher_perplexity", "tokens", "router_param_fraction", "records": [...]}`, one
+    record per (method, budget) with: delta_lm_loss (elastic NLL - teacher NLL, nats/token), kl (per token),
+    top1_agreement, perplexity, block_flops_ratio and model_flops_ratio (executed / dense, routers included), and
+    prefill_time_ratio (elastic / dense wall-clock, median of interleaved repetitions; None when timing_reps=0).
+    """
+    unknown = set(baselines) - {"random"}
+    if unknown:
+        raise ConfigError(f"unknown baselines {sorted(unknown)}: the available baseline is 'random'")
+    if not budgets:
+        raise ConfigError("no budgets to evaluate: pass at least one, e.g. budgets=[0.8]")
+    settings = []
+    for b in budgets:
+        if isinstance(b, dict):
+            settings.append({k: check_fraction(k, v) for k, v in b.items()})
+        else:
+            settings.append({k: check_fraction("budget", b) for k in em.elastic_config.components()})
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2 or data.shape[0] == 0:
+            raise DataError(f"evaluation data of shape {tuple(data.shape)}: pass token ids [N sequences, T tokens]")
+        data = [{"input_ids": data[i:i + batch_size]} for i in range(0, data.shape[0], batch_size)]
+    batches = list(_as_batches(data))
+    if not batches:
+        raise DataError("evaluation data is empty: pass held-out sequences")
+    device = next(em.base_model.parameters()).device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+
+    methods = ["learned"] + list(baselines)
+    contexts = {"learned": contextlib.nullcontext, "random": em.random_routing}
+    saved_budget, was_training = em.get_budget(), em.training
+    em.eval()
+    sums = {(m, i): {"n": 0, "nll_teacher": 0.0, "nll": 0.0, "kl": 0.0, "agree": 0.0, "dense": 0, "exec": 0,
+                     "model_dense": 0, "model_exec": 0} for m in methods for i in range(len(settings))}
+    teacher_sum = {"n": 0, "nll": 0.0}
+    total = len(batches) * (1 + len(methods) * len(settings))
+    bar = tqdm(total=total, desc="evaluating", disable=not progress)
+    try:
+        with torch.no_grad():
+            for bi, batch in enumerate(batches):
+                with em.disable_routers():
+                    teacher = em(**batch).logits
+                bar.update()
+                for i, setting in enumerate(settings):
+                    em.set_budget(**setting)
+                    for m in methods:
+                        torch.manual_seed(seed * 1009 + bi)  # the random baseline draws the same way every run
+                        with contexts[m]():
+                            student = em(**batch).logits
+                        stats = em.last_stats()
+                        r = _lm_metrics(teacher, student, batch["input_ids"], batch.get("attention_mask"))
+                        acc = sums[(m, i)]
+                        for k in ("n", "nll_teacher", "nll", "kl", "agree"):
+                            acc[k] += r[k]
+                        acc["dense"] += stats["dense_flops"]
+                        acc["exec"] += stats["elastic_flops"]
+                        acc["model_dense"] += stats.get("model_dense_flops", stats["dense_flops"])
+                        acc["model_exec"] += stats.get("model_elastic_flops", stats["elastic_flops"])
+                        bar.update()
+                teacher_sum["n"] += r["n"]
+                teacher_sum["nll"] += r["nll_teacher"]
+            records = []
+            for i, setting in enumerate(settings):
+                em.set_budget(**setting)
+                for m in methods:
+                    acc = sums[(m, i)]
+                    n = max(1, acc["n"])
+                    ratio = None
+                    if timing_reps:
+                        ratio, _, _ = _time_ratio(em, batches[0], contexts[m], timing_reps)
+                    records.append({
+                        "method": m,
+                        "budget": statistics.mean(setting.values()),
+                        "budgets": setting,
+                        "delta_lm_loss": (acc["nll"] - acc["nll_teacher"]) / n,
+                        "kl": acc["kl"] / n,
+                        "top1_agreement": acc["agree"] / n,
+                        "perplexity": math.exp(min(50.0, acc["nll"] / n)),
+                        "block_flops_ratio": acc["exec"] / acc["dense"] if acc["dense"] else 1.0,
+                        "model_flops_ratio": acc["model_exec"] / acc["model_dense"] if acc["model_dense"] else 1.0,
+                        "prefill_time_ratio": ratio,
+                    })
+    finally:
+        bar.close()
+        if saved_budget:
+            em.set_budget(**saved_budget)
+        em.train(was_training)
+    n = max(1, teacher_sum["n"])
+    return {
+        "tokens": teacher_sum["n"],
+        "teacher_nll": teacher_sum["nll"] / n,
+        "teacher_perplexity": math.exp(min(50.0, teacher_sum["nll"] / n)),
+        "router_param_fraction": em.num_router_parameters() / max(1, em.num_base_parameters()),
+        "records": records,
+    }

@@ -1,0 +1,314 @@
+"""`train_routers`: self-distillation of the routers on accelerate (DDP / FSDP come from `accelerate launch`).
+
+Each step: the teacher (the same model with routers disabled, no second copy) and the student (routers on, top-k at a
+budget drawn from `budget_range`, or a fixed budget) see the same batch; loss = KL(teacher || student) on the
+next-token distributions plus the routers' auxiliary losses (`DEFAULT_AUX_WEIGHTS`). Checkpoints (routers, optimizer,
+schedule, step) are written atomically every `checkpoint_every` steps; `resume=True` continues from the last one and
+ends where an uninterrupted run with the same seed ends: data order and budgets are functions of (seed, step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .cache import atomic_dir, atomic_write_json
+from .config import TOKEN_COMPONENTS
+from .distill import DEFAULT_AUX_WEIGHTS, kl_teacher_student
+from .errors import ConfigError, DataError, ElastiformerError
+from .model import ElasticModel
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class TrainReport:
+    steps: int
+    tokens: int  # training tokens seen (teacher and student see the same ones)
+    seconds: float
+    resumed_from: int | None
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per optimizer step
+
+    @property
+    def final_kl(self) -> float:
+        tail = self.history[-max(1, len(self.history) // 10):]
+        return sum(h["kl"] for h in tail) / len(tail)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"final_kl": self.final_kl if self.history else None}
+
+
+def _as_tensor_data(data) -> torch.Tensor | list[dict[str, torch.Tensor]]:
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2 or data.shape[0] == 0 or data.shape[1] < 2:
+            raise DataError(f"training data of shape {tuple(data.shape)}: pass token ids [N sequences, T >= 2 tokens]")
+        return data
+    items = list(data)
+    if not items:
+        raise DataError("training data is empty: pass at least one sequence of input_ids")
+    for item in items:
+        if not isinstance(item, dict) or "input_ids" not in item:
+            raise DataError("data items must be dicts holding input_ids (one sequence [T] or a batch [B, T])")
+    return [{k: (v[None] if v.dim() == 1 else v) for k, v in item.items() if k in ("input_ids", "attention_mask")}
+            for item in items]
+
+
+def batch_at(data, step: int, micro: int, batch_size: int, seed: int, stride: int = 1) -> dict[str, torch.Tensor]:
+    """The `micro`-th of the `stride` micro-batches of optimizer step `step` (stride = grad_accum x processes).
+
+    A pure function of its arguments, which is what makes a resumed run see exactly the batches it would have seen.
+    """
+    if isinstance(data, torch.Tensor):
+        n = data.shape[0]
+        per_epoch = max(1, n // batch_size)
+        flat = step * stride + micro  # which micro-batch overall
+        epoch, pos = divmod(flat, per_epoch)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=g)
+        idx = order[pos * batch_size:(pos + 1) * batch_size]
+        if idx.numel() < batch_size:  # fewer sequences than a batch: repeat them
+            idx = order[torch.arange(batch_size) % n]
+        return {"input_ids": data[idx]}
+    return data[(step * stride + micro) % len(data)]
+
+
+def sample_budget(components: tuple[str, ...], budget_range: tuple[float, float], step: int, seed: int,
+                  min_budget: dict[str, float]) -> dict[str, float]:
+    """One global budget per component for this step, uniform in `budget_range` (never below the dense minimum)."""
+    g = torch.Generator().manual_seed(seed * 7_919 + step)
+    lo, hi = budget_range
+    out = {}
+    for comp in components:
+        b = lo + (hi - lo) * float(torch.rand((), generator=g))
+        out[comp] = max(b, min_budget[comp] + 0.02)
+    return out
+
+
+def _check_options(steps, batch_size, lr, grad_accum, temperature, budget, budget_range, checkpoint_every):
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps={steps!r}: pass a positive number of optimizer steps")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r}: pass a positive integer")
+    if not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ConfigError(f"grad_accum={grad_accum!r}: pass a positive integer")
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"lr={lr!r}: pass a positive learning rate, e.g. 1e-3")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ConfigError(f"temperature={temperature!r}: pass a positive number, e.g. 1.0")
+    if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+        raise ConfigError(f"checkpoint_every={checkpoint_every!r}: pass a positive number of steps")
+    if budget is not None and budget_range is not None:
+        raise ConfigError("pass either budget (fixed) or budget_range (sampled), not both")
+    if budget_range is not None:
+        lo, hi = budget_range
+        if not (0 < lo <= hi < 1):
+            raise ConfigError(f"budget_range={budget_range}: pass (low, high) with 0 < low <= high < 1")
+
+
+def _lr_factor(schedule: str, step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, steps - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    raise ConfigError(f"schedule={schedule!r}: pass 'cosine', 'linear' or 'constant'")
+
+
+def train_routers(
+    em: ElasticModel,
+    data: Iterable[dict[str, torch.Tensor]] | torch.Tensor,
+    steps: int = 200,
+    *,
+    batch_size: int = 4,
+    lr: float = 2e-3,
+    schedule: str = "cosine",
+    warmup: int = 10,
+    grad_accum: int = 1,
+    seed: int = 0,
+    temperature: float = 1.0,
+    budget: float | dict[str, float] | None = None,
+    budget_range: tuple[float, float] | None = None,
+    aux_weights: dict[str, float] | None = None,
+    output_dir: str | Path | None = None,
+    checkpoint_every: int | None = 50,
+    resume: bool = False,
+    calibration_data=None,
+    device: str | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> TrainReport:
+    """Train `em`'s routers by self-distillation against its own base model; returns a `TrainReport`.
+
+    data: token ids [N, T] (batched and shuffled here, by seed) or an iterable of dicts holding `input_ids`.
+    budget: a fixed global budget (one value for every routed component, or a dict); budget_range: sample one
+    uniformly per step so one set of routers serves all budgets in the range (the default, (0.5, 0.95)). With
+    `output_dir`, checkpoints go to `output_dir/checkpoint`, the log to `output_dir/train_log.json`, the final
+    routers to `output_dir`. `stop_after` ends the run early after that many steps (for tests and time limits);
+    the schedule still follows `steps`.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if budget is None and budget_range is None:
+        budget_range = (0.5, 0.95)
+    _check_options(steps, batch_size, lr, grad_accum, temperature, budget, budget_range, checkpoint_every)
+    weights = DEFAULT_AUX_WEIGHTS | (aux_weights or {})
+    data = _as_tensor_data(data)
+    components = em.elastic_config.components()
+    fixed = None
+    if budget is not None:
+        fixed = budget if isinstance(budget, dict) else {k: budget for k in components}
+        em.set_budget(**fixed)  # validates
+    out_dir = Path(output_dir) if output_dir is not None else None
+    if resume and out_dir is None:
+        raise ConfigError("resume=True needs output_dir (where the checkpoint is)")
+    if out_dir is not None:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            probe = out_dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise ElastiformerError(f"cannot write to output folder {out_dir} ({err.strerror}): pass a writable "
+                                    "folder") from err
+
+    cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    torch.manual_seed(seed)
+    em.to(accelerator.device)
+    params = em.router_parameters()
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(schedule, s, steps, warmup))
+    model, optimizer, scheduler = accelerator.prepare(em, optimizer, scheduler)
+    core: ElasticModel = accelerator.unwrap_model(model)
+
+    start, history = 0, []
+    if resume:
+        start, history = _load_checkpoint(core, optimizer, scheduler, out_dir / CHECKPOINT)
+        logger.info("resumed from step %d", start)
+    resumed_from = start if resume and start else None
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    core.train()
+    t0 = time.perf_counter()
+    last = min(steps, stop_after) if stop_after is not None else steps
+    bar = tqdm(range(start, last), desc="training routers", disable=not (progress and accelerator.is_main_process),
+               initial=start, total=last)
+    for step in bar:
+        step_budget = fixed or sample_budget(components, budget_range, step, seed,
+                                             {k: core.state.min_budget(k) for k in components})
+        core.set_budget(**step_budget)
+        logs = {"kl": 0.0, "loss": 0.0}
+        for micro in range(grad_accum):
+            batch = batch_at(data, step, micro * world + rank, batch_size, seed, stride=grad_accum * world)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                with torch.no_grad(), core.disable_routers():
+                    teacher = model(**batch).logits
+                student = model(**batch).logits
+                mask = batch.get("attention_mask")
+                kl = kl_teacher_student(teacher, student, mask, temperature)
+                aux = core.aux_losses()
+                loss = kl + sum(weights.get(k, 0.0) * v for k, v in aux.items())
+                if not torch.isfinite(loss):
+                    raise ElastiformerError(f"the loss became {loss.item()} at step {step}: lower the learning "
+                                            "rate; the last checkpoint is kept")
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step() if accelerator.sync_gradients else None
+                optimizer.zero_grad()
+            logs["kl"] += kl.item() / grad_accum
+            logs["loss"] += loss.item() / grad_accum
+            for k, v in aux.items():
+                logs[k] = logs.get(k, 0.0) + v.item() / grad_accum
+        stats = core.last_stats()
+        entry = {"step": step + 1, **logs, "flops_ratio": stats["flops_ratio"], "lr": scheduler.get_last_lr()[0],
+                 **{f"budget_{k}": v for k, v in step_budget.items()}}
+        history.append(entry)
+        bar.set_postfix(loss=f"{logs['loss']:.3f}", kl=f"{logs['kl']:.3f}", compute=f"{stats['flops_ratio']:.2f}")
+        done = step + 1
+        if out_dir is not None and checkpoint_every and (done % checkpoint_every == 0 or done == last):
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                _save_checkpoint(core, optimizer, scheduler, done, history, out_dir / CHECKPOINT)
+    bar.close()
+    accelerator.wait_for_everyone()
+
+    core.set_budget(**(fixed or em.elastic_config.capacities()))
+    cal = calibration_data if calibration_data is not None else [batch_at(data, 0, i, batch_size, seed + 1)
+                                                                 for i in range(4)]
+    core.calibrate([{k: v.to(accelerator.device) for k, v in b.items()} for b in _as_tensor_data_batches(cal)])
+    core.eval()
+    tokens_per_step = batch_size * grad_accum * world * _seq_len(data)
+    report = TrainReport(steps=len(history), tokens=len(history) * tokens_per_step, seconds=time.perf_counter() - t0,
+                         resumed_from=resumed_from, history=history)
+    if out_dir is not None and accelerator.is_main_process:
+        core.save_pretrained(out_dir / "routers")
+        atomic_write_json(out_dir / "train_log.json", report.to_dict())
+    return report
+
+
+def _seq_len(data) -> int:
+    return int(data.shape[1]) if isinstance(data, torch.Tensor) else int(data[0]["input_ids"].shape[-1])
+
+
+def _as_tensor_data_batches(data) -> list[dict[str, torch.Tensor]]:
+    if isinstance(data, torch.Tensor):
+        return [{"input_ids": data[i:i + 8]} for i in range(0, data.shape[0], 8)]
+    return [b if isinstance(b, dict) else {"input_ids": b} for b in data]
+
+
+# ---------------------------------------------------------------------- checkpoints (no pickle)
+def _save_checkpoint(em: ElasticModel, optimizer, scheduler, step: int, history: list, path: Path) -> None:
+    opt = optimizer.state_dict()
+    tensors = {f"router.{k}": v.cpu() for k, v in em.router_state_dict().items()}
+    for pid, state in opt["state"].items():
+        for k, v in state.items():
+            tensors[f"optim.{pid}.{k}"] = v.detach().cpu().reshape(-1) if v.dim() == 0 else v.detach().cpu()
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    meta = {"step": step, "param_groups": opt["param_groups"], "scheduler": sched, "history": history}
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps(meta))
+
+
+def _load_checkpoint(em: ElasticModel, optimizer, scheduler, path: Path) -> tuple[int, list]:
+    if not (path / "trainer_state.json").is_file() or not (path / "state.safetensors").is_file():
+        raise ElastiformerError(f"no checkpoint in {path}: run without --resume first (or check --output)")
+    try:
+        meta = json.loads((path / "trainer_state.json").read_text())
+        tensors = load_file(str(path / "state.safetensors"))
+    except Exception as err:  # noqa: BLE001  (any corruption means the same thing to the user)
+        raise ElastiformerError(f"checkpoint in {path} is corrupt ({err}): delete it and train again") from err
+    own = em.router_state_dict()
+    modules = dict(em.base_model.named_modules())
+    with torch.no_grad():
+        for key in own:
+            if f"router.{key}" not in tensors:
+                raise ElastiformerError(f"checkpoint in {path} is for other routers: use another --output folder")
+            owner, _, attr = key.rpartition(".")
+            getattr(modules[owner], attr).copy_(tensors[f"router.{key}"])
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v.reshape(()) if name == "step" else v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    return int(meta["step"]), list(meta["history"])
