@@ -310,5 +310,5 @@ def _load_checkpoint(em: ElasticModel, optimizer, scheduler, path: Path) -> tupl
             _, pid, name = key.split(".", 2)
             state.setdefault(int(pid), {})[name] = v.reshape(()) if name == "step" else v
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
+    scheduler.load_state_dict(meta["scheduler"] | {"lr_lambdas": [None] * len(meta["param_groups"])})
     return int(meta["step"]), list(meta["history"])
