@@ -113,22 +113,31 @@ def _elastic_config(o: dict[str, Any]):
 
 def run_train(o: dict[str, Any]) -> dict[str, Any]:
     """Train routers as `o` says; returns the report dict (also written to OUTPUT/train_log.json)."""
-    from .data import load_dataset_for
+    from accelerate import PartialState
+
+    from .config import check_fraction
+    from .data import load_texts, pack_sequences
     from .model import get_elastic_model
     from .models import load_model, load_tokenizer
     from .trainer import train_routers
 
-    cfg = _elastic_config(o)  # validate before any heavy work
-    out = Path(o["output"])
-    if not o["resume"]:
-        _check_output(out, o["overwrite"], "its routers")
+    # validate everything cheap before any heavy work (loading the model, tokenizing)
+    cfg = _elastic_config(o)
+    if o["budget"] is not None:
+        check_fraction("budget", o["budget"])
     budget_range = None if o["budget"] is not None else tuple(_floats(o["budget_range"], "budget_range"))
     if budget_range is not None and len(budget_range) != 2:
         raise ConfigError(f"--budget-range {o['budget_range']!r}: pass two numbers low,high, e.g. 0.5,0.95")
+    out = Path(o["output"])
+    import torch
+
+    cpu = o["device"] == "cpu" or (o["device"] is None and not torch.cuda.is_available())
+    if not o["resume"] and PartialState(cpu=cpu).is_main_process:  # under `accelerate launch`, one process checks
+        _check_output(out, o["overwrite"], "its routers")
+    texts = load_texts(None if o["data"] == "gutenberg" else o["data"], split="train")
     model = load_model(o["model"])
     tokenizer = load_tokenizer(o["model"] if isinstance(o["model"], str) else model)
-    data = load_dataset_for(tokenizer, None if o["data"] == "gutenberg" else o["data"], "train",
-                            seq_len=int(o["seq_len"]), max_sequences=o["max_sequences"])
+    data = pack_sequences(texts, tokenizer, int(o["seq_len"]), max_sequences=o["max_sequences"])
     em = get_elastic_model(model, cfg)
     report = train_routers(
         em, data, steps=int(o["steps"]), batch_size=int(o["batch_size"]), lr=float(o["lr"]), schedule=o["schedule"],
@@ -191,15 +200,14 @@ EVAL_DEFAULTS = dict(
 
 
 def run_eval(o: dict[str, Any], em=None) -> dict[str, Any]:
-    from .data import load_dataset_for
+    from .config import check_fraction
+    from .data import load_texts, pack_sequences
     from .evaluate import evaluate
     from .model import ElasticModel
     from .models import load_model, load_tokenizer
 
     budgets = _floats(o["budgets"], "budgets")
     for b in budgets:
-        from .config import check_fraction
-
         check_fraction("budget", b)
     if em is None:
         if not o["routers"]:
@@ -207,11 +215,11 @@ def run_eval(o: dict[str, Any], em=None) -> dict[str, Any]:
         from .model import read_router_config
 
         read_router_config(o["routers"])  # fail fast, before loading the model
-        model = load_model(o["model"])
-        em = ElasticModel.from_pretrained(model, o["routers"])
+    texts = load_texts(None if o["data"] == "gutenberg" else o["data"], split=o["split"])
+    if em is None:
+        em = ElasticModel.from_pretrained(load_model(o["model"]), o["routers"])
     tokenizer = load_tokenizer(o["model"] if isinstance(o["model"], str) else em.base_model)
-    data = load_dataset_for(tokenizer, None if o["data"] == "gutenberg" else o["data"], o["split"],
-                            seq_len=int(o["seq_len"]), max_sequences=o["max_sequences"])
+    data = pack_sequences(texts, tokenizer, int(o["seq_len"]), max_sequences=o["max_sequences"])
     result = evaluate(em, data, budgets=budgets, batch_size=int(o["batch_size"]), timing_reps=int(o["timing_reps"]),
                       seed=int(o["seed"]))
     result |= {"model": str(o["model"]), "routers": str(o["routers"]), "data": o["data"], "split": o["split"],
@@ -367,7 +375,9 @@ def demo(
 def main() -> None:
     """Console entry point: one-line errors for what the user can fix, tracebacks for bugs (and with --debug)."""
     import click
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Loading weights" bars are noise around our own progress bars
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app(standalone_mode=False)

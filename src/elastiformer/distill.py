@@ -6,10 +6,16 @@ import torch
 import torch.nn.functional as F
 
 # Weights of the routers' auxiliary losses in the training objective (see train_routers):
-#   token_bce      teaches each token score, alone, to say whether its token is in the top-k: causal inference
-#                  thresholds rely on it, and it is on the scale of the KL, so it gets a small weight.
+#   token_importance  regresses each token score onto the standardized log-importance of its token measured on the
+#                  teacher (the norm of what the sub-layer adds to the residual stream); causal inference thresholds
+#                  are quantiles of these scores. The KL alone barely trains routers: a straight-through gate whose
+#                  forward value is 1 measures the loss's slope at "keep", which is ~0 for every token near the teacher.
+#   token_bce      (router_targets="self" only) BCE of each score towards its own top-k membership.
+#   head_rank,     cross-entropy of the router's distribution against the top-k heads / experts by importance on
+#   expert_rank    the teacher (the norm of each one's output).
 #   expert_balance Switch-Transformer load balancing; 1.0 at a uniform load, so a small weight keeps it a tie-breaker.
-DEFAULT_AUX_WEIGHTS = {"token_bce": 0.1, "expert_balance": 0.01}
+DEFAULT_AUX_WEIGHTS = {"token_importance": 0.5, "token_bce": 0.1, "head_rank": 0.5, "expert_rank": 0.5,
+                       "expert_balance": 0.01}
 
 
 def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None,

@@ -192,6 +192,17 @@ class ElasticModel(nn.Module):
             self.state.enabled = saved
 
     @contextlib.contextmanager
+    def teacher_targets(self, enabled: bool = True):
+        """During the teacher pass of training (routers disabled), also measure the importance of each token, head
+        and expert and give the routers their supervised losses (`aux_losses()` after the forward)."""
+        saved = self.state.teacher_targets
+        self.state.teacher_targets = enabled
+        try:
+            yield self
+        finally:
+            self.state.teacher_targets = saved
+
+    @contextlib.contextmanager
     def random_routing(self):
         """The random-routing baseline: every router chooses uniformly at random at the same capacity (and costs
         nothing), so its FLOPs match the learned routers' minus the routers themselves."""
@@ -296,8 +307,10 @@ class ElasticModel(nn.Module):
 
     # ------------------------------------------------------------------ accounting
     def aux_losses(self) -> dict[str, torch.Tensor]:
-        """Auxiliary losses of the last forward (training mode), averaged over layers: `token_bce` (teaches token
-        scores to separate the top-k, for causal inference) and `expert_balance` (Switch load balancing)."""
+        """Auxiliary losses of the last forward, averaged over layers. Student pass (training mode): `token_bce`
+        against its own top-k (when there are no teacher targets) and `expert_balance` (Switch load balancing).
+        Teacher pass under `teacher_targets()`: `token_importance` (regression onto the importance measured on the
+        teacher), `head_rank`, `expert_rank` (against the top-k by importance on the teacher)."""
         return {k: torch.stack(v).mean() for k, v in self.state.aux_losses.items() if v}
 
     def last_stats(self) -> dict[str, Any]:

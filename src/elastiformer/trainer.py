@@ -144,6 +144,7 @@ def train_routers(
     budget: float | dict[str, float] | None = None,
     budget_range: tuple[float, float] | None = None,
     aux_weights: dict[str, float] | None = None,
+    router_targets: str = "teacher",
     output_dir: str | Path | None = None,
     checkpoint_every: int | None = 50,
     resume: bool = False,
@@ -156,7 +157,9 @@ def train_routers(
 
     data: token ids [N, T] (batched and shuffled here, by seed) or an iterable of dicts holding `input_ids`.
     budget: a fixed global budget (one value for every routed component, or a dict); budget_range: sample one
-    uniformly per step so one set of routers serves all budgets in the range (the default, (0.5, 0.95)). With
+    uniformly per step so one set of routers serves all budgets in the range (the default, (0.5, 0.95)).
+    router_targets: "teacher" (default) adds supervised losses towards the tokens / heads / experts whose outputs
+    are largest on the teacher (`distill.DEFAULT_AUX_WEIGHTS`); "self" keeps only the KL and self-consistency. With
     `output_dir`, checkpoints go to `output_dir/checkpoint`, the log to `output_dir/train_log.json`, the final
     routers to `output_dir`. `stop_after` ends the run early after that many steps (for tests and time limits);
     the schedule still follows `steps`.
@@ -167,6 +170,9 @@ def train_routers(
     if budget is None and budget_range is None:
         budget_range = (0.5, 0.95)
     _check_options(steps, batch_size, lr, grad_accum, temperature, budget, budget_range, checkpoint_every)
+    if router_targets not in ("teacher", "self"):
+        raise ConfigError(f"router_targets={router_targets!r}: pass 'teacher' (importance measured on the teacher) "
+                          "or 'self' (each router's own top-k)")
     weights = DEFAULT_AUX_WEIGHTS | (aux_weights or {})
     data = _as_tensor_data(data)
     components = em.elastic_config.components()
@@ -219,12 +225,16 @@ def train_routers(
             batch = batch_at(data, step, micro * world + rank, batch_size, seed, stride=grad_accum * world)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
-                with torch.no_grad(), core.disable_routers():
+                with torch.no_grad(), core.disable_routers(), core.teacher_targets(router_targets == "teacher"):
                     teacher = model(**batch).logits
+                teacher_aux = core.aux_losses()  # importance targets measured on the teacher (grad to routers)
                 student = model(**batch).logits
                 mask = batch.get("attention_mask")
                 kl = kl_teacher_student(teacher, student, mask, temperature)
                 aux = core.aux_losses()
+                if router_targets == "teacher":  # the teacher's importance targets replace self-consistency
+                    aux.pop("token_bce", None)
+                aux |= teacher_aux
                 loss = kl + sum(weights.get(k, 0.0) * v for k, v in aux.items())
                 if not torch.isfinite(loss):
                     raise ElastiformerError(f"the loss became {loss.item()} at step {step}: lower the learning "

@@ -33,6 +33,7 @@ GPT2 = register_architecture(
         layers_path="transformer.h",
         attn_name="attn",
         mlp_name="mlp",
+        o_proj_name="c_proj",
         rotary=False,
         attention_weights=_attention_weights,
         mlp_weights=_mlp_weights,

@@ -31,6 +31,7 @@ LLAMA = register_architecture(
         layers_path="model.layers",
         attn_name="self_attn",
         mlp_name="mlp",
+        o_proj_name="o_proj",
         rotary=True,
         attention_weights=_attention_weights,
         mlp_weights=_mlp_weights,

@@ -46,6 +46,7 @@ class ArchSpec:
     attn_name: str  # attribute of a block holding its self-attention
     mlp_name: str  # attribute of a block holding its MLP
     rotary: bool  # attention receives `position_embeddings=(cos, sin)` and rotates q / k
+    o_proj_name: str  # attribute of the attention holding its output projection (input: heads side by side)
     attention_weights: Callable[[nn.Module], AttentionWeights]
     mlp_weights: Callable[[nn.Module], MLPWeights]
 

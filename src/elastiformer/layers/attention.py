@@ -81,6 +81,11 @@ class ElasticAttention(nn.Module):
         if st.recording and self.token_router is not None:
             keep = st.token_valid(B, T, x.device) & ~st.forced_tokens(B, T, x.device)
             st.recorded_scores[id(self.token_router)].append(self.token_router.score(x)[keep].detach().float())
+        if st.teacher_targets and not st.enabled:
+            if cache is not None:
+                self._remember_index(cache, past, st.current_positions(T, x.device).expand(B, T))
+            st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, dense))
+            return self._teacher_with_targets(x, args, kwargs)
         if tok_cap >= 1.0 and head_cap >= 1.0:  # full capacity: the base sub-layer, untouched
             if cache is not None:
                 self._remember_index(cache, past, st.current_positions(T, x.device).expand(B, T))
@@ -93,7 +98,7 @@ class ElasticAttention(nn.Module):
         router_flops = 0
         if tok_cap < 1.0:
             sel = self.token_router(x, tok_cap, valid, st.forced_tokens(B, T, x.device), topk=st.topk,
-                                    random=st.random)
+                                    random=st.random, self_target=not st.teacher_targets)
             router_flops += 0 if st.random else self.token_router.flops(B * T)
             if sel.aux_loss is not None:
                 st.aux_losses["token_bce"].append(sel.aux_loss)
@@ -140,6 +145,40 @@ class ElasticAttention(nn.Module):
         st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, flops + router_flops, router_flops,
                                       token_fraction, unit_fraction))
         return out, None
+
+    # ---- training targets, measured on the teacher ----
+    def _teacher_with_targets(self, x, args, kwargs):
+        """Teacher pass of training: the dense attention, plus what each token and each head adds to the residual
+        stream, turned into the routers' supervised targets."""
+        st = self.state
+        B, T, _ = x.shape
+        tok_cap = st.budget_capacity("attn_tokens", self.layer_idx) if self.token_router is not None else 1.0
+        head_cap = st.budget_capacity("attn_heads", self.layer_idx) if self.head_router is not None else 1.0
+        captured = {}
+        hook = None
+        if head_cap < 1.0:  # the heads' outputs, side by side, are the input of the output projection
+            o_proj = getattr(self.base_layer, self.spec.o_proj_name)
+            hook = o_proj.register_forward_pre_hook(lambda m, a: captured.setdefault("heads", a[0]))
+        try:
+            out = self.base_layer(x, *args, **kwargs)
+        finally:
+            if hook is not None:
+                hook.remove()
+        y = out[0]  # (B, T, C)
+        with torch.enable_grad():
+            if tok_cap < 1.0:
+                loss = self.token_router.importance_loss(x.detach(), y.norm(dim=-1), tok_cap,
+                                                         st.token_valid(B, T, x.device), st.forced_tokens(B, T, x.device))
+                if loss is not None:
+                    st.aux_losses["token_importance"].append(loss)
+            if head_cap < 1.0:
+                H, D = self.dims["H"], self.dims["D"]
+                o_w = self.spec.attention_weights(self.base_layer).o_w  # (C, H*D)
+                heads = captured["heads"].view(B, T, H, D)
+                share = torch.einsum("bthd,chd->bthc", heads, o_w.view(-1, H, D))  # (B, T, H, C) each head's output
+                loss = self.head_router.importance_loss(x.detach(), share.norm(dim=-1), head_cap)
+                st.aux_losses["head_rank"].append(loss)
+        return out
 
     # ---- head routing: each query head runs only on the tokens that chose it ----
     def _head_routed(self, x, slot_valid, mask, kw, cache, capacity):

@@ -46,6 +46,8 @@ class ElasticMLP(nn.Module):
 
         if st.recording and self.token_router is not None:
             self._record_scores(x)
+        if st.teacher_targets and not st.enabled:
+            return self._teacher_with_targets(x, dense)
         if tok_cap >= 1.0 and exp_cap >= 1.0:  # full capacity: the base sub-layer, untouched
             st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, dense))
             return self.base_layer(x, *args, **kwargs)
@@ -56,7 +58,8 @@ class ElasticMLP(nn.Module):
         if tok_cap < 1.0:
             valid = st.token_valid(B, T, x.device)
             forced = st.forced_tokens(B, T, x.device)
-            sel = self.token_router(x, tok_cap, valid, forced, topk=st.topk, random=st.random)
+            sel = self.token_router(x, tok_cap, valid, forced, topk=st.topk, random=st.random,
+                                    self_target=not st.teacher_targets)
             router_flops += 0 if st.random else self.token_router.flops(B * T)
             if sel.aux_loss is not None:
                 st.aux_losses["token_bce"].append(sel.aux_loss)
@@ -81,6 +84,47 @@ class ElasticMLP(nn.Module):
         st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, exp_flops + router_flops, router_flops,
                                       token_fraction, unit_fraction))
         return y.view(B, T, C)
+
+    def _teacher_with_targets(self, x: torch.Tensor, dense: int) -> torch.Tensor:
+        """Teacher pass of training: run the dense MLP, measure what each token (and each expert) adds to the
+        residual stream, and turn that into the routers' supervised targets (their gradient flows even though the
+        teacher runs without grad)."""
+        st = self.state
+        B, T, C = x.shape
+        tok_cap = st.budget_capacity("mlp_tokens", self.layer_idx) if self.token_router is not None else 1.0
+        exp_cap = st.budget_capacity("mlp_experts_active", self.layer_idx) if self.expert_router is not None else 1.0
+        st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, dense))
+        if exp_cap < 1.0:  # expert outputs, one by one, summed: the dense MLP and each expert's importance
+            xf = x.reshape(B * T, C)
+            per_expert = self._expert_outputs(xf)  # (E, N, C)
+            y = per_expert.sum(0)
+            w = self.spec.mlp_weights(self.base_layer)
+            if w.down_b is not None:
+                y = y + w.down_b
+            with torch.enable_grad():
+                loss = self.expert_router.importance_loss(xf.detach(), per_expert.norm(dim=-1).T, exp_cap)
+            st.aux_losses["expert_rank"].append(loss)
+            y = y.view(B, T, C)
+        else:
+            y = self.base_layer(x)
+        if tok_cap < 1.0:
+            valid = st.token_valid(B, T, x.device)
+            with torch.enable_grad():
+                loss = self.token_router.importance_loss(x.detach(), y.norm(dim=-1), tok_cap, valid,
+                                                         st.forced_tokens(B, T, x.device))
+            if loss is not None:
+                st.aux_losses["token_importance"].append(loss)
+        return y
+
+    def _expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert's output for every token (no down-projection bias). x: (N, C) -> (E, N, C)."""
+        w = self.spec.mlp_weights(self.base_layer)
+        E = self.expert_router.n_experts
+        width = self.dims["I"] // E
+        h = F.linear(x, w.up_w, w.up_b)  # (N, I)
+        h = w.act(F.linear(x, w.gate_w, w.gate_b)) * h if w.gate_w is not None else w.act(h)
+        return torch.stack([F.linear(h[:, e * width:(e + 1) * width], w.down_w[:, e * width:(e + 1) * width])
+                            for e in range(E)])
 
     def _record_scores(self, x: torch.Tensor) -> None:
         B, T, _ = x.shape

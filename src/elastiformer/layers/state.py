@@ -31,6 +31,7 @@ class RoutingState:
     topk: bool = False  # training: top-k at the capacity; inference: calibrated thresholds
     recording: bool = False  # calibration: run dense, record token-router scores
     random: bool = False  # baseline: routers choose at random at the same capacity
+    teacher_targets: bool = False  # teacher pass of training: measure importance, give routers their targets
     budget: dict[str, float] = field(default_factory=dict)  # global capacity per component
     dense_layers: dict[str, frozenset[int]] = field(default_factory=dict)
     keep_first_token: bool = True
@@ -46,7 +47,13 @@ class RoutingState:
 
     def layer_capacity(self, component: str, layer: int) -> float:
         """Per-layer capacity that spends the global budget: dense layers run in full, the rest share the remainder."""
-        if not self.enabled or self.recording or component not in self.budget:
+        if not self.enabled or self.recording:
+            return 1.0
+        return self.budget_capacity(component, layer)
+
+    def budget_capacity(self, component: str, layer: int) -> float:
+        """The layer's capacity under the current budget, whether or not routing is on right now."""
+        if component not in self.budget:
             return 1.0
         dense = self.dense_layers.get(component, frozenset())
         if layer in dense:

@@ -43,3 +43,10 @@ class ExpertRouter(nn.Module):
             load = torch.zeros(E, device=x.device).index_add_(0, chosen.flatten(), torch.ones(chosen.numel(), device=x.device))
             aux = E * (load / chosen.numel() * probs.mean(dim=0)).sum()
         return ExpertSelection(chosen, straight_through_gate(top_p), aux)
+
+    def importance_loss(self, x: torch.Tensor, importance: torch.Tensor, capacity: float) -> torch.Tensor:
+        """Cross-entropy of the router's distribution against the top-k experts by `importance` (the norm of each
+        expert's output on the teacher), spread evenly over them. x: (N, C), importance: (N, E)."""
+        k = self.n_active(capacity)
+        target = torch.zeros_like(importance).scatter_(-1, importance.topk(k, dim=-1).indices, 1.0 / k)
+        return -(target * self.net(x).log_softmax(dim=-1)).sum(dim=-1).mean()

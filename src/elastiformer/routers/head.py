@@ -48,3 +48,12 @@ class HeadRouter(nn.Module):
             active = active.repeat_interleave(self.n_rep, dim=-1)
             gate = gate.repeat_interleave(self.n_rep, dim=-1)
         return HeadSelection(active, gate, None)
+
+    def importance_loss(self, x: torch.Tensor, importance: torch.Tensor, capacity: float) -> torch.Tensor:
+        """Cross-entropy of softmax(router logits) against the top-k heads (or KV groups) by `importance` (the norm of
+        each head's share of the output projection, on the teacher). x: (B, T, C), importance: (B, T, H)."""
+        if self.n_rep > 1:  # (B, T, H) -> (B, T, KVH): a group is as important as its heads together
+            importance = importance.unflatten(-1, (self.n_units, self.n_rep)).sum(-1)
+        k = self.n_active(capacity)
+        target = torch.zeros_like(importance).scatter_(-1, importance.topk(k, dim=-1).indices, 1.0 / k)
+        return -(target * self.net(x).log_softmax(dim=-1)).sum(dim=-1).mean()

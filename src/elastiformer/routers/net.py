@@ -7,17 +7,24 @@ from torch import nn
 
 
 def make_router_net(hidden: int, out: int, kind: str = "linear", router_hidden: int = 32) -> nn.Module:
-    """`linear`: one Linear(C -> out). `mlp`: Linear(C -> h) -> GELU -> Linear(h -> out)."""
+    """`linear`: LayerNorm -> Linear(C -> out). `mlp`: LayerNorm -> Linear(C -> h) -> GELU -> Linear(h -> out).
+
+    The parameter-free LayerNorm puts every model's hidden states on one scale (a sub-layer's input can have
+    dimensions in the tens or hundreds), so one learning rate fits all; the last layer starts near zero, so the
+    routers start with no opinion rather than a random one.
+    """
+    norm = nn.LayerNorm(hidden, elementwise_affine=False)
     if kind == "linear":
-        net = nn.Linear(hidden, out)
-        nn.init.normal_(net.weight, std=hidden**-0.5)
-        nn.init.zeros_(net.bias)
-        return net
-    net = nn.Sequential(nn.Linear(hidden, router_hidden), nn.GELU(), nn.Linear(router_hidden, out))
-    nn.init.normal_(net[0].weight, std=hidden**-0.5)
-    nn.init.zeros_(net[0].bias)
-    nn.init.normal_(net[2].weight, std=router_hidden**-0.5)
-    nn.init.zeros_(net[2].bias)
+        last = nn.Linear(hidden, out)
+        net = nn.Sequential(norm, last)
+    else:
+        first = nn.Linear(hidden, router_hidden)
+        nn.init.normal_(first.weight, std=hidden**-0.5)
+        nn.init.zeros_(first.bias)
+        last = nn.Linear(router_hidden, out)
+        net = nn.Sequential(norm, first, nn.GELU(), last)
+    nn.init.normal_(last.weight, std=0.01 * last.in_features**-0.5)
+    nn.init.zeros_(last.bias)
     return net
 
 

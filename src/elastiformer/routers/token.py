@@ -1,7 +1,8 @@
 """Token router (Mixture-of-Depths style): which tokens a sub-layer processes; the rest ride the residual.
 
-Training: per sequence, the top-k scoring tokens at the capacity (k = round(capacity * valid tokens)); an auxiliary
-BCE loss teaches each score, on its own, to say whether its token is in the top-k. That is what lets a causal model
+Training: per sequence, the top-k scoring tokens at the capacity (k = round(capacity * valid tokens)). Each score is
+taught, on its own, how important its token is: by default by regression onto the importance measured on the teacher
+(`importance_loss`), else (`router_targets="self"`) by a BCE towards its own top-k. That is what lets a causal model
 decide at inference from one token's score alone: selected = score >= the threshold calibrated for the capacity
 (a quantile of the scores seen on calibration text), so the decision never looks at later tokens.
 """
@@ -27,6 +28,20 @@ class TokenSelection(NamedTuple):
     scores: torch.Tensor  # (B, T) raw logits
 
 
+def topk_mask(ranking: torch.Tensor, capacity: float, valid: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """Per sequence, the top `round(capacity * valid tokens)` tokens by `ranking` (forced ones first, padding never).
+
+    ranking, valid, forced: (B, T) -> (B, T) bool.
+    """
+    ranked = ranking.detach().float().masked_fill(forced, float("inf")).masked_fill(~valid, float("-inf"))
+    order = ranked.argsort(dim=1, descending=True)  # (B, T)
+    positions = torch.arange(ranking.shape[1], device=ranking.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)  # rank[b, t] = place of token t in its sequence
+    n_valid = valid.sum(dim=1, keepdim=True)  # (B, 1)
+    k = (capacity * n_valid).round().clamp(min=1).minimum(n_valid)  # (B, 1)
+    return (rank < k) & valid
+
+
 class TokenRouter(nn.Module):
     def __init__(self, hidden: int, kind: str = "linear", router_hidden: int = 32):
         super().__init__()
@@ -39,6 +54,23 @@ class TokenRouter(nn.Module):
 
     def flops(self, n_tokens: int) -> int:
         return router_net_flops(self.net, n_tokens)
+
+    def importance_loss(self, x: torch.Tensor, importance: torch.Tensor, capacity: float, valid: torch.Tensor,
+                        forced: torch.Tensor) -> torch.Tensor | None:
+        """Regress each token's score onto its standardized log-importance, measured on the teacher (the norm of what
+        the sub-layer adds to the residual stream). x: (B, T, C), importance: (B, T).
+
+        A regression, not a top-k classification: every token carries information about the ranking (a BCE at the
+        top-k boundary learns from few), and the inference thresholds are quantiles of the scores, so scores need to
+        rank tokens, not be probabilities. On SmolLM2 this reaches the oracle's quality in ~30 steps; the BCE and the
+        KL's straight-through gradient alone did not beat random routing in 80.
+        """
+        learn = valid & ~forced
+        if learn.sum() < 2:
+            return None
+        z = importance[learn].float().clamp(min=1e-6).log()
+        z = (z - z.mean()) / z.std().clamp(min=1e-6)  # standardized log-importance of this layer's tokens
+        return F.mse_loss(self.score(x)[learn], z)
 
     @property
     def is_calibrated(self) -> bool:
@@ -65,6 +97,7 @@ class TokenRouter(nn.Module):
         forced: torch.Tensor,  # (B, T) bool: always processed (e.g. the first token)
         topk: bool,
         random: bool = False,
+        self_target: bool = True,
     ) -> TokenSelection:
         if random:  # the random-routing baseline: uniform scores, so a threshold of 1 - capacity keeps `capacity`
             scores = torch.rand(x.shape[:2], device=x.device)
@@ -76,15 +109,9 @@ class TokenRouter(nn.Module):
         p = torch.sigmoid(scores)
         aux = None
         if topk:
-            # rank tokens within each sequence; forced tokens first, padding last
-            ranked = scores.detach().masked_fill(forced, float("inf")).masked_fill(~valid, float("-inf"))
-            order = ranked.argsort(dim=1, descending=True)  # (B, T)
-            rank = torch.empty_like(order).scatter_(1, order, torch.arange(x.shape[1], device=x.device).expand_as(order))
-            n_valid = valid.sum(dim=1, keepdim=True)  # (B, 1)
-            k = (capacity * n_valid).round().clamp(min=1).minimum(n_valid)  # (B, 1)
-            selected = (rank < k) & valid
+            selected = topk_mask(scores, capacity, valid, forced)
             learn = valid & ~forced
-            if learn.any() and not random:
+            if self_target and learn.any() and not random:
                 aux = F.binary_cross_entropy_with_logits(scores[learn], selected[learn].float())
         else:
             selected = ((scores >= self.threshold(capacity)) | forced) & valid

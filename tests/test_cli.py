@@ -1,0 +1,161 @@
+"""The `elastiformer` command end to end on a tiny model folder, plus its one-line errors."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from elastiformer import cli
+
+WORDS = ("the a cat dog sat ran on under mat house far away and then came back home big small red blue green "
+         "tree river walked slept quickly slowly over with without night day sun moon").split()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A tiny Llama + word-level tokenizer saved as a Hugging Face folder, and train / held-out text files."""
+    root = tmp_path_factory.mktemp("cli")
+    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                                         initializer_range=0.2))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rng = random.Random(0)
+    (root / "train.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(3000)))
+    (root / "held.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(800)))
+    (root / "empty.txt").write_text("")
+    return root
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run the console entry point in-process; returns (exit code, stdout, stderr)."""
+    old = sys.argv
+    sys.argv = ["elastiformer", *map(str, args)]
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def train_args(ws: Path, output: Path, *extra) -> list:
+    return ["train", "--model", ws / "model", "--data", ws / "train.txt", "--output", output, "--mlp-tokens", "0.5",
+            "--attn-heads", "0.5", "--steps", "4", "--seq-len", "16", "--batch-size", "2", "--checkpoint-every", "2",
+            *extra]
+
+
+def test_train_eval_info_end_to_end(workspace, tmp_path, capsys):
+    code, out, err = run(train_args(workspace, tmp_path / "run"), capsys)
+    assert code == 0, err
+    assert "trained 4 steps" in out
+    routers = tmp_path / "run" / "routers"
+    assert sorted(p.name for p in routers.iterdir()) == ["elastic_config.json", "routers.safetensors"]
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert log["steps"] == 4 and len(log["history"]) == 4
+
+    code, out, err = run(["eval", "--model", workspace / "model", "--routers", routers, "--data",
+                          workspace / "held.txt", "--budgets", "0.5,1.0", "--seq-len", "16", "--timing-reps", "1",
+                          "--output", tmp_path / "eval.json", "--plot", tmp_path / "eval.png"], capsys)
+    assert code == 0, err
+    assert "random" in out and "learned" in out
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert {(r["method"], r["budget"]) for r in result["records"]} == {
+        (m, b) for m in ("learned", "random") for b in (0.5, 1.0)}
+    assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
+
+    code, out, _ = run(["info", routers], capsys)
+    assert code == 0 and json.loads(out)["elastic_config"]["mlp_tokens"] == 0.5
+    code, out, _ = run(["info", "--model", workspace / "model"], capsys)
+    assert code == 0 and "4 layers" in out
+    code, out, _ = run(["info"], capsys)
+    assert code == 0 and "smollm2-135m" in out and "llama" in out
+
+
+def test_yaml_config_and_command_line_precedence(workspace, tmp_path, capsys):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(f"model: {workspace / 'model'}\ndata: {workspace / 'train.txt'}\nmlp-tokens: 0.6\nsteps: 3\n"
+                   f"seq_len: 16\nbatch_size: 2\nbudget: 0.6\n")
+    code, out, err = run(["train", "--config", cfg, "--steps", "2", "--output", tmp_path / "run"], capsys)
+    assert code == 0, err
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert log["steps"] == 2 and log["history"][0]["budget_mlp_tokens"] == 0.6
+
+
+def test_resume_from_the_command_line(workspace, tmp_path, capsys):
+    assert run(train_args(workspace, tmp_path / "run"), capsys)[0] == 0
+    code, out, err = run(train_args(workspace, tmp_path / "run", "--steps", "6", "--resume"), capsys)
+    assert code == 0, err
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert log["resumed_from"] == 4 and log["steps"] == 6
+
+
+@pytest.mark.parametrize("case", ["missing data", "empty data", "budget 0", "budget 1.5", "eval budget 1.5",
+                                  "unknown key", "unknown model", "output exists", "unwritable", "no routers",
+                                  "bad routers"])
+def test_bad_input_gives_one_line_error(workspace, tmp_path, capsys, case):
+    ws = workspace
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "something").write_text("")
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text("steps: 3\nlearning_rate: 0.1\n")
+    args = {
+        "missing data": train_args(ws, tmp_path / "o", "--data", tmp_path / "nope.txt"),
+        "empty data": train_args(ws, tmp_path / "o", "--data", ws / "empty.txt"),
+        "budget 0": train_args(ws, tmp_path / "o", "--budget", "0"),
+        "budget 1.5": train_args(ws, tmp_path / "o", "--budget", "1.5"),
+        "eval budget 1.5": ["eval", "--routers", tmp_path, "--budgets", "0.5,1.5"],
+        "unknown key": ["train", "--config", bad_cfg],
+        "unknown model": train_args(ws, tmp_path / "o", "--model", "not-a-model"),
+        "output exists": train_args(ws, existing),
+        "unwritable": train_args(ws, blocker / "sub"),
+        "no routers": ["eval", "--routers", tmp_path / "nothing-here"],
+        "bad routers": ["eval", "--routers", existing],
+    }[case]
+    expected = {
+        "missing data": "nope.txt", "empty data": "empty", "budget 0": "(0, 1]", "budget 1.5": "(0, 1]",
+        "eval budget 1.5": "(0, 1]", "unknown key": "unknown keys ['learning_rate']", "unknown model": "not-a-model",
+        "output exists": "--overwrite", "unwritable": "writable", "no routers": "no router folder",
+        "bad routers": "no elastic_config.json",
+    }[case]
+    code, out, err = run(args, capsys)
+    assert code == 2, (out, err)
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert expected in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o" / "routers").exists()  # nothing half-written
+
+
+def test_debug_flag_shows_the_traceback(workspace, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(Path(cli.__file__).parents[1]))
+    proc = subprocess.run([sys.executable, "-m", "elastiformer", "--debug", "eval", "--routers", tmp_path / "x"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "RouterFileError" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "elastiformer", "eval", "--routers", tmp_path / "x"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.startswith("error: no router")
+
+
+def test_help_on_every_command(capsys):
+    for command in ([], ["train"], ["eval"], ["info"], ["demo"]):
+        code, out, _ = run([*command, "--help"], capsys)
+        assert code == 0 and "Usage" in out

@@ -1,0 +1,32 @@
+"""The same training loop under `accelerate launch` with 2 CPU processes (DDP over gloo) on a tiny model."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_cli import workspace  # noqa: F401  (the tiny model folder and text files)
+
+
+@pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,
+                    reason="accelerate's launcher is not installed beside this Python")
+def test_train_under_accelerate_launch_with_two_processes(workspace, tmp_path):  # noqa: F811
+    launcher = str(Path(sys.executable).parent / "accelerate")
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_LOG_LEVEL="error")
+    out = tmp_path / "ddp"
+    # `--cpu` would take accelerate's MPI path; `--multi_gpu` launches through torchrun, and on a machine without a
+    # GPU the processes join a gloo (MULTI_CPU) group
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "elastiformer", "train", "--model", str(workspace / "model"),
+           "--data", str(workspace / "train.txt"), "--output", str(out), "--mlp-tokens", "0.5", "--steps", "3",
+           "--seq-len", "16", "--batch-size", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["steps"] == 3
+    assert log["tokens"] == 3 * 2 * 2 * 16  # steps x batch x 2 processes x seq_len: each process saw its own data
+    assert (out / "routers" / "routers.safetensors").is_file()
