@@ -164,3 +164,40 @@ def test_global_budget_spends_dense_layers_first():
     assert per_layer[0] == 1.0
     assert all(abs(f - 1 / 3) < 0.05 for f in per_layer[1:])  # (0.5 * 4 - 1) / 3 of the tokens elsewhere
     assert abs(sum(per_layer) / 4 - 0.5) < 0.03
+
+
+def test_unload_restores_the_base_model(arch):
+    base = MODELS[arch](0)
+    ids = tokens()
+    ref = base(ids).logits
+    em = ef.get_elastic_model(base, ef.ElasticConfig(mlp_tokens=0.5, attn_heads=0.5))
+    assert em.unload() is base
+    assert torch.equal(base(ids).logits, ref)
+    ef.get_elastic_model(base, ef.ElasticConfig(mlp_tokens=0.5))  # and it can be made elastic again
+
+
+def test_teacher_targets_give_every_router_a_supervised_gradient(arch):
+    em = make_elastic(arch, "combined", dense_layers=())
+    em.train()
+    with torch.no_grad(), em.disable_routers(), em.teacher_targets():
+        teacher = em(tokens()).logits
+    aux = em.aux_losses()
+    assert set(aux) == {"token_importance", "head_rank", "expert_rank"}
+    sum(aux.values()).backward()
+    for name, router in em.named_routers():
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in router.parameters()), name
+    assert torch.allclose(teacher, MODELS[arch](0)(tokens()).logits, atol=1e-5)  # the teacher is still the base
+
+
+@pytest.mark.parametrize("component", ["mlp_tokens", "attn_tokens"])
+def test_calibrated_thresholds_spend_the_budget(arch, component):
+    """Thresholds are fitted with routing on, so the tokens processed at inference match the requested budget."""
+    em = make_elastic(arch, component, dense_layers=())
+    em.calibrate([{"input_ids": tokens(B=8, T=32, seed=s)} for s in (11, 12)])
+    sub = "mlp" if component == "mlp_tokens" else "attn"
+    for budget in (0.9, 0.7, 0.5):
+        em.set_budget(budget)
+        with torch.no_grad():
+            em(tokens(B=8, T=32, seed=13))  # unseen text of the same kind
+        fractions = [s["token_fraction"] for s in em.last_stats()["per_layer"] if s["sublayer"] == sub]
+        assert abs(sum(fractions) / len(fractions) - budget) < 0.08, (budget, fractions)

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -22,12 +21,12 @@ from torch import nn
 from . import __version__
 from .arch import ArchSpec, get_arch_spec
 from .cache import atomic_dir
-from .config import BUDGET_KEYS, ElasticConfig, check_fraction
+from .config import BUDGET_KEYS, TOKEN_COMPONENTS, ElasticConfig, check_fraction
 from .errors import BudgetError, ConfigError, ElastiformerError, NotCalibratedError, RouterFileError
 from .flops import lm_head_flops
 from .layers import ElasticAttention, ElasticMLP, RoutingState
 from .routers import ExpertRouter, HeadRouter, TokenRouter
-from .routers.token import N_QUANTILES
+from .routers.token import N_CALIBRATION
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +67,7 @@ class ElasticModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.targeted_module_names: list[str] = []
+        self._calibrating = False
         self._inject()
         self.set_budget(**config.capacities())
         self._hook = model.register_forward_pre_hook(self._capture_context, with_kwargs=True)
@@ -108,6 +108,16 @@ class ElasticModel(nn.Module):
             raise ConfigError("no layer is routed: dense_layers covers every layer of the model")
         logger.info("elastiformer: wrapped %d sub-layers, %d router parameters",
                     len(self.targeted_module_names), self.num_router_parameters())
+
+    def unload(self) -> nn.Module:
+        """Take the routers out: put the original modules back and return the base model (like PEFT's unload)."""
+        for block in self.spec.layers(self.base_model):
+            for name in (self.spec.attn_name, self.spec.mlp_name):
+                wrapper = getattr(block, name)
+                if isinstance(wrapper, (ElasticAttention, ElasticMLP)):
+                    setattr(block, name, wrapper.base_layer)
+        self._hook.remove()
+        return self.base_model
 
     # ------------------------------------------------------------------ routers
     def named_routers(self) -> Iterator[tuple[str, nn.Module]]:
@@ -238,7 +248,7 @@ class ElasticModel(nn.Module):
         else:
             raise ConfigError(f"attention_mask of shape {tuple(mask.shape)} is not supported: pass a 2-D (batch, "
                               f"past + current tokens) mask of 0/1, as tokenizers and generate() produce")
-        if not st.topk and st.enabled and not st.recording and not st.random:
+        if not st.topk and st.enabled and not st.random and not self._calibrating:
             self._check_calibrated()
         return None
 
@@ -266,39 +276,57 @@ class ElasticModel(nn.Module):
 
     # ------------------------------------------------------------------ calibration
     @torch.no_grad()
-    def calibrate(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = None) -> "ElasticModel":
-        """Fit every token router's score quantiles on `data`, so `set_budget` takes effect at once for any budget.
+    def calibrate(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 2,
+                  n_budgets: int = N_CALIBRATION) -> "ElasticModel":
+        """Fit the token routers' inference thresholds on `data`, so `set_budget` takes effect at once for any budget.
 
-        The thresholds are quantiles of each router's scores over the tokens it would be asked about, recorded in one
-        dense pass: at inference a token is processed when its score is at or above the quantile that leaves
-        `capacity` of the calibration tokens above it.
+        For each of `n_budgets` global budgets spread over the usable range, the data runs with routing on, and each
+        layer keeps the tokens whose score reaches the quantile that leaves its capacity of this batch's tokens; the
+        thresholds (averaged over batches) are stored per capacity and interpolated at inference. Fitting with
+        routing on matters: when earlier layers skip tokens, later layers' scores shift, and thresholds fitted on the
+        dense model would spend visibly less than the budget. Cost: `n_budgets` x `max_batches` forwards.
         """
-        token_routers = {id(r): r for r in self.routers() if isinstance(r, TokenRouter)}
-        if not token_routers:
+        token_routers = [r for r in self.routers() if isinstance(r, TokenRouter)]
+        components = [k for k in TOKEN_COMPONENTS if k in self.state.budget]
+        if not token_routers or not components:
             return self
-        st = self.state
-        st.recorded_scores = defaultdict(list)
-        was_training, st.recording = self.training, True
-        self.eval()
-        n = 0
-        try:
-            for batch in _as_batches(data):
-                self.base_model(**batch)
-                n += 1
-                if max_batches is not None and n >= max_batches:
-                    break
-        finally:
-            st.recording = False
-            self.train(was_training)
-        if n == 0:
+        batches = []
+        for batch in _as_batches(data):
+            batches.append(batch)
+            if max_batches is not None and len(batches) >= max_batches:
+                break
+        if not batches:
             raise ElastiformerError("calibrate() got no data: pass an iterable of dicts holding input_ids")
-        levels = torch.linspace(0, 1, N_QUANTILES)
-        for key, r in token_routers.items():
-            scores = torch.cat(st.recorded_scores.get(key, [torch.zeros(0)]))
-            if scores.numel() == 0:
-                raise ElastiformerError("calibrate() saw no tokens: pass longer sequences")
-            r.score_quantiles.copy_(torch.quantile(scores.cpu(), levels).to(r.score_quantiles))
-        st.recorded_scores = defaultdict(list)
+        device = next(self.base_model.parameters()).device
+        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+        lo = max(self.state.min_budget(k) for k in components)
+        grid = torch.linspace(max(lo + 0.02, 0.05), 0.99, n_budgets).tolist()
+        saved_budget, was_training = dict(self.state.budget), self.training
+        self.eval()
+        self._calibrating = True
+        fitted = {id(r): [] for r in token_routers}
+        try:
+            for b in grid:
+                self.state.budget.update({k: b for k in components})
+                for r in token_routers:
+                    r.calibration_log = []
+                for batch in batches:
+                    self.base_model(**batch)
+                for r in token_routers:
+                    caps = {c for c, _ in r.calibration_log}
+                    if not r.calibration_log or len(caps) != 1:
+                        raise ElastiformerError("calibrate() saw no tokens in a routed layer: pass longer sequences")
+                    fitted[id(r)].append((caps.pop(), sum(t for _, t in r.calibration_log) / len(r.calibration_log)))
+        finally:
+            self._calibrating = False
+            for r in token_routers:
+                r.calibration_log = None
+            self.state.budget = saved_budget
+            self.train(was_training)
+        for r in token_routers:
+            points = sorted(fitted[id(r)])  # ascending capacity
+            r.calib_capacity.copy_(torch.tensor([c for c, _ in points], dtype=r.calib_capacity.dtype))
+            r.calib_threshold.copy_(torch.tensor([t for _, t in points], dtype=r.calib_threshold.dtype))
         return self
 
     @property

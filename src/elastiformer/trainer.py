@@ -262,7 +262,7 @@ def train_routers(
 
     core.set_budget(**(fixed or em.elastic_config.capacities()))
     cal = calibration_data if calibration_data is not None else [batch_at(data, 0, i, batch_size, seed + 1)
-                                                                 for i in range(4)]
+                                                                 for i in range(2)]
     core.calibrate([{k: v.to(accelerator.device) for k, v in b.items()} for b in _as_tensor_data_batches(cal)])
     core.eval()
     tokens_per_step = batch_size * grad_accum * world * _seq_len(data)

@@ -78,9 +78,6 @@ class ElasticAttention(nn.Module):
         tok_cap = st.layer_capacity("attn_tokens", self.layer_idx) if self.token_router is not None else 1.0
         head_cap = st.layer_capacity("attn_heads", self.layer_idx) if self.head_router is not None else 1.0
 
-        if st.recording and self.token_router is not None:
-            keep = st.token_valid(B, T, x.device) & ~st.forced_tokens(B, T, x.device)
-            st.recorded_scores[id(self.token_router)].append(self.token_router.score(x)[keep].detach().float())
         if st.teacher_targets and not st.enabled:
             if cache is not None:
                 self._remember_index(cache, past, st.current_positions(T, x.device).expand(B, T))

@@ -44,8 +44,6 @@ class ElasticMLP(nn.Module):
         exp_cap = st.layer_capacity("mlp_experts_active", self.layer_idx) if self.expert_router is not None else 1.0
         dense = mlp_flops(B * T, C, I, gated)
 
-        if st.recording and self.token_router is not None:
-            self._record_scores(x)
         if st.teacher_targets and not st.enabled:
             return self._teacher_with_targets(x, dense)
         if tok_cap >= 1.0 and exp_cap >= 1.0:  # full capacity: the base sub-layer, untouched
@@ -125,11 +123,6 @@ class ElasticMLP(nn.Module):
         h = w.act(F.linear(x, w.gate_w, w.gate_b)) * h if w.gate_w is not None else w.act(h)
         return torch.stack([F.linear(h[:, e * width:(e + 1) * width], w.down_w[:, e * width:(e + 1) * width])
                             for e in range(E)])
-
-    def _record_scores(self, x: torch.Tensor) -> None:
-        B, T, _ = x.shape
-        keep = self.state.token_valid(B, T, x.device) & ~self.state.forced_tokens(B, T, x.device)
-        self.state.recorded_scores[id(self.token_router)].append(self.token_router.score(x)[keep].detach().float())
 
     def _run_experts(self, x: torch.Tensor, capacity: float) -> tuple[torch.Tensor, int, float]:
         """Dispatch each token to its chosen experts only. x: (n, C) -> (n, C)."""

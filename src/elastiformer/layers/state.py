@@ -29,7 +29,6 @@ class RoutingState:
     n_layers: int
     enabled: bool = True
     topk: bool = False  # training: top-k at the capacity; inference: calibrated thresholds
-    recording: bool = False  # calibration: run dense, record token-router scores
     random: bool = False  # baseline: routers choose at random at the same capacity
     teacher_targets: bool = False  # teacher pass of training: measure importance, give routers their targets
     budget: dict[str, float] = field(default_factory=dict)  # global capacity per component
@@ -43,11 +42,10 @@ class RoutingState:
     # ---- reported back by the sub-layers during a forward ----
     stats: list[SubLayerStats] = field(default_factory=list)
     aux_losses: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
-    recorded_scores: dict[int, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
 
     def layer_capacity(self, component: str, layer: int) -> float:
         """Per-layer capacity that spends the global budget: dense layers run in full, the rest share the remainder."""
-        if not self.enabled or self.recording:
+        if not self.enabled:
             return 1.0
         return self.budget_capacity(component, layer)
 

@@ -3,8 +3,10 @@
 Training: per sequence, the top-k scoring tokens at the capacity (k = round(capacity * valid tokens)). Each score is
 taught, on its own, how important its token is: by default by regression onto the importance measured on the teacher
 (`importance_loss`), else (`router_targets="self"`) by a BCE towards its own top-k. That is what lets a causal model
-decide at inference from one token's score alone: selected = score >= the threshold calibrated for the capacity
-(a quantile of the scores seen on calibration text), so the decision never looks at later tokens.
+decide at inference from one token's score alone: selected = score >= the threshold calibrated for the capacity,
+so the decision never looks at later tokens. Thresholds are fitted by `ElasticModel.calibrate` with routing on, at a
+grid of budgets: a layer's scores shift when earlier layers skip work, so thresholds fitted on the dense model would
+spend less than the budget.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 from ..errors import NotCalibratedError
 from .net import make_router_net, router_net_flops, straight_through_gate
 
-N_QUANTILES = 101  # thresholds for capacities 0.00, 0.01, ..., 1.00 (interpolated in between)
+N_CALIBRATION = 12  # global budgets at which calibrate() fits thresholds (interpolated in between)
 
 
 class TokenSelection(NamedTuple):
@@ -46,8 +48,11 @@ class TokenRouter(nn.Module):
     def __init__(self, hidden: int, kind: str = "linear", router_hidden: int = 32):
         super().__init__()
         self.net = make_router_net(hidden, 1, kind, router_hidden)
-        # score_quantiles[i] = the (i / 100)-quantile of this router's scores on calibration text; NaN until calibrated
-        self.register_buffer("score_quantiles", torch.full((N_QUANTILES,), float("nan")))
+        # calibrate() fills these: at this layer's capacity calib_capacity[i], process the tokens whose score is at
+        # least calib_threshold[i] (ascending capacities; NaN until calibrated)
+        self.register_buffer("calib_capacity", torch.full((N_CALIBRATION,), float("nan")))
+        self.register_buffer("calib_threshold", torch.full((N_CALIBRATION,), float("nan")))
+        self.calibration_log: list[tuple[float, float]] | None = None  # (capacity, threshold) while calibrating
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(-1)  # (B, T, C) -> (B, T)
@@ -74,7 +79,7 @@ class TokenRouter(nn.Module):
 
     @property
     def is_calibrated(self) -> bool:
-        return not torch.isnan(self.score_quantiles).any().item()
+        return not torch.isnan(self.calib_threshold).any().item()
 
     def threshold(self, capacity: float) -> torch.Tensor:
         """Score above which a token is processed so that `capacity` of calibration tokens would be."""
@@ -83,11 +88,14 @@ class TokenRouter(nn.Module):
                 "token routers have no inference thresholds yet: call em.calibrate(data) (train_routers does it "
                 "when it ends), or em.train() to route by top-k"
             )
-        pos = (1.0 - capacity) * (N_QUANTILES - 1)
-        lo = int(pos)
-        hi = min(lo + 1, N_QUANTILES - 1)
-        frac = pos - lo
-        return self.score_quantiles[lo] * (1 - frac) + self.score_quantiles[hi] * frac
+        caps, thrs = self.calib_capacity, self.calib_threshold
+        if capacity <= caps[0]:
+            return thrs[0]
+        if capacity >= caps[-1]:
+            return thrs[-1]
+        hi = int(torch.searchsorted(caps, torch.tensor(capacity, dtype=caps.dtype, device=caps.device)))
+        frac = (capacity - caps[hi - 1]) / (caps[hi] - caps[hi - 1])
+        return thrs[hi - 1] + (thrs[hi] - thrs[hi - 1]) * frac  # linear in capacity between calibrated points
 
     def forward(
         self,
@@ -113,6 +121,11 @@ class TokenRouter(nn.Module):
             learn = valid & ~forced
             if self_target and learn.any() and not random:
                 aux = F.binary_cross_entropy_with_logits(scores[learn], selected[learn].float())
+        elif self.calibration_log is not None:  # calibrating: the threshold that keeps `capacity` of this batch
+            eligible = valid & ~forced
+            thr = torch.quantile(scores[eligible].float(), 1.0 - capacity) if eligible.any() else scores.min()
+            self.calibration_log.append((capacity, float(thr)))
+            selected = ((scores >= thr) | forced) & valid
         else:
             selected = ((scores >= self.threshold(capacity)) | forced) & valid
         gate = torch.ones_like(p) if random else straight_through_gate(p)
