@@ -81,15 +81,11 @@ def _ints(text: Any, name: str) -> tuple[int, ...]:
 
 
 def _check_output(path: Path, overwrite: bool, what: str) -> None:
+    from .cache import ensure_writable_dir
+
     if path.exists() and any(path.iterdir() if path.is_dir() else [path]) and not overwrite:
         raise ConfigError(f"{path} already exists: pass --overwrite to replace {what}, or another --output")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"cannot write to {path} ({err.strerror}): pass a writable --output folder") from err
+    ensure_writable_dir(path)
 
 
 # ---------------------------------------------------------------------- train

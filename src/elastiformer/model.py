@@ -182,46 +182,34 @@ class ElasticModel(nn.Module):
         return dict(self.state.budget)
 
     @contextlib.contextmanager
+    def _override(self, attr: str, value):
+        """Set a routing-state field for the duration of a block; reentrant and exception-safe."""
+        saved = getattr(self.state, attr)
+        setattr(self.state, attr, value)
+        try:
+            yield self
+        finally:
+            setattr(self.state, attr, saved)
+
+    @contextlib.contextmanager
     def budget(self, value: float | None = None, /, **budgets: float):
         """`with em.budget(mlp_tokens=0.5): ...` runs at that budget, then restores the previous one."""
-        saved = dict(self.state.budget)
-        self.set_budget(value, **budgets)
-        try:
-            yield self
-        finally:
-            self.state.budget = saved
+        with self._override("budget", dict(self.state.budget)):
+            yield self.set_budget(value, **budgets)
 
-    @contextlib.contextmanager
     def disable_routers(self):
-        """The unmodified base model (the distillation teacher); reentrant and exception-safe."""
-        saved = self.state.enabled
-        self.state.enabled = False
-        try:
-            yield self
-        finally:
-            self.state.enabled = saved
+        """`with em.disable_routers():` the unmodified base model (the distillation teacher)."""
+        return self._override("enabled", False)
 
-    @contextlib.contextmanager
     def teacher_targets(self, enabled: bool = True):
         """During the teacher pass of training (routers disabled), also measure the importance of each token, head
         and expert and give the routers their supervised losses (`aux_losses()` after the forward)."""
-        saved = self.state.teacher_targets
-        self.state.teacher_targets = enabled
-        try:
-            yield self
-        finally:
-            self.state.teacher_targets = saved
+        return self._override("teacher_targets", enabled)
 
-    @contextlib.contextmanager
     def random_routing(self):
         """The random-routing baseline: every router chooses uniformly at random at the same capacity (and costs
         nothing), so its FLOPs match the learned routers' minus the routers themselves."""
-        saved = self.state.random
-        self.state.random = True
-        try:
-            yield self
-        finally:
-            self.state.random = saved
+        return self._override("random", True)
 
     # ------------------------------------------------------------------ forward
     def _capture_context(self, module, args, kwargs):

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .cache import atomic_dir, atomic_write_json
+from .cache import atomic_dir, atomic_write_json, ensure_writable_dir
 from .config import TOKEN_COMPONENTS
 from .distill import DEFAULT_AUX_WEIGHTS, kl_teacher_student
 from .errors import ConfigError, DataError, ElastiformerError
@@ -184,14 +184,7 @@ def train_routers(
     if resume and out_dir is None:
         raise ConfigError("resume=True needs output_dir (where the checkpoint is)")
     if out_dir is not None:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            probe = out_dir / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as err:
-            raise ElastiformerError(f"cannot write to output folder {out_dir} ({err.strerror}): pass a writable "
-                                    "folder") from err
+        ensure_writable_dir(out_dir)
 
     cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum,

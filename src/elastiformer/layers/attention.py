@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 from ..arch import ArchSpec
 from ..flops import attention_projection_flops, attention_score_flops, dense_attention_flops
 from ..routers import HeadRouter, TokenRouter
-from .state import RoutingState, SubLayerStats
+from .state import ElasticSubLayer, RoutingState, SubLayerStats
 
 _CACHE_INDEX_ATTR = "_elastiformer_kv_index"  # {layer_idx: (B, P) long} sequence index of each cached entry
 
@@ -50,21 +50,12 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
-class ElasticAttention(nn.Module):
+class ElasticAttention(ElasticSubLayer):
     def __init__(self, base_layer: nn.Module, layer_idx: int, spec: ArchSpec, dims: dict[str, int],
                  state: RoutingState, token_router: TokenRouter | None, head_router: HeadRouter | None):
-        super().__init__()
-        self.base_layer = base_layer
-        self.layer_idx = layer_idx
-        self.spec = spec
-        self.dims = dims
+        super().__init__(base_layer, layer_idx, spec, dims, state)
         self.token_router = token_router
         self.head_router = head_router
-        self._state = [state]  # in a list so nn.Module does not register it
-
-    @property
-    def state(self) -> RoutingState:
-        return self._state[0]
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         st = self.state

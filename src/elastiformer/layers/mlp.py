@@ -14,26 +14,15 @@ from torch import nn
 from ..arch import ArchSpec
 from ..flops import mlp_flops
 from ..routers import ExpertRouter, TokenRouter
-from .state import RoutingState, SubLayerStats
+from .state import ElasticSubLayer, RoutingState, SubLayerStats
 
 
-class ElasticMLP(nn.Module):
+class ElasticMLP(ElasticSubLayer):
     def __init__(self, base_layer: nn.Module, layer_idx: int, spec: ArchSpec, dims: dict[str, int],
                  state: RoutingState, token_router: TokenRouter | None, expert_router: ExpertRouter | None):
-        super().__init__()
-        self.base_layer = base_layer
-        self.layer_idx = layer_idx
-        self.spec = spec
-        self.dims = dims
+        super().__init__(base_layer, layer_idx, spec, dims, state)
         self.token_router = token_router
         self.expert_router = expert_router
-        self._state = [state]  # in a list so nn.Module does not register it
-        if expert_router is not None and dims["I"] % expert_router.n_experts:
-            raise ValueError("MLP width must divide into experts")  # checked with a clear message by the model
-
-    @property
-    def state(self) -> RoutingState:
-        return self._state[0]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         st = self.state

@@ -11,6 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -89,3 +90,19 @@ class RoutingState:
     def reset_forward(self) -> None:
         self.stats = []
         self.aux_losses = defaultdict(list)
+
+
+class ElasticSubLayer(nn.Module):
+    """What the attention and MLP wrappers share: the unmodified sub-layer they own and where it sits."""
+
+    def __init__(self, base_layer: nn.Module, layer_idx: int, spec, dims: dict[str, int], state: RoutingState):
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer_idx = layer_idx
+        self.spec = spec
+        self.dims = dims
+        self._state = [state]  # in a list so nn.Module does not register it
+
+    @property
+    def state(self) -> RoutingState:
+        return self._state[0]
