@@ -250,6 +250,7 @@ def train_routers(
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 _save_checkpoint(core, optimizer, scheduler, done, history, out_dir / CHECKPOINT)
+                atomic_write_json(out_dir / "train_log.json", {"steps": done, "history": history, "finished": False})
     bar.close()
     accelerator.wait_for_everyone()
 
@@ -263,7 +264,7 @@ def train_routers(
                          resumed_from=resumed_from, history=history)
     if out_dir is not None and accelerator.is_main_process:
         core.save_pretrained(out_dir / "routers")
-        atomic_write_json(out_dir / "train_log.json", report.to_dict())
+        atomic_write_json(out_dir / "train_log.json", report.to_dict() | {"finished": True})
     return report
 
 
