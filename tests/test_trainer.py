@@ -123,3 +123,45 @@ def test_evaluate_reports_learned_and_random_at_each_budget():
     assert recs[("learned", 0.5)]["kl"] > 0 and all(r["prefill_time_ratio"] > 0 for r in result["records"])
     assert result["tokens"] == 8 * 31 and 0 < result["router_param_fraction"] < 0.05
     assert em.get_budget() == {"mlp_tokens": 0.8, "attn_heads": 0.75}  # restored
+
+
+def test_baselines_run_at_the_same_budget():
+    em = ef.get_elastic_model(pretrained_like(), ef.ElasticConfig(mlp_tokens=0.5, dense_layers=()))
+    em.calibrate(tokens(B=8, T=32, seed=2))
+    calib = tokens(B=8, T=32, seed=6)
+    result = evaluate(em, tokens(B=8, T=32, seed=5), budgets=[0.5], baselines=("random", "norm", "static"),
+                      calibration_data=calib, timing_reps=0, progress=False)
+    ratios = {r["method"]: r["block_flops_ratio"] for r in result["records"]}
+    assert set(ratios) == {"learned", "random", "norm", "static"}
+    assert all(abs(v - ratios["random"]) < 0.06 for v in ratios.values()), ratios  # equal compute, roughly
+    # static drops whole MLP sub-layers: 2 of 4 at budget 0.5, in the order fit_static measured
+    em.set_budget(0.5)
+    with torch.no_grad(), em.routing_method("static"):
+        em(tokens(B=2, T=16))
+    mlp = [s["token_fraction"] for s in em.last_stats()["per_layer"] if s["sublayer"] == "mlp"]
+    assert sorted(mlp) == [0.0, 0.0, 1.0, 1.0]
+    assert [i for i, f in enumerate(mlp) if f == 0.0] == sorted(em.state.static_layer_order["mlp_tokens"][:2])
+
+
+def test_static_baseline_keeps_the_most_important_experts():
+    model = pretrained_like()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight[:, 12:36] *= 5.0  # experts 1 and 2 of 4 matter most
+    em = ef.get_elastic_model(model, ef.ElasticConfig(mlp_experts=4, mlp_experts_active=0.5))
+    em.fit_static(tokens(B=4, T=32, seed=6))
+    for _, router in em.named_routers():
+        assert sorted(router.static_importance.topk(2).indices.tolist()) == [1, 2]
+
+
+def test_unknown_or_unfitted_baselines_are_refused():
+    em = ef.get_elastic_model(pretrained_like(), ef.ElasticConfig(attn_heads=0.5))
+    with pytest.raises(ef.ConfigError, match="baselines are random, norm and static"):
+        evaluate(em, tokens(B=2, T=8), budgets=[0.5], baselines=("oracle",), progress=False)
+    with pytest.raises(ef.ConfigError, match="calibration_data"):
+        evaluate(em, tokens(B=2, T=8), budgets=[0.5], baselines=("static",), progress=False)
+    with pytest.raises(ef.ConfigError, match="scores tokens only"):
+        em.routing_method("norm")
+    with pytest.raises(ef.NotCalibratedError, match="fit_static"):
+        with torch.no_grad(), em.routing_method("static"):
+            em(tokens(B=2, T=8))

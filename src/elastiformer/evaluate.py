@@ -3,7 +3,6 @@ random-routing baseline at the same capacity, and timed against the dense model 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
@@ -60,6 +59,7 @@ def evaluate(
     budgets: Sequence[float | dict[str, float]] = (1.0,),
     *,
     baselines: Sequence[str] = ("random",),
+    calibration_data=None,
     batch_size: int = 4,
     timing_reps: int = 3,
     seed: int = 0,
@@ -67,14 +67,26 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate `em` at each budget (one fraction for every routed component, or a dict per component).
 
+    Baselines at the same budget: "random", "norm" (training-free token scores; token components only) and
+    "static" (pruning chosen once); the last two are fitted on `calibration_data`.
+
     Returns `{"teacher_nll", "teacher_perplexity", "tokens", "router_param_fraction", "records": [...]}`, one
     record per (method, budget) with: delta_lm_loss (elastic NLL - teacher NLL, nats/token), kl (per token),
     top1_agreement, perplexity, block_flops_ratio and model_flops_ratio (executed / dense, routers included), and
     prefill_time_ratio (elastic / dense wall-clock, median of interleaved repetitions; None when timing_reps=0).
     """
-    unknown = set(baselines) - {"random"}
+    unknown = set(baselines) - {"random", "norm", "static"}
     if unknown:
-        raise ConfigError(f"unknown baselines {sorted(unknown)}: the available baseline is 'random'")
+        raise ConfigError(f"unknown baselines {sorted(unknown)}: the baselines are random, norm and static")
+    if {"norm", "static"} & set(baselines):
+        if calibration_data is None:
+            raise ConfigError("the norm and static baselines are fitted on calibration text: pass calibration_data "
+                              "(training text, never the evaluation text)")
+        if "norm" in baselines:
+            em.routing_method("norm")  # validates that norm applies to this model
+            em.calibrate(calibration_data, method="norm")
+        if "static" in baselines:
+            em.fit_static(calibration_data)
     if not budgets:
         raise ConfigError("no budgets to evaluate: pass at least one, e.g. budgets=[0.8]")
     settings = []
@@ -94,7 +106,7 @@ def evaluate(
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
 
     methods = ["learned"] + list(baselines)
-    contexts = {"learned": contextlib.nullcontext, "random": em.random_routing}
+    contexts = {m: (lambda m=m: em.routing_method(m)) for m in methods}
     saved_budget, was_training = em.get_budget(), em.training
     em.eval()
     sums = {(m, i): {"n": 0, "nll_teacher": 0.0, "nll": 0.0, "kl": 0.0, "agree": 0.0, "dense": 0, "exec": 0,

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -23,6 +24,7 @@ from .arch import ArchSpec, get_arch_spec
 from .cache import atomic_dir
 from .config import BUDGET_KEYS, TOKEN_COMPONENTS, ElasticConfig, check_fraction
 from .errors import BudgetError, ConfigError, ElastiformerError, NotCalibratedError, RouterFileError
+from .distill import kl_teacher_student
 from .flops import lm_head_flops
 from .layers import ElasticAttention, ElasticMLP, RoutingState
 from .routers import ExpertRouter, HeadRouter, TokenRouter
@@ -31,6 +33,7 @@ from .routers.token import N_CALIBRATION
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "elastic_config.json"
+ROUTING_METHODS = ("learned", "random", "norm", "static")
 WEIGHTS_NAME = "routers.safetensors"
 FORMAT_VERSION = 1
 
@@ -209,7 +212,19 @@ class ElasticModel(nn.Module):
     def random_routing(self):
         """The random-routing baseline: every router chooses uniformly at random at the same capacity (and costs
         nothing), so its FLOPs match the learned routers' minus the routers themselves."""
-        return self._override("random", True)
+        return self._override("method", "random")
+
+    def routing_method(self, method: str):
+        """`with em.routing_method(m):` route with the learned routers or a baseline at the same budget:
+        "random"; "norm" (training-free: token score = norm of the sub-layer's input; thresholds from
+        `calibrate(data, method="norm")`); "static" (drop whole least-important sub-layers for token components,
+        the same least-important heads / experts for every token; chosen once by `fit_static(data)`)."""
+        if method not in ROUTING_METHODS:
+            raise ConfigError(f"unknown routing method {method!r}: pass one of {', '.join(ROUTING_METHODS)}")
+        if method == "norm" and any(k not in TOKEN_COMPONENTS for k in self.elastic_config.components()):
+            raise ConfigError("the 'norm' baseline scores tokens only: use it on a model whose routed components "
+                              "are mlp_tokens / attn_tokens")
+        return self._override("method", method)
 
     # ------------------------------------------------------------------ forward
     def _capture_context(self, module, args, kwargs):
@@ -236,7 +251,7 @@ class ElasticModel(nn.Module):
         else:
             raise ConfigError(f"attention_mask of shape {tuple(mask.shape)} is not supported: pass a 2-D (batch, "
                               f"past + current tokens) mask of 0/1, as tokenizers and generate() produce")
-        if not st.topk and st.enabled and not st.random and not self._calibrating:
+        if not st.topk and st.enabled and st.method == "learned" and not self._calibrating:
             self._check_calibrated()
         return None
 
@@ -265,7 +280,7 @@ class ElasticModel(nn.Module):
     # ------------------------------------------------------------------ calibration
     @torch.no_grad()
     def calibrate(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 2,
-                  n_budgets: int = N_CALIBRATION) -> "ElasticModel":
+                  n_budgets: int = N_CALIBRATION, method: str = "learned") -> "ElasticModel":
         """Fit the token routers' inference thresholds on `data`, so `set_budget` takes effect at once for any budget.
 
         For each of `n_budgets` global budgets spread over the usable range, the data runs with routing on, and each
@@ -273,6 +288,7 @@ class ElasticModel(nn.Module):
         thresholds (averaged over batches) are stored per capacity and interpolated at inference. Fitting with
         routing on matters: when earlier layers skip tokens, later layers' scores shift, and thresholds fitted on the
         dense model would spend visibly less than the budget. Cost: `n_budgets` x `max_batches` forwards.
+        `method="norm"` fits the thresholds of the training-free baseline instead (not saved with the routers).
         """
         token_routers = [r for r in self.routers() if isinstance(r, TokenRouter)]
         components = [k for k in TOKEN_COMPONENTS if k in self.state.budget]
@@ -293,6 +309,7 @@ class ElasticModel(nn.Module):
         self.eval()
         self._calibrating = True
         fitted = {id(r): [] for r in token_routers}
+        saved_method, self.state.method = self.state.method, method
         try:
             for b in grid:
                 self.state.budget.update({k: b for k in components})
@@ -307,14 +324,55 @@ class ElasticModel(nn.Module):
                     fitted[id(r)].append((caps.pop(), sum(t for _, t in r.calibration_log) / len(r.calibration_log)))
         finally:
             self._calibrating = False
+            self.state.method = saved_method
             for r in token_routers:
                 r.calibration_log = None
             self.state.budget = saved_budget
             self.train(was_training)
         for r in token_routers:
             points = sorted(fitted[id(r)])  # ascending capacity
-            r.calib_capacity.copy_(torch.tensor([c for c, _ in points], dtype=r.calib_capacity.dtype))
-            r.calib_threshold.copy_(torch.tensor([t for _, t in points], dtype=r.calib_threshold.dtype))
+            r.set_calibration(method, torch.tensor([c for c, _ in points]), torch.tensor([t for _, t in points]))
+        return self
+
+    @torch.no_grad()
+    def fit_static(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 2) -> "ElasticModel":
+        """Choose, once, what the "static" pruning baseline drops: for token components, the sub-layers whose
+        removal alone changes the output least (KL to the base model on `data`, one forward per routed layer); for
+        heads / experts, those with the smallest mean output norm on `data`."""
+        batches = [b for _, b in zip(range(max_batches or 10**9), _as_batches(data))]
+        if not batches:
+            raise ElastiformerError("fit_static() got no data: pass an iterable of dicts holding input_ids")
+        device = next(self.base_model.parameters()).device
+        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+        st = self.state
+        saved = (dict(st.budget), st.method, self.training)
+        self.eval()
+        try:
+            with self.disable_routers():
+                teachers = [self.base_model(**b).logits for b in batches]
+            st.method = "static"
+            for comp in (k for k in TOKEN_COMPONENTS if k in st.budget):
+                routed = [i for i in range(st.n_layers) if i not in st.dense_layers[comp]]
+                cost = {}
+                for layer in routed:  # drop this layer alone: budget of exactly one layer's worth less
+                    st.static_layer_order[comp] = [layer]
+                    st.budget = {comp: 1.0 - 1.0 / st.n_layers + 1e-6}
+                    cost[layer] = sum(float(kl_teacher_student(t, self.base_model(**b).logits))
+                                      for t, b in zip(teachers, batches))
+                st.static_layer_order[comp] = sorted(routed, key=cost.get)
+            st.budget = saved[0]
+            with self.disable_routers(), self.teacher_targets():  # importances of heads / experts on the base model
+                st.importance_log = defaultdict(list)
+                for b in batches:
+                    self.base_model(**b)
+                log, st.importance_log = st.importance_log, None
+            for name, r in self.named_routers():
+                if isinstance(r, (HeadRouter, ExpertRouter)):
+                    r.static_importance = torch.stack(log[id(r)]).mean(0)
+        finally:
+            st.budget, st.method = saved[0], saved[1]
+            st.importance_log = None
+            self.train(saved[2])
         return self
 
     @property

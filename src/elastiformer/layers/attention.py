@@ -74,6 +74,13 @@ class ElasticAttention(ElasticSubLayer):
                 self._remember_index(cache, past, st.current_positions(T, x.device).expand(B, T))
             st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, dense))
             return self._teacher_with_targets(x, args, kwargs)
+        if st.method == "static" and self.token_router is not None and tok_cap < 1.0:
+            if st.statically_dropped("attn_tokens", self.layer_idx):  # baseline: the whole sub-layer is skipped
+                if cache is not None:
+                    self._remember_index(cache, past, past[:, :0])
+                st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, 0, 0, 0.0, 0.0))
+                return x.new_zeros(x.shape), None
+            tok_cap = 1.0
         if tok_cap >= 1.0 and head_cap >= 1.0:  # full capacity: the base sub-layer, untouched
             if cache is not None:
                 self._remember_index(cache, past, st.current_positions(T, x.device).expand(B, T))
@@ -86,8 +93,8 @@ class ElasticAttention(ElasticSubLayer):
         router_flops = 0
         if tok_cap < 1.0:
             sel = self.token_router(x, tok_cap, valid, st.forced_tokens(B, T, x.device), topk=st.topk,
-                                    random=st.random, self_target=not st.teacher_targets)
-            router_flops += 0 if st.random else self.token_router.flops(B * T)
+                                    method=st.method, self_target=not st.teacher_targets)
+            router_flops += self.token_router.flops(B * T) if st.method == "learned" else 0
             if sel.aux_loss is not None:
                 st.aux_losses["token_bce"].append(sel.aux_loss)
             idx, slot_valid = compact(sel.selected)  # (B, m)
@@ -115,7 +122,7 @@ class ElasticAttention(ElasticSubLayer):
             out_sub, flops, unit_fraction = x.new_zeros(B, 0, C), 0, 1.0
         elif head_cap < 1.0:
             out_sub, flops, unit_fraction = self._head_routed(x_sub, slot_valid, mask, kw, cache, head_cap)
-            router_flops += 0 if st.random else self.head_router.flops(B * m)
+            router_flops += self.head_router.flops(B * m) if st.method == "learned" else 0
         else:
             out_sub = self.base_layer(x_sub, *args, **kw)[0]  # (B, m, C)
             flops = attention_projection_flops(B * m, B * m, C, d["H"], d["KVH"], d["D"]) + \
@@ -142,6 +149,8 @@ class ElasticAttention(ElasticSubLayer):
         B, T, _ = x.shape
         tok_cap = st.budget_capacity("attn_tokens", self.layer_idx) if self.token_router is not None else 1.0
         head_cap = st.budget_capacity("attn_heads", self.layer_idx) if self.head_router is not None else 1.0
+        if st.importance_log is not None and self.head_router is not None:
+            head_cap = min(head_cap, 0.5)  # fit_static wants every head's importance, whatever the budget
         captured = {}
         hook = None
         if head_cap < 1.0:  # the heads' outputs, side by side, are the input of the output projection
@@ -154,7 +163,7 @@ class ElasticAttention(ElasticSubLayer):
                 hook.remove()
         y = out[0]  # (B, T, C)
         with torch.enable_grad():
-            if tok_cap < 1.0:
+            if tok_cap < 1.0 and st.importance_log is None:
                 loss = self.token_router.importance_loss(x.detach(), y.norm(dim=-1), tok_cap,
                                                          st.token_valid(B, T, x.device), st.forced_tokens(B, T, x.device))
                 if loss is not None:
@@ -164,8 +173,14 @@ class ElasticAttention(ElasticSubLayer):
                 o_w = self.spec.attention_weights(self.base_layer).o_w  # (C, H*D)
                 heads = captured["heads"].view(B, T, H, D)
                 share = torch.einsum("bthd,chd->bthc", heads, o_w.view(-1, H, D))  # (B, T, H, C) each head's output
-                loss = self.head_router.importance_loss(x.detach(), share.norm(dim=-1), head_cap)
-                st.aux_losses["head_rank"].append(loss)
+                importance = share.norm(dim=-1)  # (B, T, H)
+                if st.importance_log is not None:
+                    r = self.head_router  # static baseline: one importance per head (or KV group)
+                    per_unit = importance.unflatten(-1, (r.n_units, r.n_rep)).sum(-1) if r.n_rep > 1 else importance
+                    st.importance_log[id(r)].append(per_unit.flatten(0, 1).mean(0))
+                else:
+                    loss = self.head_router.importance_loss(x.detach(), importance, head_cap)
+                    st.aux_losses["head_rank"].append(loss)
         return out
 
     # ---- head routing: each query head runs only on the tokens that chose it ----
@@ -175,7 +190,7 @@ class ElasticAttention(ElasticSubLayer):
         H, KVH, D = d["H"], d["KVH"], d["D"]
         n_rep = H // KVH
         w = self.spec.attention_weights(self.base_layer)
-        heads = self.head_router(x, capacity, random=self.state.random)  # active / gate: (B, m, H)
+        heads = self.head_router(x, capacity, method=self.state.method)  # active / gate: (B, m, H)
         k = F.linear(x, w.k_w, w.k_b).view(B, m, KVH, D).transpose(1, 2)  # (B, KVH, m, D)
         v = F.linear(x, w.v_w, w.v_b).view(B, m, KVH, D).transpose(1, 2)  # (B, KVH, m, D)
         cos_sin = kw.get("position_embeddings") if self.spec.rotary else None

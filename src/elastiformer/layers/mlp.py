@@ -35,6 +35,11 @@ class ElasticMLP(ElasticSubLayer):
 
         if st.teacher_targets and not st.enabled:
             return self._teacher_with_targets(x, dense)
+        if st.method == "static" and self.token_router is not None and tok_cap < 1.0:
+            if st.statically_dropped("mlp_tokens", self.layer_idx):  # baseline: the whole sub-layer is skipped
+                st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, 0, 0, 0.0, 0.0))
+                return x.new_zeros(x.shape)
+            tok_cap = 1.0
         if tok_cap >= 1.0 and exp_cap >= 1.0:  # full capacity: the base sub-layer, untouched
             st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, dense))
             return self.base_layer(x, *args, **kwargs)
@@ -45,9 +50,9 @@ class ElasticMLP(ElasticSubLayer):
         if tok_cap < 1.0:
             valid = st.token_valid(B, T, x.device)
             forced = st.forced_tokens(B, T, x.device)
-            sel = self.token_router(x, tok_cap, valid, forced, topk=st.topk, random=st.random,
+            sel = self.token_router(x, tok_cap, valid, forced, topk=st.topk, method=st.method,
                                     self_target=not st.teacher_targets)
-            router_flops += 0 if st.random else self.token_router.flops(B * T)
+            router_flops += self.token_router.flops(B * T) if st.method == "learned" else 0
             if sel.aux_loss is not None:
                 st.aux_losses["token_bce"].append(sel.aux_loss)
             idx = sel.selected.flatten().nonzero().squeeze(1)  # (n,) flat indices of processed tokens
@@ -60,7 +65,7 @@ class ElasticMLP(ElasticSubLayer):
         n = x_in.shape[0]
         if exp_cap < 1.0:
             y, exp_flops, unit_fraction = self._run_experts(x_in, exp_cap)
-            router_flops += 0 if st.random else self.expert_router.flops(n)
+            router_flops += self.expert_router.flops(n) if st.method == "learned" else 0
         else:
             y = self.base_layer(x_in) if n else x_in.new_zeros(0, C)  # (n, C)
             exp_flops, unit_fraction = mlp_flops(n, C, I, gated), 1.0
@@ -81,20 +86,25 @@ class ElasticMLP(ElasticSubLayer):
         tok_cap = st.budget_capacity("mlp_tokens", self.layer_idx) if self.token_router is not None else 1.0
         exp_cap = st.budget_capacity("mlp_experts_active", self.layer_idx) if self.expert_router is not None else 1.0
         st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, dense))
-        if exp_cap < 1.0:  # expert outputs, one by one, summed: the dense MLP and each expert's importance
+        if exp_cap < 1.0 or (st.importance_log is not None and self.expert_router is not None):
+            # expert outputs, one by one, summed: the dense MLP and each expert's importance
             xf = x.reshape(B * T, C)
             per_expert = self._expert_outputs(xf)  # (E, N, C)
             y = per_expert.sum(0)
             w = self.spec.mlp_weights(self.base_layer)
             if w.down_b is not None:
                 y = y + w.down_b
-            with torch.enable_grad():
-                loss = self.expert_router.importance_loss(xf.detach(), per_expert.norm(dim=-1).T, exp_cap)
-            st.aux_losses["expert_rank"].append(loss)
+            importance = per_expert.norm(dim=-1).T  # (N, E)
+            if st.importance_log is not None:
+                st.importance_log[id(self.expert_router)].append(importance.mean(0))
+            else:
+                with torch.enable_grad():
+                    loss = self.expert_router.importance_loss(xf.detach(), importance, exp_cap)
+                st.aux_losses["expert_rank"].append(loss)
             y = y.view(B, T, C)
         else:
             y = self.base_layer(x)
-        if tok_cap < 1.0:
+        if tok_cap < 1.0 and st.importance_log is None:
             valid = st.token_valid(B, T, x.device)
             with torch.enable_grad():
                 loss = self.token_router.importance_loss(x.detach(), y.norm(dim=-1), tok_cap, valid,
@@ -123,7 +133,7 @@ class ElasticMLP(ElasticSubLayer):
         out = x.new_zeros(n, C)
         if n == 0:
             return out, 0, 1.0
-        sel = self.expert_router(x, capacity, with_aux=self.state.topk, random=self.state.random)
+        sel = self.expert_router(x, capacity, with_aux=self.state.topk, method=self.state.method)
         if sel.aux_loss is not None:
             self.state.aux_losses["expert_balance"].append(sel.aux_loss)
         flops = 0

@@ -30,7 +30,9 @@ class RoutingState:
     n_layers: int
     enabled: bool = True
     topk: bool = False  # training: top-k at the capacity; inference: calibrated thresholds
-    random: bool = False  # baseline: routers choose at random at the same capacity
+    method: str = "learned"  # or a baseline at the same capacity: "random", "norm" (training-free), "static"
+    static_layer_order: dict[str, list[int]] = field(default_factory=dict)  # "static": layers, least important first
+    importance_log: dict[int, list[torch.Tensor]] | None = None  # fit_static: mean head / expert output norms
     teacher_targets: bool = False  # teacher pass of training: measure importance, give routers their targets
     budget: dict[str, float] = field(default_factory=dict)  # global capacity per component
     dense_layers: dict[str, frozenset[int]] = field(default_factory=dict)
@@ -60,6 +62,19 @@ class RoutingState:
         b = self.budget[component]
         n_routed = self.n_layers - len(dense)
         return min(1.0, max(0.0, (b * self.n_layers - len(dense)) / n_routed))
+
+    @property
+    def random(self) -> bool:
+        return self.method == "random"
+
+    def statically_dropped(self, component: str, layer: int) -> bool:
+        """"static" baseline for token components: whole sub-layers are dropped, least important first, as many as
+        the budget asks for (the token-work of the model falls by one layer's worth per dropped layer)."""
+        if self.method != "static" or not self.enabled or component not in self.budget:
+            return False
+        order = self.static_layer_order.get(component, [])
+        n_drop = round((1.0 - self.budget[component]) * self.n_layers)
+        return layer in order[:n_drop]
 
     def min_budget(self, component: str) -> float:
         """The smallest global budget that still leaves the routed layers something to do."""

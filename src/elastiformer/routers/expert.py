@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .net import make_router_net, router_net_flops, straight_through_gate
+from .net import make_router_net, router_net_flops, static_scores, straight_through_gate
 
 
 class ExpertSelection(NamedTuple):
@@ -22,6 +22,7 @@ class ExpertRouter(nn.Module):
         super().__init__()
         self.n_experts = n_experts
         self.net = make_router_net(hidden, n_experts, kind, router_hidden)
+        self.static_importance: torch.Tensor | None = None  # (E,) set by ElasticModel.fit_static (baseline)
 
     def flops(self, n_tokens: int) -> int:
         return router_net_flops(self.net, n_tokens)
@@ -29,10 +30,12 @@ class ExpertRouter(nn.Module):
     def n_active(self, capacity: float) -> int:
         return max(1, min(self.n_experts, round(capacity * self.n_experts)))
 
-    def forward(self, x: torch.Tensor, capacity: float, with_aux: bool, random: bool = False) -> ExpertSelection:
+    def forward(self, x: torch.Tensor, capacity: float, with_aux: bool, method: str = "learned") -> ExpertSelection:
         k = self.n_active(capacity)
-        if random:  # the random-routing baseline
-            chosen = torch.rand(x.shape[0], self.n_experts, device=x.device).topk(k, dim=-1).indices
+        if method in ("random", "static"):  # baselines: uniform scores, or the same experts for every token
+            scores = (torch.rand(x.shape[0], self.n_experts, device=x.device) if method == "random"
+                      else static_scores(self.static_importance, x, self.n_experts))
+            chosen = scores.topk(k, dim=-1).indices
             return ExpertSelection(chosen, torch.ones(chosen.shape, device=x.device), None)
         probs = self.net(x).softmax(dim=-1)  # (N, C) -> (N, E)
         top_p, chosen = probs.topk(k, dim=-1)  # (N, k)

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .net import make_router_net, router_net_flops, straight_through_gate
+from .net import make_router_net, router_net_flops, static_scores, straight_through_gate
 
 
 class HeadSelection(NamedTuple):
@@ -29,6 +29,7 @@ class HeadRouter(nn.Module):
         self.n_rep = n_heads // n_kv_heads if granularity == "group" else 1
         self.n_units = n_heads // self.n_rep  # what the router chooses among: heads or KV groups
         self.net = make_router_net(hidden, self.n_units, kind, router_hidden)
+        self.static_importance: torch.Tensor | None = None  # (U,) set by ElasticModel.fit_static (baseline)
 
     def flops(self, n_tokens: int) -> int:
         return router_net_flops(self.net, n_tokens)
@@ -36,14 +37,16 @@ class HeadRouter(nn.Module):
     def n_active(self, capacity: float) -> int:
         return max(1, min(self.n_units, round(capacity * self.n_units)))
 
-    def forward(self, x: torch.Tensor, capacity: float, random: bool = False) -> HeadSelection:
-        if random:  # the random-routing baseline
+    def forward(self, x: torch.Tensor, capacity: float, method: str = "learned") -> HeadSelection:
+        if method == "random":  # baseline: uniform scores
             logits = torch.rand(*x.shape[:-1], self.n_units, device=x.device)
+        elif method == "static":  # baseline: the same heads for every token, the most important on calibration text
+            logits = static_scores(self.static_importance, x, self.n_units)
         else:
             logits = self.net(x)  # (B, T, C) -> (B, T, U)
         top = logits.topk(self.n_active(capacity), dim=-1).indices  # (B, T, k)
         active = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)  # (B, T, U)
-        gate = torch.ones_like(logits) if random else straight_through_gate(torch.sigmoid(logits))  # (B, T, U)
+        gate = straight_through_gate(torch.sigmoid(logits)) if method == "learned" else torch.ones_like(logits)
         if self.n_rep > 1:  # a group's query heads share its decision: (B, T, KVH) -> (B, T, H)
             active = active.repeat_interleave(self.n_rep, dim=-1)
             gate = gate.repeat_interleave(self.n_rep, dim=-1)

@@ -39,3 +39,12 @@ def straight_through_gate(p: torch.Tensor) -> torch.Tensor:
     d loss / d p = <d loss / d output, output>: the router learns how much each selected unit's output helps.
     """
     return 1.0 + p - p.detach()
+
+
+def static_scores(importance: torch.Tensor | None, x: torch.Tensor, n_units: int) -> torch.Tensor:
+    """The "static" baseline's scores: one importance per head / expert, the same for every token. -> (..., U)"""
+    from ..errors import NotCalibratedError
+
+    if importance is None:
+        raise NotCalibratedError("the static baseline has no importances yet: call em.fit_static(data) first")
+    return importance.to(x.device).expand(*x.shape[:-1], n_units)

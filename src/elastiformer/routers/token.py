@@ -53,6 +53,7 @@ class TokenRouter(nn.Module):
         self.register_buffer("calib_capacity", torch.full((N_CALIBRATION,), float("nan")))
         self.register_buffer("calib_threshold", torch.full((N_CALIBRATION,), float("nan")))
         self.calibration_log: list[tuple[float, float]] | None = None  # (capacity, threshold) while calibrating
+        self.baseline_calibration: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # method -> (caps, thresholds)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(-1)  # (B, T, C) -> (B, T)
@@ -81,14 +82,22 @@ class TokenRouter(nn.Module):
     def is_calibrated(self) -> bool:
         return not torch.isnan(self.calib_threshold).any().item()
 
-    def threshold(self, capacity: float) -> torch.Tensor:
+    def set_calibration(self, method: str, caps: torch.Tensor, thrs: torch.Tensor) -> None:
+        if method == "learned":
+            self.calib_capacity.copy_(caps)
+            self.calib_threshold.copy_(thrs)
+        else:  # baselines' thresholds are not part of the artifact
+            self.baseline_calibration[method] = (caps.to(self.calib_capacity), thrs.to(self.calib_threshold))
+
+    def threshold(self, capacity: float, method: str = "learned") -> torch.Tensor:
         """Score above which a token is processed so that `capacity` of calibration tokens would be."""
-        if not self.is_calibrated:
+        if method == "learned" and not self.is_calibrated or method != "learned" and method not in self.baseline_calibration:
             raise NotCalibratedError(
-                "token routers have no inference thresholds yet: call em.calibrate(data) (train_routers does it "
+                f"token routers have no inference thresholds for {method!r} scores yet: call "
+                f"em.calibrate(data{'' if method == 'learned' else f', method={method!r}'}) (train_routers does it "
                 "when it ends), or em.train() to route by top-k"
             )
-        caps, thrs = self.calib_capacity, self.calib_threshold
+        caps, thrs = (self.calib_capacity, self.calib_threshold) if method == "learned" else self.baseline_calibration[method]
         if capacity <= caps[0]:
             return thrs[0]
         if capacity >= caps[-1]:
@@ -104,14 +113,17 @@ class TokenRouter(nn.Module):
         valid: torch.Tensor,  # (B, T) bool: real (non-padding) tokens
         forced: torch.Tensor,  # (B, T) bool: always processed (e.g. the first token)
         topk: bool,
-        random: bool = False,
+        method: str = "learned",
         self_target: bool = True,
     ) -> TokenSelection:
+        random = method == "random"
         if random:  # the random-routing baseline: uniform scores, so a threshold of 1 - capacity keeps `capacity`
             scores = torch.rand(x.shape[:2], device=x.device)
             if not topk:
                 selected = ((scores >= 1.0 - capacity) | forced) & valid
                 return TokenSelection(selected, torch.ones_like(scores), None, scores)
+        elif method == "norm":  # the training-free baseline: the norm of the sub-layer's input
+            scores = x.float().norm(dim=-1)
         else:
             scores = self.score(x)  # (B, T)
         p = torch.sigmoid(scores)
@@ -119,7 +131,7 @@ class TokenRouter(nn.Module):
         if topk:
             selected = topk_mask(scores, capacity, valid, forced)
             learn = valid & ~forced
-            if self_target and learn.any() and not random:
+            if self_target and learn.any() and method == "learned":
                 aux = F.binary_cross_entropy_with_logits(scores[learn], selected[learn].float())
         elif self.calibration_log is not None:  # calibrating: the threshold that keeps `capacity` of this batch
             eligible = valid & ~forced
@@ -127,6 +139,6 @@ class TokenRouter(nn.Module):
             self.calibration_log.append((capacity, float(thr)))
             selected = ((scores >= thr) | forced) & valid
         else:
-            selected = ((scores >= self.threshold(capacity)) | forced) & valid
-        gate = torch.ones_like(p) if random else straight_through_gate(p)
+            selected = ((scores >= self.threshold(capacity, method)) | forced) & valid
+        gate = straight_through_gate(p) if method == "learned" else torch.ones_like(p)
         return TokenSelection(selected, gate, aux, scores)
