@@ -80,7 +80,7 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
+        probe = path / f".write-test-{os.getpid()}"  # per process: ranks of one run probe at once
         probe.write_text("")
         probe.unlink()
     except OSError as err:
