@@ -97,11 +97,6 @@ def test_parameter_routing_needs_no_calibration():
     em(tokens())
 
 
-def test_lora_is_refused_until_implemented():
-    with pytest.raises(ef.ConfigError, match="lora_rank"):
-        ef.get_elastic_model(MODELS["llama"](0), ef.ElasticConfig(mlp_tokens=0.5, lora_rank=1))
-
-
 def test_calibrate_without_data():
     em = make_elastic("llama", "mlp_tokens")
     with pytest.raises(ef.ElastiformerError, match="no data"):

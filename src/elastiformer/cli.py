@@ -345,6 +345,8 @@ def bench(
     steps: Optional[int] = typer.Option(None, help="Training steps per setting (default 60)."),
     model: Optional[str] = typer.Option(None, help="The base model (default smollm2-135m)."),
     output: Optional[Path] = typer.Option(None, help="Result JSON (default bench/results/lm.json; a PNG beside it)."),
+    lora_rank: Optional[int] = typer.Option(None, help="Train rank-r LoRA on the attention projections too."),
+    append: bool = typer.Option(False, "--append", help="Keep the other settings' records in OUTPUT."),
     readme: bool = typer.Option(False, "--readme", help="Do not run: rewrite README.md's results section from "
                                 "the result JSON."),
     config: Optional[Path] = typer.Option(None, help="YAML file of bench options (see benchmark.BENCH_DEFAULTS)."),
@@ -355,6 +357,7 @@ def bench(
 
     given = {k: v for k, v in locals().items() if k not in ("config", "readme", "BENCH_DEFAULTS", "plot_lm_bench",
                                                               "run_lm_bench", "update_readme")}
+    given["append"] = append or None
     o = _merge(config, given, BENCH_DEFAULTS)
     if readme:
         path = Path(o["output"])

@@ -27,6 +27,7 @@ from .errors import BudgetError, ConfigError, ElastiformerError, NotCalibratedEr
 from .distill import kl_teacher_student
 from .flops import lm_head_flops
 from .layers import ElasticAttention, ElasticMLP, RoutingState
+from .lora import LoRALinear
 from .routers import ExpertRouter, HeadRouter, TokenRouter
 from .routers.token import N_CALIBRATION
 
@@ -104,6 +105,9 @@ class ElasticModel(nn.Module):
             for r in (token_attn, heads, token_mlp, experts):
                 if r is not None:
                     r.to(device)
+            if c.lora_rank and any(r is not None for r in (token_attn, heads, token_mlp, experts)):
+                for proj, conv1d in self.spec.lora_targets:  # adapters live inside the unmodified attention
+                    setattr(attn, proj, LoRALinear(getattr(attn, proj), c.lora_rank, st, conv1d=conv1d))
             setattr(block, self.spec.attn_name, ElasticAttention(attn, i, self.spec, d, st, token_attn, heads))
             setattr(block, self.spec.mlp_name, ElasticMLP(mlp, i, self.spec, d, st, token_mlp, experts))
             self.targeted_module_names += [f"{prefix}.{i}.{self.spec.attn_name}", f"{prefix}.{i}.{self.spec.mlp_name}"]
@@ -119,6 +123,10 @@ class ElasticModel(nn.Module):
                 wrapper = getattr(block, name)
                 if isinstance(wrapper, (ElasticAttention, ElasticMLP)):
                     setattr(block, name, wrapper.base_layer)
+            attn = getattr(block, self.spec.attn_name)
+            for proj, _ in self.spec.lora_targets:
+                if isinstance(getattr(attn, proj, None), LoRALinear):
+                    setattr(attn, proj, getattr(attn, proj).base_layer)
         self._hook.remove()
         return self.base_model
 
@@ -131,8 +139,15 @@ class ElasticModel(nn.Module):
     def routers(self) -> Iterator[nn.Module]:
         return (m for _, m in self.named_routers())
 
+    def named_adapters(self) -> Iterator[tuple[str, LoRALinear]]:
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, LoRALinear):
+                yield name, module
+
     def router_parameters(self) -> list[nn.Parameter]:
-        return [p for r in self.routers() for p in r.parameters()]
+        """Everything that trains: the routers and, with lora_rank > 0, the LoRA adapters."""
+        return [p for r in self.routers() for p in r.parameters()] + \
+            [p for _, a in self.named_adapters() for p in a.trainable_state().values()]
 
     def num_router_parameters(self) -> int:
         return sum(p.numel() for p in self.router_parameters())
@@ -142,9 +157,12 @@ class ElasticModel(nn.Module):
         return sum(p.numel() for p in self.base_model.parameters() if id(p) not in ids)
 
     def router_state_dict(self) -> dict[str, torch.Tensor]:
-        """Router parameters and calibration buffers, keyed by their path in the base model."""
-        return {f"{name}.{k}": v.detach().contiguous() for name, r in self.named_routers()
-                for k, v in r.state_dict().items()}
+        """Router parameters and calibration buffers (and LoRA adapters), keyed by their path in the base model."""
+        out = {f"{name}.{k}": v.detach().contiguous() for name, r in self.named_routers()
+               for k, v in r.state_dict().items()}
+        out |= {f"{name}.{k}": v.detach().contiguous() for name, a in self.named_adapters()
+                for k, v in a.trainable_state().items()}
+        return out
 
     # ------------------------------------------------------------------ modes and budgets
     def train(self, mode: bool = True) -> "ElasticModel":
@@ -512,7 +530,7 @@ def weight_fingerprint(model: nn.Module) -> str:
     """A cheap, deterministic hash of the base weights: names, shapes and a strided sample of every tensor."""
     h = hashlib.sha256()
     for name, p in model.named_parameters():
-        if any(tag in name for tag in ("token_router", "head_router", "expert_router")):
+        if any(tag in name for tag in ("token_router", "head_router", "expert_router", "lora_")):
             continue
         flat = p.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu()
@@ -549,6 +567,4 @@ def get_elastic_model(model: nn.Module, config: ElasticConfig) -> ElasticModel:
         raise ConfigError("this model is already elastic: pass the base model (em.base_model) of a fresh load")
     if not isinstance(config, ElasticConfig):
         raise ConfigError(f"config must be an ElasticConfig, got {type(config).__name__}")
-    if config.lora_rank:
-        raise ConfigError("lora_rank > 0 is not available yet in this version: use lora_rank=0")
     return ElasticModel(model, config)

@@ -3,17 +3,18 @@ Linear-convention weight is `W.T`), absolute position embeddings (no rotary), `m
 
 from torch import nn
 
+from ..lora import linear_weight
 from .spec import ArchSpec, AttentionWeights, MLPWeights, register_architecture
 
 
 def _attention_weights(attn: nn.Module) -> AttentionWeights:
     C = attn.embed_dim
-    w, b = attn.c_attn.weight, attn.c_attn.bias  # (C, 3C), (3C,)
+    w, b = linear_weight(attn.c_attn, conv1d=True), attn.c_attn.bias  # (3C, C), (3C,)
     return AttentionWeights(
-        q_w=w[:, :C].T, q_b=b[:C],
-        k_w=w[:, C:2 * C].T, k_b=b[C:2 * C],
-        v_w=w[:, 2 * C:].T, v_b=b[2 * C:],
-        o_w=attn.c_proj.weight.T, o_b=attn.c_proj.bias,
+        q_w=w[:C], q_b=b[:C],
+        k_w=w[C:2 * C], k_b=b[C:2 * C],
+        v_w=w[2 * C:], v_b=b[2 * C:],
+        o_w=linear_weight(attn.c_proj, conv1d=True), o_b=attn.c_proj.bias,
     )
 
 
@@ -34,6 +35,7 @@ GPT2 = register_architecture(
         attn_name="attn",
         mlp_name="mlp",
         o_proj_name="c_proj",
+        lora_targets=(("c_attn", True), ("c_proj", True)),
         rotary=False,
         attention_weights=_attention_weights,
         mlp_weights=_mlp_weights,

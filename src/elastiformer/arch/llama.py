@@ -3,15 +3,16 @@ embeddings; `model.layers[i].mlp` = down_proj(act(gate_proj(x)) * up_proj(x)).""
 
 from torch import nn
 
+from ..lora import linear_weight
 from .spec import ArchSpec, AttentionWeights, MLPWeights, register_architecture
 
 
 def _attention_weights(attn: nn.Module) -> AttentionWeights:
     return AttentionWeights(
-        q_w=attn.q_proj.weight, q_b=attn.q_proj.bias,
-        k_w=attn.k_proj.weight, k_b=attn.k_proj.bias,
-        v_w=attn.v_proj.weight, v_b=attn.v_proj.bias,
-        o_w=attn.o_proj.weight, o_b=attn.o_proj.bias,
+        q_w=linear_weight(attn.q_proj), q_b=attn.q_proj.bias,
+        k_w=linear_weight(attn.k_proj), k_b=attn.k_proj.bias,
+        v_w=linear_weight(attn.v_proj), v_b=attn.v_proj.bias,
+        o_w=linear_weight(attn.o_proj), o_b=attn.o_proj.bias,
     )
 
 
@@ -32,6 +33,7 @@ LLAMA = register_architecture(
         attn_name="self_attn",
         mlp_name="mlp",
         o_proj_name="o_proj",
+        lora_targets=(("q_proj", False), ("k_proj", False), ("v_proj", False), ("o_proj", False)),
         rotary=True,
         attention_weights=_attention_weights,
         mlp_weights=_mlp_weights,

@@ -47,6 +47,7 @@ class ArchSpec:
     mlp_name: str  # attribute of a block holding its MLP
     rotary: bool  # attention receives `position_embeddings=(cos, sin)` and rotates q / k
     o_proj_name: str  # attribute of the attention holding its output projection (input: heads side by side)
+    lora_targets: tuple[tuple[str, bool], ...]  # attention projections that get LoRA, and whether each is a Conv1D
     attention_weights: Callable[[nn.Module], AttentionWeights]
     mlp_weights: Callable[[nn.Module], MLPWeights]
 
