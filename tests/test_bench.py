@@ -33,3 +33,15 @@ def test_bench_writes_the_result_schema_and_readme(workspace, tmp_path):  # noqa
     update_readme(saved, readme, "lm.png")
     text = readme.read_text()
     assert "old" not in text and text.endswith("after\n") and text.count("| mlp_tokens |") == 8
+
+
+def test_bench_append_keeps_other_settings(workspace, tmp_path):  # noqa: F811
+    out = tmp_path / "lm.json"
+    o = dict(BENCH_DEFAULTS) | dict(model=str(workspace / "model"), components="mlp_tokens", budgets="0.8",
+                                    dense_layers="", steps=1, train_sequences=8, eval_sequences=2, eval_seq_len=32,
+                                    seq_len=16, prefill_len=16, decode_tokens=2, timing_reps=1, output=str(out))
+    run_lm_bench(o, echo=lambda *_: None)
+    run_lm_bench(o | dict(lora_rank=1, append=True), echo=lambda *_: None)
+    records = json.loads(out.read_text())["records"]
+    assert sorted({r["lora_rank"] for r in records}) == [0, 1]
+    assert len(records) == 2 * 4  # learned, random, static, norm at one budget, with and without LoRA

@@ -62,7 +62,7 @@ def train_args(ws: Path, output: Path, *extra) -> list:
 
 
 def test_train_eval_info_end_to_end(workspace, tmp_path, capsys):
-    code, out, err = run(train_args(workspace, tmp_path / "run"), capsys)
+    code, out, err = run(train_args(workspace, tmp_path / "run", "--lora-rank", "1"), capsys)
     assert code == 0, err
     assert "trained 4 steps" in out
     routers = tmp_path / "run" / "routers"
@@ -82,6 +82,7 @@ def test_train_eval_info_end_to_end(workspace, tmp_path, capsys):
 
     code, out, _ = run(["info", routers], capsys)
     assert code == 0 and json.loads(out)["elastic_config"]["mlp_tokens"] == 0.5
+    assert json.loads(out)["elastic_config"]["lora_rank"] == 1
     code, out, _ = run(["info", "--model", workspace / "model"], capsys)
     assert code == 0 and "4 layers" in out
     code, out, _ = run(["info"], capsys)

@@ -91,7 +91,7 @@ def _check_output(path: Path, overwrite: bool, what: str) -> None:
 # ---------------------------------------------------------------------- train
 TRAIN_DEFAULTS = dict(
     model="smollm2-135m", data="gutenberg", output="runs/train", mlp_tokens=None, attn_tokens=None, attn_heads=None,
-    mlp_experts=None, mlp_experts_active=None, router="linear", dense_layers="", steps=200, batch_size=4,
+    mlp_experts=None, mlp_experts_active=None, router="linear", dense_layers="", lora_rank=0, steps=200, batch_size=4,
     seq_len=128, max_sequences=None, lr=2e-3, schedule="cosine", warmup=10, grad_accum=1, seed=0, temperature=1.0,
     budget=None, budget_range="0.5,0.95", checkpoint_every=50, resume=False, device=None, overwrite=False,
 )
@@ -103,7 +103,7 @@ def _elastic_config(o: dict[str, Any]):
     return ElasticConfig(
         mlp_tokens=o["mlp_tokens"], attn_tokens=o["attn_tokens"], attn_heads=o["attn_heads"],
         mlp_experts=o["mlp_experts"], mlp_experts_active=o["mlp_experts_active"], router=o["router"],
-        dense_layers=_ints(o["dense_layers"], "dense_layers"),
+        dense_layers=_ints(o["dense_layers"], "dense_layers"), lora_rank=int(o["lora_rank"]),
     )
 
 
@@ -158,6 +158,7 @@ def train(
     mlp_experts_active: Optional[float] = typer.Option(None, help="Fraction of experts active per token."),
     router: Optional[str] = typer.Option(None, help="Router network: linear or mlp."),
     dense_layers: Optional[str] = typer.Option(None, help="Layers never routed, e.g. 0,-2,-1."),
+    lora_rank: Optional[int] = typer.Option(None, help="Also train rank-r LoRA on the attention projections."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
     batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch."),
     seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence."),
