@@ -257,7 +257,7 @@ def train_routers(
     core.set_budget(**(fixed or em.elastic_config.capacities()))
     cal = calibration_data if calibration_data is not None else [batch_at(data, 0, i, batch_size, seed + 1)
                                                                  for i in range(2)]
-    core.calibrate([{k: v.to(accelerator.device) for k, v in b.items()} for b in _as_tensor_data_batches(cal)])
+    core.calibrate(_split_batches(cal))  # calibrate() moves the batches to the model's device
     core.eval()
     tokens_per_step = batch_size * grad_accum * world * _seq_len(data)
     report = TrainReport(steps=len(history), tokens=len(history) * tokens_per_step, seconds=time.perf_counter() - t0,
@@ -272,7 +272,8 @@ def _seq_len(data) -> int:
     return int(data.shape[1]) if isinstance(data, torch.Tensor) else int(data[0]["input_ids"].shape[-1])
 
 
-def _as_tensor_data_batches(data) -> list[dict[str, torch.Tensor]]:
+def _split_batches(data) -> list[dict[str, torch.Tensor]]:
+    """Token ids [N, T] -> batches of 8 sequences; an iterable of batches passes through."""
     if isinstance(data, torch.Tensor):
         return [{"input_ids": data[i:i + 8]} for i in range(0, data.shape[0], 8)]
     return [b if isinstance(b, dict) else {"input_ids": b} for b in data]
