@@ -72,6 +72,7 @@ class ElasticModel(nn.Module):
             p.requires_grad_(False)
         self.targeted_module_names: list[str] = []
         self._calibrating = False
+        self._checked_budget: dict[str, float] | None = None  # the budget whose thresholds were last checked
         self._inject()
         self.set_budget(**config.capacities())
         self._hook = model.register_forward_pre_hook(self._capture_context, with_kwargs=True)
@@ -269,8 +270,10 @@ class ElasticModel(nn.Module):
         else:
             raise ConfigError(f"attention_mask of shape {tuple(mask.shape)} is not supported: pass a 2-D (batch, "
                               f"past + current tokens) mask of 0/1, as tokenizers and generate() produce")
-        if not st.topk and st.enabled and st.method == "learned" and not self._calibrating:
+        if not st.topk and st.enabled and st.method == "learned" and not self._calibrating \
+                and self._checked_budget != st.budget:  # once per budget, not on every decoded token
             self._check_calibrated()
+            self._checked_budget = dict(st.budget)
         return None
 
     def _check_calibrated(self) -> None:
