@@ -23,7 +23,7 @@ from . import __version__
 from .arch import ArchSpec, get_arch_spec
 from .cache import atomic_dir
 from .config import BUDGET_KEYS, TOKEN_COMPONENTS, ElasticConfig, check_fraction
-from .errors import BudgetError, ConfigError, ElastiformerError, NotCalibratedError, RouterFileError
+from .errors import BudgetError, ConfigError, DataError, ElastiformerError, NotCalibratedError, RouterFileError
 from .distill import kl_teacher_student
 from .flops import lm_head_flops
 from .layers import ElasticAttention, ElasticMLP, RoutingState
@@ -557,7 +557,7 @@ def _as_batches(data) -> Iterator[dict[str, torch.Tensor]]:
         if isinstance(batch, torch.Tensor):
             batch = {"input_ids": batch}
         if not isinstance(batch, dict) or "input_ids" not in batch:
-            raise ElastiformerError("data items must be dicts holding input_ids (one sequence [T] or a batch [B, T])")
+            raise DataError("data items must be dicts holding input_ids (one sequence [T] or a batch [B, T])")
         batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
         if batch["input_ids"].dim() == 1:
             batch = {k: v[None] for k, v in batch.items()}

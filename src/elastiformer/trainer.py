@@ -25,7 +25,7 @@ from .cache import atomic_dir, atomic_write_json, ensure_writable_dir
 from .config import TOKEN_COMPONENTS
 from .distill import DEFAULT_AUX_WEIGHTS, kl_teacher_student
 from .errors import ConfigError, DataError, ElastiformerError
-from .model import ElasticModel
+from .model import ElasticModel, _as_batches
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +54,10 @@ def _as_tensor_data(data) -> torch.Tensor | list[dict[str, torch.Tensor]]:
         if data.dim() != 2 or data.shape[0] == 0 or data.shape[1] < 2:
             raise DataError(f"training data of shape {tuple(data.shape)}: pass token ids [N sequences, T >= 2 tokens]")
         return data
-    items = list(data)
+    items = list(_as_batches(data))
     if not items:
         raise DataError("training data is empty: pass at least one sequence of input_ids")
-    for item in items:
-        if not isinstance(item, dict) or "input_ids" not in item:
-            raise DataError("data items must be dicts holding input_ids (one sequence [T] or a batch [B, T])")
-    return [{k: (v[None] if v.dim() == 1 else v) for k, v in item.items() if k in ("input_ids", "attention_mask")}
-            for item in items]
+    return items
 
 
 def batch_at(data, step: int, micro: int, batch_size: int, seed: int, stride: int = 1) -> dict[str, torch.Tensor]:

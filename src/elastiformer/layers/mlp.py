@@ -23,15 +23,15 @@ class ElasticMLP(ElasticSubLayer):
         super().__init__(base_layer, layer_idx, spec, dims, state)
         self.token_router = token_router
         self.expert_router = expert_router
+        self.gated = spec.mlp_weights(base_layer).gate_w is not None  # SwiGLU-style: 3 matmuls, else 2
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         st = self.state
         C, I = self.dims["C"], self.dims["I"]
-        gated = self.spec.mlp_weights(self.base_layer).gate_w is not None
         B, T, _ = x.shape
         tok_cap = st.layer_capacity("mlp_tokens", self.layer_idx) if self.token_router is not None else 1.0
         exp_cap = st.layer_capacity("mlp_experts_active", self.layer_idx) if self.expert_router is not None else 1.0
-        dense = mlp_flops(B * T, C, I, gated)
+        dense = mlp_flops(B * T, C, I, self.gated)
 
         if st.teacher_targets and not st.enabled:
             return self._teacher_with_targets(x, dense)
@@ -68,7 +68,7 @@ class ElasticMLP(ElasticSubLayer):
             router_flops += self.expert_router.flops(n) if st.method == "learned" else 0
         else:
             y = self.base_layer(x_in) if n else x_in.new_zeros(0, C)  # (n, C)
-            exp_flops, unit_fraction = mlp_flops(n, C, I, gated), 1.0
+            exp_flops, unit_fraction = mlp_flops(n, C, I, self.gated), 1.0
 
         if idx is not None:
             y = y * gate
