@@ -2,8 +2,14 @@
 
 import os
 
-import pytest
-import torch
+# Tiny models gain nothing from intra-op threads, and on a shared machine OpenMP threads spin-waiting for each other
+# make a test run many times slower. Set before torch loads, so subprocesses the tests start inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+torch.set_num_threads(1)
+
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 

@@ -14,7 +14,7 @@ def test_bench_writes_the_result_schema_and_readme(workspace, tmp_path):  # noqa
     o = dict(BENCH_DEFAULTS) | dict(model=str(workspace / "model"), components="mlp_tokens,combined",
                                     budgets="0.6,0.9", dense_layers="", steps=2, train_sequences=16,
                                     eval_sequences=2, eval_seq_len=32, seq_len=16, prefill_len=16, decode_tokens=3,
-                                    timing_reps=1, output=str(out))
+                                    timing_reps=1, lm_eval_docs=6, output=str(out))
     result = run_lm_bench(o, plot=plot_lm_bench, echo=lambda *_: None)
     saved = json.loads(out.read_text())
     assert saved["records"] == result["records"] and saved["eval_tokens"] == 64 and saved["train_tokens"] > 0
@@ -23,6 +23,8 @@ def test_bench_writes_the_result_schema_and_readme(workspace, tmp_path):  # noqa
             assert isinstance(r[key], kind), (key, r[key])
         timed = r["method"] == "learned"
         assert (r["prefill_time_ratio"] is not None) == timed and (r["decode_time_ratio"] is not None) == timed
+        assert (r["last_word_acc"] is not None) == timed
+    assert 0.0 <= saved["teacher_last_word"]["acc"] <= 1.0
     methods = {(r["component"], r["method"]) for r in saved["records"]}
     assert methods == {("mlp_tokens", m) for m in ("learned", "random", "static", "norm")} | {
         ("combined", m) for m in ("learned", "random", "static")}
@@ -39,7 +41,8 @@ def test_bench_append_keeps_other_settings(workspace, tmp_path):  # noqa: F811
     out = tmp_path / "lm.json"
     o = dict(BENCH_DEFAULTS) | dict(model=str(workspace / "model"), components="mlp_tokens", budgets="0.8",
                                     dense_layers="", steps=1, train_sequences=8, eval_sequences=2, eval_seq_len=32,
-                                    seq_len=16, prefill_len=16, decode_tokens=2, timing_reps=1, output=str(out))
+                                    seq_len=16, prefill_len=16, decode_tokens=2, timing_reps=1, lm_eval_docs=0,
+                                    output=str(out))
     run_lm_bench(o, echo=lambda *_: None)
     run_lm_bench(o | dict(lora_rank=1, append=True), echo=lambda *_: None)
     records = json.loads(out.read_text())["records"]

@@ -28,6 +28,13 @@ def load_model(*args, **kwargs):
     return _load_model(*args, **kwargs)
 
 
+def train_routers(*args, **kwargs):
+    """Train an ElasticModel's routers by self-distillation (see elastiformer.trainer.train_routers)."""
+    from .trainer import train_routers as _train_routers
+
+    return _train_routers(*args, **kwargs)
+
+
 __all__ = [
     "BUDGET_KEYS",
     "BudgetError",
@@ -42,4 +49,5 @@ __all__ = [
     "UnsupportedArchitectureError",
     "get_elastic_model",
     "load_model",
+    "train_routers",
 ]

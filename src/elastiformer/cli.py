@@ -91,7 +91,7 @@ def _check_output(path: Path, overwrite: bool, what: str) -> None:
 # ---------------------------------------------------------------------- train
 TRAIN_DEFAULTS = dict(
     model="smollm2-135m", data="gutenberg", output="runs/train", mlp_tokens=None, attn_tokens=None, attn_heads=None,
-    mlp_experts=None, mlp_experts_active=None, router="linear", dense_layers="", lora_rank=0, steps=200, batch_size=4,
+    mlp_experts=None, mlp_experts_active=None, expert_split="contiguous", router="linear", dense_layers="", lora_rank=0, steps=200, batch_size=4,
     seq_len=128, max_sequences=None, lr=2e-3, schedule="cosine", warmup=10, grad_accum=1, seed=0, temperature=1.0,
     budget=None, budget_range="0.5,0.95", checkpoint_every=50, resume=False, device=None, overwrite=False,
 )
@@ -102,7 +102,8 @@ def _elastic_config(o: dict[str, Any]):
 
     return ElasticConfig(
         mlp_tokens=o["mlp_tokens"], attn_tokens=o["attn_tokens"], attn_heads=o["attn_heads"],
-        mlp_experts=o["mlp_experts"], mlp_experts_active=o["mlp_experts_active"], router=o["router"],
+        mlp_experts=o["mlp_experts"], mlp_experts_active=o["mlp_experts_active"],
+        expert_split=o["expert_split"], router=o["router"],
         dense_layers=_ints(o["dense_layers"], "dense_layers"), lora_rank=int(o["lora_rank"]),
     )
 
@@ -156,6 +157,8 @@ def train(
     attn_heads: Optional[float] = typer.Option(None, help="Fraction of attention heads active per token."),
     mlp_experts: Optional[int] = typer.Option(None, help="Split each MLP into this many experts."),
     mlp_experts_active: Optional[float] = typer.Option(None, help="Fraction of experts active per token."),
+    expert_split: Optional[str] = typer.Option(None, help="How neurons form experts: contiguous (slices) or "
+                                               "cluster (neurons that fire together, fitted on training text)."),
     router: Optional[str] = typer.Option(None, help="Router network: linear or mlp."),
     dense_layers: Optional[str] = typer.Option(None, help="Layers never routed, e.g. 0,-2,-1."),
     lora_rank: Optional[int] = typer.Option(None, help="Also train rank-r LoRA on the attention projections."),
@@ -341,8 +344,8 @@ def info(
 @app.command()
 def bench(
     components: Optional[str] = typer.Option(None, help="Settings to run: mlp_tokens,attn_tokens,attn_heads,"
-                                             "mlp_experts,combined (default: all)."),
-    budgets: Optional[str] = typer.Option(None, help="Budgets of the sweep (default 0.6,0.75,0.9)."),
+                                             "mlp_experts,mlp_experts_cluster,combined (default: all)."),
+    budgets: Optional[str] = typer.Option(None, help="Budgets of the sweep (default 0.6,0.8,0.9)."),
     steps: Optional[int] = typer.Option(None, help="Training steps per setting (default 60)."),
     model: Optional[str] = typer.Option(None, help="The base model (default smollm2-135m)."),
     output: Optional[Path] = typer.Option(None, help="Result JSON (default bench/results/lm.json; a PNG beside it)."),
@@ -369,6 +372,19 @@ def bench(
         return
     result = run_lm_bench(o, plot=plot_lm_bench, echo=typer.echo)
     typer.echo(f"{len(result['records'])} records in {o['output']} (plot: {Path(o['output']).with_suffix('.png')})")
+
+
+# ---------------------------------------------------------------------- lm-eval
+@app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                          "help_option_names": []})
+def lm_eval_(ctx: typer.Context):
+    """lm-evaluation-harness's command line with the `elastiformer` model registered, e.g.
+    `elastiformer lm-eval --model elastiformer --model_args pretrained=smollm2-135m,routers=runs/x/routers,budget=0.8
+    --tasks elastiformer_last_word` (the local last-word task from held-out books; hub tasks need hub access).
+    Every argument goes to lm_eval (`elastiformer lm-eval --help` shows its options)."""
+    from .integrations.lm_eval import main as lm_eval_main
+
+    lm_eval_main(list(ctx.args))
 
 
 # ---------------------------------------------------------------------- demo

@@ -50,6 +50,12 @@ class ElasticConfig:
     mlp_experts_active: float | None = field(
         default=None, metadata={"help": "Fraction of the experts active per token (needs mlp_experts)."}
     )
+    expert_split: str = field(
+        default="contiguous",
+        metadata={"help": "How the MLP's hidden neurons are split into experts: 'contiguous' slices (the paper), or "
+                  "'cluster': neurons that fire together on calibration text share an expert (fitted by "
+                  "ElasticModel.split_experts, which train_routers calls first)."},
+    )
     router: str = field(default="linear", metadata={"help": "Router network: 'linear' or 'mlp' (one hidden layer)."})
     router_hidden: int = field(default=32, metadata={"help": "Hidden width of 'mlp' routers."})
     lora_rank: int = field(default=0, metadata={"help": "Rank of LoRA trained with the routers (0: none)."})
@@ -83,6 +89,8 @@ class ElasticConfig:
                                   "active per token, e.g. mlp_experts_active=0.75")
         elif self.mlp_experts_active is not None:
             raise ConfigError("mlp_experts_active needs mlp_experts: pass the number of experts, e.g. mlp_experts=8")
+        if self.expert_split not in ("contiguous", "cluster"):
+            raise ConfigError(f"expert_split={self.expert_split!r}: pass 'contiguous' or 'cluster'")
         if self.router not in ("linear", "mlp"):
             raise ConfigError(f"router={self.router!r}: pass 'linear' or 'mlp'")
         if self.head_granularity not in ("query", "group"):

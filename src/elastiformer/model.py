@@ -101,7 +101,8 @@ class ElasticModel(nn.Module):
             token_attn = TokenRouter(d["C"], **kw) if routed("attn_tokens") else None
             heads = HeadRouter(d["C"], d["H"], d["KVH"], c.head_granularity, **kw) if routed("attn_heads") else None
             token_mlp = TokenRouter(d["C"], **kw) if routed("mlp_tokens") else None
-            experts = ExpertRouter(d["C"], c.mlp_experts, **kw) if routed("mlp_experts_active") else None
+            experts = (ExpertRouter(d["C"], c.mlp_experts, **kw, mlp_width=d["I"], clustered=c.expert_split == "cluster")
+                       if routed("mlp_experts_active") else None)
             device = next(block.parameters()).device
             for r in (token_attn, heads, token_mlp, experts):
                 if r is not None:
@@ -353,6 +354,42 @@ class ElasticModel(nn.Module):
         for r in token_routers:
             points = sorted(fitted[id(r)])  # ascending capacity
             r.set_calibration(method, torch.tensor([c for c, _ in points]), torch.tensor([t for _, t in points]))
+        return self
+
+    @torch.no_grad()
+    def split_experts(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 2,
+                      seed: int = 0) -> "ElasticModel":
+        """For `expert_split="cluster"`: group each routed MLP's hidden neurons into experts by co-activation on
+        `data` (balanced k-means; see layers/expert_split.py). Fit it before training the expert routers:
+        `train_routers` does so when the split has not been fitted. The order is saved with the routers."""
+        from .layers.expert_split import cluster_neurons
+
+        if self.elastic_config.expert_split != "cluster":
+            raise ConfigError("split_experts() needs ElasticConfig(expert_split='cluster'); the contiguous split "
+                              "has nothing to fit")
+        batches = [b for _, b in zip(range(max_batches or 10**9), _as_batches(data))]
+        if not batches:
+            raise DataError("split_experts() got no data: pass an iterable of dicts holding input_ids")
+        device = next(self.base_model.parameters()).device
+        mlps = [m for m in self.base_model.modules() if isinstance(m, ElasticMLP) and m.expert_router is not None]
+        acts: dict[int, list[torch.Tensor]] = defaultdict(list)
+
+        def grab(module, args):
+            x = args[0]
+            mask = self.state.token_valid(x.shape[0], x.shape[1], x.device).flatten()  # padding does not vote
+            acts[id(module)].append(module.hidden_activations(x.reshape(-1, x.shape[-1]))[mask].cpu())
+
+        hooks = [m.register_forward_pre_hook(grab) for m in mlps]
+        try:
+            with torch.no_grad(), self.disable_routers():
+                for b in batches:
+                    self.base_model(**{k: v.to(device) for k, v in b.items()})
+        finally:
+            for h in hooks:
+                h.remove()
+        for m in mlps:
+            order = cluster_neurons(torch.cat(acts[id(m)]), m.expert_router.n_experts, seed=seed)
+            m.expert_router.neuron_order.copy_(order.to(m.expert_router.neuron_order.device))
         return self
 
     @torch.no_grad()

@@ -187,6 +187,11 @@ def train_routers(
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     torch.manual_seed(seed)
     em.to(accelerator.device)
+    if em.elastic_config.expert_split == "cluster" and not resume and not all(
+            r.is_split for r in em.routers() if getattr(r, "neuron_order", None) is not None):
+        # the experts must exist before their routers learn which to pick: cluster neurons on held-back batches
+        em.split_experts(_split_batches([batch_at(data, 0, i, batch_size, seed + 2) for i in range(2)]), seed=seed)
+        logger.info("experts split by co-activation on 2 batches")
     params = em.router_parameters()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(schedule, s, steps, warmup))

@@ -1,5 +1,6 @@
 """`ElasticMLP`: token routing (only selected tokens enter the MLP) and expert routing (the dense MLP split exactly
-into `E` experts, each a contiguous slice of the hidden neurons; each token runs only its chosen experts).
+into `E` experts, each a contiguous slice of the hidden neurons or, with `expert_split="cluster"`, a cluster of
+neurons that fire together; each token runs only its chosen experts).
 
 With every expert active the sum over experts is the dense MLP: down(act(gate(x)) * up(x)) splits over hidden
 neurons because the activation is elementwise and `down` is linear.
@@ -116,12 +117,16 @@ class ElasticMLP(ElasticSubLayer):
     def _expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's output for every token (no down-projection bias). x: (N, C) -> (E, N, C)."""
         w = self.spec.mlp_weights(self.base_layer)
-        E = self.expert_router.n_experts
-        width = self.dims["I"] // E
+        router = self.expert_router
+        h = self.hidden_activations(x)  # (N, I)
+        return torch.stack([F.linear(h[:, router.expert_neurons(e)], w.down_w[:, router.expert_neurons(e)])
+                            for e in range(router.n_experts)])
+
+    def hidden_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP's hidden units before the down projection. x: (N, C) -> (N, I)."""
+        w = self.spec.mlp_weights(self.base_layer)
         h = F.linear(x, w.up_w, w.up_b)  # (N, I)
-        h = w.act(F.linear(x, w.gate_w, w.gate_b)) * h if w.gate_w is not None else w.act(h)
-        return torch.stack([F.linear(h[:, e * width:(e + 1) * width], w.down_w[:, e * width:(e + 1) * width])
-                            for e in range(E)])
+        return w.act(F.linear(x, w.gate_w, w.gate_b)) * h if w.gate_w is not None else w.act(h)
 
     def _run_experts(self, x: torch.Tensor, capacity: float) -> tuple[torch.Tensor, int, float]:
         """Dispatch each token to its chosen experts only. x: (n, C) -> (n, C)."""
@@ -141,7 +146,7 @@ class ElasticMLP(ElasticSubLayer):
             token_idx, slot = (sel.chosen == e).nonzero(as_tuple=True)  # tokens that chose e, and in which slot
             if token_idx.numel() == 0:
                 continue
-            s = slice(e * width, (e + 1) * width)
+            s = self.expert_router.expert_neurons(e)  # a slice, or a cluster's neuron indices (weights gathered)
             xe = x.index_select(0, token_idx)  # (n_e, C)
             h = F.linear(xe, w.up_w[s], None if w.up_b is None else w.up_b[s])  # (n_e, I/E)
             if w.gate_w is not None:

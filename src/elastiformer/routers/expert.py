@@ -18,11 +18,31 @@ class ExpertSelection(NamedTuple):
 
 
 class ExpertRouter(nn.Module):
-    def __init__(self, hidden: int, n_experts: int, kind: str = "linear", router_hidden: int = 32):
+    def __init__(self, hidden: int, n_experts: int, kind: str = "linear", router_hidden: int = 32,
+                 mlp_width: int | None = None, clustered: bool = False):
         super().__init__()
         self.n_experts = n_experts
         self.net = make_router_net(hidden, n_experts, kind, router_hidden)
         self.static_importance: torch.Tensor | None = None  # (E,) set by ElasticModel.fit_static (baseline)
+        self.width = None if mlp_width is None else mlp_width // n_experts  # hidden neurons per expert
+        if clustered:  # expert_split="cluster": expert e owns neurons neuron_order[e*I/E:(e+1)*I/E]
+            if mlp_width is None:
+                raise ValueError("a clustered expert split needs the MLP width")
+            self.register_buffer("neuron_order", torch.arange(mlp_width))
+        else:
+            self.neuron_order = None
+
+    @property
+    def is_split(self) -> bool:
+        """Whether a clustered neuron order has been fitted (a fresh one equals the contiguous split)."""
+        order = self.neuron_order
+        return order is not None and not torch.equal(order, torch.arange(order.numel(), device=order.device))
+
+    def expert_neurons(self, e: int) -> slice | torch.Tensor:
+        """The hidden neurons of expert e: a contiguous slice, or the indices of the e-th cluster."""
+        if self.neuron_order is None:
+            return slice(e * self.width, (e + 1) * self.width)
+        return self.neuron_order[e * self.width:(e + 1) * self.width]
 
     def flops(self, n_tokens: int) -> int:
         return router_net_flops(self.net, n_tokens)

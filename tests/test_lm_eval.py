@@ -1,0 +1,105 @@
+"""The lm-evaluation-harness wrapper and the local last-word task, on a tiny model folder (no hub)."""
+
+import json
+import random
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import elastiformer as ef
+
+lm_eval = pytest.importorskip("lm_eval")
+from elastiformer.integrations import lm_eval as integration  # noqa: E402
+
+WORDS = "the cat dog sat ran on mat house far away and then came back home tree river night day sun moon".split()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm_eval")
+    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                                         initializer_range=0.2))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) + ("." if rng.random() < 0.2 else "") for _ in range(400)) for _ in range(2)]
+    task = integration.write_last_word_task(root / "task", n_docs=12, context_words=10, texts=texts)
+    return root, tok, task
+
+
+def test_last_word_docs_are_passages_of_running_text():
+    text = "one two three four five six seven eight nine ten eleven. " * 5
+    docs = integration.last_word_docs([text], n_docs=3, context_words=5)
+    assert len(docs) == 3
+    for d in docs:
+        assert d["target"] == "eleven" and len(d["context"].split()) == 5
+        assert d["context"] + " " + d["target"] in text
+    with pytest.raises(ef.errors.DataError):
+        integration.last_word_docs(["too short."], context_words=5)
+
+
+def test_task_folder_is_complete(setup):
+    _, _, task = setup
+    lines = (task / "docs.jsonl").read_text().splitlines()
+    assert len(lines) == 12 and all("target" in json.loads(l) for l in lines)
+    assert f"task: {integration.TASK_NAME}" in (task / f"{integration.TASK_NAME}.yaml").read_text()
+
+
+def test_simple_evaluate_teacher_equals_full_budget_and_budget_changes_the_model(setup):
+    root, tok, task = setup
+    base = ef.load_model(root / "model")
+    em = ef.get_elastic_model(base, ef.ElasticConfig(attn_heads=0.5, mlp_experts=4, mlp_experts_active=0.5))
+    lm = integration.ElastiformerLM.from_elastic(em, tok, batch_size=4)
+    with em.disable_routers():
+        teacher = integration.evaluate_last_word(lm, task)
+    em.set_budget(1.0)
+    full = integration.evaluate_last_word(lm, task)
+    assert full["perplexity"] == pytest.approx(teacher["perplexity"], rel=1e-4)
+    assert full["acc"] == teacher["acc"]
+    em.set_budget(0.3)
+    low = integration.evaluate_last_word(lm, task)
+    assert low["perplexity"] != pytest.approx(teacher["perplexity"], rel=1e-4)
+    assert em.last_stats()["elastic_flops"] < em.last_stats()["dense_flops"]
+
+
+def test_registered_model_loads_routers_from_a_folder(setup, tmp_path):
+    root, _, task = setup
+    em = ef.get_elastic_model(ef.load_model(root / "model"), ef.ElasticConfig(attn_heads=0.5))
+    em.save_pretrained(tmp_path / "routers")
+    from lm_eval.api.registry import get_model
+
+    cls = get_model("elastiformer")
+    lm = cls.create_from_arg_string(f"pretrained={root / 'model'},routers={tmp_path / 'routers'},budget=0.5",
+                                    {"batch_size": 2})
+    assert lm.elastic.get_budget() == {"attn_heads": 0.5}
+    assert integration.evaluate_last_word(lm, task, limit=4)["acc"] >= 0.0
+    with pytest.raises(ef.errors.ConfigError, match="routers"):
+        cls.create_from_arg_string(f"pretrained={root / 'model'},budget=0.5", {})
+
+
+def test_lm_eval_command_line_runs_the_elastiformer_model(setup, tmp_path):
+    import subprocess
+    import sys
+
+    root, _, task = setup
+    em = ef.get_elastic_model(ef.load_model(root / "model"), ef.ElasticConfig(attn_heads=0.5))
+    em.save_pretrained(tmp_path / "routers")
+    proc = subprocess.run(
+        [sys.executable, "-m", "elastiformer", "lm-eval", "--model", "elastiformer", "--model_args",
+         f"pretrained={root / 'model'},routers={tmp_path / 'routers'},budget=0.5", "--tasks", integration.TASK_NAME,
+         "--include_path", str(task), "--limit", "4", "--batch_size", "2", "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = list((tmp_path / "out").rglob("results*.json"))
+    assert results, proc.stdout[-1000:]
+    data = json.loads(results[0].read_text())
+    assert 0.0 <= data["results"][integration.TASK_NAME]["acc,none"] <= 1.0
