@@ -274,3 +274,6 @@ def latency(
                    f"{100 * t['check']['max_abs_rel_error']:.1f}%")
     if t.get("check") is None and not output:
         typer.echo("(pass --output FILE.json to keep the table)")
+
+
+from . import route_cli  # noqa: E402,F401  (registers route | eval | bench on this app)

@@ -294,6 +294,37 @@ class FlextronModel(nn.Module):
         return get_flextron_model(model, FlextronConfig.from_dict(meta["flextron_config"]))
 
 
+    # ------------------------------------------------------------------ budgets (width routers: budget.py, routers.py)
+    def attach_router(self, router) -> "FlextronModel":
+        """Use `router` (a trained `FlextronRouter`) for `set_budget`."""
+        from .budget import attach_router
+
+        attach_router(self, router)
+        return self
+
+    def load_router(self, path: str | Path, *, check_fingerprint: bool = True) -> "FlextronModel":
+        """Load a router folder (`FlextronRouter.save_pretrained`, e.g. CHECKPOINT/router) and attach it."""
+        from .budget import load_router
+
+        load_router(self, path, check_fingerprint=check_fingerprint)
+        return self
+
+    @property
+    def router(self):
+        from .budget import get_router
+
+        return get_router(self)
+
+    def set_budget(self, relative_compute: float | None = None, latency_ms: float | None = None, *,
+                   exact: bool = True) -> dict[str, Any]:
+        """Pick every layer's width for a budget with the attached router: `relative_compute` (fraction of the
+        full model's block FLOPs) or `latency_ms` (predicted from the latency table). The static router picks
+        once; the input-adaptive one picks per sequence in each forward. Returns what was picked."""
+        from .budget import set_budget
+
+        return set_budget(self, relative_compute=relative_compute, latency_ms=latency_ms, exact=exact)
+
+
 def read_flextron_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
