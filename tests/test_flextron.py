@@ -93,6 +93,15 @@ def test_narrow_widths_never_read_the_tail_of_the_weights(arch):
     assert torch.isnan(fm(input_ids=ids).logits).any()  # the full width does read them
 
 
+def test_choices_as_tensors_whose_first_dim_is_the_layers():
+    fm = get_flextron_model(MODELS["llama"](), FlextronConfig())
+    fm.set_choices(mlp=torch.tensor([0, 1, 2, 3]), attn=torch.tensor([[0, 1]] * 4))
+    choices = fm.get_choices()
+    assert choices["mlp"] == [0, 1, 2, 3]
+    assert all(torch.equal(c, torch.tensor([0, 1])) for c in choices["attn"])
+    fm(input_ids=tokens(2, 5))
+
+
 def test_per_layer_choices_mix(arch):
     fm = sorted_flextron(arch)
     L = fm.n_layers
@@ -172,6 +181,7 @@ def test_menu_that_rounds_to_duplicates_is_refused():
     (dict(mlp=[0, 0, 0, 1.5]), "pass an int menu index"),
     (dict(mlp=[torch.tensor([0, 9])] * 4), "menu index 0..9"),
     (dict(mlp=[torch.zeros(2, 2, dtype=torch.long)] * 4), "shape \\(batch,\\)"),
+    (dict(attn=torch.zeros(3, dtype=torch.long)), r"pass \(4,\)"),
 ])
 def test_bad_choices_are_refused(choices, match):
     fm = get_flextron_model(MODELS["llama"](), FlextronConfig())
@@ -181,7 +191,7 @@ def test_bad_choices_are_refused(choices, match):
 
 def test_per_sequence_choices_of_the_wrong_batch_size_are_refused():
     fm = get_flextron_model(MODELS["gpt2"](), FlextronConfig())
-    fm.set_choices(mlp=torch.tensor([0, 1, 2]))
+    fm.set_choices(mlp=[torch.tensor([0, 1, 2])] * 4)
     with pytest.raises(ConfigError, match="batch has 2 sequences"):
         fm(input_ids=tokens(2, 5))
 
