@@ -238,3 +238,18 @@ def test_unload_restores_the_base_modules():
     base = fm.unload()
     assert type(base.transformer.h[0].mlp).__name__ == "GPT2MLP"
     get_flextron_model(base, FlextronConfig())  # can be wrapped again
+
+
+def test_padding_mask_is_respected_at_narrow_widths(arch):
+    """A left-padded sequence at a narrow width gives the logits it gives alone, unpadded (Llama: rotary positions
+    follow position_ids)."""
+    fm = sorted_flextron(arch)
+    ids = tokens(2, 10)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :4] = 0  # the second sequence is 6 real tokens, left-padded
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    fm.set_choices(mlp=2, attn=[torch.tensor([1, 2])] * fm.n_layers)
+    batched = fm(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+    fm.set_choices(mlp=2, attn=2)
+    alone = fm(input_ids=ids[1:, 4:]).logits
+    torch.testing.assert_close(batched[1, 4:], alone[0], atol=1e-4, rtol=1e-4)
