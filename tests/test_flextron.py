@@ -93,6 +93,15 @@ def test_narrow_widths_never_read_the_tail_of_the_weights(arch):
     assert torch.isnan(fm(input_ids=ids).logits).any()  # the full width does read them
 
 
+def test_choices_as_tensors_whose_first_dim_is_the_layers():
+    fm = get_flextron_model(MODELS["llama"](), FlextronConfig())
+    fm.set_choices(mlp=torch.tensor([0, 1, 2, 3]), attn=torch.tensor([[0, 1]] * 4))
+    choices = fm.get_choices()
+    assert choices["mlp"] == [0, 1, 2, 3]
+    assert all(torch.equal(c, torch.tensor([0, 1])) for c in choices["attn"])
+    fm(input_ids=tokens(2, 5))
+
+
 def test_per_layer_choices_mix(arch):
     fm = sorted_flextron(arch)
     L = fm.n_layers
@@ -172,6 +181,7 @@ def test_menu_that_rounds_to_duplicates_is_refused():
     (dict(mlp=[0, 0, 0, 1.5]), "pass an int menu index"),
     (dict(mlp=[torch.tensor([0, 9])] * 4), "menu index 0..9"),
     (dict(mlp=[torch.zeros(2, 2, dtype=torch.long)] * 4), "shape \\(batch,\\)"),
+    (dict(attn=torch.zeros(3, dtype=torch.long)), r"pass \(4,\)"),
 ])
 def test_bad_choices_are_refused(choices, match):
     fm = get_flextron_model(MODELS["llama"](), FlextronConfig())
@@ -181,7 +191,7 @@ def test_bad_choices_are_refused(choices, match):
 
 def test_per_sequence_choices_of_the_wrong_batch_size_are_refused():
     fm = get_flextron_model(MODELS["gpt2"](), FlextronConfig())
-    fm.set_choices(mlp=torch.tensor([0, 1, 2]))
+    fm.set_choices(mlp=[torch.tensor([0, 1, 2])] * 4)
     with pytest.raises(ConfigError, match="batch has 2 sequences"):
         fm(input_ids=tokens(2, 5))
 
@@ -228,3 +238,18 @@ def test_unload_restores_the_base_modules():
     base = fm.unload()
     assert type(base.transformer.h[0].mlp).__name__ == "GPT2MLP"
     get_flextron_model(base, FlextronConfig())  # can be wrapped again
+
+
+def test_padding_mask_is_respected_at_narrow_widths(arch):
+    """A left-padded sequence at a narrow width gives the logits it gives alone, unpadded (Llama: rotary positions
+    follow position_ids)."""
+    fm = sorted_flextron(arch)
+    ids = tokens(2, 10)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :4] = 0  # the second sequence is 6 real tokens, left-padded
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    fm.set_choices(mlp=2, attn=[torch.tensor([1, 2])] * fm.n_layers)
+    batched = fm(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+    fm.set_choices(mlp=2, attn=2)
+    alone = fm(input_ids=ids[1:, 4:]).logits
+    torch.testing.assert_close(batched[1, 4:], alone[0], atol=1e-4, rtol=1e-4)

@@ -7,12 +7,25 @@ beside these and build on this API.
 """
 
 from .config import FlextronConfig
+from .latency import (check_latency_prediction, latency_tensors, load_latency_table, measure_latency_table,
+                      predict_latency, save_latency_table)
 from .model import CONFIG_NAME, FlextronModel, get_flextron_model, read_flextron_config
 from .nested import FlextronState, NestedAttention, NestedMLP
 from .sorting import compute_importance, head_permutation, sort_by_importance_
+from .training import frozen_teacher, sample_subnet, subnet_kl, train_flextron
 
 __all__ = [
     "CONFIG_NAME",
+    "check_latency_prediction",
+    "frozen_teacher",
+    "latency_tensors",
+    "load_latency_table",
+    "measure_latency_table",
+    "predict_latency",
+    "sample_subnet",
+    "save_latency_table",
+    "subnet_kl",
+    "train_flextron",
     "FlextronConfig",
     "FlextronModel",
     "FlextronState",

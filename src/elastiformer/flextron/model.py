@@ -112,7 +112,15 @@ class FlextronModel(nn.Module):
         L = self.n_layers
         if value is None:
             return [0] * L
-        if isinstance(value, (int, torch.Tensor)) and not isinstance(value, bool):
+        if isinstance(value, torch.Tensor):  # the first dim is the layers: (L,) per layer, (L, B) per sequence
+            if value.dim() == 0:
+                value = int(value)
+            elif value.shape[0] != L or value.dim() > 2:
+                raise ConfigError(f"{name} is a tensor of shape {tuple(value.shape)}: pass ({L},) (a menu index per "
+                                  f"layer) or ({L}, batch) (per layer and sequence), or a list of {L} entries")
+            else:
+                value = list(value.unbind(0))
+        if isinstance(value, int) and not isinstance(value, bool):
             value = [value] * L  # one entry for every layer
         if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
             raise ConfigError(f"{name}={value!r}: pass a menu index per layer ({L} entries), or one for every layer")
@@ -143,9 +151,9 @@ class FlextronModel(nn.Module):
         return out
 
     def set_choices(self, mlp=None, attn=None) -> "FlextronModel":
-        """Choose a menu index per layer for MLPs and attentions (None: full width everywhere). Each is a list of
-        one entry per layer, or one entry for all layers; an entry is an int (whole batch) or a LongTensor (B,)
-        (per sequence). Takes effect at the next forward."""
+        """Choose a menu index per layer for MLPs and attentions (None: full width everywhere). Each is one int for
+        every layer, a list of one entry per layer (an int for the whole batch, or a LongTensor (B,) per sequence),
+        or a tensor whose first dim is the layers: (L,) or (L, B). Takes effect at the next forward."""
         m = self._check_choices("mlp", mlp, self.flextron_config.n_mlp_choices)
         a = self._check_choices("attn", attn, self.flextron_config.n_attn_choices)
         self.state.mlp, self.state.attn = m, a
