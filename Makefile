@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench bench-flextron clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/elastiformer bench
+
+# Flextron routers on SmolLM2 (needs the sorted + continued-trained checkpoints of `elastiformer flextron sort|train`)
+bench-flextron: $(STAMP)
+	$(BIN)/elastiformer flextron bench
+	$(BIN)/elastiformer flextron bench --readme
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

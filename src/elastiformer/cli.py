@@ -1,4 +1,4 @@
-"""The `elastiformer` command: train | eval | info | demo.
+"""The `elastiformer` command: train | eval | info | bench | demo, and `flextron ...` (flextron/cli.py).
 
 Every subcommand takes `--config FILE.yaml` whose keys are the subcommand's option names (dashes or underscores);
 options given on the command line win over the file. Errors a user can fix print one line and exit 2; `--debug`
@@ -417,6 +417,12 @@ def demo(
     typer.echo("")
     print_table(result)
     typer.echo(f"\nwrote {output / 'demo.json'} and {output / 'demo.png'} in {time.perf_counter() - t0:.0f}s")
+
+
+# ---------------------------------------------------------------------- flextron (its own sub-app)
+from .flextron.cli import app as _flextron_app  # noqa: E402
+
+app.add_typer(_flextron_app, name="flextron")
 
 
 def main() -> None:

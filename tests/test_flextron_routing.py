@@ -1,0 +1,256 @@
+"""Flextron width routers on tiny random models: surrogate fit, budgets met, set_budget, errors, save / load."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_llama, tokens
+from test_cli import workspace  # noqa: F401  (the tiny model folder fixture)
+
+from elastiformer.errors import BudgetError, ConfigError, RouterFileError
+from elastiformer.flextron import FlextronConfig, get_flextron_model
+from elastiformer.flextron.latency import measure_latency_table, predict_latency
+from elastiformer.flextron.routers import FlextronRouter, WidthRouter, joint_finetune, train_router
+from elastiformer.flextron.routing import (compute_cost_model, latency_cost_model, pooled_features,
+                                           set_index_choices, unit_masks)
+from elastiformer.flextron.soft import soft_widths
+from elastiformer.flextron.surrogate import fit_surrogate, measure_configurations
+
+L = 4
+
+
+@pytest.fixture(scope="module")
+def fm():
+    return get_flextron_model(tiny_llama(layers=L), FlextronConfig())
+
+
+@pytest.fixture(scope="module")
+def surrogate(fm):
+    data = [{"input_ids": tokens(B=4, T=16, seed=3)}]
+    samples = measure_configurations(fm, data, 64, per_sequence=False, progress=False)
+    return fit_surrogate(samples, seed=0)
+
+
+@pytest.fixture(scope="module")
+def static_router(fm, surrogate):
+    torch.manual_seed(0)
+    bundle = FlextronRouter(WidthRouter(L, 4, 4, hidden=32), {"relative_compute": compute_cost_model(fm, 16)},
+                            "relative_compute")
+    train_router(bundle, surrogate[0], steps=400, progress=False)
+    return bundle
+
+
+def test_surrogate_beats_constant_on_heldout_configurations(surrogate):
+    _, report = surrogate
+    assert report.n_heldout >= 12
+    assert report.heldout_mse < 0.5 * report.constant_heldout_mse, report
+    assert report.heldout_r2 > 0.5
+
+
+def test_per_sequence_measurement_matches_one_configuration_per_forward(fm):
+    ids = tokens(B=4, T=12, seed=5)
+    samples = measure_configurations(fm, [{"input_ids": ids}], 8, per_sequence=True, seed=1, progress=False)
+    from elastiformer.flextron.surrogate import sequence_nll
+
+    with torch.no_grad(), fm.full():
+        full = sequence_nll(fm(input_ids=ids).logits, ids)
+    for row in (1, 5):  # configuration `row` ran on sequence row % 4
+        seq = ids[row % 4: row % 4 + 1]
+        with torch.no_grad(), fm.using(mlp=samples["mlp"][row].tolist(), attn=samples["attn"][row].tolist()):
+            nll = sequence_nll(fm(input_ids=seq).logits, seq)
+        assert float(nll - full[row % 4]) == pytest.approx(float(samples["delta"][row]), abs=1e-4)
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.75, 0.9])
+def test_static_router_meets_budget_within_10_percent(static_router, budget):
+    cost = static_router.cost
+    raw = static_router.choose(budget, "relative_compute", exact=False)  # the router's own argmax
+    assert abs(float(cost.hard(raw)) - budget) / budget < 0.10
+    exact = static_router.choose(budget, "relative_compute")
+    assert float(cost.hard(exact)) <= budget + 1e-9
+    assert (budget - float(cost.hard(exact))) / budget < 0.10
+
+
+def test_router_spends_more_on_bigger_budgets(static_router):
+    cost = static_router.cost
+    spent = [float(cost.hard(static_router.choose(b, "relative_compute", exact=False))) for b in (0.4, 0.6, 0.8, 1.0)]
+    assert spent == sorted(spent) and spent[-1] > spent[0] + 0.3
+
+
+def test_soft_widths_give_the_mix_of_nested_slices(fm):
+    """A p-weighted soft configuration makes each MLP / attention output the p-weighted mix of its slices."""
+    x = torch.randn(2, 6, 32)
+    layer = 1
+    nested_attn, nested_mlp = list(fm.nested_layers())[layer]
+    p = torch.tensor([[0.0, 0.3, 0.0, 0.7], [0.5, 0.0, 0.5, 0.0]])  # (B, K)
+    one_hot = lambda k: F.one_hot(torch.full((2, L), k), 4).float()  # noqa: E731
+    probs = {"mlp": one_hot(0).clone(), "attn": one_hot(0)}
+    probs["mlp"][:, layer] = p
+    with torch.no_grad():
+        slices = []
+        for k in range(4):
+            with fm.using(mlp=[k] * L):
+                slices.append(nested_mlp(x))  # (B, T, C)
+        want = sum(p[:, k, None, None] * slices[k] for k in range(4))
+        with soft_widths(fm, probs):
+            got = nested_mlp(x)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert unit_masks(fm)["attn"].shape == (4, 4)
+
+
+def test_soft_one_hot_equals_hard_configuration(fm):
+    ids = tokens(B=2, T=10)
+    choice = {"mlp": torch.tensor([[1, 2, 3, 0], [3, 3, 1, 2]]), "attn": torch.tensor([[2, 1, 0, 3], [0, 1, 2, 3]])}
+    with torch.no_grad():
+        set_index_choices(fm, choice)
+        hard = fm(input_ids=ids).logits
+        with soft_widths(fm, {k: F.one_hot(v, 4).float() for k, v in choice.items()}):
+            soft = fm(input_ids=ids).logits
+        fm.set_choices()
+    assert torch.allclose(hard, soft, atol=1e-5)
+
+
+def test_joint_finetune_trains_the_router_through_the_model(fm, static_router):
+    before = [p.detach().clone() for p in static_router.router.parameters()]
+    weights = [p.detach().clone() for p in fm.base_model.parameters()]
+    report = joint_finetune(fm, static_router, tokens(B=8, T=12, seed=7), steps=2, batch_size=4, progress=False)
+    assert report.tokens == 2 * 4 * 12 and all(math.isfinite(h["loss"]) for h in report.history)
+    assert any(not torch.equal(a, b) for a, b in zip(before, static_router.router.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(weights, fm.base_model.parameters()))  # model_lr=0: frozen
+    assert fm.get_choices()["mlp"] == [0] * L
+
+
+def test_set_budget_static_sets_choices_and_bad_budgets_fail(fm, static_router):
+    fm.attach_router(static_router)
+    picked = fm.set_budget(relative_compute=0.6)
+    assert picked["predicted_relative_compute"] <= 0.6 + 1e-9
+    assert fm.get_choices()["mlp"] == picked["mlp"]
+    with torch.no_grad():
+        fm(input_ids=tokens(B=1, T=16))  # the cost model's sequence length (attention scores grow with T^2)
+    assert fm.last_stats()["flops_ratio"] == pytest.approx(picked["predicted_relative_compute"], rel=1e-6)
+    for bad in (0, -0.5, 1.5, float("nan"), True, "half"):
+        with pytest.raises(BudgetError):
+            fm.set_budget(relative_compute=bad)
+    with pytest.raises(BudgetError, match="exactly one"):
+        fm.set_budget()
+    with pytest.raises(BudgetError, match="exactly one"):
+        fm.set_budget(relative_compute=0.5, latency_ms=3.0)
+    with pytest.raises(BudgetError, match="below the smallest sub-network"):
+        fm.set_budget(relative_compute=0.05)
+    with pytest.raises(BudgetError, match="latency table"):
+        fm.set_budget(latency_ms=3.0)  # this router was trained without a latency table
+    fm.set_choices()
+
+
+def test_set_budget_by_latency(fm, surrogate):
+    table = measure_latency_table(fm, 1, 16, reps=3, progress=False)
+    costs = {"relative_compute": compute_cost_model(fm, 16), "latency_ms": latency_cost_model(table)}
+    torch.manual_seed(0)
+    bundle = FlextronRouter(WidthRouter(L, 4, 4, hidden=32), costs, "latency_ms")
+    train_router(bundle, surrogate[0], steps=400, progress=False)
+    fm.attach_router(bundle)
+    lat = costs["latency_ms"]
+    for frac in (0.5, 0.8):
+        target = lat.minimum + frac * (lat.full - lat.minimum)
+        picked = fm.set_budget(latency_ms=target)
+        predicted = predict_latency(table, fm.get_choices())
+        assert predicted == pytest.approx(picked["predicted_latency_ms"], rel=1e-6)
+        assert predicted <= target * (1 + 1e-9) and (target - predicted) / target < 0.10
+    with pytest.raises(BudgetError, match=f"below the smallest sub-network's predicted latency, {lat.minimum:.3f} ms"):
+        fm.set_budget(latency_ms=0.5 * lat.minimum)
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(BudgetError):
+            fm.set_budget(latency_ms=bad)
+    fm.set_choices()
+
+
+def test_adaptive_router_picks_per_sequence_and_meets_budget(fm, surrogate):
+    ids = tokens(B=6, T=12, seed=11)
+    with torch.no_grad():
+        feats = pooled_features(fm, tokens(B=32, T=12, seed=12))
+    torch.manual_seed(0)
+    bundle = FlextronRouter(WidthRouter(L, 4, 4, feature_dim=32, hidden=32),
+                            {"relative_compute": compute_cost_model(fm, 12)}, "relative_compute")
+    train_router(bundle, surrogate[0], features=feats, steps=400, progress=False)
+    raw = bundle.choose(0.6, "relative_compute", features=feats, exact=False)  # (N, L) per sub-layer
+    rel = bundle.cost.hard(raw)
+    assert rel.shape == (32,) and ((rel - 0.6).abs() / 0.6 < 0.10).all()
+    fm.attach_router(bundle)
+    fm.set_budget(relative_compute=0.6)
+    with torch.no_grad():
+        fm(input_ids=ids)
+    choice = fm.get_choices()
+    assert choice["mlp"][0].shape == (6,)  # per-sequence choices, picked in the forward
+    per_seq = bundle.cost.hard({k: torch.stack(v, dim=1) for k, v in choice.items()})
+    assert (per_seq <= 0.6 + 1e-9).all() and ((0.6 - per_seq) / 0.6 < 0.10).all()
+    with torch.no_grad():  # generation keeps the prompt's configuration on decode steps
+        out = fm.generate(ids[:2], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 15)
+    from elastiformer.flextron.budget import detach_router
+
+    detach_router(fm)
+    fm.set_choices()
+
+
+def test_router_save_load_round_trip(tmp_path, fm, static_router):
+    static_router.meta["base_model"] = fm.base_identity()
+    static_router.meta["flextron_config"] = fm.flextron_config.to_dict()
+    static_router.save_pretrained(tmp_path / "router")
+    fm.load_router(tmp_path / "router")
+    loaded = fm.router
+    for b in (0.45, 0.7, 1.0):
+        a, c = static_router.choose(b, "relative_compute"), loaded.choose(b, "relative_compute")
+        assert all(torch.equal(a[k], c[k]) for k in a)
+    x = torch.rand(5)
+    assert torch.equal(static_router.router(x)["mlp"], loaded.router(x)["mlp"])
+    other = get_flextron_model(tiny_llama(seed=5, layers=L), FlextronConfig())
+    with pytest.raises(RouterFileError, match="other weights"):
+        other.load_router(tmp_path / "router")
+    small = get_flextron_model(tiny_llama(layers=2), FlextronConfig())
+    with pytest.raises(ConfigError, match="4 layers"):
+        small.load_router(tmp_path / "router", check_fingerprint=False)
+    (tmp_path / "router" / "router.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(RouterFileError, match="corrupt"):
+        FlextronRouter.from_pretrained(tmp_path / "router")
+    with pytest.raises(RouterFileError, match="router_config.json"):
+        FlextronRouter.from_pretrained(tmp_path / "nothing")
+    fm.set_choices()
+
+
+def test_cli_route_and_eval(workspace, tmp_path, capsys):
+    """`flextron route | eval` end to end on test_cli's tiny model folder and text, and their one-line errors."""
+    import json
+
+    from test_cli import run
+
+    ws = workspace
+    sorted_dir = tmp_path / "sorted"
+    code, out, err = run(["flextron", "sort", "--model", ws / "model", "--data", ws / "train.txt", "--output",
+                          sorted_dir, "--seq-len", "16", "--calibration-sequences", "8"], capsys)
+    assert code == 0, err
+    code, out, err = run(["flextron", "route", "--model", sorted_dir, "--data", ws / "train.txt", "--seq-len", "16",
+                          "--measure-latency", "--latency-seq-len", "8", "--n-configs", "24",
+                          "--calibration-sequences", "8", "--router-steps", "60", "--joint-steps", "1",
+                          "--joint-batch", "2"], capsys)
+    assert code == 0, err
+    report = json.loads((sorted_dir / "router" / "route_report.json").read_text())
+    assert report["metric"] == "latency_ms" and report["joint_finetune"]["steps"] == 1
+    assert (sorted_dir / "router" / "router.safetensors").is_file() and "surrogate: held-out MSE" in out
+    code, out, err = run(["flextron", "eval", "--model", sorted_dir, "--data", ws / "held.txt", "--seq-len", "16",
+                          "--max-sequences", "4", "--budgets", "0.8,1.0", "--timing-reps", "1", "--output",
+                          tmp_path / "eval.json"], capsys)
+    assert code == 0, err
+    records = json.loads((tmp_path / "eval.json").read_text())["records"]
+    assert [r["budget"] for r in records] == [0.8, 1.0]
+    assert records[0]["picked"]["predicted_latency_ms"] <= records[0]["target"] + 1e-9
+    for args, expected in (
+        (["route", "--model", sorted_dir, "--data", ws / "train.txt"], "--overwrite"),
+        (["route", "--model", sorted_dir, "--latency-table", tmp_path / "none.json", "--output", tmp_path / "r"],
+         "no latency table"),
+        (["eval", "--model", sorted_dir, "--router", tmp_path / "nothing"], "router_config.json"),
+        (["eval", "--model", sorted_dir, "--data", ws / "held.txt", "--budgets", "0.001", "--seq-len", "16"],
+         "below the smallest sub-network"),
+    ):
+        code, out, err = run(["flextron", *args], capsys)
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and expected in err, (args, err)
