@@ -17,13 +17,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/elastiformer demo
+	$(BIN)/elastiformer demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(BIN)/elastiformer bench
+	$(BIN)/elastiformer bench --overwrite
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

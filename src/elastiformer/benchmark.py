@@ -34,7 +34,7 @@ BENCH_DEFAULTS = dict(
     model="smollm2-135m", components="mlp_tokens,attn_tokens,attn_heads,mlp_experts,combined",
     budgets="0.6,0.75,0.9", dense_layers="0,-2,-1", steps=60, batch_size=4, seq_len=128, train_sequences=2000,
     eval_sequences=8, eval_seq_len=256, prefill_batch=2, prefill_len=256, decode_tokens=64, timing_reps=2,
-    output="bench/results/lm.json", seed=0, lora_rank=0, append=False,
+    output="bench/results/lm.json", seed=0, lora_rank=0, append=False, overwrite=False,
 )
 
 
