@@ -70,7 +70,7 @@ class ElasticModel(nn.Module):
         )
         self._check_dims()
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        self._vocab_size = getattr(embeddings, "num_embeddings", None) or self.dims["V"]
+        self._vocab_size = getattr(embeddings, "num_embeddings", None) or self.dims.get("V")
         self._context = model_context(model.config)  # longer inputs are refused with a clear error, not a deep one
         for p in model.parameters():
             p.requires_grad_(False)
@@ -262,9 +262,10 @@ class ElasticModel(nn.Module):
             return None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        if ids is not None:
+        if ids is not None and getattr(self.base_model, "main_input_name", "input_ids") == "input_ids":
             check_token_ids(ids, vocab_size=self._vocab_size, context=self._context, past=past)
-        elif ref.dim() != 3 or ref.shape[1] == 0 or (self._context and past + ref.shape[1] > self._context):
+        elif ids is None and (ref.dim() != 3 or ref.shape[1] == 0 or (self._context and past + ref.shape[1] >
+                                                                     self._context)):
             raise DataError(f"inputs_embeds of shape {tuple(ref.shape)} (after {past} cached tokens): pass [batch, "
                             f"1..{self._context} tokens, hidden]")
         if ref.dim() == 1:

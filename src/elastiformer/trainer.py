@@ -304,8 +304,8 @@ def _stop_diverged(what: str, out_dir: Path | None, history: list) -> None:
     kept = "no checkpoint was written yet"
     if out_dir is not None and (out_dir / CHECKPOINT / "trainer_state.json").is_file():
         step = json.loads((out_dir / CHECKPOINT / "trainer_state.json").read_text())["step"]
-        kept = f"the last good checkpoint (step {step}) is kept in {out_dir / CHECKPOINT}; resume from it"
-    message = f"{what}: training stopped; {kept} with a lower learning rate (or check the data)"
+        kept = f"the last good checkpoint (step {step}) is kept in {out_dir / CHECKPOINT} (resume=True / --resume)"
+    message = f"{what}: training stopped; {kept}; check the data, or start again with a lower learning rate"
     if out_dir is not None:
         atomic_write_json(out_dir / "train_log.json", {"steps": len(history), "history": history, "finished": False,
                                                        "error": message})
