@@ -17,13 +17,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/elastiformer demo
+	$(BIN)/elastiformer demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(BIN)/elastiformer bench
+	$(BIN)/elastiformer bench --overwrite
 
 # Flextron routers on SmolLM2 (needs the sorted + continued-trained checkpoints of `elastiformer flextron sort|train`)
 bench-flextron: $(STAMP)

@@ -74,7 +74,9 @@ def test_config_from_a_newer_format_is_refused(tmp_path):
 def test_save_replaces_atomically_and_reports_unwritable(tmp_path):
     em = make_elastic("llama", "mlp_tokens")
     em.save_pretrained(tmp_path / "r")
-    em.save_pretrained(tmp_path / "r")  # overwriting a previous save leaves one complete folder
+    with pytest.raises(ef.ConfigError, match="overwrite=True"):  # a previous save is never replaced silently
+        em.save_pretrained(tmp_path / "r")
+    em.save_pretrained(tmp_path / "r", overwrite=True)  # replacing a previous save leaves one complete folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
     blocker = tmp_path / "file"
     blocker.write_text("x")

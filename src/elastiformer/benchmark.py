@@ -36,7 +36,7 @@ BENCH_DEFAULTS = dict(
     model="smollm2-135m", components="mlp_tokens,attn_tokens,attn_heads,mlp_experts,mlp_experts_cluster,combined",
     budgets="0.6,0.8,0.9", dense_layers="0,-2,-1", steps=60, batch_size=4, seq_len=128, train_sequences=2000,
     eval_sequences=8, eval_seq_len=256, prefill_batch=4, prefill_len=512, decode_tokens=64, timing_reps=2,
-    lm_eval_docs=200, output="bench/results/lm.json", seed=0, lora_rank=0, append=False,
+    lm_eval_docs=200, output="bench/results/lm.json", seed=0, lora_rank=0, append=False, overwrite=False,
 )
 
 

@@ -1,7 +1,9 @@
 """The cache folder (downloaded models and data) and atomic file writes.
 
 Everything elastiformer writes goes through `atomic_write_*` or `atomic_dir`: the file or folder appears under its
-final name only once it is complete, so an interrupted run never leaves a half-written file that a later run loads.
+final name only once it is complete (written, flushed to disk, then renamed), so an interrupted run - even one killed
+with SIGKILL - never leaves a half-written file that a later run loads. Temporary names start with a dot and end in
+`.tmp`; a killed run may leave them behind, and nothing ever reads them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -51,6 +54,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            _fsync(file)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -62,6 +67,33 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def committed_dir(path: str | os.PathLike) -> Path:
+    """`path`, or the complete previous version if a crash struck between the two renames of `atomic_dir` (when
+    `path` had been moved aside to `.<name>.old` and the new version not yet moved in): it is put back and used."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir():
+        try:
+            os.replace(old, path)
+        except OSError:
+            return old
+    return path
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's bytes to disk before it is renamed into place (a rename can outlive unflushed data)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -81,11 +81,32 @@ def _ints(text: Any, name: str) -> tuple[int, ...]:
 
 
 def _check_output(path: Path, overwrite: bool, what: str) -> None:
-    from .cache import ensure_writable_dir
+    from .validation import check_output_dir
 
-    if path.exists() and any(path.iterdir() if path.is_dir() else [path]) and not overwrite:
-        raise ConfigError(f"{path} already exists: pass --overwrite to replace {what}, or another --output")
-    ensure_writable_dir(path)
+    check_output_dir(path, overwrite, what, flag="--overwrite")
+
+
+def _check_numbers(o: dict[str, Any], ints: dict[str, int], floats: tuple[str, ...] = ()) -> None:
+    """Integer options (name -> minimum; None values skipped) and positive float options, checked and converted in
+    place before any model is loaded (a YAML file may give them as strings)."""
+    from .validation import check_int, check_positive
+
+    for key, minimum in ints.items():
+        value = o.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        o[key] = check_int(f"--{key.replace('_', '-')}", value, minimum)
+    for key in floats:
+        value = o.get(key)
+        if value is None:
+            continue
+        try:
+            value = float(value) if isinstance(value, str) else value
+        except ValueError:
+            pass
+        o[key] = check_positive(f"--{key.replace('_', '-')}", value)
 
 
 # ---------------------------------------------------------------------- train
@@ -119,12 +140,21 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
     from .trainer import train_routers
 
     # validate everything cheap before any heavy work (loading the model, tokenizing)
+    from .trainer import _check_options, _lr_factor
+    from .validation import check_device
+
+    _check_numbers(o, dict(steps=1, batch_size=1, seq_len=2, max_sequences=1, warmup=0, grad_accum=1, seed=0,
+                           checkpoint_every=1, lora_rank=0, mlp_experts=2), ("lr", "temperature"))
+    _lr_factor(o["schedule"], 0, 1, 0)
+    check_device(o["device"])
     cfg = _elastic_config(o)
     if o["budget"] is not None:
         check_fraction("budget", o["budget"])
     budget_range = None if o["budget"] is not None else tuple(_floats(o["budget_range"], "budget_range"))
     if budget_range is not None and len(budget_range) != 2:
         raise ConfigError(f"--budget-range {o['budget_range']!r}: pass two numbers low,high, e.g. 0.5,0.95")
+    _check_options(o["steps"], o["batch_size"], o["lr"], o["grad_accum"], o["temperature"], o["budget"],
+                   budget_range, o["checkpoint_every"])
     out = Path(o["output"])
     import torch
 
@@ -133,6 +163,7 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
         _check_output(out, o["overwrite"], "its routers")
     texts = load_texts(None if o["data"] == "gutenberg" else o["data"], split="train")
     model = load_model(o["model"])
+    _check_seq_len(o["seq_len"], model)
     tokenizer = load_tokenizer(o["model"] if isinstance(o["model"], str) else model)
     data = pack_sequences(texts, tokenizer, int(o["seq_len"]), max_sequences=o["max_sequences"])
     em = get_elastic_model(model, cfg)
@@ -141,7 +172,7 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
         warmup=int(o["warmup"]), grad_accum=int(o["grad_accum"]), seed=int(o["seed"]),
         temperature=float(o["temperature"]), budget=None if o["budget"] is None else float(o["budget"]),
         budget_range=budget_range, output_dir=out, checkpoint_every=int(o["checkpoint_every"]),
-        resume=bool(o["resume"]), device=o["device"],
+        resume=bool(o["resume"]), device=o["device"], overwrite=bool(o["overwrite"]),
     )
     return report.to_dict() | {"routers": str(out / "routers")}
 
@@ -199,6 +230,16 @@ EVAL_DEFAULTS = dict(
 )
 
 
+def _check_seq_len(seq_len: int, model) -> None:
+    """--seq-len must fit the model's context: refused here, before the text is tokenized, not deep in a forward."""
+    from .validation import model_context
+
+    context = model_context(model.config)
+    if context is not None and int(seq_len) > context:
+        raise ConfigError(f"--seq-len {seq_len} is longer than the model's context of {context} tokens "
+                          f"(max_position_embeddings): pass --seq-len {context} or less")
+
+
 def run_eval(o: dict[str, Any], em=None) -> dict[str, Any]:
     from .config import check_fraction
     from .data import load_texts, pack_sequences
@@ -207,8 +248,11 @@ def run_eval(o: dict[str, Any], em=None) -> dict[str, Any]:
     from .models import load_model, load_tokenizer
 
     budgets = _floats(o["budgets"], "budgets")
+    if not budgets:
+        raise ConfigError(f"--budgets {o['budgets']!r}: pass at least one budget, e.g. 0.5,0.7,0.9")
     for b in budgets:
         check_fraction("budget", b)
+    _check_numbers(o, dict(seq_len=2, max_sequences=1, batch_size=1, timing_reps=0, seed=0))
     if em is None:
         if not o["routers"]:
             raise ConfigError("eval needs --routers FOLDER (the routers/ folder that `elastiformer train` wrote)")
@@ -218,6 +262,7 @@ def run_eval(o: dict[str, Any], em=None) -> dict[str, Any]:
     texts = load_texts(None if o["data"] == "gutenberg" else o["data"], split=o["split"])
     if em is None:
         em = ElasticModel.from_pretrained(load_model(o["model"]), o["routers"])
+    _check_seq_len(o["seq_len"], em.base_model)
     tokenizer = load_tokenizer(o["model"] if isinstance(o["model"], str) else em.base_model)
     data = pack_sequences(texts, tokenizer, int(o["seq_len"]), max_sequences=o["max_sequences"])
     result = evaluate(em, data, budgets=budgets, batch_size=int(o["batch_size"]), timing_reps=int(o["timing_reps"]),
@@ -288,9 +333,11 @@ def eval_(
     given = {k: v for k, v in locals().items() if k != "config"}
     given["overwrite"] = overwrite or None
     o = _merge(config, given, EVAL_DEFAULTS)
+    from .validation import check_output_file
+
     for key in ("output", "plot"):
-        if o[key] is not None and Path(o[key]).exists() and not o["overwrite"]:
-            raise ConfigError(f"{o[key]} already exists: pass --overwrite to replace it")
+        if o[key] is not None:
+            check_output_file(o[key], bool(o["overwrite"]))
     result = run_eval(o)
     print_table(result)
     if o["output"]:
@@ -351,6 +398,7 @@ def bench(
     output: Optional[Path] = typer.Option(None, help="Result JSON (default bench/results/lm.json; a PNG beside it)."),
     lora_rank: Optional[int] = typer.Option(None, help="Train rank-r LoRA on the attention projections too."),
     append: bool = typer.Option(False, "--append", help="Keep the other settings' records in OUTPUT."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT (and its PNG)."),
     readme: bool = typer.Option(False, "--readme", help="Do not run: rewrite README.md's results section from "
                                 "the result JSON."),
     config: Optional[Path] = typer.Option(None, help="YAML file of bench options (see benchmark.BENCH_DEFAULTS)."),
@@ -362,6 +410,7 @@ def bench(
     given = {k: v for k, v in locals().items() if k not in ("config", "readme", "BENCH_DEFAULTS", "plot_lm_bench",
                                                               "run_lm_bench", "update_readme")}
     given["append"] = append or None
+    given["overwrite"] = overwrite or None
     o = _merge(config, given, BENCH_DEFAULTS)
     if readme:
         path = Path(o["output"])
@@ -370,6 +419,11 @@ def bench(
         update_readme(json.loads(path.read_text()), Path("README.md"), str(path.with_suffix(".png")))
         typer.echo(f"README.md results section rewritten from {path}")
         return
+    from .validation import check_output_file
+
+    _check_numbers(o, dict(steps=1, batch_size=1, seq_len=2, train_sequences=1, eval_sequences=1, eval_seq_len=2,
+                           prefill_batch=1, prefill_len=1, decode_tokens=1, timing_reps=1, seed=0, lora_rank=0))
+    check_output_file(o["output"], bool(o["overwrite"] or o["append"]), flag="--overwrite (or --append)")
     result = run_lm_bench(o, plot=plot_lm_bench, echo=typer.echo)
     typer.echo(f"{len(result['records'])} records in {o['output']} (plot: {Path(o['output']).with_suffix('.png')})")
 
@@ -393,14 +447,16 @@ def demo(
     output: Path = typer.Option(Path("runs/demo"), help="Where the routers, JSON and PNG go."),
     steps: int = typer.Option(80, help="Training steps (about 5 s each on 2 CPU cores)."),
     max_sequences: int = typer.Option(16, help="Held-out sequences to evaluate on."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier demo in OUTPUT."),
 ):
     """The main job end to end: make SmolLM2-135M's MLPs token-elastic on Gutenberg books and show the trade-off."""
     t0 = time.perf_counter()
+    _check_output(output, overwrite, "the earlier demo's results")
     typer.echo("elastiformer demo: SmolLM2-135M, MLP token routing (Mixture-of-Depths style), trained by "
                "self-distillation on Gutenberg books, evaluated on held-out books.\n")
     opts = dict(TRAIN_DEFAULTS) | dict(output=str(output), mlp_tokens=0.8, dense_layers="0,-2,-1", steps=steps,
                                        batch_size=4, seq_len=128, max_sequences=2000, budget_range="0.6,0.95",
-                                       overwrite=True, checkpoint_every=20)
+                                       overwrite=overwrite, checkpoint_every=20)
     typer.echo(f"1/2 training routers for {steps} steps (layers 0, 28, 29 stay dense: DESIGN.md section 7)...")
     report = run_train(opts)
     typer.echo(f"    {report['steps']} steps, {report['tokens']:,} tokens, {report['seconds']:.0f}s, "

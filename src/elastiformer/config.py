@@ -8,6 +8,7 @@ listed in `dense_layers` (always run in full) are paid for out of the same budge
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -71,7 +72,8 @@ class ElasticConfig:
     keep_first_token: bool = field(
         default=True,
         metadata={"help": "Token routing always processes each sequence's first token (it carries the huge "
-                  "activations of the residual stream)."},
+                  "activations of the residual stream). False frees it in training only: at inference the first "
+                  "token is always processed, so a threshold never leaves a sequence with no token."},
     )
     papers: tuple[str, ...] = field(default=("arXiv:2411.15281",), metadata={"help": "What this implements."})
 
@@ -95,10 +97,15 @@ class ElasticConfig:
             raise ConfigError(f"router={self.router!r}: pass 'linear' or 'mlp'")
         if self.head_granularity not in ("query", "group"):
             raise ConfigError(f"head_granularity={self.head_granularity!r}: pass 'query' or 'group'")
-        if not isinstance(self.router_hidden, int) or self.router_hidden < 1:
+        if isinstance(self.router_hidden, bool) or not isinstance(self.router_hidden, int) or self.router_hidden < 1:
             raise ConfigError(f"router_hidden={self.router_hidden!r}: pass a positive integer")
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise ConfigError(f"lora_rank={self.lora_rank!r}: pass 0 (no LoRA) or a positive integer")
+        if not isinstance(self.keep_first_token, bool):
+            raise ConfigError(f"keep_first_token={self.keep_first_token!r}: pass True or False")
+        if not isinstance(self.dense_layers, (list, tuple, range)) or any(
+                isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in self.dense_layers):
+            raise ConfigError(f"dense_layers={self.dense_layers!r}: pass a tuple of layer indices, e.g. (0, -1)")
         self.dense_layers = tuple(int(i) for i in self.dense_layers)
         self.papers = tuple(self.papers)
         if not self.components():
@@ -121,6 +128,8 @@ class ElasticConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ElasticConfig":
         """Unknown keys (from a newer version) are dropped with a warning rather than failing the load."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"an ElasticConfig is a mapping of field: value, not a {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

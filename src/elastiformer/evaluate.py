@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .config import check_fraction
 from .errors import ConfigError, DataError
 from .model import ElasticModel, _as_batches
+from .validation import check_int
 
 
 def _lm_metrics(teacher: torch.Tensor, student: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> dict:
@@ -75,9 +76,27 @@ def evaluate(
     top1_agreement, perplexity, block_flops_ratio and model_flops_ratio (executed / dense, routers included), and
     prefill_time_ratio (elastic / dense wall-clock, median of interleaved repetitions; None when timing_reps=0).
     """
+    check_int("batch_size", batch_size)
+    check_int("timing_reps", timing_reps, minimum=0, hint="0 skips timing")
+    check_int("seed", seed, minimum=0)
+    if isinstance(budgets, (int, float)):  # one budget given bare
+        budgets = [budgets]
+    if isinstance(baselines, str):
+        baselines = [baselines]
     unknown = set(baselines) - {"random", "norm", "static"}
     if unknown:
         raise ConfigError(f"unknown baselines {sorted(unknown)}: the baselines are random, norm and static")
+    if not budgets:
+        raise ConfigError("no budgets to evaluate: pass at least one, e.g. budgets=[0.8]")
+    settings = []
+    for b in budgets:
+        if isinstance(b, dict):
+            settings.append({k: check_fraction(k, v) for k, v in b.items()})
+        else:
+            settings.append({k: check_fraction("budget", b) for k in em.elastic_config.components()})
+    for setting in settings:  # unknown / unrouted keys and budgets below the dense layers' share, before any work
+        with em.budget(**setting):
+            pass
     if {"norm", "static"} & set(baselines):
         if calibration_data is None:
             raise ConfigError("the norm and static baselines are fitted on calibration text: pass calibration_data "
@@ -87,14 +106,6 @@ def evaluate(
             em.calibrate(calibration_data, method="norm")
         if "static" in baselines:
             em.fit_static(calibration_data)
-    if not budgets:
-        raise ConfigError("no budgets to evaluate: pass at least one, e.g. budgets=[0.8]")
-    settings = []
-    for b in budgets:
-        if isinstance(b, dict):
-            settings.append({k: check_fraction(k, v) for k, v in b.items()})
-        else:
-            settings.append({k: check_fraction("budget", b) for k in em.elastic_config.components()})
     if isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.shape[0] == 0:
             raise DataError(f"evaluation data of shape {tuple(data.shape)}: pass token ids [N sequences, T tokens]")

@@ -28,6 +28,7 @@ from .distill import kl_teacher_student
 from .flops import lm_head_flops
 from .layers import ElasticAttention, ElasticMLP, RoutingState
 from .lora import LoRALinear
+from .validation import check_finite_tensors, check_output_dir, check_token_ids, model_context, safetensors_complete
 from .routers import ExpertRouter, HeadRouter, TokenRouter
 from .routers.token import N_CALIBRATION
 
@@ -68,6 +69,9 @@ class ElasticModel(nn.Module):
             keep_first_token=config.keep_first_token,
         )
         self._check_dims()
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self._vocab_size = getattr(embeddings, "num_embeddings", None) or self.dims.get("V")
+        self._context = model_context(model.config)  # longer inputs are refused with a clear error, not a deep one
         for p in model.parameters():
             p.requires_grad_(False)
         self.targeted_module_names: list[str] = []
@@ -181,6 +185,8 @@ class ElasticModel(nn.Module):
         """Set the global capacity of routed components, e.g. `set_budget(mlp_tokens=0.6)`, or `set_budget(0.6)`
         for every routed component. Takes effect at the next forward; no retraining."""
         routed = self.elastic_config.components()
+        if isinstance(value, dict):  # set_budget({"mlp_tokens": 0.6}) reads like set_budget(mlp_tokens=0.6)
+            value, budgets = None, {**value, **budgets}
         if value is not None:
             budgets = {k: value for k in routed} | budgets
         if not budgets:
@@ -255,9 +261,18 @@ class ElasticModel(nn.Module):
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
         if ref is None:
             return None
-        B, T = ref.shape[0], ref.shape[1]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        if ids is not None and getattr(self.base_model, "main_input_name", "input_ids") == "input_ids":
+            check_token_ids(ids, vocab_size=self._vocab_size, context=self._context, past=past)
+        elif ids is None and (ref.dim() != 3 or ref.shape[1] == 0 or (self._context and past + ref.shape[1] >
+                                                                     self._context)):
+            raise DataError(f"inputs_embeds of shape {tuple(ref.shape)} (after {past} cached tokens): pass [batch, "
+                            f"1..{self._context} tokens, hidden]")
+        if ref.dim() == 1:
+            raise DataError(f"input_ids of shape {tuple(ref.shape)}: the model takes a batch [batch, tokens]; use "
+                            "input_ids[None] for one sequence")
+        B, T = ref.shape[0], ref.shape[1]
         st.past_len = past
         st.batch_size = B
         st.positions = torch.arange(past, past + T, device=ref.device)
@@ -351,6 +366,9 @@ class ElasticModel(nn.Module):
                 r.calibration_log = None
             self.state.budget = saved_budget
             self.train(was_training)
+        if not all(math.isfinite(t) for r in token_routers for _, t in fitted[id(r)]):
+            raise ElastiformerError("calibrate() got non-finite router scores (NaN / inf in the model's hidden "
+                                    "states or the routers): check the data and the router weights")
         for r in token_routers:
             points = sorted(fitted[id(r)])  # ascending capacity
             r.set_calibration(method, torch.tensor([c for c, _ in points]), torch.tensor([t for _, t in points]))
@@ -485,11 +503,14 @@ class ElasticModel(nn.Module):
             "gguf_file": source.get("gguf_file"),
         }
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write `elastic_config.json` and `routers.safetensors` (routers and calibration only), atomically."""
+    def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write `elastic_config.json` and `routers.safetensors` (routers and calibration only), atomically.
+        A folder that already holds something is replaced only with `overwrite=True`."""
         from safetensors.torch import save_file
 
         path = Path(path)
+        if path.is_dir() and any(path.iterdir()) and not overwrite:
+            raise ConfigError(f"{path} already holds files: pass overwrite=True to replace them, or another folder")
         meta = {
             "format_version": FORMAT_VERSION,
             "elastiformer_version": __version__,
@@ -517,7 +538,12 @@ class ElasticModel(nn.Module):
             from .models import load_model
 
             model = load_model(str(model))
-        em = get_elastic_model(model, ElasticConfig.from_dict(meta["elastic_config"]))
+        try:
+            config = ElasticConfig.from_dict(meta["elastic_config"])
+        except (ConfigError, TypeError) as err:
+            raise RouterFileError(f"{path / CONFIG_NAME} holds an invalid elastic_config ({err}): save the routers "
+                                  "again") from err
+        em = get_elastic_model(model, config)
         saved, here = meta.get("base_model", {}), em.base_identity()
         if saved.get("model_type") != here["model_type"] or saved.get("dims") != here["dims"]:
             raise RouterFileError(
@@ -531,6 +557,8 @@ class ElasticModel(nn.Module):
             tensors = load_file(str(path / WEIGHTS_NAME))
         except (SafetensorError, OSError, ValueError) as err:
             raise RouterFileError(f"{path / WEIGHTS_NAME} is corrupt or unreadable ({err}): save the routers again") from err
+        check_finite_tensors(tensors, str(path / WEIGHTS_NAME), "the routers diverged when they were trained; train "
+                             "them again (with a lower learning rate)", RouterFileError)
         own = em.router_state_dict()
         missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
         bad_shape = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]
@@ -557,12 +585,17 @@ def read_router_config(path: str | Path) -> dict[str, Any]:
         meta = json.loads((path / CONFIG_NAME).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RouterFileError(f"{path / CONFIG_NAME} is not valid JSON ({err}): save the routers again") from err
+    if not isinstance(meta, dict):
+        raise RouterFileError(f"{path / CONFIG_NAME} is not an elastiformer router config: save the routers again")
     version = meta.get("format_version")
-    if not isinstance(version, int) or "elastic_config" not in meta:
+    if isinstance(version, bool) or not isinstance(version, int) or not isinstance(meta.get("elastic_config"), dict):
         raise RouterFileError(f"{path / CONFIG_NAME} is not an elastiformer router config: save the routers again")
     if version > FORMAT_VERSION:
         raise RouterFileError(f"{path} was written in router format {version}, newer than this elastiformer "
                               f"understands ({FORMAT_VERSION}): upgrade elastiformer")
+    if not safetensors_complete(path / WEIGHTS_NAME):
+        raise RouterFileError(f"{path / WEIGHTS_NAME} is truncated or corrupt (an interrupted copy or save?): save "
+                              "the routers again, or copy the complete folder")
     return meta
 
 
@@ -596,6 +629,11 @@ def _as_batches(data) -> Iterator[dict[str, torch.Tensor]]:
         if not isinstance(batch, dict) or "input_ids" not in batch:
             raise DataError("data items must be dicts holding input_ids (one sequence [T] or a batch [B, T])")
         batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        check_token_ids(batch["input_ids"])
+        mask = batch.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != batch["input_ids"].shape):
+            raise DataError(f"attention_mask of shape {tuple(getattr(mask, 'shape', ()))} does not match input_ids "
+                            f"{tuple(batch['input_ids'].shape)}: pass a 0/1 mask of the same shape")
         if batch["input_ids"].dim() == 1:
             batch = {k: v[None] for k, v in batch.items()}
         yield batch
@@ -607,4 +645,9 @@ def get_elastic_model(model: nn.Module, config: ElasticConfig) -> ElasticModel:
         raise ConfigError("this model is already elastic: pass the base model (em.base_model) of a fresh load")
     if not isinstance(config, ElasticConfig):
         raise ConfigError(f"config must be an ElasticConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        from .errors import ModelLoadError
+
+        raise ModelLoadError(f"get_elastic_model takes a loaded model, not a {type(model).__name__}: load it first "
+                             "with ef.load_model(name_or_path)")
     return ElasticModel(model, config)

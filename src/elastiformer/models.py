@@ -441,11 +441,26 @@ def _is_complete(folder: Path, spec: BundledModel) -> bool:
         return False
     if not any((folder / name).is_file() for name in _WEIGHT_FILES):
         return False
+    if not _weights_complete(folder):  # a weight file cut short (copied or damaged after the build) is rebuilt too
+        return False
     try:
         marker = json.loads((folder / MARKER_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return marker.get("format") == MARKER_FORMAT and marker.get("requirement") == spec.requirement
+
+
+def _weights_complete(folder: Path) -> bool:
+    """Every safetensors weight file of the folder (one, or the shards its index names) is whole."""
+    from elastiformer.validation import safetensors_complete
+
+    if (folder / "model.safetensors").is_file():
+        return safetensors_complete(folder / "model.safetensors")
+    try:
+        shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, AttributeError):
+        return False
+    return bool(shards) and all(safetensors_complete(folder / shard) for shard in shards)
 
 
 def _build_bundled(name: str, spec: BundledModel, dest: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,11 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .cache import atomic_dir, atomic_write_json, ensure_writable_dir
+from .cache import atomic_dir, atomic_write_json, committed_dir, ensure_writable_dir
 from .config import TOKEN_COMPONENTS
 from .distill import DEFAULT_AUX_WEIGHTS, kl_teacher_student
 from .errors import ConfigError, DataError, ElastiformerError
 from .model import ElasticModel, _as_batches
+from .validation import check_device, check_int, check_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +109,9 @@ def _check_options(steps, batch_size, lr, grad_accum, temperature, budget, budge
     if budget is not None and budget_range is not None:
         raise ConfigError("pass either budget (fixed) or budget_range (sampled), not both")
     if budget_range is not None:
+        if not isinstance(budget_range, (tuple, list)) or len(budget_range) != 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in budget_range):
+            raise ConfigError(f"budget_range={budget_range!r}: pass two numbers (low, high), e.g. (0.5, 0.95)")
         lo, hi = budget_range
         if not (0 < lo <= hi < 1):
             raise ConfigError(f"budget_range={budget_range}: pass (low, high) with 0 < low <= high < 1")
@@ -148,6 +153,7 @@ def train_routers(
     device: str | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    overwrite: bool = False,
 ) -> TrainReport:
     """Train `em`'s routers by self-distillation against its own base model; returns a `TrainReport`.
 
@@ -158,7 +164,11 @@ def train_routers(
     are largest on the teacher (`distill.DEFAULT_AUX_WEIGHTS`); "self" keeps only the KL and self-consistency. With
     `output_dir`, checkpoints go to `output_dir/checkpoint`, the log to `output_dir/train_log.json`, the final
     routers to `output_dir`. `stop_after` ends the run early after that many steps (for tests and time limits);
-    the schedule still follows `steps`.
+    the schedule still follows `steps`. An `output_dir` that holds a previous run's results is refused unless
+    `resume=True` (continue it) or `overwrite=True` (start again; its checkpoint is deleted first).
+
+    A NaN / inf loss or gradient stops the run with an `ElastiformerError` naming the step; the last checkpoint
+    (written before it) is kept, so `resume=True` with a lower learning rate continues from there.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -166,11 +176,19 @@ def train_routers(
     if budget is None and budget_range is None:
         budget_range = (0.5, 0.95)
     _check_options(steps, batch_size, lr, grad_accum, temperature, budget, budget_range, checkpoint_every)
+    _lr_factor(schedule, steps, steps, 0)  # validates the schedule name before any work
+    check_int("warmup", warmup, minimum=0)
+    check_int("seed", seed, minimum=0)
+    if stop_after is not None:
+        check_int("stop_after", stop_after)
+    check_device(device)
     if router_targets not in ("teacher", "self"):
         raise ConfigError(f"router_targets={router_targets!r}: pass 'teacher' (importance measured on the teacher) "
                           "or 'self' (each router's own top-k)")
     weights = DEFAULT_AUX_WEIGHTS | (aux_weights or {})
     data = _as_tensor_data(data)
+    for item in [data] if isinstance(data, torch.Tensor) else (b["input_ids"] for b in data):
+        check_token_ids(item, vocab_size=em._vocab_size, context=em._context, what="training data")
     components = em.elastic_config.components()
     fixed = None
     if budget is not None:
@@ -181,6 +199,18 @@ def train_routers(
         raise ConfigError("resume=True needs output_dir (where the checkpoint is)")
     if out_dir is not None:
         ensure_writable_dir(out_dir)
+        previous = [n for n in (CHECKPOINT, "routers", "train_log.json") if (out_dir / n).exists()]
+        if previous and not resume and not overwrite:
+            raise ConfigError(f"{out_dir} holds a previous run ({', '.join(previous)}): pass resume=True to continue "
+                              "it, overwrite=True (--overwrite) to start again, or another output folder")
+        if overwrite and not resume:  # a fresh run must never resume from the old run's checkpoint
+            for name in (CHECKPOINT, f".{CHECKPOINT}.old"):
+                shutil.rmtree(out_dir / name, ignore_errors=True)
+        for stale in out_dir.glob(f".{CHECKPOINT}.*.tmp"):  # left by a run killed while writing a checkpoint
+            shutil.rmtree(stale, ignore_errors=True)
+    options = dict(batch_size=batch_size, lr=lr, schedule=schedule, warmup=warmup, grad_accum=grad_accum, seed=seed,
+                   temperature=temperature, budget=budget, budget_range=list(budget_range or []) or None,
+                   router_targets=router_targets, elastic_config=em.elastic_config.to_dict())
 
     cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum,
@@ -200,7 +230,7 @@ def train_routers(
 
     start, history = 0, []
     if resume:
-        start, history = _load_checkpoint(core, optimizer, scheduler, out_dir / CHECKPOINT)
+        start, history = _load_checkpoint(core, optimizer, scheduler, out_dir / CHECKPOINT, options)
         logger.info("resumed from step %d", start)
     resumed_from = start if resume and start else None
 
@@ -231,9 +261,14 @@ def train_routers(
                 aux |= teacher_aux
                 loss = kl + sum(weights.get(k, 0.0) * v for k, v in aux.items())
                 if not torch.isfinite(loss):
-                    raise ElastiformerError(f"the loss became {loss.item()} at step {step}: lower the learning "
-                                            "rate; the last checkpoint is kept")
+                    bad = [k for k, v in {"kl": kl, **aux}.items() if not torch.isfinite(v)]
+                    _stop_diverged(f"the loss became {loss.item()} ({', '.join(bad) or 'sum'}) at step {step + 1}",
+                                   out_dir if accelerator.is_main_process else None, history)
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and not all(
+                        torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+                    _stop_diverged(f"a router gradient became NaN / inf at step {step + 1}",
+                                   out_dir if accelerator.is_main_process else None, history)
                 optimizer.step()
                 scheduler.step() if accelerator.sync_gradients else None
                 optimizer.zero_grad()
@@ -250,7 +285,7 @@ def train_routers(
         if out_dir is not None and checkpoint_every and (done % checkpoint_every == 0 or done == last):
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                _save_checkpoint(core, optimizer, scheduler, done, history, out_dir / CHECKPOINT)
+                _save_checkpoint(core, optimizer, scheduler, done, history, out_dir / CHECKPOINT, options)
                 atomic_write_json(out_dir / "train_log.json", {"steps": done, "history": history, "finished": False})
     bar.close()
     accelerator.wait_for_everyone()
@@ -264,9 +299,22 @@ def train_routers(
     report = TrainReport(steps=len(history), tokens=len(history) * tokens_per_step, seconds=time.perf_counter() - t0,
                          resumed_from=resumed_from, history=history)
     if out_dir is not None and accelerator.is_main_process:
-        core.save_pretrained(out_dir / "routers")
+        core.save_pretrained(out_dir / "routers", overwrite=True)  # this run's own folder, checked above
         atomic_write_json(out_dir / "train_log.json", report.to_dict() | {"finished": True})
     return report
+
+
+def _stop_diverged(what: str, out_dir: Path | None, history: list) -> None:
+    """Stop training on a non-finite loss / gradient; the checkpoint on disk predates the step, so it is kept."""
+    kept = "no checkpoint was written yet"
+    if out_dir is not None and (out_dir / CHECKPOINT / "trainer_state.json").is_file():
+        step = json.loads((out_dir / CHECKPOINT / "trainer_state.json").read_text())["step"]
+        kept = f"the last good checkpoint (step {step}) is kept in {out_dir / CHECKPOINT} (resume=True / --resume)"
+    message = f"{what}: training stopped; {kept}; check the data, or start again with a lower learning rate"
+    if out_dir is not None:
+        atomic_write_json(out_dir / "train_log.json", {"steps": len(history), "history": history, "finished": False,
+                                                       "error": message})
+    raise ElastiformerError(message)
 
 
 def _seq_len(data) -> int:
@@ -281,20 +329,24 @@ def _split_batches(data) -> list[dict[str, torch.Tensor]]:
 
 
 # ---------------------------------------------------------------------- checkpoints (no pickle)
-def _save_checkpoint(em: ElasticModel, optimizer, scheduler, step: int, history: list, path: Path) -> None:
+def _save_checkpoint(em: ElasticModel, optimizer, scheduler, step: int, history: list, path: Path,
+                     options: dict | None = None) -> None:
     opt = optimizer.state_dict()
     tensors = {f"router.{k}": v.cpu() for k, v in em.router_state_dict().items()}
     for pid, state in opt["state"].items():
         for k, v in state.items():
             tensors[f"optim.{pid}.{k}"] = v.detach().cpu().reshape(-1) if v.dim() == 0 else v.detach().cpu()
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    meta = {"step": step, "param_groups": opt["param_groups"], "scheduler": sched, "history": history}
+    meta = {"step": step, "param_groups": opt["param_groups"], "scheduler": sched, "history": history,
+            "options": options}
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(meta))
 
 
-def _load_checkpoint(em: ElasticModel, optimizer, scheduler, path: Path) -> tuple[int, list]:
+def _load_checkpoint(em: ElasticModel, optimizer, scheduler, path: Path, options: dict | None = None
+                     ) -> tuple[int, list]:
+    path = committed_dir(path)
     if not (path / "trainer_state.json").is_file() or not (path / "state.safetensors").is_file():
         raise ElastiformerError(f"no checkpoint in {path}: run without --resume first (or check --output)")
     try:
@@ -302,11 +354,18 @@ def _load_checkpoint(em: ElasticModel, optimizer, scheduler, path: Path) -> tupl
         tensors = load_file(str(path / "state.safetensors"))
     except Exception as err:  # noqa: BLE001  (any corruption means the same thing to the user)
         raise ElastiformerError(f"checkpoint in {path} is corrupt ({err}): delete it and train again") from err
+    saved = meta.get("options")
+    if options is not None and saved is not None:
+        changed = sorted(k for k in options if json.loads(json.dumps(options[k])) != saved.get(k))
+        if changed:
+            raise ConfigError(f"the checkpoint in {path} was written with other settings ({', '.join(changed)}), so "
+                              "resuming would not reproduce that run: resume with its settings, or pass "
+                              "overwrite=True (--overwrite) to start again")
     own = em.router_state_dict()
     modules = dict(em.base_model.named_modules())
     with torch.no_grad():
         for key in own:
-            if f"router.{key}" not in tensors:
+            if f"router.{key}" not in tensors or tensors[f"router.{key}"].shape != own[key].shape:
                 raise ElastiformerError(f"checkpoint in {path} is for other routers: use another --output folder")
             owner, _, attr = key.rpartition(".")
             getattr(modules[owner], attr).copy_(tensors[f"router.{key}"])

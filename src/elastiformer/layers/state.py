@@ -87,8 +87,12 @@ class RoutingState:
         return self.pad_mask[:, -T:]
 
     def forced_tokens(self, B: int, T: int, device) -> torch.Tensor:
-        """(B, T) bool: tokens that token routing always processes (each sequence's first real token)."""
-        if not self.keep_first_token:
+        """(B, T) bool: tokens that token routing always processes (each sequence's first real token).
+
+        With keep_first_token=False only top-k (training) may skip it, since top-k keeps at least one token per
+        sequence anyway; a threshold (inference) could keep none, so there the first token is still processed: a
+        rule that depends on position only, so routing stays causal and no sequence has an empty selection."""
+        if not self.keep_first_token and self.topk:
             return torch.zeros(B, T, dtype=torch.bool, device=device)
         positions = self.current_positions(T, device)
         if self.pad_mask is None or self.pad_mask.shape[0] != B:
