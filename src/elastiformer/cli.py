@@ -323,7 +323,7 @@ def info(
 
         m = load_model(model)
         spec = get_arch_spec(m)
-        dims = spec.dims(m.config)
+        dims = spec.dims(spec.stack_config(m.config))
         n = sum(p.numel() for p in m.parameters())
         typer.echo(f"{model}: {m.config.model_type} ({spec.name} spec), {n / 1e6:.1f}M parameters, "
                    f"{dims['L']} layers, hidden {dims['C']}, {dims['H']} heads / {dims['KVH']} KV heads "
@@ -434,6 +434,47 @@ def bench(
         typer.echo(f"README.md {task} results section rewritten from {path}")
         return
     result = t["run"](o, plot=t["plot"], echo=typer.echo)
+    typer.echo(f"{len(result['records'])} records in {o['output']} (plot: {Path(o['output']).with_suffix('.png')})")
+
+
+@app.command("bench-vision")
+def bench_vision(
+    components: Optional[str] = typer.Option(None, help="Settings to run: mlp_tokens,attn_tokens,attn_heads,"
+                                             "mlp_experts,combined (default: all; '' for none)."),
+    budgets: Optional[str] = typer.Option(None, help="Budgets of the sweep (default 0.6,0.7,0.8,0.9)."),
+    steps: Optional[int] = typer.Option(None, help="Router training steps per setting (default 150)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per router training step (default 64)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate of the routers (default 1e-2)."),
+    model: Optional[str] = typer.Option(None, help="A ViTForImageClassification folder, or vit-fashion-mnist (the "
+                                        "default: trained here first if missing, as no pretrained ViT installs)."),
+    train_images: Optional[int] = typer.Option(None, help="Routers train on the first N training images (6000)."),
+    test_images: Optional[int] = typer.Option(None, help="Evaluate on the first N test images (default 2000)."),
+    domain_component: Optional[str] = typer.Option(None, help="Setting of the domain-robustness runs (routers "
+                                                   "trained on classes 0-4, 5-9, all; default combined; '' skips)."),
+    domain_budgets: Optional[str] = typer.Option(None, help="Budgets of the domain runs (default 0.7,0.8)."),
+    domain_steps: Optional[int] = typer.Option(None, help="Router training steps per domain run (default 150)."),
+    timing_reps: Optional[int] = typer.Option(None, help="Interleaved timing repetitions (0: no timing)."),
+    output: Optional[Path] = typer.Option(None, help="Result JSON (default bench/results/vision.json; PNG beside)."),
+    readme: bool = typer.Option(False, "--readme", help="Do not run: rewrite README.md's vision results subsection "
+                                "from the result JSON."),
+    config: Optional[Path] = typer.Option(None, help="YAML file of options (see bench_vision.VISION_BENCH_DEFAULTS)."),
+):
+    """Benchmark the elastic ViT on Fashion-MNIST: test accuracy of teacher and elastic model against executed
+    FLOPs for each routed component (tokens = patches, heads, experts) and their combination, beside random,
+    training-free (norm) and static baselines; then robustness to the classes the routers were trained on."""
+    from .bench_vision import VISION_BENCH_DEFAULTS, plot_vision_bench, run_vision_bench, update_vision_readme
+
+    given = {k: v for k, v in locals().items() if k not in ("config", "readme") and not k[0].isupper()
+             and not callable(v)}
+    o = _merge(config, given, VISION_BENCH_DEFAULTS)
+    if readme:
+        path = Path(o["output"])
+        if not path.is_file():
+            raise ConfigError(f"no results at {path}: run `elastiformer bench-vision` first")
+        update_vision_readme(json.loads(path.read_text()), Path("README.md"), str(path.with_suffix(".png")))
+        typer.echo(f"README.md vision results subsection rewritten from {path}")
+        return
+    result = run_vision_bench(o, plot=plot_vision_bench, echo=typer.echo)
     typer.echo(f"{len(result['records'])} records in {o['output']} (plot: {Path(o['output']).with_suffix('.png')})")
 
 

@@ -204,8 +204,7 @@ class ImageFormat:
         size = size[0] if isinstance(size, (list, tuple)) else int(size)
         channels = int(getattr(cfg, "num_channels", 1))
         mean, std = [0.5] * channels, [0.5] * channels
-        source = (getattr(model, "elastiformer_source", None) or {}).get("name_or_path") or ""
-        processor = Path(source) / "preprocessor_config.json" if source else None
+        processor = _model_folder(model) / "preprocessor_config.json" if _model_folder(model) else None
         if processor is not None and processor.is_file():
             meta = json.loads(processor.read_text())
             mean, std = meta.get("image_mean", mean), meta.get("image_std", std)
@@ -214,6 +213,23 @@ class ImageFormat:
         if len(mean) == 1:
             mean, std = mean * channels, std * channels
         return cls(size, channels, tuple(float(m) for m in mean), tuple(float(s) for s in std))
+
+
+def _model_folder(model: torch.nn.Module) -> Path | None:
+    """The local folder a model was loaded from (a short name such as vit-fashion-mnist resolves to its cache
+    folder), or None."""
+    from .errors import ModelLoadError
+    from .models import _resolve
+
+    name = (getattr(model, "elastiformer_source", None) or {}).get("name_or_path") or \
+        getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    if not name:
+        return None
+    try:
+        folder = Path(_resolve(name).path)
+    except ModelLoadError:
+        return None
+    return folder if folder.is_dir() else None
 
 
 def pixel_values_for(images: torch.Tensor, fmt: ImageFormat) -> torch.Tensor:
@@ -226,13 +242,3 @@ def pixel_values_for(images: torch.Tensor, fmt: ImageFormat) -> torch.Tensor:
     std = torch.tensor(fmt.std)[None, :, None, None]
     return (x - mean) / std
 
-
-def image_batches(pixels: torch.Tensor, batch_size: int, labels: torch.Tensor | None = None) -> list[dict]:
-    """Fixed batches of `{"pixel_values": (B, C, S, S)}` (and `labels`), in order."""
-    out = []
-    for i in range(0, pixels.shape[0], batch_size):
-        batch = {"pixel_values": pixels[i:i + batch_size]}
-        if labels is not None:
-            batch["labels"] = labels[i:i + batch_size]
-        out.append(batch)
-    return out

@@ -53,7 +53,9 @@ def _resolve_layers(indices: Iterable[int], n_layers: int) -> frozenset[int]:
 
 class ElasticModel(nn.Module):
     """Wraps a model (a *ForCausalLM, or an encoder such as BertModel / ViTModel / ViTForImageClassification)
-    whose sub-layers have been made elastic. Use `get_elastic_model` to build one. `is_causal` says which kind:
+    whose sub-layers have been made elastic. Use `get_elastic_model` to build one. A model with several layer stacks
+    (LLaVA: `spec.towers`, the vision tower beside the language model) holds one ElasticModel per extra tower;
+    budgets, modes and stats cover every stack. `is_causal` says which kind:
     causal LMs distil on logits (KL) and route by calibrated thresholds at inference; encoders distil pooled
     embeddings (cosine, see `embed`) and route by top-k at inference."""
 
@@ -63,7 +65,7 @@ class ElasticModel(nn.Module):
         self.base_model = model
         self.elastic_config = config
         self.spec: ArchSpec = spec
-        self.dims = spec.dims(model.config)
+        self.dims = spec.dims(spec.stack_config(model.config))
         L = self.dims["L"]
         dense = _resolve_layers(config.dense_layers, L)
         self.state = RoutingState(
@@ -80,6 +82,10 @@ class ElasticModel(nn.Module):
         self._calibrating = False
         self._checked_budget: dict[str, float] | None = None  # the budget whose thresholds were last checked
         self._inject()
+        # the model's other layer stacks (LLaVA's vision tower): each made elastic by its own ElasticModel (its spec,
+        # routing state and per-forward context), run at this model's budget and modes; a plain list, not
+        # submodules, because their modules already belong to `base_model`
+        self._towers: list[ElasticModel] = [ElasticModel(model.get_submodule(path), config) for path in spec.towers]
         self.set_budget(**config.capacities())
         self._hook = model.register_forward_pre_hook(self._capture_context, with_kwargs=True)
         self._backbone_output = None  # the backbone's output of the last forward (encoders: see `embed`)
@@ -144,6 +150,8 @@ class ElasticModel(nn.Module):
         self._hook.remove()
         if self._backbone_hook is not None:
             self._backbone_hook.remove()
+        for tower in self._towers:
+            tower.unload()
         return self.base_model
 
     # ------------------------------------------------------------------ routers
@@ -188,7 +196,8 @@ class ElasticModel(nn.Module):
         self.base_model.eval()
         for r in self.routers():
             r.train(mode)
-        self.state.topk = mode
+        for st in self._states():
+            st.topk = mode
         return self
 
     def set_budget(self, value: float | None = None, /, **budgets: float) -> "ElasticModel":
@@ -213,6 +222,8 @@ class ElasticModel(nn.Module):
                                   f"{lo:.3f} or list fewer dense_layers")
             new[key] = b
         self.state.budget.update(new)
+        for tower in self._towers:
+            tower.set_budget(**new)
         return self
 
     def get_budget(self) -> dict[str, float]:
@@ -220,13 +231,26 @@ class ElasticModel(nn.Module):
 
     @contextlib.contextmanager
     def _override(self, attr: str, value):
-        """Set a routing-state field for the duration of a block; reentrant and exception-safe."""
-        saved = getattr(self.state, attr)
-        setattr(self.state, attr, value)
+        """Set a routing-state field (of every layer stack) for the duration of a block; reentrant and
+        exception-safe."""
+        states = self._states()
+        saved = [getattr(st, attr) for st in states]
+        for st in states:
+            setattr(st, attr, dict(value) if isinstance(value, dict) else value)
         try:
             yield self
         finally:
-            setattr(self.state, attr, saved)
+            for st, old in zip(states, saved):
+                setattr(st, attr, old)
+
+    def _states(self) -> list[RoutingState]:
+        """The routing state of this layer stack and of every tower's."""
+        return [self.state, *(st for tower in self._towers for st in tower._states())]
+
+    def _stack_routers(self) -> Iterator[tuple[str, nn.Module]]:
+        """The routers of this layer stack only (not the towers'): what calibration and static pruning fit."""
+        towers = tuple(f"{path}." for path in self.spec.towers)
+        return ((name, r) for name, r in self.named_routers() if not name.startswith(towers))
 
     @contextlib.contextmanager
     def budget(self, value: float | None = None, /, **budgets: float):
@@ -258,13 +282,17 @@ class ElasticModel(nn.Module):
         if method == "norm" and any(k not in TOKEN_COMPONENTS for k in self.elastic_config.components()):
             raise ConfigError("the 'norm' baseline scores tokens only: use it on a model whose routed components "
                               "are mlp_tokens / attn_tokens")
+        if method in ("norm", "static") and self._towers:
+            raise ConfigError(f"the '{method}' baseline is fitted on one layer stack, and this {self.spec.name} model "
+                              f"has towers ({', '.join(self.spec.towers)}): compare with method='random'")
         return self._override("method", method)
 
     # ------------------------------------------------------------------ forward
     def _capture_context(self, module, args, kwargs):
         """Forward pre-hook on the base model: the wrappers need the padding mask and positions of this call."""
         st = self.state
-        st.reset_forward()
+        for each in self._states():  # a text-only call never reaches the towers: clear their last stats too
+            each.reset_forward()
         main = getattr(module, "main_input_name", "input_ids")  # "pixel_values" for vision models
         first = kwargs.get(main, args[0] if args else None)
         ref = first if first is not None else kwargs.get("inputs_embeds")
@@ -309,7 +337,7 @@ class ElasticModel(nn.Module):
             return
         for key in ("mlp_tokens", "attn_tokens"):
             if self.state.budget.get(key, 1.0) < 1.0:
-                for name, r in self.named_routers():
+                for name, r in self._stack_routers():
                     if isinstance(r, TokenRouter) and not r.is_calibrated:
                         raise NotCalibratedError(
                             f"{key} routing at inference needs calibrated thresholds ({name} has none): call "
@@ -342,7 +370,7 @@ class ElasticModel(nn.Module):
         `method="norm"` fits the thresholds of the training-free baseline instead (not saved with the routers).
         Non-causal models (encoders) route by top-k at inference and need no thresholds: this returns at once.
         """
-        token_routers = [r for r in self.routers() if isinstance(r, TokenRouter)]
+        token_routers = [r for _, r in self._stack_routers() if isinstance(r, TokenRouter)]
         components = [k for k in TOKEN_COMPONENTS if k in self.state.budget]
         if not token_routers or not components or not self.is_causal:  # encoders route by top-k: nothing to fit
             return self
@@ -419,7 +447,7 @@ class ElasticModel(nn.Module):
                 for b in batches:
                     self.base_model(**b)
                 log, st.importance_log = st.importance_log, None
-            for name, r in self.named_routers():
+            for name, r in self._stack_routers():
                 if isinstance(r, (HeadRouter, ExpertRouter)):
                     r.static_importance = torch.stack(log[id(r)]).mean(0)
         finally:
@@ -442,7 +470,7 @@ class ElasticModel(nn.Module):
         """Whether inference has what token routing needs (always, for encoders: they route by top-k)."""
         if not self.is_causal:
             return True
-        return all(r.is_calibrated for r in self.routers() if isinstance(r, TokenRouter))
+        return all(r.is_calibrated for _, r in self._stack_routers() if isinstance(r, TokenRouter))
 
     # ------------------------------------------------------------------ embeddings (encoders)
     def embed(self, batch: dict[str, torch.Tensor], pooling: str | None = None, *, forward=None) -> Embedding:
@@ -476,11 +504,15 @@ class ElasticModel(nn.Module):
         against its own top-k (when there are no teacher targets) and `expert_balance` (Switch load balancing).
         Teacher pass under `teacher_targets()`: `token_importance` (regression onto the importance measured on the
         teacher), `head_rank`, `expert_rank` (against the top-k by importance on the teacher)."""
-        return {k: torch.stack(v).mean() for k, v in self.state.aux_losses.items() if v}
+        merged = defaultdict(list)  # every layer stack's
+        for st in self._states():
+            for k, v in st.aux_losses.items():
+                merged[k] += v
+        return {k: torch.stack(v).mean() for k, v in merged.items() if v}
 
     def last_stats(self) -> dict[str, Any]:
         """FLOPs of the transformer blocks in the last forward (routers included), counted from what ran."""
-        stats = self.state.stats
+        stats = [s for st in self._states() for s in st.stats]  # this stack's and the towers'
         dense = sum(s.dense_flops for s in stats)
         executed = sum(s.executed_flops for s in stats)
         n_tokens = int(self.state.positions.numel()) if self.state.positions is not None else 0
@@ -498,6 +530,9 @@ class ElasticModel(nn.Module):
             out[sub] = {"dense_flops": d, "elastic_flops": e, "flops_ratio": e / d if d else 1.0,
                         "token_fraction": _mean([s.token_fraction for s in part]),
                         "unit_fraction": _mean([s.unit_fraction for s in part])}
+        if self._towers:  # each layer stack on its own (LLaVA: the language model, then the vision tower)
+            out["stacks"] = {name: _flops_summary(st.stats) for name, st in
+                             zip((self.spec.name, *self.spec.towers), (self.state, *(t.state for t in self._towers)))}
         if stats and n_tokens and self.is_causal:  # the whole model: blocks plus the LM head (lookups are free)
             head = lm_head_flops(n_tokens * self.state.batch_size, self.dims["C"], self.dims["V"])
             out["model_dense_flops"] = dense + head
@@ -614,6 +649,11 @@ def weight_fingerprint(model: nn.Module) -> str:
         h.update(str(tuple(p.shape)).encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def _flops_summary(stats) -> dict[str, float]:
+    dense, executed = sum(s.dense_flops for s in stats), sum(s.executed_flops for s in stats)
+    return {"dense_flops": dense, "elastic_flops": executed, "flops_ratio": executed / dense if dense else 1.0}
 
 
 def _mean(xs: list[float]) -> float:

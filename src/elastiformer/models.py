@@ -106,9 +106,16 @@ class _Source:
 # Public API
 
 
+# Short names of models elastiformer trains itself on first use, because no pretrained weights install here.
+TRAINED_MODELS: dict[str, str] = {
+    "vit-fashion-mnist": "small ViT classifier (4 layers, hidden 128, 7x7 patches), trained here on Fashion-MNIST on "
+                         "first use (`elastiformer vit-teacher`): no pretrained ViT installs here",
+}
+
+
 def available_models() -> dict[str, str]:
     """Short names `load_model` accepts, each with a one-line description (for `--help` and error messages)."""
-    return {name: spec.description for name, spec in BUNDLED_MODELS.items()}
+    return {name: spec.description for name, spec in BUNDLED_MODELS.items()} | TRAINED_MODELS
 
 
 def load_model(
@@ -190,6 +197,10 @@ def _resolve(model: Any) -> _Source:
         raise ModelLoadError("empty model name: " + _ANY_SOURCE.format(names=", ".join(BUNDLED_MODELS)))
     if text.lower() in BUNDLED_MODELS:
         return _Source("bundled", str(bundled_model_dir(text)), None, text.lower())
+    if text.lower() in TRAINED_MODELS:
+        from elastiformer.vit_teacher import vit_teacher_dir
+
+        return _Source("bundled", str(vit_teacher_dir()), None, text.lower())
     return _resolve_path(Path(text).expanduser(), explicit_path=False, text=text)
 
 
@@ -235,8 +246,8 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _unknown_model_message(name: str) -> str:
-    names = ", ".join(BUNDLED_MODELS)
-    close = difflib.get_close_matches(name.lower(), list(BUNDLED_MODELS), n=1, cutoff=0.6)
+    names = ", ".join(available_models())
+    close = difflib.get_close_matches(name.lower(), list(available_models()), n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return f"unknown model '{name}'{hint}: " + _ANY_SOURCE.format(names=names)
 
@@ -282,9 +293,12 @@ def _encoder_spec(model_type: str | None):
 
 
 def _model_class(folder: Path):
-    """Which transformers class loads this folder: AutoModelForCausalLM, unless its model type is an encoder's."""
-    spec = _encoder_spec(_read_model_type(folder))
-    if spec is None:
+    """Which transformers class loads this folder: AutoModelForCausalLM, unless its spec names classes (encoders,
+    LLaVA), then the class its config names, or the spec's Auto class."""
+    from elastiformer.arch.spec import _REGISTRY
+
+    spec = _REGISTRY.get(_read_model_type(folder))
+    if spec is None or (spec.causal and not spec.model_classes):  # causal LMs; a LLaVA folder names its class
         return AutoModelForCausalLM
     try:
         named = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or []

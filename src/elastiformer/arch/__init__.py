@@ -6,7 +6,7 @@ weights as plain `(out, in)` matrices. Add a family with `register_architecture(
 
 from .spec import (ArchSpec, AttentionWeights, MLPWeights, get_arch_spec, get_dotted, register_architecture, set_dotted,
                    supported_model_types)
-from . import bert, gpt2, llama, vit  # noqa: F401  (registers the built-in specs)
+from . import bert, clip, gpt2, llama, llava, vit  # noqa: F401  (registers the built-in specs)
 
 __all__ = [
     "ArchSpec",

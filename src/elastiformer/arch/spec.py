@@ -89,6 +89,9 @@ class ArchSpec:
     layers_in_backbone: str = ""  # tail of the layers path inside the backbone whose output has last_hidden_state
     post_norm: bool = False
     default_pooling: str = "mean"  # sentence / image embedding for cosine distillation: "mean" | "cls" | "pooler"
+    towers: tuple[str, ...] = ()  # submodules that are layer stacks of their own, each with its own spec (LLaVA's
+    # vision tower), made elastic beside this one under the same budget
+    config_attr: str = ""  # attribute of the model's config holding this stack's config ("text_config": LLaVA)
     take_mlp: Callable[[nn.Module], nn.Module] | None = None  # block -> the MLP as one module (default: mlp_name)
     put_mlp: Callable[[nn.Module, nn.Module], None] | None = None  # put an MLP (or its wrapper) back into a block
 
@@ -121,6 +124,10 @@ class ArchSpec:
             self.put_mlp(block, module)
         else:
             setattr(block, self.mlp_name, module)
+
+    def stack_config(self, config):
+        """The config of this spec's layer stack (`config.text_config` for LLaVA's language model)."""
+        return getattr(config, self.config_attr) if self.config_attr else config
 
     @staticmethod
     def dims(config) -> dict[str, int]:
