@@ -6,17 +6,17 @@ from __future__ import annotations
 import gzip
 import json
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from elastiformer import cli, data_images
+from elastiformer import data_images
 from elastiformer.data_images import (FASHION_MNIST_FILES, ImageFormat, load_fashion_mnist, parse_classes,
                                       pixel_values_for, read_idx)
 from elastiformer.errors import DataError
+from test_cli import run as run_cli  # the console entry point, in-process
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
@@ -104,20 +104,6 @@ def test_cached_folder_is_used_without_fetching(tmp_path, monkeypatch):
     assert data_images.fashion_mnist_dir() == tmp_path / "cache" / "data" / "fashion-mnist"
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["elastiformer", *map(str, args)]
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_vit_teacher_command_trains_caches_and_reuses(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ELASTIFORMER_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(data_images, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "not-installed")
@@ -145,3 +131,11 @@ def test_vit_teacher_command_bad_option_is_one_line(tmp_path, capsys, monkeypatc
     monkeypatch.setenv("ELASTIFORMER_CACHE", str(tmp_path / "cache"))
     code, _, err = run_cli(["vit-teacher", "--output", tmp_path / "t", "--hidden-size", "30", "--heads", "4"], capsys)
     assert code == 2 and err.startswith("error: hidden_size=30 is not divisible") and len(err.strip().splitlines()) == 1
+
+
+def test_vit_teacher_command_keeps_a_foreign_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ELASTIFORMER_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    code, _, err = run_cli(["vit-teacher", "--output", tmp_path / "mine", "--steps", "1"], capsys)
+    assert code == 2 and "--overwrite" in err and (tmp_path / "mine" / "notes.txt").is_file()

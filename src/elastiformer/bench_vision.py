@@ -43,7 +43,7 @@ VISION_BENCH_DEFAULTS = dict(
     model="vit-fashion-mnist", components="mlp_tokens,attn_tokens,attn_heads,mlp_experts,combined",
     budgets="0.6,0.7,0.8,0.9", steps=150, batch_size=64, lr=1e-2, train_images=6000, test_images=2000,
     domain_component="combined", domain_budgets="0.7,0.8", domain_steps=150, dense_layers="",
-    output="bench/results/vision.json", seed=0, timing_reps=3,
+    output="bench/results/vision.json", seed=0, timing_reps=3, append=False,
 )
 
 
@@ -154,6 +154,18 @@ def run_vision_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]
         "teacher_note": "no pretrained ViT installs here: the teacher is trained by `elastiformer vit-teacher`",
         "components": {}, "records": [], "domain": {"component": o["domain_component"], "records": []},
     }
+
+    if o["append"] and out.is_file():  # keep the other settings' records (and the domain runs, if not redone)
+        import json
+
+        from .benchmark import keep_previous
+
+        previous = json.loads(out.read_text())
+        keep_previous(result, out, components, 0, same=("model", "test_images", "train_images"))
+        result.pop("train_tokens", None)
+        result["teacher_accuracy"] = previous.get("teacher_accuracy")
+        if not o["domain_component"] and previous.get("domain"):
+            result["domain"] = previous["domain"]
 
     def fresh(setting: dict[str, Any]) -> ElasticModel:
         return get_elastic_model(load_model(o["model"]), ElasticConfig(**setting, dense_layers=dense))

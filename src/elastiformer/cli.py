@@ -366,7 +366,7 @@ def vit_teacher(
         typer.echo(f"a ViT teacher is already in {out} (test accuracy {done['test_accuracy']:.4f}); pass "
                    "--overwrite to train again")
         return
-    _check_output(out, True, "the teacher")
+    _check_output(out, overwrite, "the teacher")
     typer.echo("No pretrained ViT installs here, so elastiformer trains its own ViT teacher on Fashion-MNIST "
                "(Debian package dataset-fashion-mnist).")
     options = dict(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, hidden_size=hidden_size, layers=layers,
@@ -455,6 +455,8 @@ def bench_vision(
     domain_steps: Optional[int] = typer.Option(None, help="Router training steps per domain run (default 150)."),
     timing_reps: Optional[int] = typer.Option(None, help="Interleaved timing repetitions (0: no timing)."),
     output: Optional[Path] = typer.Option(None, help="Result JSON (default bench/results/vision.json; PNG beside)."),
+    append: bool = typer.Option(False, "--append", help="Keep the other settings' records in OUTPUT (and its "
+                                "domain runs when --domain-component '' skips them)."),
     readme: bool = typer.Option(False, "--readme", help="Do not run: rewrite README.md's vision results subsection "
                                 "from the result JSON."),
     config: Optional[Path] = typer.Option(None, help="YAML file of options (see bench_vision.VISION_BENCH_DEFAULTS)."),
@@ -466,6 +468,7 @@ def bench_vision(
 
     given = {k: v for k, v in locals().items() if k not in ("config", "readme") and not k[0].isupper()
              and not callable(v)}
+    given["append"] = append or None
     o = _merge(config, given, VISION_BENCH_DEFAULTS)
     if readme:
         path = Path(o["output"])
