@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench bench-flextron clean
+.PHONY: demo test install bench bench-flextron bench-encoder clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ bench: $(STAMP)
 bench-flextron: $(STAMP)
 	$(BIN)/elastiformer flextron bench
 	$(BIN)/elastiformer flextron bench --readme
+
+bench-encoder: $(STAMP)
+	$(BIN)/elastiformer bench --task encoder --overwrite
+	$(BIN)/elastiformer bench --task encoder --readme
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

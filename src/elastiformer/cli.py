@@ -1,4 +1,5 @@
-"""The `elastiformer` command: train | eval | info | bench | demo, and `flextron ...` (flextron/cli.py).
+"""The `elastiformer` command: train | eval | info | demo | bench | lm-eval | vit-teacher | bench-vision, and
+`flextron ...` (flextron/cli.py).
 
 Every subcommand takes `--config FILE.yaml` whose keys are the subcommand's option names (dashes or underscores);
 options given on the command line win over the file. Errors a user can fix print one line and exit 2; `--debug`
@@ -373,7 +374,7 @@ def info(
 
         m = load_model(model)
         spec = get_arch_spec(m)
-        dims = spec.dims(m.config)
+        dims = spec.dims(spec.stack_config(m.config))
         n = sum(p.numel() for p in m.parameters())
         typer.echo(f"{model}: {m.config.model_type} ({spec.name} spec), {n / 1e6:.1f}M parameters, "
                    f"{dims['L']} layers, hidden {dims['C']}, {dims['H']} heads / {dims['KVH']} KV heads "
@@ -387,44 +388,155 @@ def info(
     typer.echo(f"supported model types: {', '.join(supported_model_types())}")
 
 
+# ---------------------------------------------------------------------- vit-teacher
+@app.command("vit-teacher")
+def vit_teacher(
+    output: Optional[Path] = typer.Option(None, help="Where the HF folder goes (default: the cache folder, where "
+                                          "`load_model('vit-fashion-mnist')` finds it)."),
+    epochs: Optional[int] = typer.Option(None, help="Passes over the 60k training images (default 3)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps; overrides --epochs."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per step (default 128)."),
+    lr: Optional[float] = typer.Option(None, help="Peak AdamW learning rate (default 1e-3)."),
+    hidden_size: Optional[int] = typer.Option(None, help="ViT hidden size (default 128; the MLP is 4x)."),
+    layers: Optional[int] = typer.Option(None, help="Transformer layers (default 4)."),
+    heads: Optional[int] = typer.Option(None, help="Attention heads (default 4)."),
+    patch_size: Optional[int] = typer.Option(None, help="Patch size in pixels (default 7: 16 patches + CLS)."),
+    train_images: Optional[int] = typer.Option(None, help="Train on only the first N training images."),
+    test_images: Optional[int] = typer.Option(None, help="Report accuracy on only the first N test images."),
+    seed: Optional[int] = typer.Option(None, help="Seed of initialisation and data order."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Train again even if OUTPUT holds a teacher."),
+):
+    """Train the small ViT teacher on Fashion-MNIST and cache it. No pretrained ViT installs here (no hub access),
+    so the vision path trains its own; any other local HF ViT folder works the same way afterwards."""
+    from .cache import cache_dir
+    from .vit_teacher import VIT_TEACHER_NAME, teacher_report, train_vit_teacher
+
+    out = output or cache_dir() / "models" / VIT_TEACHER_NAME
+    done = teacher_report(out)
+    if done is not None and not overwrite:
+        typer.echo(f"a ViT teacher is already in {out} (test accuracy {done['test_accuracy']:.4f}); pass "
+                   "--overwrite to train again")
+        return
+    _check_output(out, overwrite, "the teacher")
+    typer.echo("No pretrained ViT installs here, so elastiformer trains its own ViT teacher on Fashion-MNIST "
+               "(Debian package dataset-fashion-mnist).")
+    options = dict(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, hidden_size=hidden_size, layers=layers,
+                   heads=heads, patch_size=patch_size, train_images=train_images, test_images=test_images, seed=seed)
+    report = train_vit_teacher(out, **{k: v for k, v in options.items() if v is not None})
+    typer.echo(f"trained {report['steps']} steps ({report['epochs']:.2f} epochs) on {report['train_images']:,} images "
+               f"in {report['seconds']:.0f}s; test accuracy {report['test_accuracy']:.4f} on "
+               f"{report['test_images']:,} images; teacher in {out}")
+
+
 # ---------------------------------------------------------------------- bench
+def bench_tasks() -> dict[str, dict[str, Any]]:
+    """What `elastiformer bench --task T` runs: defaults, runner, plot, README renderer and README marker."""
+    from .benchmark import BENCH_DEFAULTS, plot_lm_bench, results_markdown, run_lm_bench
+    from .benchmark_encoder import (ENCODER_BENCH_DEFAULTS, encoder_results_markdown, plot_encoder_bench,
+                                    run_encoder_bench)
+
+    return {
+        "lm": dict(defaults=BENCH_DEFAULTS, run=run_lm_bench, plot=plot_lm_bench, render=results_markdown,
+                   marker="lm"),
+        "encoder": dict(defaults=ENCODER_BENCH_DEFAULTS, run=run_encoder_bench, plot=plot_encoder_bench,
+                        render=encoder_results_markdown, marker="encoder"),
+    }
+
+
 @app.command()
 def bench(
+    task: str = typer.Option("lm", help="lm: the causal LM (default smollm2-135m; ΔLM loss, KL, top-1 agreement, "
+                             "prefill / decode time), results in bench/results/lm.json. encoder: the sentence "
+                             "encoder (default minilm-l6; cosine to the teacher's sentence embedding and "
+                             "nearest-neighbour retrieval agreement on held-out sentences, cosine distillation), "
+                             "results in bench/results/encoder.json."),
     components: Optional[str] = typer.Option(None, help="Settings to run: mlp_tokens,attn_tokens,attn_heads,"
                                              "mlp_experts,mlp_experts_cluster,combined (default: all)."),
-    budgets: Optional[str] = typer.Option(None, help="Budgets of the sweep (default 0.6,0.8,0.9)."),
-    steps: Optional[int] = typer.Option(None, help="Training steps per setting (default 60)."),
-    model: Optional[str] = typer.Option(None, help="The base model (default smollm2-135m)."),
-    output: Optional[Path] = typer.Option(None, help="Result JSON (default bench/results/lm.json; a PNG beside it)."),
+    budgets: Optional[str] = typer.Option(None, help="Budgets of the sweep (default 0.6,0.8,0.9; encoder "
+                                          "0.5,0.6,0.75,0.9)."),
+    steps: Optional[int] = typer.Option(None, help="Training steps per setting (default 60; encoder 80)."),
+    model: Optional[str] = typer.Option(None, help="The base model (default smollm2-135m; encoder minilm-l6)."),
+    output: Optional[Path] = typer.Option(None, help="Result JSON (default bench/results/<task>.json; a PNG "
+                                          "beside it)."),
     lora_rank: Optional[int] = typer.Option(None, help="Train rank-r LoRA on the attention projections too."),
     append: bool = typer.Option(False, "--append", help="Keep the other settings' records in OUTPUT."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT (and its PNG)."),
-    readme: bool = typer.Option(False, "--readme", help="Do not run: rewrite README.md's results section from "
-                                "the result JSON."),
-    config: Optional[Path] = typer.Option(None, help="YAML file of bench options (see benchmark.BENCH_DEFAULTS)."),
+    readme: bool = typer.Option(False, "--readme", help="Do not run: rewrite the task's results section of "
+                                "README.md from the result JSON."),
+    config: Optional[Path] = typer.Option(None, help="YAML file of bench options (see benchmark.BENCH_DEFAULTS, "
+                                          "benchmark_encoder.ENCODER_BENCH_DEFAULTS)."),
 ):
     """Benchmark each routed component and their combination against random, training-free and static baselines
     on held-out books: quality against executed FLOPs, and elastic / dense wall-clock."""
-    from .benchmark import BENCH_DEFAULTS, plot_lm_bench, run_lm_bench, update_readme
-
-    given = {k: v for k, v in locals().items() if k not in ("config", "readme", "BENCH_DEFAULTS", "plot_lm_bench",
-                                                              "run_lm_bench", "update_readme")}
+    tasks = bench_tasks()
+    if task not in tasks:
+        raise ConfigError(f"--task {task!r}: pass one of {', '.join(tasks)}")
+    t = tasks[task]
+    given = {k: v for k, v in locals().items() if k not in ("config", "readme", "task", "tasks", "t")}
     given["append"] = append or None
     given["overwrite"] = overwrite or None
-    o = _merge(config, given, BENCH_DEFAULTS)
+    o = _merge(config, given, t["defaults"] | {"overwrite": False})
     if readme:
         path = Path(o["output"])
         if not path.is_file():
-            raise ConfigError(f"no results at {path}: run `elastiformer bench` first")
-        update_readme(json.loads(path.read_text()), Path("README.md"), str(path.with_suffix(".png")))
-        typer.echo(f"README.md results section rewritten from {path}")
+            raise ConfigError(f"no results at {path}: run `elastiformer bench --task {task}` first")
+        from .benchmark import update_readme
+
+        update_readme(json.loads(path.read_text()), Path("README.md"), str(path.with_suffix(".png")),
+                      marker=t["marker"], render=t["render"])
+        typer.echo(f"README.md {task} results section rewritten from {path}")
         return
     from .validation import check_output_file
 
-    _check_numbers(o, dict(steps=1, batch_size=1, seq_len=2, train_sequences=1, eval_sequences=1, eval_seq_len=2,
-                           prefill_batch=1, prefill_len=1, decode_tokens=1, timing_reps=1, seed=0, lora_rank=0))
+    if task == "lm":
+        _check_numbers(o, dict(steps=1, batch_size=1, seq_len=2, train_sequences=1, eval_sequences=1, eval_seq_len=2,
+                               prefill_batch=1, prefill_len=1, decode_tokens=1, timing_reps=1, seed=0, lora_rank=0))
     check_output_file(o["output"], bool(o["overwrite"] or o["append"]), flag="--overwrite (or --append)")
-    result = run_lm_bench(o, plot=plot_lm_bench, echo=typer.echo)
+    result = t["run"](o, plot=t["plot"], echo=typer.echo)
+    typer.echo(f"{len(result['records'])} records in {o['output']} (plot: {Path(o['output']).with_suffix('.png')})")
+
+
+@app.command("bench-vision")
+def bench_vision(
+    components: Optional[str] = typer.Option(None, help="Settings to run: mlp_tokens,attn_tokens,attn_heads,"
+                                             "mlp_experts,combined (default: all; '' for none)."),
+    budgets: Optional[str] = typer.Option(None, help="Budgets of the sweep (default 0.6,0.7,0.8,0.9)."),
+    steps: Optional[int] = typer.Option(None, help="Router training steps per setting (default 150)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per router training step (default 64)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate of the routers (default 1e-2)."),
+    model: Optional[str] = typer.Option(None, help="A ViTForImageClassification folder, or vit-fashion-mnist (the "
+                                        "default: trained here first if missing, as no pretrained ViT installs)."),
+    train_images: Optional[int] = typer.Option(None, help="Routers train on the first N training images (6000)."),
+    test_images: Optional[int] = typer.Option(None, help="Evaluate on the first N test images (default 2000)."),
+    domain_component: Optional[str] = typer.Option(None, help="Setting of the domain-robustness runs (routers "
+                                                   "trained on classes 0-4, 5-9, all; default combined; '' skips)."),
+    domain_budgets: Optional[str] = typer.Option(None, help="Budgets of the domain runs (default 0.7,0.8)."),
+    domain_steps: Optional[int] = typer.Option(None, help="Router training steps per domain run (default 150)."),
+    timing_reps: Optional[int] = typer.Option(None, help="Interleaved timing repetitions (0: no timing)."),
+    output: Optional[Path] = typer.Option(None, help="Result JSON (default bench/results/vision.json; PNG beside)."),
+    append: bool = typer.Option(False, "--append", help="Keep the other settings' records in OUTPUT (and its "
+                                "domain runs when --domain-component '' skips them)."),
+    readme: bool = typer.Option(False, "--readme", help="Do not run: rewrite README.md's vision results subsection "
+                                "from the result JSON."),
+    config: Optional[Path] = typer.Option(None, help="YAML file of options (see bench_vision.VISION_BENCH_DEFAULTS)."),
+):
+    """Benchmark the elastic ViT on Fashion-MNIST: test accuracy of teacher and elastic model against executed
+    FLOPs for each routed component (tokens = patches, heads, experts) and their combination, beside random,
+    training-free (norm) and static baselines; then robustness to the classes the routers were trained on."""
+    from .bench_vision import VISION_BENCH_DEFAULTS, plot_vision_bench, run_vision_bench, update_vision_readme
+
+    given = {k: v for k, v in locals().items() if k not in ("config", "readme") and not k[0].isupper()
+             and not callable(v)}
+    given["append"] = append or None
+    o = _merge(config, given, VISION_BENCH_DEFAULTS)
+    if readme:
+        path = Path(o["output"])
+        if not path.is_file():
+            raise ConfigError(f"no results at {path}: run `elastiformer bench-vision` first")
+        update_vision_readme(json.loads(path.read_text()), Path("README.md"), str(path.with_suffix(".png")))
+        typer.echo(f"README.md vision results subsection rewritten from {path}")
+        return
+    result = run_vision_bench(o, plot=plot_vision_bench, echo=typer.echo)
     typer.echo(f"{len(result['records'])} records in {o['output']} (plot: {Path(o['output']).with_suffix('.png')})")
 
 

@@ -385,6 +385,57 @@ def pack_sequences(texts: Sequence[str], tokenizer: Any, seq_len: int, *, max_se
     return sequences.contiguous()
 
 
+# -------------------------------------------------------------------------------------------- sentences (encoders)
+
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
+_ABBREVIATION = re.compile(r"\b(?:Mr|Mrs|Ms|Dr|St|Mme|Mlle|Sr|Jr|Capt|Col|Gen|Rev|Prof|vs|viz|i\.e|e\.g)\.$")
+
+
+def split_sentences(text: str, *, min_words: int = 6, max_words: int = 60) -> list[str]:
+    """Sentences of a prose text (whitespace collapsed; breaks after . ! ? except after common abbreviations),
+    keeping those of `min_words`..`max_words` words that start with a capital letter or a quote."""
+    flat = " ".join(text.split())
+    out: list[str] = []
+    current = ""
+    for piece in _SENTENCE_BREAK.split(flat):
+        current = f"{current} {piece}" if current else piece
+        if _ABBREVIATION.search(current):
+            continue  # "Mr. Elliot": the sentence goes on
+        n_words = len(current.split())
+        if min_words <= n_words <= max_words and current[0] in "\"'`(" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ":
+            out.append(current)
+        current = ""
+    return out
+
+
+def load_sentences(source: str | os.PathLike | None = None, *, split: str = "heldout",
+                   max_sentences: int | None = None, min_words: int = 6, max_words: int = 60) -> list[str]:
+    """Sentences of a text source (default: the Gutenberg books of `split`), for encoders. With `max_sentences`, an
+    evenly spaced subset over the whole source (every book contributes), in a fixed order."""
+    sentences = [x for text in load_texts(source, split=split)
+                 for x in split_sentences(text, min_words=min_words, max_words=max_words)]
+    if not sentences:
+        raise DataError(f"no sentences of {min_words}-{max_words} words in the {split} text: pass prose text")
+    if max_sentences is not None and len(sentences) > max_sentences:
+        keep = torch.linspace(0, len(sentences) - 1, max_sentences, dtype=torch.float64).round().long().tolist()
+        sentences = [sentences[i] for i in keep]
+    return sentences
+
+
+def sentence_batches(sentences: Sequence[str], tokenizer: Any, batch_size: int = 32, *,
+                     max_length: int = 128) -> list[dict[str, torch.Tensor]]:
+    """Tokenised batches of sentences for an encoder: `{"input_ids", "attention_mask"}` [B, T], padded to the
+    longest sentence of each batch, truncated to `max_length` tokens."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}; pass a positive --batch-size")
+    out = []
+    for start in range(0, len(sentences), batch_size):
+        enc = tokenizer(list(sentences[start:start + batch_size]), padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt")
+        out.append({k: enc[k] for k in ("input_ids", "attention_mask")})
+    return out
+
+
 def token_stream(texts: Sequence[str], tokenizer: Any, *, add_bos: bool = True) -> torch.LongTensor:
     """The 1-D token stream `pack_sequences` cuts up (see there for where BOS / EOS go)."""
     texts = [texts] if isinstance(texts, str) else list(texts)  # a lone string is one document, not characters

@@ -54,6 +54,39 @@ def _time_ratio(em: ElasticModel, batch: dict, context, reps: int) -> tuple[floa
     return e / d, d, e
 
 
+def prepare_baselines(em: ElasticModel, baselines: Sequence[str], calibration_data) -> None:
+    """Check the baseline names and fit what they need on calibration data: "norm" thresholds (causal models only;
+    encoders route by top-k) and the "static" choice of what to drop."""
+    unknown = set(baselines) - {"random", "norm", "static"}
+    if unknown:
+        raise ConfigError(f"unknown baselines {sorted(unknown)}: the baselines are random, norm and static")
+    if {"norm", "static"} & set(baselines):
+        if calibration_data is None:
+            raise ConfigError("the norm and static baselines are fitted on calibration text: pass calibration_data "
+                              "(training text, never the evaluation text)")
+        if "norm" in baselines:
+            em.routing_method("norm")  # validates that norm applies to this model
+            em.calibrate(calibration_data, method="norm")
+        if "static" in baselines:
+            em.fit_static(calibration_data)
+
+
+def budget_settings(em: ElasticModel, budgets: Sequence[float | dict[str, float]]) -> list[dict[str, float]]:
+    """Each budget as a dict per routed component (one fraction applies to every component), validated."""
+    if not budgets:
+        raise ConfigError("no budgets to evaluate: pass at least one, e.g. budgets=[0.8]")
+    settings = []
+    for b in budgets:
+        if isinstance(b, dict):
+            settings.append({k: check_fraction(k, v) for k, v in b.items()})
+        else:
+            settings.append({k: check_fraction("budget", b) for k in em.elastic_config.components()})
+    for setting in settings:  # unknown / unrouted keys and budgets below the dense layers' share
+        with em.budget(**setting):
+            pass
+    return settings
+
+
 def evaluate(
     em: ElasticModel,
     data: Iterable[dict[str, torch.Tensor]] | torch.Tensor,
@@ -83,29 +116,8 @@ def evaluate(
         budgets = [budgets]
     if isinstance(baselines, str):
         baselines = [baselines]
-    unknown = set(baselines) - {"random", "norm", "static"}
-    if unknown:
-        raise ConfigError(f"unknown baselines {sorted(unknown)}: the baselines are random, norm and static")
-    if not budgets:
-        raise ConfigError("no budgets to evaluate: pass at least one, e.g. budgets=[0.8]")
-    settings = []
-    for b in budgets:
-        if isinstance(b, dict):
-            settings.append({k: check_fraction(k, v) for k, v in b.items()})
-        else:
-            settings.append({k: check_fraction("budget", b) for k in em.elastic_config.components()})
-    for setting in settings:  # unknown / unrouted keys and budgets below the dense layers' share, before any work
-        with em.budget(**setting):
-            pass
-    if {"norm", "static"} & set(baselines):
-        if calibration_data is None:
-            raise ConfigError("the norm and static baselines are fitted on calibration text: pass calibration_data "
-                              "(training text, never the evaluation text)")
-        if "norm" in baselines:
-            em.routing_method("norm")  # validates that norm applies to this model
-            em.calibrate(calibration_data, method="norm")
-        if "static" in baselines:
-            em.fit_static(calibration_data)
+    settings = budget_settings(em, budgets)  # validated before any heavy work
+    prepare_baselines(em, baselines, calibration_data)
     if isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.shape[0] == 0:
             raise DataError(f"evaluation data of shape {tuple(data.shape)}: pass token ids [N sequences, T tokens]")

@@ -1,4 +1,5 @@
-"""`ElasticModel`: a pretrained causal LM with routers attached in place, and `get_elastic_model` to make one.
+"""`ElasticModel`: a pretrained Transformer (a causal LM, or a bidirectional encoder such as BERT or ViT) with
+routers attached in place, and `get_elastic_model` to make one.
 
 Like PEFT's `PeftModel`: the base model's attention and MLP modules are replaced by wrappers that own the original
 module (`base_layer`) and its routers; the base weights are frozen and never modified; only router tensors are
@@ -20,11 +21,11 @@ import torch
 from torch import nn
 
 from . import __version__
-from .arch import ArchSpec, get_arch_spec
+from .arch import ArchSpec, get_arch_spec, get_dotted, set_dotted
 from .cache import atomic_dir
 from .config import BUDGET_KEYS, TOKEN_COMPONENTS, ElasticConfig, check_fraction
 from .errors import BudgetError, ConfigError, DataError, ElastiformerError, NotCalibratedError, RouterFileError
-from .distill import kl_teacher_student
+from .distill import POOLINGS, Embedding, cosine_distance, kl_teacher_student, pool_hidden
 from .flops import lm_head_flops
 from .layers import ElasticAttention, ElasticMLP, RoutingState
 from .lora import LoRALinear
@@ -52,7 +53,12 @@ def _resolve_layers(indices: Iterable[int], n_layers: int) -> frozenset[int]:
 
 
 class ElasticModel(nn.Module):
-    """Wraps a *ForCausalLM model whose sub-layers have been made elastic. Use `get_elastic_model` to build one."""
+    """Wraps a model (a *ForCausalLM, or an encoder such as BertModel / ViTModel / ViTForImageClassification)
+    whose sub-layers have been made elastic. Use `get_elastic_model` to build one. A model with several layer stacks
+    (LLaVA: `spec.towers`, the vision tower beside the language model) holds one ElasticModel per extra tower;
+    budgets, modes and stats cover every stack. `is_causal` says which kind:
+    causal LMs distil on logits (KL) and route by calibrated thresholds at inference; encoders distil pooled
+    embeddings (cosine, see `embed`) and route by top-k at inference."""
 
     def __init__(self, model: nn.Module, config: ElasticConfig):
         super().__init__()
@@ -60,13 +66,15 @@ class ElasticModel(nn.Module):
         self.base_model = model
         self.elastic_config = config
         self.spec: ArchSpec = spec
-        self.dims = spec.dims(model.config)
+        self.dims = spec.dims(spec.stack_config(model.config))
         L = self.dims["L"]
         dense = _resolve_layers(config.dense_layers, L)
         self.state = RoutingState(
             n_layers=L,
-            dense_layers={k: dense | ({0} if k == "attn_tokens" else frozenset()) for k in BUDGET_KEYS},
+            # a causal LM's layer 0 keeps full attention: transformers reads the KV-cache length from it
+            dense_layers={k: dense | ({0} if k == "attn_tokens" and spec.causal else frozenset()) for k in BUDGET_KEYS},
             keep_first_token=config.keep_first_token,
+            causal=spec.causal,
         )
         self._check_dims()
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -78,9 +86,20 @@ class ElasticModel(nn.Module):
         self._calibrating = False
         self._checked_budget: dict[str, float] | None = None  # the budget whose thresholds were last checked
         self._inject()
+        # the model's other layer stacks (LLaVA's vision tower): each made elastic by its own ElasticModel (its spec,
+        # routing state and per-forward context), run at this model's budget and modes; a plain list, not
+        # submodules, because their modules already belong to `base_model`
+        self._towers: list[ElasticModel] = [ElasticModel(model.get_submodule(path), config) for path in spec.towers]
         self.set_budget(**config.capacities())
         self._hook = model.register_forward_pre_hook(self._capture_context, with_kwargs=True)
+        self._backbone_output = None  # the backbone's output of the last forward (encoders: see `embed`)
+        self._backbone_hook = None if spec.causal else \
+            spec.backbone(model).register_forward_hook(self._capture_backbone_output)
         self.eval()
+
+    @property
+    def is_causal(self) -> bool:
+        return self.spec.causal
 
     # ------------------------------------------------------------------ building
     def _check_dims(self) -> None:
@@ -95,11 +114,11 @@ class ElasticModel(nn.Module):
         c, d, st = self.elastic_config, self.dims, self.state
         kw = dict(kind=c.router, router_hidden=c.router_hidden)
         layers = self.spec.layers(self.base_model)
-        prefix = self.spec.layers_path
+        prefix = self.spec.find_layers_path(self.base_model)
         for i, block in enumerate(layers):
             routed = lambda comp: getattr(c, comp) is not None and i not in st.dense_layers[comp]  # noqa: E731
             attn = getattr(block, self.spec.attn_name)
-            mlp = getattr(block, self.spec.mlp_name)
+            mlp = self.spec.get_mlp(block)
             if isinstance(attn, ElasticAttention) or isinstance(mlp, ElasticMLP):
                 raise ConfigError("this model already has routers: call get_elastic_model on a fresh base model")
             token_attn = TokenRouter(d["C"], **kw) if routed("attn_tokens") else None
@@ -113,9 +132,9 @@ class ElasticModel(nn.Module):
                     r.to(device)
             if c.lora_rank and any(r is not None for r in (token_attn, heads, token_mlp, experts)):
                 for proj, conv1d in self.spec.lora_targets:  # adapters live inside the unmodified attention
-                    setattr(attn, proj, LoRALinear(getattr(attn, proj), c.lora_rank, st, conv1d=conv1d))
+                    set_dotted(attn, proj, LoRALinear(get_dotted(attn, proj), c.lora_rank, st, conv1d=conv1d))
             setattr(block, self.spec.attn_name, ElasticAttention(attn, i, self.spec, d, st, token_attn, heads))
-            setattr(block, self.spec.mlp_name, ElasticMLP(mlp, i, self.spec, d, st, token_mlp, experts))
+            self.spec.set_mlp(block, ElasticMLP(mlp, i, self.spec, d, st, token_mlp, experts))
             self.targeted_module_names += [f"{prefix}.{i}.{self.spec.attn_name}", f"{prefix}.{i}.{self.spec.mlp_name}"]
         if not any(True for _ in self.routers()):
             raise ConfigError("no layer is routed: dense_layers covers every layer of the model")
@@ -125,15 +144,19 @@ class ElasticModel(nn.Module):
     def unload(self) -> nn.Module:
         """Take the routers out: put the original modules back and return the base model (like PEFT's unload)."""
         for block in self.spec.layers(self.base_model):
-            for name in (self.spec.attn_name, self.spec.mlp_name):
-                wrapper = getattr(block, name)
-                if isinstance(wrapper, (ElasticAttention, ElasticMLP)):
-                    setattr(block, name, wrapper.base_layer)
+            if isinstance(getattr(block, self.spec.attn_name), ElasticAttention):
+                setattr(block, self.spec.attn_name, getattr(block, self.spec.attn_name).base_layer)
+            if isinstance(self.spec.get_mlp(block), ElasticMLP):
+                self.spec.set_mlp(block, self.spec.get_mlp(block).base_layer)
             attn = getattr(block, self.spec.attn_name)
             for proj, _ in self.spec.lora_targets:
-                if isinstance(getattr(attn, proj, None), LoRALinear):
-                    setattr(attn, proj, getattr(attn, proj).base_layer)
+                if isinstance(get_dotted(attn, proj), LoRALinear):
+                    set_dotted(attn, proj, get_dotted(attn, proj).base_layer)
         self._hook.remove()
+        if self._backbone_hook is not None:
+            self._backbone_hook.remove()
+        for tower in self._towers:
+            tower.unload()
         return self.base_model
 
     # ------------------------------------------------------------------ routers
@@ -178,7 +201,8 @@ class ElasticModel(nn.Module):
         self.base_model.eval()
         for r in self.routers():
             r.train(mode)
-        self.state.topk = mode
+        for st in self._states():
+            st.topk = mode
         return self
 
     def set_budget(self, value: float | None = None, /, **budgets: float) -> "ElasticModel":
@@ -205,6 +229,8 @@ class ElasticModel(nn.Module):
                                   f"{lo:.3f} or list fewer dense_layers")
             new[key] = b
         self.state.budget.update(new)
+        for tower in self._towers:
+            tower.set_budget(**new)
         return self
 
     def get_budget(self) -> dict[str, float]:
@@ -212,13 +238,26 @@ class ElasticModel(nn.Module):
 
     @contextlib.contextmanager
     def _override(self, attr: str, value):
-        """Set a routing-state field for the duration of a block; reentrant and exception-safe."""
-        saved = getattr(self.state, attr)
-        setattr(self.state, attr, value)
+        """Set a routing-state field (of every layer stack) for the duration of a block; reentrant and
+        exception-safe."""
+        states = self._states()
+        saved = [getattr(st, attr) for st in states]
+        for st in states:
+            setattr(st, attr, dict(value) if isinstance(value, dict) else value)
         try:
             yield self
         finally:
-            setattr(self.state, attr, saved)
+            for st, old in zip(states, saved):
+                setattr(st, attr, old)
+
+    def _states(self) -> list[RoutingState]:
+        """The routing state of this layer stack and of every tower's."""
+        return [self.state, *(st for tower in self._towers for st in tower._states())]
+
+    def _stack_routers(self) -> Iterator[tuple[str, nn.Module]]:
+        """The routers of this layer stack only (not the towers'): what calibration and static pruning fit."""
+        towers = tuple(f"{path}." for path in self.spec.towers)
+        return ((name, r) for name, r in self.named_routers() if not name.startswith(towers))
 
     @contextlib.contextmanager
     def budget(self, value: float | None = None, /, **budgets: float):
@@ -250,34 +289,46 @@ class ElasticModel(nn.Module):
         if method == "norm" and any(k not in TOKEN_COMPONENTS for k in self.elastic_config.components()):
             raise ConfigError("the 'norm' baseline scores tokens only: use it on a model whose routed components "
                               "are mlp_tokens / attn_tokens")
+        if method in ("norm", "static") and self._towers:
+            raise ConfigError(f"the '{method}' baseline is fitted on one layer stack, and this {self.spec.name} model "
+                              f"has towers ({', '.join(self.spec.towers)}): compare with method='random'")
         return self._override("method", method)
 
     # ------------------------------------------------------------------ forward
     def _capture_context(self, module, args, kwargs):
         """Forward pre-hook on the base model: the wrappers need the padding mask and positions of this call."""
         st = self.state
-        st.reset_forward()
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        for each in self._states():  # a text-only call never reaches the towers: clear their last stats too
+            each.reset_forward()
+        main = getattr(module, "main_input_name", "input_ids")  # "pixel_values" for vision models
+        first = kwargs.get(main, args[0] if args else None)
+        ref = first if first is not None else kwargs.get("inputs_embeds")
         if ref is None:
             return None
+        if not isinstance(ref, torch.Tensor):
+            raise DataError(f"{main} must be a tensor, got {type(ref).__name__}: pass what the tokenizer / image "
+                            "processor returns (return_tensors='pt')")
+        tokens_known = main != "pixel_values" or ref is not first  # images: the patch count shows only inside
+        if tokens_known and ref.dim() < 2:
+            raise DataError(f"{main} of shape {tuple(ref.shape)}: the model takes a batch [batch, tokens]; use "
+                            f"{main}[None] for one sequence")
+        B = ref.shape[0]
+        T = ref.shape[1] if tokens_known else None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        if ids is not None and getattr(self.base_model, "main_input_name", "input_ids") == "input_ids":
-            check_token_ids(ids, vocab_size=self._vocab_size, context=self._context, past=past)
-        elif ids is None and (ref.dim() != 3 or ref.shape[1] == 0 or (self._context and past + ref.shape[1] >
-                                                                     self._context)):
+        if first is not None and main == "input_ids":
+            check_token_ids(first, vocab_size=self._vocab_size, context=self._context, past=past)
+        elif first is None and (ref.dim() != 3 or ref.shape[1] == 0 or (self._context and past + ref.shape[1] >
+                                                                       self._context)):
             raise DataError(f"inputs_embeds of shape {tuple(ref.shape)} (after {past} cached tokens): pass [batch, "
                             f"1..{self._context} tokens, hidden]")
-        if ref.dim() == 1:
-            raise DataError(f"input_ids of shape {tuple(ref.shape)}: the model takes a batch [batch, tokens]; use "
-                            "input_ids[None] for one sequence")
-        B, T = ref.shape[0], ref.shape[1]
         st.past_len = past
         st.batch_size = B
-        st.positions = torch.arange(past, past + T, device=ref.device)
+        st.positions = torch.arange(past, past + T, device=ref.device) if T is not None else None
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and mask.shape == (B, past + T):
+        if T is None:  # pixel_values: take a 2-D mask as it comes (the first sub-layer meets the token count)
+            st.pad_mask = mask.bool() if mask is not None and mask.dim() == 2 and mask.shape[0] == B else None
+        elif mask is not None and mask.dim() == 2 and mask.shape == (B, past + T):
             st.pad_mask = mask.bool()
         elif mask is not None and mask.dim() == 2 and mask.shape == (B, T) and past == 0:
             st.pad_mask = mask.bool()
@@ -292,10 +343,15 @@ class ElasticModel(nn.Module):
             self._checked_budget = dict(st.budget)
         return None
 
+    def _capture_backbone_output(self, module, args, output) -> None:
+        self._backbone_output = output
+
     def _check_calibrated(self) -> None:
+        if not self.is_causal:  # encoders route by top-k at inference: no thresholds needed
+            return
         for key in ("mlp_tokens", "attn_tokens"):
             if self.state.budget.get(key, 1.0) < 1.0:
-                for name, r in self.named_routers():
+                for name, r in self._stack_routers():
                     if isinstance(r, TokenRouter) and not r.is_calibrated:
                         raise NotCalibratedError(
                             f"{key} routing at inference needs calibrated thresholds ({name} has none): call "
@@ -326,10 +382,11 @@ class ElasticModel(nn.Module):
         routing on matters: when earlier layers skip tokens, later layers' scores shift, and thresholds fitted on the
         dense model would spend visibly less than the budget. Cost: `n_budgets` x `max_batches` forwards.
         `method="norm"` fits the thresholds of the training-free baseline instead (not saved with the routers).
+        Non-causal models (encoders) route by top-k at inference and need no thresholds: this returns at once.
         """
-        token_routers = [r for r in self.routers() if isinstance(r, TokenRouter)]
+        token_routers = [r for _, r in self._stack_routers() if isinstance(r, TokenRouter)]
         components = [k for k in TOKEN_COMPONENTS if k in self.state.budget]
-        if not token_routers or not components:
+        if not token_routers or not components or not self.is_causal:  # encoders route by top-k: nothing to fit
             return self
         batches = []
         for batch in _as_batches(data):
@@ -414,7 +471,8 @@ class ElasticModel(nn.Module):
     def fit_static(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 1) -> "ElasticModel":
         """Choose, once, what the "static" pruning baseline drops: for token components, the sub-layers whose
         removal alone changes the output least (KL to the base model on `data`, one forward per routed layer); for
-        heads / experts, those with the smallest mean output norm on `data`."""
+        heads / experts, those with the smallest mean output norm on `data`. Encoders measure the cost of dropping
+        a sub-layer as the cosine distance of their pooled embedding (`embed`) instead of the KL of logits."""
         batches = [b for _, b in zip(range(max_batches or 10**9), _as_batches(data))]
         if not batches:
             raise ElastiformerError("fit_static() got no data: pass an iterable of dicts holding input_ids")
@@ -425,7 +483,7 @@ class ElasticModel(nn.Module):
         self.eval()
         try:
             with self.disable_routers():
-                teachers = [self.base_model(**b).logits for b in batches]
+                teachers = [self._distill_target(b) for b in batches]
             st.method = "static"
             for comp in (k for k in TOKEN_COMPONENTS if k in st.budget):
                 routed = [i for i in range(st.n_layers) if i not in st.dense_layers[comp]]
@@ -433,7 +491,7 @@ class ElasticModel(nn.Module):
                 for layer in routed:  # drop this layer alone: budget of exactly one layer's worth less
                     st.static_layer_order[comp] = [layer]
                     st.budget = {comp: 1.0 - 1.0 / st.n_layers + 1e-6}
-                    cost[layer] = sum(float(kl_teacher_student(t, self.base_model(**b).logits))
+                    cost[layer] = sum(float(self._distill_distance(t, self._distill_target(b), b))
                                       for t, b in zip(teachers, batches))
                 st.static_layer_order[comp] = sorted(routed, key=cost.get)
             st.budget = saved[0]
@@ -442,7 +500,7 @@ class ElasticModel(nn.Module):
                 for b in batches:
                     self.base_model(**b)
                 log, st.importance_log = st.importance_log, None
-            for name, r in self.named_routers():
+            for name, r in self._stack_routers():
                 if isinstance(r, (HeadRouter, ExpertRouter)):
                     r.static_importance = torch.stack(log[id(r)]).mean(0)
         finally:
@@ -451,9 +509,47 @@ class ElasticModel(nn.Module):
             self.train(saved[2])
         return self
 
+    def _distill_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What distillation compares: next-token logits (causal LMs) or the pooled embedding (encoders)."""
+        return self.base_model(**batch).logits if self.is_causal else self.embed(batch).pooled
+
+    def _distill_distance(self, teacher: torch.Tensor, student: torch.Tensor, batch) -> torch.Tensor:
+        if self.is_causal:
+            return kl_teacher_student(teacher, student, batch.get("attention_mask"))
+        return cosine_distance(teacher, student)
+
     @property
     def is_calibrated(self) -> bool:
-        return all(r.is_calibrated for r in self.routers() if isinstance(r, TokenRouter))
+        """Whether inference has what token routing needs (always, for encoders: they route by top-k)."""
+        if not self.is_causal:
+            return True
+        return all(r.is_calibrated for _, r in self._stack_routers() if isinstance(r, TokenRouter))
+
+    # ------------------------------------------------------------------ embeddings (encoders)
+    def embed(self, batch: dict[str, torch.Tensor], pooling: str | None = None, *, forward=None) -> Embedding:
+        """Run `batch` through the model (at the current budget / mode) and return its embedding: `pooled` (B, C)
+        by `pooling` ("mean" over valid tokens, "cls" = the first token, "pooler" = the model's pooler output;
+        default `spec.default_pooling`: mean for BERT, cls for ViT), and the final token states `tokens` (B, T, C)
+        with their validity `mask` (B, T), and a classifier's `logits` (None for a bare encoder). `forward` is what
+        to call instead of `self` (e.g. a DDP wrapper)."""
+        if self.is_causal:
+            raise ConfigError("embed() is for encoders (BERT, ViT): a causal LM distils and is evaluated on logits")
+        pooling = pooling or self.spec.default_pooling
+        if pooling not in POOLINGS:
+            raise ConfigError(f"pooling={pooling!r}: pass one of {', '.join(POOLINGS)}")
+        self._backbone_output = None
+        result = (forward or self)(**batch)
+        out, self._backbone_output = self._backbone_output, None
+        hidden = out.last_hidden_state  # (B, T, C)
+        mask = batch.get("attention_mask")
+        if mask is None or mask.shape != hidden.shape[:2]:
+            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        pooler = getattr(out, "pooler_output", None)
+        if pooling == "pooler" and pooler is None:
+            raise ConfigError(f"pooling='pooler': this {type(self.base_model).__name__} has no pooler output; "
+                              "pass pooling='mean' or 'cls'")
+        logits = getattr(result, "logits", None) if out is not result else None
+        return Embedding(pool_hidden(hidden, mask, pooling, pooler), hidden, mask.bool(), logits)
 
     # ------------------------------------------------------------------ accounting
     def aux_losses(self) -> dict[str, torch.Tensor]:
@@ -461,11 +557,15 @@ class ElasticModel(nn.Module):
         against its own top-k (when there are no teacher targets) and `expert_balance` (Switch load balancing).
         Teacher pass under `teacher_targets()`: `token_importance` (regression onto the importance measured on the
         teacher), `head_rank`, `expert_rank` (against the top-k by importance on the teacher)."""
-        return {k: torch.stack(v).mean() for k, v in self.state.aux_losses.items() if v}
+        merged = defaultdict(list)  # every layer stack's
+        for st in self._states():
+            for k, v in st.aux_losses.items():
+                merged[k] += v
+        return {k: torch.stack(v).mean() for k, v in merged.items() if v}
 
     def last_stats(self) -> dict[str, Any]:
         """FLOPs of the transformer blocks in the last forward (routers included), counted from what ran."""
-        stats = self.state.stats
+        stats = [s for st in self._states() for s in st.stats]  # this stack's and the towers'
         dense = sum(s.dense_flops for s in stats)
         executed = sum(s.executed_flops for s in stats)
         n_tokens = int(self.state.positions.numel()) if self.state.positions is not None else 0
@@ -483,11 +583,17 @@ class ElasticModel(nn.Module):
             out[sub] = {"dense_flops": d, "elastic_flops": e, "flops_ratio": e / d if d else 1.0,
                         "token_fraction": _mean([s.token_fraction for s in part]),
                         "unit_fraction": _mean([s.unit_fraction for s in part])}
-        if stats and n_tokens:  # the whole model: blocks plus the LM head (embedding lookups cost no FLOPs)
+        if self._towers:  # each layer stack on its own (LLaVA: the language model, then the vision tower)
+            out["stacks"] = {name: _flops_summary(st.stats) for name, st in
+                             zip((self.spec.name, *self.spec.towers), (self.state, *(t.state for t in self._towers)))}
+        if stats and n_tokens and self.is_causal:  # the whole model: blocks plus the LM head (lookups are free)
             head = lm_head_flops(n_tokens * self.state.batch_size, self.dims["C"], self.dims["V"])
             out["model_dense_flops"] = dense + head
             out["model_elastic_flops"] = executed + head
             out["model_flops_ratio"] = (executed + head) / (dense + head)
+        elif stats:  # encoders: the blocks are the model (embeddings, pooler and a classifier are negligible)
+            out["model_dense_flops"], out["model_elastic_flops"] = dense, executed
+            out["model_flops_ratio"] = out["flops_ratio"]
         return out
 
     # ------------------------------------------------------------------ artifacts
@@ -613,28 +719,46 @@ def weight_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:32]
 
 
+def _flops_summary(stats) -> dict[str, float]:
+    dense, executed = sum(s.dense_flops for s in stats), sum(s.executed_flops for s in stats)
+    return {"dense_flops": dense, "elastic_flops": executed, "flops_ratio": executed / dense if dense else 1.0}
+
+
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 1.0
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")  # what batches pass to the model
+
+
+def _tensor_batch(t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A bare tensor: token ids [T] / [B, T], or images [C, H, W] / [B, C, H, W] (floating point)."""
+    return {"pixel_values" if t.is_floating_point() and t.dim() >= 3 else "input_ids": t}
+
+
 def _as_batches(data) -> Iterator[dict[str, torch.Tensor]]:
-    """Accept a tensor [N, T] / [T], a dict, or an iterable of dicts with input_ids ([T] or [B, T])."""
+    """Accept a tensor ([N, T] / [T] token ids, or [N, C, H, W] images), a dict, or an iterable of dicts holding
+    input_ids ([T] or [B, T]) or pixel_values ([C, H, W] or [B, C, H, W]); other keys but the model inputs
+    (attention_mask, token_type_ids) are dropped, e.g. labels."""
     if isinstance(data, torch.Tensor):
-        data = [{"input_ids": data}]
+        data = [_tensor_batch(data)]
     elif isinstance(data, dict):
         data = [data]
     for batch in data:
         if isinstance(batch, torch.Tensor):
-            batch = {"input_ids": batch}
-        if not isinstance(batch, dict) or "input_ids" not in batch:
-            raise DataError("data items must be dicts holding input_ids (one sequence [T] or a batch [B, T])")
-        batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-        check_token_ids(batch["input_ids"])
-        mask = batch.get("attention_mask")
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != batch["input_ids"].shape):
-            raise DataError(f"attention_mask of shape {tuple(getattr(mask, 'shape', ()))} does not match input_ids "
-                            f"{tuple(batch['input_ids'].shape)}: pass a 0/1 mask of the same shape")
-        if batch["input_ids"].dim() == 1:
+            batch = _tensor_batch(batch)
+        if not isinstance(batch, dict) or not ("input_ids" in batch or "pixel_values" in batch):
+            raise DataError("data items must be dicts holding input_ids (one sequence [T] or a batch [B, T]) or "
+                            "pixel_values ([C, H, W] or [B, C, H, W])")
+        batch = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+        if "input_ids" in batch:
+            check_token_ids(batch["input_ids"])
+            mask = batch.get("attention_mask")
+            if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != batch["input_ids"].shape):
+                raise DataError(f"attention_mask of shape {tuple(getattr(mask, 'shape', ()))} does not match "
+                                f"input_ids {tuple(batch['input_ids'].shape)}: pass a 0/1 mask of the same shape")
+        single = batch["input_ids"].dim() == 1 if "input_ids" in batch else batch["pixel_values"].dim() == 3
+        if single:
             batch = {k: v[None] for k, v in batch.items()}
         yield batch
 

