@@ -451,6 +451,22 @@ def test_nan_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpo
     assert all(torch.isfinite(v).all() for v in em.router_state_dict().values())
 
 
+def test_nan_gradient_stops_training_before_the_routers_are_updated(tmp_path):
+    em = ef.get_elastic_model(pretrained_like(), ef.ElasticConfig(mlp_tokens=0.6))
+    param = em.router_parameters()[0]
+    calls = {"n": 0}
+
+    def poison(grad):  # the 3rd step's gradient
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] == 3 else grad
+
+    param.register_hook(poison)
+    with pytest.raises(ef.ElastiformerError, match=r"router gradient became NaN / inf at step 3.*step 2\) is kept"):
+        train_routers(em, tokens(B=8, T=16), steps=5, batch_size=4, checkpoint_every=1, output_dir=tmp_path,
+                      progress=False)
+    assert all(torch.isfinite(p).all() for p in em.router_parameters())  # the optimizer never applied it
+
+
 def _record_selections(em):
     """Forward hooks that keep every router's selection of the next forwards."""
     seen = []
