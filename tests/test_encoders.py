@@ -327,10 +327,11 @@ def test_encoder_bench_writes_the_result_schema_and_readme(bert_workspace, tmp_p
     assert "old" not in text and text.endswith("after\n") and text.count("| mlp_tokens |") == 1 + 8
 
 
-def test_encoder_bench_cli_refuses_bad_options(capsys):
+def test_encoder_bench_cli_refuses_bad_options(capsys, tmp_path):
     from test_cli import run
 
     code, _, err = run(["bench", "--task", "vision-x"], capsys)
     assert code == 2 and err.strip() == "error: --task 'vision-x': pass one of lm, encoder"
-    code, _, err = run(["bench", "--task", "encoder", "--components", "mlp_tokens,heads"], capsys)
+    code, _, err = run(["bench", "--task", "encoder", "--components", "mlp_tokens,heads", "--output",
+                        tmp_path / "encoder.json"], capsys)
     assert code == 2 and "unknown bench components ['heads']" in err and len(err.strip().splitlines()) == 1

@@ -35,6 +35,15 @@ def train_routers(*args, **kwargs):
     return _train_routers(*args, **kwargs)
 
 
+def __getattr__(name: str):
+    """`ef.flextron` (the second system: nested elastic widths) loads on first use."""
+    if name == "flextron":
+        import importlib
+
+        return importlib.import_module(".flextron", __name__)
+    raise AttributeError(f"module 'elastiformer' has no attribute {name!r}")
+
+
 __all__ = [
     "BUDGET_KEYS",
     "BudgetError",
