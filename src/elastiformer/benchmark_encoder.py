@@ -21,8 +21,9 @@ from .cache import atomic_write_json
 ENCODER_BENCH_DEFAULTS = dict(
     model="minilm-l6", train_data="gutenberg", eval_data="gutenberg",
     components="mlp_tokens,attn_tokens,attn_heads,mlp_experts,combined",
-    budgets="0.5,0.6,0.75,0.9", dense_layers="", steps=80, batch_size=32, max_length=64, train_sentences=4000,
-    eval_sentences=256, pooling="mean", token_weight=0.0, timing_reps=2, output="bench/results/encoder.json",
+    budgets="0.5,0.6,0.75,0.9", dense_layers="", steps=40, batch_size=16, lr=5e-3, max_length=48,
+    train_sentences=2000, eval_sentences=192, pooling="mean", token_weight=0.0, timing_reps=2,
+    output="bench/results/encoder.json",
     seed=0, lora_rank=0, append=False,
 )
 TARGET_FLOPS = 0.75  # the target: at 25% of block FLOPs removed, ...
@@ -94,7 +95,9 @@ def run_encoder_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any
         echo(f"[{comp}] training routers ({o['steps']} steps, cosine distillation)...")
         em = get_elastic_model(load_model(o["model"]),
                                ElasticConfig(**SETTINGS[comp], dense_layers=dense, lora_rank=lora))
-        report = train_routers(em, train, steps=int(o["steps"]), budget_range=(min(budgets) - 0.05, 0.95),
+        steps = int(o["steps"])
+        report = train_routers(em, train, steps=steps, lr=float(o["lr"]), warmup=min(10, max(1, steps // 4)),
+                               budget_range=(min(budgets) - 0.05, 0.95),
                                seed=int(o["seed"]), loss="cosine", pooling=o["pooling"],
                                token_weight=float(o["token_weight"]), calibration_data=calib)
         baselines = ["random", "static"] + (["norm"] if comp in ("mlp_tokens", "attn_tokens") else [])

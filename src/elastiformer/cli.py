@@ -403,7 +403,7 @@ def bench(
                                              "mlp_experts,combined (default: all)."),
     budgets: Optional[str] = typer.Option(None, help="Budgets of the sweep (default 0.6,0.75,0.9; encoder "
                                           "0.5,0.6,0.75,0.9)."),
-    steps: Optional[int] = typer.Option(None, help="Training steps per setting (default 60; encoder 80)."),
+    steps: Optional[int] = typer.Option(None, help="Training steps per setting (default 60; encoder 40)."),
     model: Optional[str] = typer.Option(None, help="The base model (default smollm2-135m; encoder minilm-l6)."),
     output: Optional[Path] = typer.Option(None, help="Result JSON (default bench/results/<task>.json; a PNG "
                                           "beside it)."),
