@@ -75,11 +75,11 @@ def test_domain_gaps_compare_each_half_with_routers_trained_on_all_classes():
 def test_readme_subsection_is_generated_between_its_own_markers(tmp_path):
     result = {"model": "vit-fashion-mnist", "teacher_accuracy": 0.85, "test_images": 100, "train_images": 600,
               "machine": {"cpu_count": 2, "processor": "x86_64", "torch": "2.x"},
-              "settings": {"steps": 10, "batch_size": 8, "domain_steps": 10},
+              "settings": {"steps": 10, "batch_size": 8, "domain_steps": 10}, "components": {"mlp_tokens": {"steps": 10}},
               "records": [{"method": "learned", "component": "mlp_tokens", "budget": 0.7, "accuracy": 0.84,
                            "teacher_accuracy": 0.85, "agreement": 0.95, "cosine": 0.99, "block_flops_ratio": 0.7,
                            "time_ratio": 0.8}],
-              "domain": {"component": "combined", "records": domain_records(),
+              "domain": {"component": "combined", "steps": 10, "records": domain_records(),
                          "gaps": domain_gaps(domain_records())}}
     text = vision_results_markdown(result)
     assert "| mlp_tokens | 0.70 | learned | 0.700 | 84.00% | -1.00 |" in text

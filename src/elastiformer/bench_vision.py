@@ -152,7 +152,8 @@ def run_vision_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]
         "test_images": len(test), "train_images": len(train), "machine": machine(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in o.items()},
         "teacher_note": "no pretrained ViT installs here: the teacher is trained by `elastiformer vit-teacher`",
-        "components": {}, "records": [], "domain": {"component": o["domain_component"], "records": []},
+        "components": {}, "records": [],
+        "domain": {"component": o["domain_component"], "steps": int(o["domain_steps"]), "records": []},
     }
 
     if o["append"] and out.is_file():  # keep the other settings' records (and the domain runs, if not redone)
@@ -256,8 +257,10 @@ def vision_results_markdown(result: dict[str, Any]) -> str:
         f"ViT teacher `{result['model']}` (trained here by `elastiformer vit-teacher`: no pretrained ViT installs "
         f"here), test accuracy {100 * result.get('teacher_accuracy', float('nan')):.2f}% on the first "
         f"{result['test_images']:,} Fashion-MNIST test images. Routers trained by cosine self-distillation on the "
-        f"final [CLS] features, {s['steps']} steps x {s['batch_size']} images drawn from the first "
-        f"{result['train_images']:,} training images, one router set per setting evaluated at every budget; "
+        f"final [CLS] features, steps x {s['batch_size']} images drawn from the first "
+        f"{result['train_images']:,} training images (steps: "
+        + ", ".join(f"{c} {v['steps']}" for c, v in result["components"].items())
+        + "), one router set per setting evaluated at every budget; "
         f"{m['cpu_count']}-core {m['processor']} CPU, torch {m['torch']}. Time is elastic / dense wall-clock of a "
         "forward over 256 images (median of interleaved runs). Regenerate: `elastiformer bench-vision`, then "
         "`elastiformer bench-vision --readme`.",
@@ -274,7 +277,7 @@ def vision_results_markdown(result: dict[str, Any]) -> str:
                      f"{r['agreement']:.3f} | {r['cosine']:.4f} | {t} |")
     dom = result.get("domain", {})
     if dom.get("records"):
-        lines += ["", f"Robustness to the training domain ({dom['component']} routers, {s['domain_steps']} steps "
+        lines += ["", f"Robustness to the training domain ({dom['component']} routers, {dom['steps']} steps "
                   "each, trained on classes 0-4, 5-9 or all; accuracy on each test half and on all classes):", "",
                   "| trained on | budget | block FLOPs | all classes | classes 0-4 | classes 5-9 |",
                   "|---|---|---|---|---|---|"]
