@@ -136,30 +136,37 @@ def run_flextron_bench(o: dict[str, Any], echo=print) -> dict[str, Any]:
     pruned, pruned_from = _load_or_make_sorted(o, train, echo)
     result["checkpoints"] = {"trained": trained_from, "sorted": pruned_from, "trained_extra": trained_extra}
 
-    echo("measuring the latency table on this machine...")
+    stages = _Stages(o, trained)
     B, T = int(o["latency_batch"]), int(o["latency_seq_len"])
-    table = measure_latency_table(trained, B, T, reps=int(o["latency_reps"]))
+    table = stages.load_json("latency_table")
+    if table is None:
+        echo("measuring the latency table on this machine...")
+        table = measure_latency_table(trained, B, T, reps=int(o["latency_reps"]))
+        table["check"] = {k: v for k, v in check_latency_prediction(
+            trained, table, reps=int(o["latency_check_reps"])).items() if k in ("mean_abs_rel_error", "max_abs_rel_error")}
+        stages.save_json("latency_table", table)
+    else:
+        echo(f"reusing the latency table measured at {table['created']} ({stages.root})")
     result["latency_table"] = {k: table[k] for k in ("machine", "batch_size", "seq_len", "full_ms", "overhead_ms",
                                                      "created")}
-    result["latency_check"] = {k: v for k, v in check_latency_prediction(trained, table, reps=int(o["latency_check_reps"])).items()
-                               if k in ("mean_abs_rel_error", "max_abs_rel_error")}
+    result["latency_check"] = table.get("check")
     save()
 
-    routers = {}
-    echo("training the static router (surrogate, router, joint fine-tune)...")
-    routers["flextron_static"], rep = build_router(
-        trained, train[64:], latency_table=table, n_configs=int(o["n_configs"]),
-        calibration_sequences=int(o["calibration_sequences"]), router_steps=int(o["router_steps"]),
-        joint_steps=int(o["joint_steps"]), seed=int(o["seed"]))
-    surrogate = rep.pop("surrogate_model")
-    result["routers"] = {"flextron_static": rep}
-    if o["adaptive"]:
-        echo("training the input-adaptive router (same surrogate)...")
-        routers["flextron_adaptive"], rep = build_router(
-            trained, train[64:], latency_table=table, adaptive=True, surrogate=surrogate,
+    routers, result["routers"], surrogate = {}, {}, None
+    for name in ("flextron_static",) + (("flextron_adaptive",) if o["adaptive"] else ()):
+        saved = stages.load_router(name)
+        if saved is not None:
+            echo(f"reusing the {name} router trained earlier ({stages.root})")
+            routers[name], result["routers"][name] = saved
+            continue
+        echo(f"training the {name} router (surrogate, router through it, joint fine-tune)...")
+        routers[name], rep = build_router(
+            trained, train[64:], latency_table=table, adaptive=name == "flextron_adaptive", surrogate=surrogate,
+            n_configs=int(o["n_configs"]), calibration_sequences=int(o["calibration_sequences"]),
             router_steps=int(o["router_steps"]), joint_steps=int(o["joint_steps"]), seed=int(o["seed"]))
-        rep.pop("surrogate_model")
-        result["routers"]["flextron_adaptive"] = rep
+        surrogate = rep.pop("surrogate_model")  # the adaptive router reuses the static one's surrogate
+        result["routers"][name] = rep
+        stages.save_router(name, routers[name], rep)
     joint = sum((r["joint_finetune"] or {}).get("tokens", 0) for r in result["routers"].values())
     result["train_tokens"] = {
         "continued_training": (result["checkpoints"]["trained_extra"].get("training") or {}).get("tokens"),
@@ -172,8 +179,15 @@ def run_flextron_bench(o: dict[str, Any], echo=print) -> dict[str, Any]:
     ids = torch.randint(0, trained.dims["V"], (B, T), generator=torch.Generator().manual_seed(1))
     flextron_ratio: dict[float, float] = {}
     setups, pending = {}, []
+    result["infeasible_budgets"] = []
     for frac in budgets:
         target = frac * full_ms
+        if target < lat.minimum:  # the smallest sub-network is slower than this on this machine: nothing meets it
+            echo(f"budget {frac} ({target:.1f} ms) is below the smallest sub-network's predicted latency "
+                 f"({lat.minimum:.1f} ms, {lat.minimum / full_ms:.2f} of full): skipped")
+            result["infeasible_budgets"].append({"budget": frac, "target_latency_ms": target,
+                                                 "min_latency_ms": lat.minimum})
+            continue
         for name, bundle in routers.items():
             trained.attach_router(bundle)
             picked = trained.set_budget(latency_ms=target)
@@ -199,6 +213,10 @@ def run_flextron_bench(o: dict[str, Any], echo=print) -> dict[str, Any]:
             q = lm_quality(lambda b: pruned(**b), teacher, pruned.last_stats)
         pending.append(("sorted_pruned", frac, target, predict_latency(table, uniform), q, uniform))
         setups[("sorted_pruned", frac)] = _timed_fixed(pruned, ids, uniform)
+    if not pending:
+        save()
+        raise ConfigError(f"every budget {budgets} is below the smallest sub-network's predicted latency "
+                          f"({lat.minimum / full_ms:.2f} of full) on this machine: pass larger --budgets")
     echo("ElastiFormer heads + experts at the same executed FLOPs...")
     ef_quality, em, ef_tokens = _elastiformer_at_flops(o, train[64:], teacher, flextron_ratio, echo)
     result["train_tokens"]["elastiformer_routers"] = ef_tokens
@@ -212,7 +230,7 @@ def run_flextron_bench(o: dict[str, Any], echo=print) -> dict[str, Any]:
     measured_full = ms["full@1.0"]
     result["measured_full_latency_ms"] = measured_full
     result["predicted_full_latency_ms"] = full_ms
-    result["teacher_nll"] = teacher_nll = lm_quality(lambda b: original(**b), teacher)["teacher_nll"]
+    result["teacher_nll"] = teacher_nll = pending[0][4]["teacher_nll"]  # the same teacher tokens for every method
     for name, frac, target, predicted, q, choices in pending:
         measured = ms[f"{name}@{frac}"]
         result["records"].append(_record(name, frac, q, target, predicted, measured, measured_full, choices))
@@ -225,6 +243,48 @@ def run_flextron_bench(o: dict[str, Any], echo=print) -> dict[str, Any]:
     save()
     echo(f"{len(result['records'])} records in {out} after {time.perf_counter() - t_start:.0f}s")
     return result
+
+
+class _Stages:
+    """Finished stages of a bench run (latency table, trained routers) kept in the cache, so a run that is cut
+    short (a busy shared machine) resumes after them; keyed by the checkpoint's weights and the settings that
+    shape them, so a changed setting starts over."""
+
+    KEYS = ("model", "checkpoint", "latency_batch", "latency_seq_len", "latency_reps", "n_configs",
+            "calibration_sequences", "router_steps", "joint_steps", "seq_len", "train_sequences", "seed")
+
+    def __init__(self, o, fm):
+        import json
+        import shutil
+
+        self.root = cache_dir() / "flextron" / "bench_stages"
+        key = {k: str(o.get(k)) for k in self.KEYS} | {"fingerprint": fm.base_identity()["fingerprint"]}
+        marker = self.root / "key.json"
+        if marker.is_file() and json.loads(marker.read_text()) != key:
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(marker, key)
+
+    def load_json(self, name):
+        import json
+
+        path = self.root / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def save_json(self, name, obj):
+        atomic_write_json(self.root / f"{name}.json", obj)
+
+    def load_router(self, name):
+        from .routers import FlextronRouter
+
+        report = self.load_json(f"{name}_report")
+        if report is None or not (self.root / name).is_dir():
+            return None
+        return FlextronRouter.from_pretrained(self.root / name), report
+
+    def save_router(self, name, bundle, report):
+        bundle.save_pretrained(self.root / name)
+        self.save_json(f"{name}_report", report)
 
 
 def _listed(choices: dict[str, list]) -> dict[str, list]:

@@ -129,6 +129,15 @@ def run_flextron_eval(o: dict[str, Any]) -> dict[str, Any]:
     router = FlextronRouter.from_pretrained(router_dir)  # fail fast, before loading the model
     if o["metric"] not in router.costs:
         raise ConfigError(f"the router in {router_dir} has no latency table: pass --metric relative_compute")
+    cost = router.costs[o["metric"]]
+    for b in budgets:  # fail fast, before the model and the teacher run
+        price = b * cost.full if o["metric"] == "latency_ms" else b * cost.full
+        if not 0 < b <= 1 or price < cost.minimum:
+            from ..errors import BudgetError
+
+            raise BudgetError(f"budget {b} is outside (0, 1] or below the smallest sub-network's predicted "
+                              f"{o['metric']} ({cost.minimum / cost.full:.3f} of full): pass budgets in "
+                              f"[{cost.minimum / cost.full:.3f}, 1]")
     fm = load_flextron(str(o["model"]))
     fm.load_router(router_dir)
     held = _token_data(o, load_tokenizer(fm.base_model), "heldout", int(o["max_sequences"]))
