@@ -4,36 +4,21 @@ import json
 import random
 
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import elastiformer as ef
+from elastiformer.models import load_tokenizer
+from test_cli import WORDS, workspace  # noqa: F401  (the tiny model + word-level tokenizer folder)
 
 lm_eval = pytest.importorskip("lm_eval")
 from elastiformer.integrations import lm_eval as integration  # noqa: E402
 
-WORDS = "the cat dog sat ran on mat house far away and then came back home tree river night day sun moon".split()
-
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm_eval")
-    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=4,
-                                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
-                                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
-                                         initializer_range=0.2))
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+def setup(workspace):  # noqa: F811
     rng = random.Random(0)
     texts = [" ".join(rng.choice(WORDS) + ("." if rng.random() < 0.2 else "") for _ in range(400)) for _ in range(2)]
-    task = integration.write_last_word_task(root / "task", n_docs=12, context_words=10, texts=texts)
-    return root, tok, task
+    task = integration.write_last_word_task(workspace / "task", n_docs=12, context_words=10, texts=texts)
+    return workspace, load_tokenizer(workspace / "model"), task
 
 
 def test_last_word_docs_are_passages_of_running_text():
