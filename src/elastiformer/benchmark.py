@@ -74,29 +74,35 @@ def machine() -> dict[str, Any]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def parse_components(text: Any, settings: dict[str, Any]) -> list[str]:
+    """`--components a,b`: the bench settings to run, each one of `settings`."""
+    from .errors import ConfigError
+
+    components = [c.strip() for c in str(text).split(",") if c.strip()]
+    unknown = [c for c in components if c not in settings]
+    if unknown:
+        raise ConfigError(f"unknown bench components {unknown}: pick from {', '.join(settings)}")
+    return components
+
+
 def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
     from .cli import _floats, _ints
     from .data import load_texts, pack_sequences
     from .model import get_elastic_model
     from .models import load_model, load_tokenizer
     from .trainer import train_routers
-    from .errors import ConfigError
 
-    components = [c.strip() for c in str(o["components"]).split(",") if c.strip()]
-    unknown = [c for c in components if c not in SETTINGS]
-    if unknown:
-        raise ConfigError(f"unknown bench components {unknown}: pick from {', '.join(SETTINGS)}")
+    components = parse_components(o["components"], SETTINGS)
     budgets = _floats(o["budgets"], "budgets")
     dense = _ints(o["dense_layers"], "dense_layers")
     out = Path(o["output"])
     tokenizer = load_tokenizer(o["model"])
     train = pack_sequences(load_texts(None, split="train"), tokenizer, int(o["seq_len"]),
                            max_sequences=int(o["train_sequences"]))
-    held = pack_sequences(load_texts(None, split="heldout"), tokenizer, int(o["eval_seq_len"]),
-                          max_sequences=int(o["eval_sequences"]))
+    held_texts = load_texts(None, split="heldout")
+    held = pack_sequences(held_texts, tokenizer, int(o["eval_seq_len"]), max_sequences=int(o["eval_sequences"]))
     calib = [{"input_ids": train[-8:-4]}, {"input_ids": train[-4:]}]  # training text the steps rarely reach
-    prefill = pack_sequences(load_texts(None, split="heldout"), tokenizer, int(o["prefill_len"]),
-                             max_sequences=int(o["prefill_batch"]))
+    prefill = pack_sequences(held_texts, tokenizer, int(o["prefill_len"]), max_sequences=int(o["prefill_batch"]))
     prompt = held[:1, :32]
     task = None
     if int(o["lm_eval_docs"]):

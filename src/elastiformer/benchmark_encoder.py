@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .benchmark import SETTINGS, keep_previous, machine, plot_lm_bench
+from .benchmark import SETTINGS, keep_previous, machine, parse_components, plot_lm_bench
 from .cache import atomic_write_json
 
 ENCODER_BENCH_DEFAULTS = dict(
@@ -59,16 +59,12 @@ def run_encoder_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any
     from .cli import _floats, _ints
     from .config import ElasticConfig
     from .data import load_sentences, sentence_batches
-    from .errors import ConfigError
     from .evaluate_encoder import evaluate_encoder
     from .model import get_elastic_model
     from .models import load_model, load_tokenizer
     from .trainer import train_routers
 
-    components = [c.strip() for c in str(o["components"]).split(",") if c.strip()]
-    unknown = [c for c in components if c not in SETTINGS]
-    if unknown:
-        raise ConfigError(f"unknown bench components {unknown}: pick from {', '.join(SETTINGS)}")
+    components = parse_components(o["components"], SETTINGS)
     budgets = _floats(o["budgets"], "budgets")
     dense = _ints(o["dense_layers"], "dense_layers")
     out = Path(o["output"])
