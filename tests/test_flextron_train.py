@@ -155,3 +155,26 @@ def test_cli_sort_train_latency(workspace, tmp_path, capsys):
     ):
         code, out, err = run(["flextron", *args], capsys)
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and expected in err, (args, err)
+
+
+def test_latency_calibration_recovers_scale_and_overhead():
+    """The end-to-end fit: measured = overhead + scale * cells is recovered exactly and applied to the cells."""
+    from elastiformer.flextron.latency import _calibrate
+
+    table = {"mlp_ms": [[4.0, 2.0], [4.0, 1.0]], "attn_ms": [[2.0, 1.0], [2.0, 1.0]], "overhead_ms": 5.0}
+    configs = {"full": {"mlp": [0, 0], "attn": [0, 0]}, "small": {"mlp": [1, 1], "attn": [1, 1]},
+               "mix": {"mlp": [0, 1], "attn": [1, 0]}}
+    cells = {"full": 12.0, "small": 5.0, "mix": 8.0}
+    measured = {n: 3.0 + 1.5 * c for n, c in cells.items()}  # the cells are 1.5x too fast, the overhead is 3 ms
+    _calibrate(table, configs, measured)
+    assert table["calibration"]["scale"] == pytest.approx(1.5)
+    assert table["overhead_ms"] == pytest.approx(3.0) and table["calibration"]["raw_overhead_ms"] == 5.0
+    assert table["calibration"]["fit_mean_abs_rel_error"] == pytest.approx(0.0, abs=1e-9)
+    assert table["calibration"]["uncalibrated_mean_abs_rel_error"] > 0.1
+    for name, choices in configs.items():
+        assert predict_latency(table, choices) == pytest.approx(measured[name])
+    assert table["raw_mlp_ms"] == [[4.0, 2.0], [4.0, 1.0]]
+    # a fit with a negative overhead (impossible for a forward) goes through the origin instead
+    table = {"mlp_ms": [[4.0, 2.0]], "attn_ms": [[2.0, 1.0]], "overhead_ms": 1.0}
+    _calibrate(table, {"a": {"mlp": [0], "attn": [0]}, "b": {"mlp": [1], "attn": [1]}}, {"a": 5.0, "b": 1.0})
+    assert table["overhead_ms"] == 0.0 and table["calibration"]["scale"] > 0

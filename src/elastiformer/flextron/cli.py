@@ -266,6 +266,11 @@ def latency(
                f"at {t['batch_size']}x{t['seq_len']} tokens on {t['machine']['cpu_model']} "
                f"({t['machine']['torch_threads']} threads): full forward {t['full_ms']:.1f} ms, overhead "
                f"{t['overhead_ms']:.1f} ms")
+    if "calibration" in t:
+        c = t["calibration"]
+        typer.echo(f"  calibrated on {len(c['configs'])} end-to-end forwards: cells x {c['scale']:.3f}, overhead "
+                   f"{c['raw_overhead_ms']:.1f} -> {c['overhead_ms']:.1f} ms; fit error "
+                   f"{100 * c['uncalibrated_mean_abs_rel_error']:.1f}% -> {100 * c['fit_mean_abs_rel_error']:.1f}%")
     if "check" in t:
         for r in t["check"]["records"]:
             typer.echo(f"  {r['name']:>10}: predicted {r['predicted_ms']:8.1f} ms, measured {r['measured_ms']:8.1f} "

@@ -1,10 +1,10 @@
 """Latency lookup table: every nested sub-layer's wall-clock at every menu width, measured on this machine.
 
-`measure_latency_table` runs one full-width forward of `batch_size x seq_len` random tokens to capture each
-sub-layer's real inputs (hidden states, rotary embeddings, mask), then times each sub-layer alone at each width
-(median of `reps`, widths interleaved so slow drift of a shared machine hits them alike). What is not in a sub-layer
-(embeddings, norms, residual adds, LM head) is the `overhead_ms`: the measured full forward minus the full-width
-sub-layers. `predict_latency(table, choices)` = overhead + the chosen cells; `check_latency_prediction` measures
+`measure_latency_table` times each sub-layer in place (a timer around it inside whole forwards of
+`batch_size x seq_len` random tokens, one forward per uniform width, widths interleaved), takes the rest of the
+forward (embeddings, norms, residual adds, LM head) as `overhead_ms`, then calibrates the table against end-to-end
+forwards of the uniform widths and random mixes (a least-squares scale and overhead; see its docstring).
+`predict_latency(table, choices)` = overhead + the chosen cells; `check_latency_prediction` measures other
 configurations end to end and reports the prediction error. Tables hold the machine they were measured on; a table
 is only valid for its machine, batch size and sequence length.
 """
@@ -45,72 +45,87 @@ def machine_info() -> dict[str, Any]:
     return info | {"cpu_model": cpu}
 
 
-def _median_ms(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def measure_latency_table(fm: FlextronModel, batch_size: int = 1, seq_len: int = 128, *, reps: int = 5,
-                          warmup: int = 1, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                          warmup: int = 1, seed: int = 0, calibrate: bool = True, calibration_configs: int = 8,
+                          progress: bool = True) -> dict[str, Any]:
     """Milliseconds of each layer's MLP and attention at every menu index, for a `batch_size x seq_len` prefill
     (no cache) on this machine. Returns a JSON-ready dict (`mlp_ms` / `attn_ms`: [L][n_choices], `overhead_ms`,
-    `full_ms`, `machine`, shapes and menus)."""
+    `full_ms`, `machine`, shapes, menus and, with `calibrate`, the end-to-end fit in `calibration`).
+
+    1. **Cells, timed in place.** The whole model runs at each uniform width c (every MLP at menu index c, every
+       attention at c, clamped to each menu) with a timer around every nested sub-layer, so each cell is timed on
+       its real inputs, with the caches and threads of a real forward. Widths are interleaved rep by rep, so the
+       drift of a shared machine hits them alike; each cell is the median over reps.
+    2. **Overhead** (embeddings, norms, residual adds, LM head) = the full forward minus the full-width cells.
+    3. **Calibration** (`calibrate=True`): timers around sub-layers miss the dispatch between them, and medians of
+       parts do not add up to the median of the whole. So the uniform widths plus `calibration_configs` random
+       mixes are timed end to end and `measured = overhead + scale * sum(cells)` is fitted by least squares; the
+       cells are scaled by `scale` (raw ones kept in `raw_mlp_ms` / `raw_attn_ms`) and the overhead replaced. The
+       table stays additive, so a router's expected latency stays differentiable."""
+    from .training import sample_subnet
+
     for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("reps", reps)):
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name}={v!r}: pass a positive integer")
     if not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"warmup={warmup!r}: pass a non-negative integer")
+    if not isinstance(calibration_configs, int) or calibration_configs < 0:
+        raise ConfigError(f"calibration_configs={calibration_configs!r}: pass a non-negative integer")
     device = next(fm.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, fm.dims["V"], (batch_size, seq_len), generator=g).to(device)  # (B, T)
-    captured: dict[int, tuple[tuple, dict]] = {}
+    ids = torch.randint(0, fm.dims["V"], (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(device)  # (B, T)
+    L, n_mlp, n_attn = fm.n_layers, fm.flextron_config.n_mlp_choices, fm.flextron_config.n_attn_choices
+    n_widths = max(n_mlp, n_attn)
+    uniform = [{"mlp": [min(c, n_mlp - 1)] * L, "attn": [min(c, n_attn - 1)] * L} for c in range(n_widths)]
     modules = [m for pair in fm.nested_layers() for m in pair]  # attn 0, mlp 0, attn 1, ...
-    hooks = [m.register_forward_pre_hook(lambda mod, a, kw, i=i: captured.__setitem__(i, (a, kw)), with_kwargs=True)
-             for i, m in enumerate(modules)]
+    started: dict[int, float] = {}
+    elapsed: dict[int, float] = {}
+
+    def pre_hook(i):
+        return lambda mod, args: started.__setitem__(i, time.perf_counter())
+
+    def post_hook(i):
+        return lambda mod, args, out: elapsed.__setitem__(i, (time.perf_counter() - started[i]) * 1e3)
+
     was_training, saved = fm.training, fm.get_choices()
     fm.eval()
+    forward = lambda: fm(input_ids=ids, use_cache=False)  # noqa: E731
+    cell_times = [[[] for _ in modules] for _ in range(n_widths)]  # [width][module] -> ms per rep
+    hooks = [h for i, m in enumerate(modules)
+             for h in (m.register_forward_pre_hook(pre_hook(i)), m.register_forward_hook(post_hook(i)))]
     try:
-        with fm.full():
-            try:
-                fm(input_ids=ids, use_cache=False)
-            finally:
-                for h in hooks:
-                    h.remove()
-            for _ in range(warmup):
-                fm(input_ids=ids, use_cache=False)
-            full_ms = _median_ms(lambda: fm(input_ids=ids, use_cache=False), reps)
-        L = fm.n_layers
-        mlp_ms = [[0.0] * fm.flextron_config.n_mlp_choices for _ in range(L)]
-        attn_ms = [[0.0] * fm.flextron_config.n_attn_choices for _ in range(L)]
-        bar = tqdm(total=len(modules), desc="latency table", disable=not progress)
-        for i, module in enumerate(modules):
-            args, kwargs = captured[i]
-            row, key = (mlp_ms, "mlp") if isinstance(module, NestedMLP) else (attn_ms, "attn")
-            choices = getattr(fm.state, key)
-            n = len(row[module.layer_idx])
-            times: list[list[float]] = [[] for _ in range(n)]
-            for rep in range(warmup + reps):
-                for c in range(n):  # interleaved widths
-                    choices[module.layer_idx] = c
-                    t0 = time.perf_counter()
-                    module(*args, **kwargs)
-                    if rep >= warmup:
-                        times[c].append((time.perf_counter() - t0) * 1e3)
-            choices[module.layer_idx] = 0
-            row[module.layer_idx] = [statistics.median(t) for t in times]
-            fm.state.stats = []
-            bar.update()
+        bar = tqdm(total=(warmup + reps) * n_widths, desc="latency table", disable=not progress)
+        for rep in range(warmup + reps):
+            for c, choices in enumerate(uniform):  # interleaved widths
+                fm.set_choices(**choices)
+                elapsed.clear()
+                forward()
+                if rep >= warmup:
+                    for i in range(len(modules)):
+                        cell_times[c][i].append(elapsed[i])
+                bar.update()
         bar.close()
+    finally:
+        for h in hooks:
+            h.remove()
+    try:
+        mlp_ms = [[0.0] * n_mlp for _ in range(L)]
+        attn_ms = [[0.0] * n_attn for _ in range(L)]
+        for c in range(n_widths):
+            for i, module in enumerate(modules):
+                row, n = (mlp_ms, n_mlp) if isinstance(module, NestedMLP) else (attn_ms, n_attn)
+                if c < n:
+                    row[module.layer_idx][c] = statistics.median(cell_times[c][i])
+        g = torch.Generator().manual_seed(seed + 7919)  # other mixes than check_latency_prediction's
+        configs = {f"uniform_{c}": ch for c, ch in enumerate(uniform)}
+        configs |= {f"random_{k}": sample_subnet(fm, "random", g) for k in range(calibration_configs if calibrate else 0)}
+        measured = _time_configs(fm, forward, configs, warmup, reps, progress, "latency calibration")
     finally:
         fm.set_choices(**saved)
         fm.train(was_training)
-    layers_full = sum(r[0] for r in mlp_ms) + sum(r[0] for r in attn_ms)
-    return {
+    full_ms = measured["uniform_0"]
+    table = {
         "version": TABLE_VERSION,
         "machine": machine_info(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -118,8 +133,53 @@ def measure_latency_table(fm: FlextronModel, batch_size: int = 1, seq_len: int =
         "model": {k: v for k, v in fm.base_identity().items() if k != "fingerprint"},
         "mlp_sizes": list(fm.mlp_sizes), "head_counts": list(fm.head_counts),
         "mlp_ms": mlp_ms, "attn_ms": attn_ms,
-        "full_ms": full_ms, "overhead_ms": max(0.0, full_ms - layers_full),
+        "full_ms": full_ms, "overhead_ms": max(0.0, full_ms - sum(r[0] for r in mlp_ms) - sum(r[0] for r in attn_ms)),
     }
+    if calibrate:
+        _calibrate(table, configs, measured)
+    return table
+
+
+def _time_configs(fm, forward, configs: dict[str, dict], warmup: int, reps: int, progress: bool,
+                  desc: str) -> dict[str, float]:
+    """Median end-to-end milliseconds of `forward()` at each configuration, repetitions interleaved."""
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    bar = tqdm(total=(warmup + reps) * len(configs), desc=desc, disable=not progress)
+    for rep in range(warmup + reps):
+        for name, choices in configs.items():
+            fm.set_choices(**choices)
+            t0 = time.perf_counter()
+            forward()
+            if rep >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+            bar.update()
+    bar.close()
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _calibrate(table: dict[str, Any], configs: dict[str, dict], measured: dict[str, float]) -> None:
+    """Fit `measured = overhead + scale * sum(cells)` over `configs` by least squares and apply it to `table`."""
+    raw = {name: predict_latency(table, choices) - table["overhead_ms"] for name, choices in configs.items()}
+    x = torch.tensor([raw[n] for n in configs], dtype=torch.float64)  # (N,) summed raw cells
+    y = torch.tensor([measured[n] for n in configs], dtype=torch.float64)  # (N,) measured end to end
+    if len(configs) >= 2 and float(x.var()) > 0:
+        scale = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+        overhead = float(y.mean() - scale * x.mean())
+    else:
+        scale, overhead = float((x * y).sum() / (x * x).sum()), 0.0
+    if overhead < 0 or scale <= 0:  # a fit no forward can have: through the origin instead
+        scale, overhead = float((x * y).sum() / (x * x).sum()), 0.0
+    fitted = overhead + scale * x
+    table["raw_mlp_ms"], table["raw_attn_ms"] = table["mlp_ms"], table["attn_ms"]
+    table["mlp_ms"] = [[scale * v for v in row] for row in table["raw_mlp_ms"]]
+    table["attn_ms"] = [[scale * v for v in row] for row in table["raw_attn_ms"]]
+    table["calibration"] = {
+        "scale": scale, "overhead_ms": overhead, "raw_overhead_ms": table["overhead_ms"],
+        "configs": {n: {"raw_cells_ms": raw[n], "measured_ms": measured[n]} for n in configs},
+        "fit_mean_abs_rel_error": float(((fitted - y).abs() / y).mean()),
+        "uncalibrated_mean_abs_rel_error": float(((x + table["overhead_ms"] - y).abs() / y).mean()),
+    }
+    table["overhead_ms"] = overhead
 
 
 def save_latency_table(table: dict[str, Any], path: str | Path) -> Path:
@@ -196,19 +256,19 @@ def check_latency_prediction(fm: FlextronModel, table: dict[str, Any], configs: 
             configs[f"random_{k}"] = sample_subnet(fm, "random", g)
     device = next(fm.parameters()).device
     ids = torch.randint(0, fm.dims["V"], (B, T), generator=torch.Generator().manual_seed(seed + 1)).to(device)
-    was_training = fm.training
+    was_training, saved = fm.training, fm.get_choices()
     fm.eval()
-    records = []
     try:
-        for name, choices in tqdm(configs.items(), desc="latency check", disable=not progress):
-            with fm.using(**choices):
-                fm(input_ids=ids, use_cache=False)  # warm-up
-                measured = _median_ms(lambda: fm(input_ids=ids, use_cache=False), reps)
-            predicted = predict_latency(table, choices)
-            records.append({"name": name, "choices": choices, "predicted_ms": predicted, "measured_ms": measured,
-                            "rel_error": (predicted - measured) / measured})
+        measured = _time_configs(fm, lambda: fm(input_ids=ids, use_cache=False), configs, 1, reps, progress,
+                                 "latency check")
     finally:
+        fm.set_choices(**saved)
         fm.train(was_training)
+    records = []
+    for name, choices in configs.items():
+        predicted = predict_latency(table, choices)
+        records.append({"name": name, "choices": choices, "predicted_ms": predicted, "measured_ms": measured[name],
+                        "rel_error": (predicted - measured[name]) / measured[name]})
     errors = [abs(r["rel_error"]) for r in records]
     return {"records": records, "mean_abs_rel_error": sum(errors) / len(errors), "max_abs_rel_error": max(errors),
             "machine": machine_info(), "table_machine": table.get("machine")}

@@ -50,6 +50,10 @@ class WidthRouter(nn.Module):
             # features are normalised without learned scale: embedding means differ in size between models
             self.feature_norm = nn.LayerNorm(feature_dim, elementwise_affine=False)
             self.feature_in = nn.Linear(feature_dim, hidden)
+            # zero init: the adaptive router starts as the static one and learns per-input deviations. Without it
+            # the normalised C-dim features swamp the 9 budget features and the router ignores the budget
+            nn.init.zeros_(self.feature_in.weight)
+            nn.init.zeros_(self.feature_in.bias)
         self.body = nn.Sequential(nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                   nn.Linear(hidden, n_layers * (n_mlp + n_attn)))
 
@@ -115,7 +119,7 @@ class FlextronRouter(nn.Module):
         return self.cost.minimum / self.cost.full
 
     @torch.no_grad()
-    def candidates(self, features: torch.Tensor | None = None, n: int = 64) -> Choices:
+    def candidates(self, features: torch.Tensor | None = None, n: int = 256) -> Choices:
         """The router's argmax configuration at `n` budgets spanning [min_budget, 1]: (N, n, L) per sub-layer,
         N = 1 for the static router, one row per input for the adaptive one."""
         grid = torch.linspace(self.min_budget(), 1.0, n)  # (n,)
