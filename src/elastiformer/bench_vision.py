@@ -12,7 +12,6 @@ Results go to `bench/results/vision.json` (rewritten after each setting) and a P
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -128,7 +127,7 @@ def _train(em: ElasticModel, pixels: torch.Tensor, o: dict[str, Any], budgets: S
 
 def run_vision_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
     from .benchmark import machine
-    from .cli import _floats, _ints
+    from .validation import parse_floats as _floats, parse_ints as _ints
     from .data_images import ImageFormat, load_fashion_mnist, parse_classes, pixel_values_for
     from .model import get_elastic_model
     from .models import load_model
@@ -292,7 +291,7 @@ def vision_results_markdown(result: dict[str, Any]) -> str:
         gaps = dom.get("gaps") or []
         if gaps:
             worst = min(gaps, key=lambda g: g["gap_unseen_half"])
-            lines += ["", f"Gap on the unseen half (trained on one half minus trained on all): "
+            lines += ["", "Gap on the unseen half (trained on one half minus trained on all): "
                       + ", ".join(f"{g['train_classes']} @ {g['budget']:.2f}: {100 * g['gap_unseen_half']:+.2f}"
                                   for g in gaps)
                       + f" points (worst {100 * worst['gap_unseen_half']:+.2f})."]

@@ -86,7 +86,7 @@ def parse_components(text: Any, settings: dict[str, Any]) -> list[str]:
 
 
 def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
-    from .cli import _floats, _ints
+    from .validation import parse_floats as _floats, parse_ints as _ints
     from .data import load_texts, pack_sequences
     from .model import get_elastic_model
     from .models import load_model, load_tokenizer

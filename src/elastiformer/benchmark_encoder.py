@@ -56,7 +56,7 @@ def target_check(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_encoder_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
-    from .cli import _floats, _ints
+    from .validation import parse_floats as _floats, parse_ints as _ints
     from .config import ElasticConfig
     from .data import load_sentences, sentence_batches
     from .evaluate_encoder import evaluate_encoder

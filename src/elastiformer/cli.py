@@ -18,6 +18,7 @@ from typing import Any, Optional
 import typer
 
 from .errors import ConfigError, ElastiformerError
+from .validation import parse_floats as _floats, parse_ints as _ints
 
 app = typer.Typer(
     help="Make a pretrained Transformer elastic: train tiny routers by self-distillation, then pick the compute "
@@ -57,28 +58,6 @@ def _merge(config: Optional[Path], given: dict[str, Any], defaults: dict[str, An
         merged.update(loaded)
     merged.update({k: v for k, v in given.items() if v is not None})
     return merged
-
-
-def _floats(text: Any, name: str) -> list[float]:
-    if isinstance(text, (int, float)):
-        return [float(text)]
-    if isinstance(text, (list, tuple)):
-        return [float(x) for x in text]
-    try:
-        return [float(x) for x in str(text).split(",") if x.strip()]
-    except ValueError as err:
-        raise ConfigError(f"--{name.replace('_', '-')} {text!r}: pass numbers separated by commas, e.g. 0.5,0.7,0.9") from err
-
-
-def _ints(text: Any, name: str) -> tuple[int, ...]:
-    if text in (None, "", "none"):
-        return ()
-    if isinstance(text, (list, tuple)):
-        return tuple(int(x) for x in text)
-    try:
-        return tuple(int(x) for x in str(text).split(",") if x.strip())
-    except ValueError as err:
-        raise ConfigError(f"--{name.replace('_', '-')} {text!r}: pass integers separated by commas, e.g. 0,-1") from err
 
 
 def _check_output(path: Path, overwrite: bool, what: str) -> None:

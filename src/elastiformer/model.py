@@ -29,7 +29,7 @@ from .distill import POOLINGS, Embedding, cosine_distance, kl_teacher_student, p
 from .flops import lm_head_flops
 from .layers import ElasticAttention, ElasticMLP, RoutingState
 from .lora import LoRALinear
-from .validation import check_finite_tensors, check_output_dir, check_token_ids, model_context, safetensors_complete
+from .validation import check_finite_tensors, check_token_ids, model_context, safetensors_complete
 from .routers import ExpertRouter, HeadRouter, TokenRouter
 from .routers.token import N_CALIBRATION
 
@@ -52,7 +52,25 @@ def _resolve_layers(indices: Iterable[int], n_layers: int) -> frozenset[int]:
     return frozenset(out)
 
 
-class ElasticModel(nn.Module):
+class WrappedModel(nn.Module):
+    """A wrapper around a Hugging Face model (`self.base_model`, its sub-layers replaced in place) that is called,
+    generates and answers attribute lookups (`config`, `device`, ...) as the model it wraps."""
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """Generation through the wrapped sub-layers (routing or nested widths on)."""
+        return self.base_model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model, name)
+
+
+class ElasticModel(WrappedModel):
     """Wraps a model (a *ForCausalLM, or an encoder such as BertModel / ViTModel / ViTForImageClassification)
     whose sub-layers have been made elastic. Use `get_elastic_model` to build one. A model with several layer stacks
     (LLaVA: `spec.towers`, the vision tower beside the language model) holds one ElasticModel per extra tower;
@@ -356,19 +374,6 @@ class ElasticModel(nn.Module):
                         raise NotCalibratedError(
                             f"{key} routing at inference needs calibrated thresholds ({name} has none): call "
                             "em.calibrate(data) first (train_routers does it when it ends), or em.train() for top-k")
-
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
-
-    def generate(self, *args, **kwargs):
-        """Generation with routing on; the decisions are causal, so it gives the same tokens with or without cache."""
-        return self.base_model.generate(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.base_model, name)
 
     # ------------------------------------------------------------------ calibration
     @torch.no_grad()

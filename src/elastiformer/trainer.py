@@ -19,14 +19,13 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .cache import atomic_dir, atomic_write_json, committed_dir, ensure_writable_dir
-from .config import TOKEN_COMPONENTS
 from .distill import DEFAULT_AUX_WEIGHTS, LOSSES, POOLINGS, embedding_distance, kl_teacher_student
 from .errors import ConfigError, DataError, ElastiformerError
 from .model import ElasticModel, _as_batches, _tensor_batch

@@ -21,6 +21,30 @@ from .errors import ConfigError, DataError, ElastiformerError
 
 
 # ---------------------------------------------------------------------------------------------------- option values
+def parse_floats(text: Any, name: str) -> list[float]:
+    """A CLI list option (\"0.5,0.7\", a number, or a YAML list) as floats; `name` is the option's name."""
+    if isinstance(text, (int, float)):
+        return [float(text)]
+    if isinstance(text, (list, tuple)):
+        return [float(x) for x in text]
+    try:
+        return [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError as err:
+        raise ConfigError(f"--{name.replace('_', '-')} {text!r}: pass numbers separated by commas, e.g. 0.5,0.7,0.9") from err
+
+
+def parse_ints(text: Any, name: str) -> tuple[int, ...]:
+    """A CLI list option (\"0,-1\", a YAML list; empty or \"none\": none) as integers."""
+    if text in (None, "", "none"):
+        return ()
+    if isinstance(text, (list, tuple)):
+        return tuple(int(x) for x in text)
+    try:
+        return tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError as err:
+        raise ConfigError(f"--{name.replace('_', '-')} {text!r}: pass integers separated by commas, e.g. 0,-1") from err
+
+
 def check_int(name: str, value: Any, minimum: int = 1, hint: str = "") -> int:
     """An integer (not a bool, not a float) >= `minimum`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -104,7 +104,7 @@ def _elastiformer_at_flops(o, train, teacher_cache, target_ratio: dict[float, fl
 
 
 def run_flextron_bench(o: dict[str, Any], echo=print) -> dict[str, Any]:
-    from ..cli import _floats
+    from ..validation import parse_floats as _floats
     from ..data import load_texts, pack_sequences
     from ..models import load_model, load_tokenizer
     from .evaluate import TeacherCache, best_uniform, lm_quality, time_forwards

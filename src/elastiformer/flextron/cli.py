@@ -22,7 +22,7 @@ app = typer.Typer(help="Flextron (arXiv 2406.10260): importance-sort a model, ma
 
 
 def _menus(o: dict[str, Any]):
-    from ..cli import _floats
+    from ..validation import parse_floats as _floats
     from .config import FlextronConfig
 
     return FlextronConfig(mlp_widths=tuple(_floats(o["mlp_widths"], "mlp_widths")),

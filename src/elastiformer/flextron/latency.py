@@ -26,7 +26,7 @@ from ..benchmark import machine
 from ..cache import atomic_write_json
 from ..errors import ConfigError, DataError
 from .model import FlextronModel
-from .nested import NestedAttention, NestedMLP
+from .nested import NestedMLP
 
 TABLE_VERSION = 1
 

@@ -27,7 +27,7 @@ from ..arch import ArchSpec, get_arch_spec
 from ..cache import atomic_dir
 from ..errors import ConfigError, ElastiformerError, RouterFileError
 from ..flops import attention_projection_flops, attention_score_flops, dense_attention_flops, lm_head_flops, mlp_flops
-from ..model import weight_fingerprint
+from ..model import WrappedModel, weight_fingerprint
 from .config import FORMAT_VERSION, FlextronConfig, menu_counts
 from .nested import Choice, FlextronState, NestedAttention, NestedMLP
 
@@ -37,7 +37,7 @@ CONFIG_NAME = "flextron_config.json"
 SORTING_ATTR = "elastiformer_flextron_sorting"  # set on the base model by sort_by_importance_
 
 
-class FlextronModel(nn.Module):
+class FlextronModel(WrappedModel):
     """A *ForCausalLM model with nested-elastic sub-layers. Build one with `get_flextron_model`."""
 
     def __init__(self, model: nn.Module, config: FlextronConfig):
@@ -188,18 +188,6 @@ class FlextronModel(nn.Module):
         if ref is not None:
             st.batch_size, st.n_tokens = int(ref.shape[0]), int(ref.shape[1])
         return None
-
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
-
-    def generate(self, *args, **kwargs):
-        return self.base_model.generate(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.base_model, name)
 
     def train(self, mode: bool = True) -> "FlextronModel":
         """Continued training updates the base weights, but the base stays in eval mode (no dropout): the student

@@ -26,7 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..errors import ConfigError
 from ..flops import attention_projection_flops, attention_score_flops, dense_attention_flops, mlp_flops
 from ..layers.attention import rotate
-from ..layers.state import SubLayerStats
+from ..layers.state import SubLayerStats, SubLayerWrapper
 
 Choice = int | torch.Tensor  # a menu index for the whole batch, or a LongTensor (B,) of per-sequence indices
 _CACHE_GROUPS_ATTR = "_flextron_kv_groups"  # {layer_idx: (B,) long} KV groups every cached entry of a row holds
@@ -70,18 +70,8 @@ def _rows(t: torch.Tensor | None, rows: torch.Tensor | None, B: int) -> torch.Te
     return t.index_select(0, rows)
 
 
-class NestedSubLayer(nn.Module):
-    def __init__(self, base_layer: nn.Module, layer_idx: int, spec, dims: dict[str, int], state: FlextronState):
-        super().__init__()
-        self.base_layer = base_layer
-        self.layer_idx = layer_idx
-        self.spec = spec
-        self.dims = dims
-        self._state = [state]  # in a list so nn.Module does not register it
-
-    @property
-    def state(self) -> FlextronState:
-        return self._state[0]
+class NestedSubLayer(SubLayerWrapper):
+    """Flextron's attention and MLP wrappers: a SubLayerWrapper whose state (FlextronState) holds the menu index."""
 
 
 class NestedMLP(NestedSubLayer):

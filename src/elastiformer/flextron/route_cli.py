@@ -114,7 +114,7 @@ FLEXTRON_EVAL_DEFAULTS = dict(
 def run_flextron_eval(o: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from ..cli import _floats
+    from ..validation import parse_floats as _floats
     from ..errors import ConfigError
     from ..models import load_model, load_tokenizer
     from .budget import clear_budget

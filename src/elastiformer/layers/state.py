@@ -121,10 +121,11 @@ class RoutingState:
         self.aux_losses = defaultdict(list)
 
 
-class ElasticSubLayer(nn.Module):
-    """What the attention and MLP wrappers share: the unmodified sub-layer they own and where it sits."""
+class SubLayerWrapper(nn.Module):
+    """What every wrapper of an attention or MLP shares (ElastiFormer's routed sub-layers and Flextron's nested
+    ones): the unmodified sub-layer it owns, where it sits, and the model-wide state it reads its orders from."""
 
-    def __init__(self, base_layer: nn.Module, layer_idx: int, spec, dims: dict[str, int], state: RoutingState):
+    def __init__(self, base_layer: nn.Module, layer_idx: int, spec, dims: dict[str, int], state):
         super().__init__()
         self.base_layer = base_layer
         self.layer_idx = layer_idx
@@ -133,8 +134,12 @@ class ElasticSubLayer(nn.Module):
         self._state = [state]  # in a list so nn.Module does not register it
 
     @property
-    def state(self) -> RoutingState:
+    def state(self):
         return self._state[0]
+
+
+class ElasticSubLayer(SubLayerWrapper):
+    """ElastiFormer's attention and MLP wrappers: a SubLayerWrapper over the RoutingState, plus what skipping means."""
 
     # ---- what "skipped" means for this sub-layer (spec.post_norm: the sub-layer adds the residual itself) ----
     def skipped_output(self, x: torch.Tensor) -> torch.Tensor:
