@@ -146,6 +146,20 @@ def test_bad_input_gives_one_line_error(workspace, tmp_path, capsys, case):
     assert not (tmp_path / "o" / "routers").exists()  # nothing half-written
 
 
+@pytest.mark.parametrize("args, expected, where", [
+    (["train", "--steps", "abc"], "Invalid value for '--steps'", "elastiformer train --help"),
+    (["train", "--stepz", "3"], "No such option: --stepz", "elastiformer train --help"),
+    (["flextron", "train", "--lr", "fast"], "Invalid value for '--lr'", "elastiformer flextron train --help"),
+    (["bogus"], "No such command 'bogus'", "elastiformer --help"),
+])
+def test_option_type_errors_are_one_line(capsys, args, expected, where):
+    """typer / click's own usage errors (a value of the wrong type, a typo) in one line that says where to look."""
+    code, out, err = run(args, capsys)
+    assert code == 2, (out, err)
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert expected in err and f"`{where}`" in err, err
+
+
 def test_debug_flag_shows_the_traceback(workspace, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(cli.__file__).parents[1]))
     proc = subprocess.run([sys.executable, "-m", "elastiformer", "--debug", "eval", "--routers", tmp_path / "x"],

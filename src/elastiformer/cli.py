@@ -572,23 +572,42 @@ from .flextron.cli import app as _flextron_app  # noqa: E402
 app.add_typer(_flextron_app, name="flextron")
 
 
+def _cli_exceptions() -> tuple[tuple, tuple, tuple]:
+    """(exit, abort, usage-error) exception classes of the click that typer runs on: its own vendored copy in newer
+    typer releases (typer.TyperException), click's in older ones; both are caught."""
+    exits, aborts, usage = [typer.Exit], [typer.Abort], []
+    if hasattr(typer, "TyperException"):
+        usage.append(typer.TyperException)
+    try:
+        import click
+
+        exits.append(click.exceptions.Exit)
+        aborts.append(click.exceptions.Abort)
+        usage.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(exits), tuple(aborts), tuple(usage)
+
+
 def main() -> None:
     """Console entry point: one-line errors for what the user can fix, tracebacks for bugs (and with --debug)."""
-    import click
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars are noise around our own progress bars
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    exits, aborts, usage = _cli_exceptions()
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+        app(standalone_mode=False, prog_name="elastiformer")
+    except exits as e:
+        sys.exit(getattr(e, "exit_code", 0))
+    except aborts:
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    except usage as e:  # a bad option value or a typo: one line, and where to look
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        command = getattr(getattr(e, "ctx", None), "command_path", None) or "elastiformer"
+        typer.echo(f"error: {message} (see `{command} --help`)", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
     except ElastiformerError as e:
         if _DEBUG or "--debug" in sys.argv:
             raise
