@@ -30,3 +30,24 @@ def test_train_under_accelerate_launch_with_two_processes(workspace, tmp_path): 
     assert log["steps"] == 3
     assert log["tokens"] == 3 * 2 * 2 * 16  # steps x batch x 2 processes x seq_len: each process saw its own data
     assert (out / "routers" / "routers.safetensors").is_file()
+
+
+@pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,
+                    reason="accelerate's launcher is not installed beside this Python")
+def test_nan_on_one_process_stops_every_process(workspace, tmp_path):  # noqa: F811
+    """A NaN loss on process 1 alone: both processes stop with the one-line error instead of process 0 waiting
+    forever in backward's all-reduce."""
+    launcher = str(Path(sys.executable).parent / "accelerate")
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_LOG_LEVEL="error",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "ddp"
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(Path(__file__).parent / "ddp_nan_worker.py"), "train", "--model",
+           str(workspace / "model"), "--data", str(workspace / "train.txt"), "--output", str(out), "--mlp-tokens",
+           "0.5", "--steps", "4", "--seq-len", "16", "--batch-size", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)  # a hang would time out here
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: the loss became") == 2, proc.stderr[-4000:]  # one line from each process
+    assert "on another process" in proc.stderr
+    assert "ElastiformerError" not in proc.stderr  # our error was a message, not a traceback (the launcher adds its own)
+    assert not (out / "routers").exists()

@@ -296,10 +296,12 @@ def train_routers(
                     aux.pop("token_bce", None)
                 aux |= teacher_aux
                 total = distill + sum(weights.get(k, 0.0) * v for k, v in aux.items())
-                if not torch.isfinite(total):
+                if not _finite_on_every_rank(accelerator, total):
                     bad = [k for k, v in {loss_kind: distill, **aux}.items() if not torch.isfinite(v)]
-                    _stop_diverged(f"the loss became {total.item()} ({', '.join(bad) or 'sum'}) at step {step + 1}",
-                                   out_dir if accelerator.is_main_process else None, history)
+                    where = f"the loss became {total.item()} ({', '.join(bad) or 'sum'})" if bad or not \
+                        torch.isfinite(total) else "the loss became NaN / inf on another process"
+                    _stop_diverged(f"{where} at step {step + 1}", out_dir if accelerator.is_main_process else None,
+                                   history)
                 accelerator.backward(total)
                 if accelerator.sync_gradients and not all(
                         torch.isfinite(p.grad).all() for p in params if p.grad is not None):
@@ -340,6 +342,16 @@ def train_routers(
         core.save_pretrained(out_dir / "routers", overwrite=True)  # this run's own folder, checked above
         atomic_write_json(out_dir / "train_log.json", report.to_dict() | {"finished": True})
     return report
+
+
+def _finite_on_every_rank(accelerator, loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process. Under DDP a process that stopped alone would leave the others
+    waiting forever in the gradient all-reduce of backward, so all of them decide together (one tiny all-reduce)."""
+    finite = bool(torch.isfinite(loss.detach()).all())
+    if accelerator.num_processes == 1:
+        return finite
+    flag = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
+    return float(accelerator.reduce(flag, reduction="sum")) == 0.0
 
 
 def _stop_diverged(what: str, out_dir: Path | None, history: list) -> None:

@@ -34,8 +34,8 @@ from ..cache import atomic_write_json, ensure_writable_dir
 from ..distill import kl_teacher_student
 from ..errors import ConfigError, ElastiformerError
 from ..model import _as_batches, weight_fingerprint
-from ..trainer import CHECKPOINT, TrainReport, _as_tensor_data, _check_options, _load_checkpoint, _lr_factor, \
-    _save_checkpoint, _seq_len, batch_at
+from ..trainer import CHECKPOINT, TrainReport, _as_tensor_data, _check_options, _finite_on_every_rank, \
+    _load_checkpoint, _lr_factor, _save_checkpoint, _seq_len, batch_at
 from .model import FlextronModel
 
 logger = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ def train_flextron(
                         loss = kl
                         if lm_weight:
                             loss = loss + lm_weight * _next_token_ce(student, batch["input_ids"], mask)
-                        if not torch.isfinite(loss):
+                        if not _finite_on_every_rank(accelerator, loss):
                             raise ElastiformerError(f"the loss became {loss.item()} at step {step} ({kind} "
                                                     "sub-network): lower the learning rate; the last checkpoint is kept")
                         accelerator.backward(loss / n_backward)
