@@ -287,3 +287,33 @@ def test_bench_readme_subsection_and_uniform_baseline(tmp_path, fm):
     readme.write_text("no markers")
     with pytest.raises(ConfigError, match="results:flextron"):
         update_readme(result, readme)
+
+
+def test_bench_end_to_end_on_a_tiny_model(workspace, tmp_path, monkeypatch):
+    """`flextron bench` from nothing on test_cli's tiny model: it sorts and continue-trains the checkpoints it lacks,
+    measures the latency table, trains both routers, times everything and writes the records the README reads."""
+    import json
+
+    from elastiformer.flextron.bench import FLEXTRON_BENCH_DEFAULTS, results_markdown, run_flextron_bench
+
+    monkeypatch.setenv("ELASTIFORMER_CACHE", str(tmp_path / "cache"))
+    o = FLEXTRON_BENCH_DEFAULTS | dict(
+        model=str(workspace / "model"), checkpoint=str(tmp_path / "trained"), sorted_checkpoint=str(tmp_path / "sorted"),
+        budgets="0.9,1.0", continued_training_steps=2, continued_training_warmup=1, train_sequences=80, seq_len=16, eval_sequences=4,
+        eval_seq_len=32, n_configs=16, calibration_sequences=8, router_steps=30, joint_steps=1,
+        elastiformer_steps=2, latency_seq_len=32, latency_reps=1, latency_check_reps=1, timing_reps=1,
+        output=str(tmp_path / "flextron.json"))
+    result = run_flextron_bench(o, echo=lambda *a: None)
+    assert (tmp_path / "sorted" / "flextron_config.json").is_file()
+    assert json.loads((tmp_path / "trained" / "train_log.json").read_text())["steps"] == 2
+    saved = json.loads((tmp_path / "flextron.json").read_text())
+    methods = {(r["method"], r["budget"]) for r in saved["records"]}
+    # a tiny model's forward is mostly fixed overhead, so 0.9 may be below its smallest sub-network; 1.0 never is
+    feasible = [b for b in (0.9, 1.0) if b not in {x["budget"] for x in saved["infeasible_budgets"]}]
+    assert 1.0 in feasible, saved["infeasible_budgets"]
+    for b in feasible:
+        assert {(m, b) for m in ("flextron_static", "flextron_adaptive", "uniform_nested", "sorted_pruned",
+                                 "elastiformer")} <= methods
+    for r in saved["records"]:
+        assert r["measured_latency_ms"] > 0 and "meets_latency_target" in r and math.isfinite(r["delta_lm_loss"])
+    assert "calibration" in result["latency_table"] and "Measured latency within 10%" in results_markdown(saved)

@@ -229,7 +229,8 @@ def bench(
                                           "FLEXTRON_BENCH_DEFAULTS)."),
 ):
     """Benchmark Flextron routers at 0.5 and 0.75 of full latency against the uniform nested sub-network, the sorted
-    model pruned without continued training, and ElastiFormer routing at the same executed FLOPs."""
+    model pruned without continued training, and ElastiFormer routing at the same executed FLOPs. Sorts and
+    continue-trains SmolLM2 first when the checkpoints are missing (about an hour on a 2-core CPU)."""
     from ..cli import _merge
     from ..errors import ConfigError
     from .bench import FLEXTRON_BENCH_DEFAULTS, run_flextron_bench, update_readme
