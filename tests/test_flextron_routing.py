@@ -170,14 +170,17 @@ def test_set_budget_by_latency(fm, surrogate):
     fm.set_choices()
 
 
-def test_adaptive_router_picks_per_sequence_and_meets_budget(fm, surrogate):
+def test_adaptive_router_picks_per_sequence_and_meets_budget(tmp_path, fm, surrogate):
     ids = tokens(B=6, T=12, seed=11)
     with torch.no_grad():
         feats = pooled_features(fm, tokens(B=32, T=12, seed=12))
     torch.manual_seed(0)
     bundle = FlextronRouter(WidthRouter(L, 4, 4, feature_dim=32, hidden=32),
                             {"relative_compute": compute_cost_model(fm, 12)}, "relative_compute")
+    bundle.router.set_feature_stats(feats)
     train_router(bundle, surrogate[0], features=feats, steps=400, progress=False)
+    # the surrogate cannot see the input: the feature path is left for the joint fine-tune (through the real model)
+    assert not bundle.router.feature_in.weight.any()
     raw = bundle.choose(0.6, "relative_compute", features=feats, exact=False)  # (N, L) per sub-layer
     rel = bundle.cost.hard(raw)
     assert rel.shape == (32,) and ((rel - 0.6).abs() / 0.6 < 0.10).all()
@@ -196,6 +199,13 @@ def test_adaptive_router_picks_per_sequence_and_meets_budget(fm, surrogate):
 
     detach_router(fm)
     fm.set_choices()
+    joint_finetune(fm, bundle, tokens(B=8, T=12, seed=13), steps=2, batch_size=4, progress=False)
+    assert bundle.router.feature_in.weight.any()  # the joint fine-tune, on real inputs, trains the feature path
+    bundle.save_pretrained(tmp_path / "adaptive")
+    loaded = FlextronRouter.from_pretrained(tmp_path / "adaptive")  # with its feature statistics
+    assert torch.equal(loaded.router.feature_mean, bundle.router.feature_mean)
+    b = torch.rand(3)
+    assert torch.allclose(loaded.router(b, feats[:3])["mlp"], bundle.router(b, feats[:3])["mlp"])
 
 
 def test_router_save_load_round_trip(tmp_path, fm, static_router):

@@ -79,6 +79,8 @@ def build_router(fm, data: torch.Tensor, *, latency_table: dict[str, Any] | None
     torch.manual_seed(seed)
     router = WidthRouter(n_layers, n_mlp, n_attn, feature_dim=features.shape[1] if adaptive else 0,
                          hidden=router_hidden)
+    if adaptive:
+        router.set_feature_stats(features)
     meta = {"base_model": fm.base_identity(), "flextron_config": fm.flextron_config.to_dict(),
             "seq_len": int(data.shape[1])}
     if latency_table is not None:

@@ -9,6 +9,10 @@ frozen surrogate's predicted ΔLM loss plus a penalty on the soft configuration'
 table, or relative compute) missing the budget. `joint_finetune` then trains the routers through the real model
 (soft nested widths, `soft.soft_widths`) against the full model's logits. At inference the argmax runs.
 
+The adaptive router starts as a static one: its feature path is zero-initialised and stays frozen in the surrogate
+phase (the surrogate does not see the input, so it cannot teach input dependence); the joint fine-tune, which runs
+the real model on real inputs, trains it. Its features are standardised with the training inputs' statistics.
+
 `FlextronRouter` bundles the router with its cost models and saves as `router.safetensors` + `router_config.json`.
 """
 
@@ -34,7 +38,7 @@ from .costs import Choices, CostModel
 
 ROUTER_WEIGHTS = "router.safetensors"
 ROUTER_CONFIG = "router_config.json"
-ROUTER_FORMAT_VERSION = 1
+ROUTER_FORMAT_VERSION = 2  # 2: adaptive routers standardise their features with saved training statistics
 N_FREQS = 4  # Fourier features of the budget: lets a tiny MLP switch a layer's width at a sharp budget threshold
 
 
@@ -47,11 +51,13 @@ class WidthRouter(nn.Module):
         self.feature_dim, self.hidden = feature_dim, hidden
         self.budget_in = nn.Linear(1 + 2 * N_FREQS, hidden)
         if feature_dim:
-            # features are normalised without learned scale: embedding means differ in size between models
-            self.feature_norm = nn.LayerNorm(feature_dim, elementwise_affine=False)
+            # features are standardised per dimension with the training inputs' mean / std (set_feature_stats), so
+            # the feature path sees only how an input differs from the typical one, not the large part all share
+            self.register_buffer("feature_mean", torch.zeros(feature_dim))
+            self.register_buffer("feature_std", torch.ones(feature_dim))
             self.feature_in = nn.Linear(feature_dim, hidden)
             # zero init: the adaptive router starts as the static one and learns per-input deviations. Without it
-            # the normalised C-dim features swamp the 9 budget features and the router ignores the budget
+            # the C-dim features swamp the 9 budget features and the router ignores the budget
             nn.init.zeros_(self.feature_in.weight)
             nn.init.zeros_(self.feature_in.bias)
         self.body = nn.Sequential(nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
@@ -60,6 +66,16 @@ class WidthRouter(nn.Module):
     @property
     def adaptive(self) -> bool:
         return self.feature_dim > 0
+
+    @torch.no_grad()
+    def set_feature_stats(self, features: torch.Tensor) -> None:
+        """Standardise inputs with the mean / std of training features (N, C)."""
+        self.feature_mean.copy_(features.float().mean(0))
+        self.feature_std.copy_(features.float().std(0).clamp_min(1e-6) if features.shape[0] > 1 else
+                               torch.ones_like(self.feature_std))
+
+    def feature_parameters(self) -> list[nn.Parameter]:
+        return list(self.feature_in.parameters()) if self.adaptive else []
 
     def spec(self) -> dict[str, int]:
         return {"n_layers": self.n_layers, "n_mlp": self.n_mlp, "n_attn": self.n_attn,
@@ -72,7 +88,8 @@ class WidthRouter(nn.Module):
         if self.adaptive:
             if features is None:
                 raise ConfigError("the input-adaptive router needs the input's features: pass features (B, C)")
-            h = h + self.feature_in(self.feature_norm(features.float()))
+            z = (features.float() - self.feature_mean) / self.feature_std  # (B, C)
+            h = h + self.feature_in(z)
         out = self.body(h)  # (B, L*(Km+Ka))
         split = self.n_layers * self.n_mlp
         return {"mlp": out[:, :split].reshape(-1, self.n_layers, self.n_mlp),  # (B, L, Km)
@@ -189,6 +206,9 @@ class FlextronRouter(nn.Module):
             metric = config["metric"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise RouterFileError(f"{path / ROUTER_CONFIG} is not a Flextron router config ({err!r}): route again") from err
+        if config.get("format_version", 0) < 2 and config["router"].get("feature_dim"):
+            raise RouterFileError(f"{path} is an input-adaptive router from an older elastiformer (format "
+                                  f"{config.get('format_version', 0)}, without feature statistics): route again")
         if config.get("format_version", 0) > ROUTER_FORMAT_VERSION:
             raise RouterFileError(f"{path} is router format {config['format_version']}, newer than this elastiformer "
                                   f"reads ({ROUTER_FORMAT_VERSION}): upgrade elastiformer")
@@ -234,7 +254,10 @@ def train_router(bundle: FlextronRouter, surrogate: nn.Module, *, features: torc
     lo, hi = budget_range or (bundle.min_budget() + 0.02, 1.0)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=0.0)
+    # the surrogate does not see the input, so it can only teach the budget -> widths map: an adaptive router's
+    # feature path stays as it is here (zero at first) and learns in the joint fine-tune, through the real model
+    frozen = {id(p) for p in router.feature_parameters()}
+    opt = torch.optim.AdamW([p for p in router.parameters() if id(p) not in frozen], lr=lr, weight_decay=0.0)
     history = []
     t0 = time.perf_counter()
     router.train()
