@@ -361,11 +361,14 @@ def _record(name, frac, q, target, predicted, measured, measured_full, choices) 
 def results_markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     tt = result["train_tokens"]
+    num = lambda v: f"{v:,}" if isinstance(v, int) else (v or "see checkpoint")  # noqa: E731
+    home = str(cache_dir())
+    where = lambda p: str(p).replace(home, "<cache>")  # noqa: E731  (the cache folder differs between machines)
     lines = [
         f"Model `{result['model']}`; {result['eval_tokens']:,} held-out Gutenberg tokens (teacher = the original "
-        f"model, NLL {result['teacher_nll']:.3f}). Checkpoints: trained = {result['checkpoints']['trained']}; "
-        f"sorted = {result['checkpoints']['sorted']}. Training tokens: continued training "
-        f"{tt.get('continued_training') or 'see checkpoint'}, surrogate measurement ~{tt['surrogate_measurement']:,}, "
+        f"model, NLL {result['teacher_nll']:.3f}). Checkpoints: trained = {where(result['checkpoints']['trained'])}; "
+        f"sorted = {where(result['checkpoints']['sorted'])}. Training tokens: continued training "
+        f"{num(tt.get('continued_training'))}, surrogate measurement ~{tt['surrogate_measurement']:,}, "
         f"router joint fine-tune {tt['joint_finetune']:,}, ElastiFormer routers {tt.get('elastiformer_routers', 0):,}. "
         f"Latency: {result['latency_table']['batch_size']} x {result['latency_table']['seq_len']} prefill on "
         f"{m['cpu_count']}-core {m['processor']} CPU (torch {m['torch']}, {m['torch_threads']} threads); predicted full "
