@@ -120,12 +120,12 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
     from .trainer import train_routers
 
     # validate everything cheap before any heavy work (loading the model, tokenizing)
-    from .trainer import _check_options, _lr_factor
+    from .trainer import check_train_options, lr_factor
     from .validation import check_device
 
     _check_numbers(o, dict(steps=1, batch_size=1, seq_len=2, max_sequences=1, warmup=0, grad_accum=1, seed=0,
                            checkpoint_every=1, lora_rank=0, mlp_experts=2), ("lr", "temperature"))
-    _lr_factor(o["schedule"], 0, 1, 0)
+    lr_factor(o["schedule"], 0, 1, 0)
     check_device(o["device"])
     cfg = _elastic_config(o)
     if o["budget"] is not None:
@@ -133,7 +133,7 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
     budget_range = None if o["budget"] is not None else tuple(_floats(o["budget_range"], "budget_range"))
     if budget_range is not None and len(budget_range) != 2:
         raise ConfigError(f"--budget-range {o['budget_range']!r}: pass two numbers low,high, e.g. 0.5,0.95")
-    _check_options(o["steps"], o["batch_size"], o["lr"], o["grad_accum"], o["temperature"], o["budget"],
+    check_train_options(o["steps"], o["batch_size"], o["lr"], o["grad_accum"], o["temperature"], o["budget"],
                    budget_range, o["checkpoint_every"])
     out = Path(o["output"])
     import torch

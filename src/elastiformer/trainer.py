@@ -61,7 +61,7 @@ class TrainReport:
         return asdict(self) | {"final_kl": final, "final_distill": final}
 
 
-def _as_tensor_data(data) -> torch.Tensor | list[dict[str, torch.Tensor]]:
+def as_tensor_data(data) -> torch.Tensor | list[dict[str, torch.Tensor]]:
     if isinstance(data, torch.Tensor):
         images = data.is_floating_point() and data.dim() == 4 and data.shape[0] > 0
         if not images and (data.dim() != 2 or data.shape[0] == 0 or data.shape[1] < 2):
@@ -105,7 +105,7 @@ def sample_budget(components: tuple[str, ...], budget_range: tuple[float, float]
     return out
 
 
-def _check_options(steps, batch_size, lr, grad_accum, temperature, budget, budget_range, checkpoint_every):
+def check_train_options(steps, batch_size, lr, grad_accum, temperature, budget, budget_range, checkpoint_every):
     if not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"steps={steps!r}: pass a positive number of optimizer steps")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -129,7 +129,7 @@ def _check_options(steps, batch_size, lr, grad_accum, temperature, budget, budge
             raise ConfigError(f"budget_range={budget_range}: pass (low, high) with 0 < low <= high < 1")
 
 
-def _lr_factor(schedule: str, step: int, steps: int, warmup: int) -> float:
+def lr_factor(schedule: str, step: int, steps: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
@@ -194,8 +194,8 @@ def train_routers(
 
     if budget is None and budget_range is None:
         budget_range = (0.5, 0.95)
-    _check_options(steps, batch_size, lr, grad_accum, temperature, budget, budget_range, checkpoint_every)
-    _lr_factor(schedule, steps, steps, 0)  # validates the schedule name before any work
+    check_train_options(steps, batch_size, lr, grad_accum, temperature, budget, budget_range, checkpoint_every)
+    lr_factor(schedule, steps, steps, 0)  # validates the schedule name before any work
     check_int("warmup", warmup, minimum=0)
     check_int("seed", seed, minimum=0)
     if stop_after is not None:
@@ -215,7 +215,7 @@ def train_routers(
     if not (isinstance(token_weight, (int, float)) and token_weight >= 0 and math.isfinite(token_weight)):
         raise ConfigError(f"token_weight={token_weight!r}: pass a weight >= 0 (0: pooled embeddings only)")
     weights = DEFAULT_AUX_WEIGHTS | (aux_weights or {})
-    data = _as_tensor_data(data)
+    data = as_tensor_data(data)
     if isinstance(data, torch.Tensor):
         token_ids = [] if data.is_floating_point() else [data]  # float tensors are images
     else:
@@ -257,13 +257,13 @@ def train_routers(
         logger.info("experts split by co-activation on 2 batches")
     params = em.router_parameters()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(schedule, s, steps, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(schedule, s, steps, warmup))
     model, optimizer, scheduler = accelerator.prepare(em, optimizer, scheduler)
     core: ElasticModel = accelerator.unwrap_model(model)
 
     start, history = 0, []
     if resume:
-        start, history = _load_checkpoint(core, optimizer, scheduler, out_dir / CHECKPOINT, options)
+        start, history = load_checkpoint(core, optimizer, scheduler, out_dir / CHECKPOINT, options)
         logger.info("resumed from step %d", start)
     resumed_from = start if resume and start else None
 
@@ -296,7 +296,7 @@ def train_routers(
                     aux.pop("token_bce", None)
                 aux |= teacher_aux
                 total = distill + sum(weights.get(k, 0.0) * v for k, v in aux.items())
-                if not _finite_on_every_rank(accelerator, total):
+                if not finite_on_every_rank(accelerator, total):
                     bad = [k for k, v in {loss_kind: distill, **aux}.items() if not torch.isfinite(v)]
                     where = f"the loss became {total.item()} ({', '.join(bad) or 'sum'})" if bad or not \
                         torch.isfinite(total) else "the loss became NaN / inf on another process"
@@ -326,7 +326,7 @@ def train_routers(
         if out_dir is not None and checkpoint_every and (done % checkpoint_every == 0 or done == last):
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                _save_checkpoint(core, optimizer, scheduler, done, history, out_dir / CHECKPOINT, options)
+                save_checkpoint(core, optimizer, scheduler, done, history, out_dir / CHECKPOINT, options)
                 atomic_write_json(out_dir / "train_log.json", {"steps": done, "history": history, "finished": False})
     bar.close()
     accelerator.wait_for_everyone()
@@ -344,7 +344,7 @@ def train_routers(
     return report
 
 
-def _finite_on_every_rank(accelerator, loss: torch.Tensor) -> bool:
+def finite_on_every_rank(accelerator, loss: torch.Tensor) -> bool:
     """Whether the loss is finite on every process. Under DDP a process that stopped alone would leave the others
     waiting forever in the gradient all-reduce of backward, so all of them decide together (one tiny all-reduce)."""
     finite = bool(torch.isfinite(loss.detach()).all())
@@ -367,7 +367,7 @@ def _stop_diverged(what: str, out_dir: Path | None, history: list) -> None:
     raise ElastiformerError(message)
 
 
-def _seq_len(data) -> int:
+def sequence_length(data) -> int:
     return int(data.shape[1]) if isinstance(data, torch.Tensor) else int(data[0]["input_ids"].shape[-1])
 
 
@@ -401,7 +401,7 @@ def _split_batches(data) -> list[dict[str, torch.Tensor]]:
 
 
 # ---------------------------------------------------------------------- checkpoints (no pickle)
-def _save_checkpoint(em: ElasticModel, optimizer, scheduler, step: int, history: list, path: Path,
+def save_checkpoint(em: ElasticModel, optimizer, scheduler, step: int, history: list, path: Path,
                      options: dict | None = None) -> None:
     opt = optimizer.state_dict()
     tensors = {f"router.{k}": v.cpu() for k, v in em.router_state_dict().items()}
@@ -416,7 +416,7 @@ def _save_checkpoint(em: ElasticModel, optimizer, scheduler, step: int, history:
         (tmp / "trainer_state.json").write_text(json.dumps(meta))
 
 
-def _load_checkpoint(em: ElasticModel, optimizer, scheduler, path: Path, options: dict | None = None
+def load_checkpoint(em: ElasticModel, optimizer, scheduler, path: Path, options: dict | None = None
                      ) -> tuple[int, list]:
     path = committed_dir(path)
     if not (path / "trainer_state.json").is_file() or not (path / "state.safetensors").is_file():

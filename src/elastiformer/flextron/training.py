@@ -34,8 +34,8 @@ from ..cache import atomic_write_json, ensure_writable_dir
 from ..distill import kl_teacher_student
 from ..errors import ConfigError, ElastiformerError
 from ..model import _as_batches, weight_fingerprint
-from ..trainer import CHECKPOINT, TrainReport, _as_tensor_data, _check_options, _finite_on_every_rank, \
-    _load_checkpoint, _lr_factor, _save_checkpoint, _seq_len, batch_at
+from ..trainer import CHECKPOINT, TrainReport, as_tensor_data, check_train_options, finite_on_every_rank, \
+    load_checkpoint, lr_factor, save_checkpoint, sequence_length, batch_at
 from .model import FlextronModel
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def train_flextron(
 
     if not isinstance(fm, FlextronModel):
         raise ConfigError(f"train_flextron needs a FlextronModel (get_flextron_model), got {type(fm).__name__}")
-    _check_options(steps, batch_size, lr, grad_accum, temperature, None, None, checkpoint_every)
+    check_train_options(steps, batch_size, lr, grad_accum, temperature, None, None, checkpoint_every)
     subnets = _check_subnets(subnets)
     if teacher not in ("frozen", "self"):
         raise ConfigError(f"teacher={teacher!r}: pass 'frozen' (a frozen copy of the starting weights) or 'self' "
@@ -163,7 +163,7 @@ def train_flextron(
         raise ConfigError(f"lm_weight={lm_weight!r}: pass a non-negative weight (0: distillation only)")
     if teacher == "self" and subnets == ("full",) and lm_weight == 0:
         raise ConfigError("with teacher='self' the full network's KL to itself is zero: add other subnets or lm_weight")
-    data = _as_tensor_data(data)
+    data = as_tensor_data(data)
     out_dir = Path(output_dir) if output_dir is not None else None
     if resume and out_dir is None:
         raise ConfigError("resume=True needs output_dir (where the checkpoint is)")
@@ -183,13 +183,13 @@ def train_flextron(
         raise ConfigError("the model has no trainable weights: Flextron's continued training updates the base "
                           "weights, so do not freeze them (requires_grad_(True))")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(schedule, s, steps, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(schedule, s, steps, warmup))
     model, optimizer, scheduler = accelerator.prepare(fm, optimizer, scheduler)
     core: FlextronModel = accelerator.unwrap_model(model)
 
     start, history = 0, []
     if resume:
-        start, history = _load_checkpoint(_WeightsView(core), optimizer, scheduler, out_dir / CHECKPOINT)
+        start, history = load_checkpoint(_WeightsView(core), optimizer, scheduler, out_dir / CHECKPOINT)
         logger.info("resumed from step %d", start)
     elif out_dir is not None and accelerator.is_main_process:
         atomic_write_json(out_dir / START_NAME, start_identity)
@@ -229,7 +229,7 @@ def train_flextron(
                         loss = kl
                         if lm_weight:
                             loss = loss + lm_weight * _next_token_ce(student, batch["input_ids"], mask)
-                        if not _finite_on_every_rank(accelerator, loss):
+                        if not finite_on_every_rank(accelerator, loss):
                             raise ElastiformerError(f"the loss became {loss.item()} at step {step} ({kind} "
                                                     "sub-network): lower the learning rate; the last checkpoint is kept")
                         accelerator.backward(loss / n_backward)
@@ -252,7 +252,7 @@ def train_flextron(
             if out_dir is not None and checkpoint_every and (done % checkpoint_every == 0 or done == last):
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
-                    _save_checkpoint(_WeightsView(core), optimizer, scheduler, done, history, out_dir / CHECKPOINT)
+                    save_checkpoint(_WeightsView(core), optimizer, scheduler, done, history, out_dir / CHECKPOINT)
                     atomic_write_json(out_dir / "train_log.json", {"steps": done, "history": history,
                                                                    "finished": False})
     finally:
@@ -260,12 +260,12 @@ def train_flextron(
         core.set_choices(**saved_choices)
         core.eval()
     accelerator.wait_for_everyone()
-    tokens_per_step = batch_size * grad_accum * world * _seq_len(data)
+    tokens_per_step = batch_size * grad_accum * world * sequence_length(data)
     report = TrainReport(steps=len(history), tokens=len(history) * tokens_per_step, seconds=time.perf_counter() - t0,
                          resumed_from=start if resume and start else None, history=history)
     if out_dir is not None and accelerator.is_main_process:
         result = report.to_dict() | {"subnets": list(subnets), "teacher": teacher, "lr": lr,
-                                     "batch_size": batch_size, "seq_len": _seq_len(data)}
+                                     "batch_size": batch_size, "seq_len": sequence_length(data)}
         core.save_pretrained(out_dir / "model", tokenizer=tokenizer,
                              extra={"training": {k: v for k, v in result.items() if k != "history"}})
         atomic_write_json(out_dir / "train_log.json", result | {"finished": True, "model": str(out_dir / "model")})
