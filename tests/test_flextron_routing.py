@@ -327,3 +327,27 @@ def test_bench_end_to_end_on_a_tiny_model(workspace, tmp_path, monkeypatch):
     for r in saved["records"]:
         assert r["measured_latency_ms"] > 0 and "meets_latency_target" in r and math.isfinite(r["delta_lm_loss"])
     assert "calibration" in result["latency_table"] and "Measured latency within 10%" in results_markdown(saved)
+
+
+def test_bench_resumes_a_cut_short_continued_training(workspace, tmp_path, monkeypatch):
+    """`prepare_checkpoints` after a run that died before saving its model: it resumes from the checkpoint."""
+    import json
+    import shutil
+
+    from elastiformer.flextron.bench import FLEXTRON_BENCH_DEFAULTS, prepare_checkpoints
+
+    monkeypatch.setenv("ELASTIFORMER_CACHE", str(tmp_path / "cache"))
+    o = FLEXTRON_BENCH_DEFAULTS | dict(model=str(workspace / "model"), checkpoint=str(tmp_path / "trained"),
+                                       sorted_checkpoint=str(tmp_path / "sorted"), continued_training_steps=2,
+                                       continued_training_warmup=1)
+    said = []
+    prepare_checkpoints(o, said.append)
+    assert any("sort" in s for s in said) and (tmp_path / "trained" / "model" / "flextron_config.json").is_file()
+    said.clear()
+    prepare_checkpoints(o, said.append)  # everything there: nothing to do
+    assert said == []
+    shutil.rmtree(tmp_path / "trained" / "model")  # as if killed after the last checkpoint, before the model
+    prepare_checkpoints(o | {"continued_training_steps": 3}, said.append)
+    assert any("resuming" in s for s in said) and not any("sort" in s for s in said)
+    log = json.loads((tmp_path / "trained" / "train_log.json").read_text())
+    assert log["resumed_from"] == 2 and log["steps"] == 3
