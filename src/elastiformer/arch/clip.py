@@ -2,26 +2,9 @@
 `vision_model.encoder.layers[i]` with `self_attn` (q / k / v / out_proj, biases, no rotary) and `mlp` =
 fc2(act(fc1(x))). Bidirectional; tokens are the [CLS] token and the image patches (inputs are `pixel_values`)."""
 
-from torch import nn
+from functools import partial
 
-from ..lora import linear_weight
-from .spec import ArchSpec, AttentionWeights, MLPWeights, register_architecture
-
-
-def _attention_weights(attn: nn.Module) -> AttentionWeights:
-    return AttentionWeights(
-        q_w=linear_weight(attn.q_proj), q_b=attn.q_proj.bias,
-        k_w=linear_weight(attn.k_proj), k_b=attn.k_proj.bias,
-        v_w=linear_weight(attn.v_proj), v_b=attn.v_proj.bias,
-        o_w=linear_weight(attn.out_proj), o_b=attn.out_proj.bias,
-    )
-
-
-def _mlp_weights(mlp: nn.Module) -> MLPWeights:
-    return MLPWeights(
-        up_w=mlp.fc1.weight, up_b=mlp.fc1.bias, gate_w=None, gate_b=None,
-        down_w=mlp.fc2.weight, down_b=mlp.fc2.bias, act=mlp.activation_fn,
-    )
+from .spec import ArchSpec, fc_mlp_weights, qkvo_attention_weights, register_architecture
 
 
 CLIP_VISION = register_architecture(
@@ -35,8 +18,8 @@ CLIP_VISION = register_architecture(
         o_proj_name="out_proj",
         lora_targets=(("q_proj", False), ("k_proj", False), ("v_proj", False), ("out_proj", False)),
         rotary=False,
-        attention_weights=_attention_weights,
-        mlp_weights=_mlp_weights,
+        attention_weights=partial(qkvo_attention_weights, o_name="out_proj"),
+        mlp_weights=fc_mlp_weights,
         causal=False,
         auto_class="AutoModel",
         model_classes=("CLIPVisionModel",),

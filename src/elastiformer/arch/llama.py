@@ -3,17 +3,7 @@ embeddings; `model.layers[i].mlp` = down_proj(act(gate_proj(x)) * up_proj(x)).""
 
 from torch import nn
 
-from ..lora import linear_weight
-from .spec import ArchSpec, AttentionWeights, MLPWeights, register_architecture
-
-
-def _attention_weights(attn: nn.Module) -> AttentionWeights:
-    return AttentionWeights(
-        q_w=linear_weight(attn.q_proj), q_b=attn.q_proj.bias,
-        k_w=linear_weight(attn.k_proj), k_b=attn.k_proj.bias,
-        v_w=linear_weight(attn.v_proj), v_b=attn.v_proj.bias,
-        o_w=linear_weight(attn.o_proj), o_b=attn.o_proj.bias,
-    )
+from .spec import ArchSpec, MLPWeights, qkvo_attention_weights, register_architecture
 
 
 def _mlp_weights(mlp: nn.Module) -> MLPWeights:
@@ -35,7 +25,7 @@ LLAMA = register_architecture(
         o_proj_name="o_proj",
         lora_targets=(("q_proj", False), ("k_proj", False), ("v_proj", False), ("o_proj", False)),
         rotary=True,
-        attention_weights=_attention_weights,
+        attention_weights=qkvo_attention_weights,
         mlp_weights=_mlp_weights,
     )
 )

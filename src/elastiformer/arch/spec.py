@@ -45,6 +45,28 @@ class MLPWeights:
     norm: nn.Module | None = None
 
 
+def qkvo_attention_weights(attn: nn.Module, o_name: str = "o_proj") -> AttentionWeights:
+    """The weights of an attention with separate `q_proj` / `k_proj` / `v_proj` linears and an output linear named
+    `o_name` (Llama and ViT: o_proj; CLIP: out_proj)."""
+    from ..lora import linear_weight  # a LoRA-wrapped linear gives its base weight
+
+    o = getattr(attn, o_name)
+    return AttentionWeights(
+        q_w=linear_weight(attn.q_proj), q_b=attn.q_proj.bias,
+        k_w=linear_weight(attn.k_proj), k_b=attn.k_proj.bias,
+        v_w=linear_weight(attn.v_proj), v_b=attn.v_proj.bias,
+        o_w=linear_weight(o), o_b=o.bias,
+    )
+
+
+def fc_mlp_weights(mlp: nn.Module) -> MLPWeights:
+    """The weights of a plain MLP `fc2(activation_fn(fc1(x)))` (ViT, CLIP)."""
+    return MLPWeights(
+        up_w=mlp.fc1.weight, up_b=mlp.fc1.bias, gate_w=None, gate_b=None,
+        down_w=mlp.fc2.weight, down_b=mlp.fc2.bias, act=mlp.activation_fn,
+    )
+
+
 def get_dotted(module: nn.Module, path: str):
     """`module.a.b` for path "a.b" (the specs name nested modules, e.g. BERT's "output.dense")."""
     for part in path.split("."):
