@@ -62,11 +62,12 @@ def lm_quality(model: Callable[[dict], Any], teacher: TeacherCache, stats: Calla
 
 @torch.no_grad()
 def time_forwards(setups: dict[str, tuple[Callable[[], Any], Callable[[], Any]]], reps: int = 5,
-                  warmup: int = 1) -> dict[str, float]:
+                  warmup: int = 1, desc: str | None = None) -> dict[str, float]:
     """Median milliseconds of each setup's forward, repetitions interleaved across setups (so the drift of a shared
     machine hits every setup alike). setups: name -> (prepare, run): `prepare()` (untimed) puts the model in that
-    setup, `run()` (timed) runs one forward, routing included."""
+    setup, `run()` (timed) runs one forward, routing included. `desc`: show a progress bar with that label."""
     times: dict[str, list[float]] = {name: [] for name in setups}
+    bar = tqdm(total=(warmup + reps) * len(setups), desc=desc, disable=desc is None)
     for rep in range(warmup + reps):
         for name, (prepare, run) in setups.items():
             prepare()
@@ -74,6 +75,8 @@ def time_forwards(setups: dict[str, tuple[Callable[[], Any], Callable[[], Any]]]
             run()
             if rep >= warmup:
                 times[name].append((time.perf_counter() - t0) * 1e3)
+            bar.update()
+    bar.close()
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -143,18 +143,10 @@ def measure_latency_table(fm: FlextronModel, batch_size: int = 1, seq_len: int =
 def _time_configs(fm, forward, configs: dict[str, dict], warmup: int, reps: int, progress: bool,
                   desc: str) -> dict[str, float]:
     """Median end-to-end milliseconds of `forward()` at each configuration, repetitions interleaved."""
-    times: dict[str, list[float]] = {name: [] for name in configs}
-    bar = tqdm(total=(warmup + reps) * len(configs), desc=desc, disable=not progress)
-    for rep in range(warmup + reps):
-        for name, choices in configs.items():
-            fm.set_choices(**choices)
-            t0 = time.perf_counter()
-            forward()
-            if rep >= warmup:
-                times[name].append((time.perf_counter() - t0) * 1e3)
-            bar.update()
-    bar.close()
-    return {name: statistics.median(t) for name, t in times.items()}
+    from .evaluate import time_forwards
+
+    setups = {name: (lambda c=choices: fm.set_choices(**c), forward) for name, choices in configs.items()}
+    return time_forwards(setups, reps=reps, warmup=warmup, desc=desc if progress else None)
 
 
 def _calibrate(table: dict[str, Any], configs: dict[str, dict], measured: dict[str, float]) -> None:
@@ -162,13 +154,13 @@ def _calibrate(table: dict[str, Any], configs: dict[str, dict], measured: dict[s
     raw = {name: predict_latency(table, choices) - table["overhead_ms"] for name, choices in configs.items()}
     x = torch.tensor([raw[n] for n in configs], dtype=torch.float64)  # (N,) summed raw cells
     y = torch.tensor([measured[n] for n in configs], dtype=torch.float64)  # (N,) measured end to end
+    through_origin = float((x * y).sum() / (x * x).sum()), 0.0
+    scale, overhead = through_origin
     if len(configs) >= 2 and float(x.var()) > 0:
         scale = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
         overhead = float(y.mean() - scale * x.mean())
-    else:
-        scale, overhead = float((x * y).sum() / (x * x).sum()), 0.0
-    if overhead < 0 or scale <= 0:  # a fit no forward can have: through the origin instead
-        scale, overhead = float((x * y).sum() / (x * x).sum()), 0.0
+        if overhead < 0 or scale <= 0:  # a fit no forward can have: through the origin instead
+            scale, overhead = through_origin
     fitted = overhead + scale * x
     table["raw_mlp_ms"], table["raw_attn_ms"] = table["mlp_ms"], table["attn_ms"]
     table["mlp_ms"] = [[scale * v for v in row] for row in table["raw_mlp_ms"]]
