@@ -297,11 +297,8 @@ def train_routers(
                 aux |= teacher_aux
                 total = distill + sum(weights.get(k, 0.0) * v for k, v in aux.items())
                 if not finite_on_every_rank(accelerator, total):
-                    bad = [k for k, v in {loss_kind: distill, **aux}.items() if not torch.isfinite(v)]
-                    where = f"the loss became {total.item()} ({', '.join(bad) or 'sum'})" if bad or not \
-                        torch.isfinite(total) else "the loss became NaN / inf on another process"
-                    _stop_diverged(f"{where} at step {step + 1}", out_dir if accelerator.is_main_process else None,
-                                   history)
+                    _stop_diverged(f"{loss_failure(total, {loss_kind: distill, **aux})} at step {step + 1}",
+                                   out_dir if accelerator.is_main_process else None, history)
                 accelerator.backward(total)
                 if accelerator.sync_gradients and not all(
                         torch.isfinite(p.grad).all() for p in params if p.grad is not None):
@@ -352,6 +349,15 @@ def finite_on_every_rank(accelerator, loss: torch.Tensor) -> bool:
         return finite
     flag = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
     return float(accelerator.reduce(flag, reduction="sum")) == 0.0
+
+
+def loss_failure(loss: torch.Tensor, parts: dict[str, torch.Tensor] | None = None) -> str:
+    """What went wrong, for the error once `finite_on_every_rank` said no: this process's non-finite loss (and which
+    of its `parts`), or, when everything here is finite, another process's."""
+    bad = [k for k, v in (parts or {}).items() if not torch.isfinite(v)]
+    if not bad and bool(torch.isfinite(loss).all()):
+        return "the loss became NaN / inf on another process"
+    return f"the loss became {loss.item()}" + (f" ({', '.join(bad) or 'sum'})" if parts is not None else "")
 
 
 def _stop_diverged(what: str, out_dir: Path | None, history: list) -> None:

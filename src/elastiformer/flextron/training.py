@@ -34,8 +34,8 @@ from ..cache import atomic_write_json, ensure_writable_dir
 from ..distill import kl_teacher_student
 from ..errors import ConfigError, ElastiformerError
 from ..model import _as_batches, weight_fingerprint
-from ..trainer import CHECKPOINT, TrainReport, as_tensor_data, check_train_options, finite_on_every_rank, \
-    load_checkpoint, lr_factor, save_checkpoint, sequence_length, batch_at
+from ..trainer import CHECKPOINT, TrainReport, as_tensor_data, batch_at, check_train_options, finite_on_every_rank, \
+    load_checkpoint, loss_failure, lr_factor, save_checkpoint, sequence_length
 from .model import FlextronModel
 
 logger = logging.getLogger(__name__)
@@ -230,8 +230,8 @@ def train_flextron(
                         if lm_weight:
                             loss = loss + lm_weight * _next_token_ce(student, batch["input_ids"], mask)
                         if not finite_on_every_rank(accelerator, loss):
-                            raise ElastiformerError(f"the loss became {loss.item()} at step {step} ({kind} "
-                                                    "sub-network): lower the learning rate; the last checkpoint is kept")
+                            raise ElastiformerError(f"{loss_failure(loss)} at step {step} ({kind} sub-network): "
+                                                    "lower the learning rate; the last checkpoint is kept")
                         accelerator.backward(loss / n_backward)
                     logs["loss"] += loss.item() / n_backward
                     logs["kl"] += kl.item() / n_backward
