@@ -22,7 +22,7 @@ from .errors import ConfigError, DataError, ElastiformerError
 
 # ---------------------------------------------------------------------------------------------------- option values
 def parse_floats(text: Any, name: str) -> list[float]:
-    """A CLI list option (\"0.5,0.7\", a number, or a YAML list) as floats; `name` is the option's name."""
+    """A CLI list option ("0.5,0.7", a number, or a YAML list) as floats; `name` is the option's name."""
     if isinstance(text, (int, float)):
         return [float(text)]
     if isinstance(text, (list, tuple)):
@@ -34,7 +34,7 @@ def parse_floats(text: Any, name: str) -> list[float]:
 
 
 def parse_ints(text: Any, name: str) -> tuple[int, ...]:
-    """A CLI list option (\"0,-1\", a YAML list; empty or \"none\": none) as integers."""
+    """A CLI list option ("0,-1", a YAML list; empty or "none": none) as integers."""
     if text in (None, "", "none"):
         return ()
     if isinstance(text, (list, tuple)):
