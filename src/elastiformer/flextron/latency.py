@@ -94,29 +94,22 @@ def measure_latency_table(fm: FlextronModel, batch_size: int = 1, seq_len: int =
     cell_times = [[[] for _ in modules] for _ in range(n_widths)]  # [width][module] -> ms per rep
     hooks = [h for i, m in enumerate(modules)
              for h in (m.register_forward_pre_hook(pre_hook(i)), m.register_forward_hook(post_hook(i)))]
-    try:
-        bar = tqdm(total=(warmup + reps) * n_widths, desc="latency table", disable=not progress)
-        for rep in range(warmup + reps):
-            for c, choices in enumerate(uniform):  # interleaved widths
-                fm.set_choices(**choices)
-                elapsed.clear()
-                forward()
-                if rep >= warmup:
-                    for i in range(len(modules)):
-                        cell_times[c][i].append(elapsed[i])
-                bar.update()
-        bar.close()
-    finally:
-        for h in hooks:
-            h.remove()
-    try:
-        mlp_ms = [[0.0] * n_mlp for _ in range(L)]
-        attn_ms = [[0.0] * n_attn for _ in range(L)]
-        for c in range(n_widths):
-            for i, module in enumerate(modules):
-                row, n = (mlp_ms, n_mlp) if isinstance(module, NestedMLP) else (attn_ms, n_attn)
-                if c < n:
-                    row[module.layer_idx][c] = statistics.median(cell_times[c][i])
+    try:  # whatever fails, the model gets its choices, mode and hooks back
+        try:
+            bar = tqdm(total=(warmup + reps) * n_widths, desc="latency table", disable=not progress)
+            for rep in range(warmup + reps):
+                for c, choices in enumerate(uniform):  # interleaved widths
+                    fm.set_choices(**choices)
+                    elapsed.clear()
+                    forward()
+                    if rep >= warmup:
+                        for i in range(len(modules)):
+                            cell_times[c][i].append(elapsed[i])
+                    bar.update()
+            bar.close()
+        finally:
+            for h in hooks:
+                h.remove()
         g = torch.Generator().manual_seed(seed + 7919)  # other mixes than check_latency_prediction's
         configs = {f"uniform_{c}": ch for c, ch in enumerate(uniform)}
         configs |= {f"random_{k}": sample_subnet(fm, "random", g) for k in range(calibration_configs if calibrate else 0)}
@@ -124,6 +117,13 @@ def measure_latency_table(fm: FlextronModel, batch_size: int = 1, seq_len: int =
     finally:
         fm.set_choices(**saved)
         fm.train(was_training)
+    mlp_ms = [[0.0] * n_mlp for _ in range(L)]
+    attn_ms = [[0.0] * n_attn for _ in range(L)]
+    for c in range(n_widths):
+        for i, module in enumerate(modules):
+            row, n = (mlp_ms, n_mlp) if isinstance(module, NestedMLP) else (attn_ms, n_attn)
+            if c < n:
+                row[module.layer_idx][c] = statistics.median(cell_times[c][i])
     full_ms = measured["uniform_0"]
     table = {
         "version": TABLE_VERSION,
