@@ -4,8 +4,22 @@
 - `latency_ms=t`: its latency, predicted from the latency table measured on this machine, is at most t.
 
 The static router picks one configuration at once. The input-adaptive router picks one per sequence, in a forward
-pre-hook on the base model (so `generate` goes through it too), from the prompt's pooled embedding; decode steps
-with a KV cache keep the prompt's configuration, because the cached keys / values belong to its head slices.
+pre-hook on the base model (so `generate` goes through it too), from the pooled embedding of the sequence's real
+tokens (the attention mask's, so left padding does not count). That is a **per-sequence decision on the prompt**,
+kept for the whole generation. Which forward is a new prompt and which continues the current one:
+
+1. A forward given a non-empty KV cache (under any keyword: `cache`, `past_key_values`, ..., or any argument that is
+   a cache object) is a decode step: it keeps the current decision, because the cached keys / values belong to
+   its head slices. (With no decision for its batch size, it is decided from the tokens it is given.)
+2. A forward without one (or with an empty one: a prefill) continues the current decision when every row's real
+   tokens start with the real tokens of the prompt that row was decided on. That is what `generate(use_cache=False)`
+   feeds at each step (the whole growing sequence), and what re-scoring a generated text feeds.
+3. Any other forward is a new prompt and is decided afresh from its own real tokens. `FlextronModel.generate` always
+   starts from a new decision on its prompt, and so does `set_budget`.
+
+None of this depends on the keyword a transformers version passes the cache under. The decision is a function of the
+prompt: the same prompt always gets the same widths, but a different prompt, including the same prompt with tokens
+appended and given to `generate` (or to a forward after another prompt), may get other widths.
 """
 
 from __future__ import annotations
@@ -32,6 +46,10 @@ class BudgetState:
     hook: Any = None
     current: dict[str, torch.Tensor] | None = None  # the configuration of the last forward
     history: list[dict[str, Any]] = field(default_factory=list)
+    # the adaptive router's decision: per row, the real token ids of the prompt `current` was decided on (None: the
+    # next forward decides afresh), and the choice lists it set on the model (to notice choices changed meanwhile)
+    prompt: list[torch.Tensor] | None = None
+    applied: tuple[Any, Any] | None = None
 
 
 def attach_router(fm, router: FlextronRouter) -> None:
@@ -112,6 +130,7 @@ def set_budget(fm, relative_compute: float | None = None, latency_ms: float | No
                           f"{cost.minimum / cost.full:.3f} of the full model: pass relative_compute >= "
                           f"{cost.minimum / cost.full:.3f}")
     state.metric, state.target, state.exact = metric, target, exact
+    state.prompt = None  # a new budget: the next forward decides afresh
     if state.hook is not None:
         state.hook.remove()
         state.hook = None
@@ -142,19 +161,81 @@ def describe(router: FlextronRouter, choices: dict[str, torch.Tensor], metric: s
     return out
 
 
+_CACHE_KEYWORDS = ("cache", "past_key_values", "past", "layer_past")  # what transformers versions have called it
+
+
+def _kv_cache(args: tuple, kwargs: dict[str, Any]) -> Any:
+    """The KV cache a forward was given, whatever its keyword: a known keyword first, else any argument that is a
+    cache object (has `get_seq_length`)."""
+    for key in _CACHE_KEYWORDS:
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+    for value in (*kwargs.values(), *args):
+        if hasattr(value, "get_seq_length"):
+            return value
+    return None
+
+
+def _cached_tokens(cache: Any) -> int:
+    """How many tokens per sequence `cache` already holds (0: none, or not a cache this knows)."""
+    cache = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder wrapper
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    try:  # the legacy format: a tuple of (key, value) per layer, key (B, KVH, T, D)
+        return int(cache[0][0].shape[-2])
+    except (TypeError, IndexError, KeyError, AttributeError):
+        return 0
+
+
+def _real_tokens(ids: torch.Tensor, attention_mask: Any) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """(mask (B, T) bool over the given tokens or None: all real, [the real token ids of each row]). A 2-D mask
+    longer than the input (a decode step's: past + new tokens) is cut to the given tokens; other masks (4-D) are
+    not a per-token padding mask and count every token as real."""
+    B, T = ids.shape
+    mask = None
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.shape[0] == B \
+            and attention_mask.shape[1] >= T:
+        mask = attention_mask[:, attention_mask.shape[1] - T:].bool()
+    rows = list(ids.detach()) if mask is None else [ids[b].detach()[mask[b]] for b in range(B)]
+    return mask, rows
+
+
+def _extends(row: torch.Tensor, prompt: torch.Tensor) -> bool:
+    n = prompt.shape[0]
+    return row.shape[0] >= n and torch.equal(row[:n], prompt)
+
+
+def new_generation(fm) -> None:
+    """Make the adaptive router's next forward decide afresh from its input (a new prompt), whatever came before."""
+    state = fm.__dict__.get(_STATE)
+    if state is not None:
+        state.prompt = None
+
+
 def _adaptive_hook(fm, state: BudgetState):
+    """The forward pre-hook of the input-adaptive router: the rule of the module docstring."""
+
     def hook(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            raise ConfigError("the input-adaptive router routes on input_ids: call the model with input_ids")
-        past = kwargs.get("past_key_values")
-        cached = past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0
-        if cached and state.current is not None and state.current["mlp"].shape[0] == ids.shape[0]:
-            return None  # decode step: keep the prompt's configuration (its KV cache is of those slices)
-        feats = pooled_features(fm, ids, kwargs.get("attention_mask"))  # (B, C)
-        choices = state.router.choose(state.target, state.metric, features=feats, exact=state.exact)  # (B, L)
-        set_index_choices(fm, choices)
-        state.current = choices
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            raise ConfigError("the input-adaptive router routes on input_ids: call the model with input_ids "
+                              "(batch, tokens)")
+        mask, rows = _real_tokens(ids, kwargs.get("attention_mask"))
+        decided = state.current is not None and tuple(state.current["mlp"].shape[:1]) == (ids.shape[0],) and \
+            state.current["mlp"].dim() == 2  # a (B, L) decision for this batch (a static pick is (L,))
+        if decided and _cached_tokens(_kv_cache(args, kwargs)) > 0:
+            pass  # a decode step: its KV cache holds the prompt's head slices
+        elif decided and state.prompt is not None and len(state.prompt) == len(rows) and \
+                all(_extends(r, p) for r, p in zip(rows, state.prompt)):
+            pass  # the prompt re-fed with tokens after it (generate without a cache): the same generation
+        else:  # a new prompt: decide from its real tokens
+            feats = pooled_features(fm, ids, mask)  # (B, C)
+            state.current = state.router.choose(state.target, state.metric, features=feats, exact=state.exact)
+            state.prompt = rows
+            state.applied = None
+        if state.applied is None or state.applied[0] is not fm.state.mlp or state.applied[1] is not fm.state.attn:
+            set_index_choices(fm, state.current)  # (B, L): one configuration per sequence
+            state.applied = (fm.state.mlp, fm.state.attn)  # set_choices replaces these lists, never edits them
         return None
     return hook
 

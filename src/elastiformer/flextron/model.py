@@ -315,10 +315,19 @@ class FlextronModel(WrappedModel):
                    exact: bool = True) -> dict[str, Any]:
         """Pick every layer's width for a budget with the attached router: `relative_compute` (fraction of the
         full model's block FLOPs) or `latency_ms` (predicted from the latency table). The static router picks
-        once; the input-adaptive one picks per sequence in each forward. Returns what was picked."""
+        once; the input-adaptive one picks per sequence from its prompt, in the forward, and keeps that for the
+        generation (budget.py's docstring has the rule). Returns what was picked."""
         from .budget import set_budget
 
         return set_budget(self, relative_compute=relative_compute, latency_ms=latency_ms, exact=exact)
+
+    def generate(self, *args, **kwargs):
+        """Generation through the nested widths. With the input-adaptive router, every call decides each sequence's
+        widths afresh from its prompt (its real tokens) and keeps them for every decode step, cached or not."""
+        from .budget import new_generation
+
+        new_generation(self)
+        return super().generate(*args, **kwargs)
 
 
 def read_flextron_config(path: str | Path) -> dict[str, Any]:
