@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from elastiformer.benchmark import BENCH_DEFAULTS, plot_lm_bench, run_lm_bench, update_readme
 from test_cli import workspace  # noqa: F401
 
@@ -24,9 +26,15 @@ def test_bench_writes_the_result_schema_and_readme(workspace, tmp_path):  # noqa
         timed = r["method"] == "learned"
         assert (r["prefill_time_ratio"] is not None) == timed and (r["decode_time_ratio"] is not None) == timed
         assert (r["last_word_acc"] is not None) == timed
-    assert 0.0 <= saved["teacher_last_word"]["acc"] <= 1.0
+    # the teacher's last-word numbers, computed another way: lm_eval on the plain model folder (no routers)
+    from elastiformer.integrations.lm_eval import ElastiformerLM, evaluate_last_word, write_last_word_task
+
+    teacher = evaluate_last_word(ElastiformerLM(pretrained=str(workspace / "model"), batch_size=8),
+                                 write_last_word_task(n_docs=6))
+    assert saved["teacher_last_word"]["acc"] == teacher["acc"]
+    assert saved["teacher_last_word"]["perplexity"] == pytest.approx(teacher["perplexity"], rel=1e-5)
     methods = {(r["component"], r["method"]) for r in saved["records"]}
-    assert methods == {("mlp_tokens", m) for m in ("learned", "random", "static", "norm")} | {
+    assert methods == {("mlp_tokens", m) for m in ("learned", "random", "static", "norm", "norm_allocated")} | {
         ("combined", m) for m in ("learned", "random", "static")}
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
@@ -34,7 +42,7 @@ def test_bench_writes_the_result_schema_and_readme(workspace, tmp_path):  # noqa
     readme.write_text("# x\n<!-- results:lm -->\nold\n<!-- /results:lm -->\nafter\n")
     update_readme(saved, readme, "lm.png")
     text = readme.read_text()
-    assert "old" not in text and text.endswith("after\n") and text.count("| mlp_tokens |") == 8
+    assert "old" not in text and text.endswith("after\n") and text.count("| mlp_tokens |") == 10
 
 
 def test_bench_append_keeps_other_settings(workspace, tmp_path):  # noqa: F811
@@ -47,4 +55,4 @@ def test_bench_append_keeps_other_settings(workspace, tmp_path):  # noqa: F811
     run_lm_bench(o | dict(lora_rank=1, append=True), echo=lambda *_: None)
     records = json.loads(out.read_text())["records"]
     assert sorted({r["lora_rank"] for r in records}) == [0, 1]
-    assert len(records) == 2 * 4  # learned, random, static, norm at one budget, with and without LoRA
+    assert len(records) == 2 * 5  # learned, random, static, norm, norm_allocated at one budget, with and without LoRA

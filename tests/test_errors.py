@@ -92,8 +92,17 @@ def test_token_routing_at_inference_needs_calibration():
 
 
 def test_parameter_routing_needs_no_calibration():
+    """Head routing at inference runs without calibrate(): it skips heads (fewer FLOPs, other logits) at a budget
+    below 1, and is the base model at 1."""
     em = make_elastic("llama", "attn_heads")
-    em(tokens())
+    assert not em.training
+    with torch.no_grad():
+        half = em(tokens()).logits
+        assert em.last_stats()["attn"]["flops_ratio"] < 0.9
+        em.set_budget(1.0)
+        full = em(tokens()).logits
+        assert torch.equal(full, MODELS["llama"](0)(tokens()).logits)
+    assert not torch.allclose(half, full, atol=1e-4)
 
 
 def test_calibrate_without_data():

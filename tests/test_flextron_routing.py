@@ -179,8 +179,11 @@ def test_adaptive_router_picks_per_sequence_and_meets_budget(tmp_path, fm, surro
                             {"relative_compute": compute_cost_model(fm, 12)}, "relative_compute")
     bundle.router.set_feature_stats(feats)
     train_router(bundle, surrogate[0], features=feats, steps=400, progress=False)
-    # the surrogate cannot see the input: the feature path is left for the joint fine-tune (through the real model)
+    # the surrogate cannot see the input: the feature path is left for the joint fine-tune (through the real model),
+    # so for now every input gets the same logits at a budget
     assert not bundle.router.feature_in.weight.any()
+    flat = bundle.router(torch.full((32,), 0.6), feats)["mlp"]
+    assert torch.equal(flat, flat[:1].expand_as(flat))
     raw = bundle.choose(0.6, "relative_compute", features=feats, exact=False)  # (N, L) per sub-layer
     rel = bundle.cost.hard(raw)
     assert rel.shape == (32,) and ((rel - 0.6).abs() / 0.6 < 0.10).all()
@@ -189,8 +192,9 @@ def test_adaptive_router_picks_per_sequence_and_meets_budget(tmp_path, fm, surro
     with torch.no_grad():
         fm(input_ids=ids)
     choice = fm.get_choices()
-    assert choice["mlp"][0].shape == (6,)  # per-sequence choices, picked in the forward
-    per_seq = bundle.cost.hard({k: torch.stack(v, dim=1) for k, v in choice.items()})
+    per_seq = bundle.cost.hard({k: torch.stack(v, dim=1) for k, v in choice.items()})  # (6,) one per sequence
+    expected = bundle.choose(0.6 * bundle.cost.full, "relative_compute", features=pooled_features(fm, ids))
+    assert all(torch.equal(torch.stack(choice[k], dim=1), expected[k]) for k in ("mlp", "attn"))  # from the inputs
     assert (per_seq <= 0.6 + 1e-9).all() and ((0.6 - per_seq) / 0.6 < 0.10).all()
     with torch.no_grad():  # generation keeps the prompt's configuration on decode steps
         out = fm.generate(ids[:2], max_new_tokens=3, do_sample=False, pad_token_id=0)
@@ -201,11 +205,28 @@ def test_adaptive_router_picks_per_sequence_and_meets_budget(tmp_path, fm, surro
     fm.set_choices()
     joint_finetune(fm, bundle, tokens(B=8, T=12, seed=13), steps=2, batch_size=4, progress=False)
     assert bundle.router.feature_in.weight.any()  # the joint fine-tune, on real inputs, trains the feature path
+    tuned = bundle.router(torch.full((32,), 0.6), feats)["mlp"]
+    assert not torch.equal(tuned, tuned[:1].expand_as(tuned))  # ... so inputs now get their own logits
     bundle.save_pretrained(tmp_path / "adaptive")
     loaded = FlextronRouter.from_pretrained(tmp_path / "adaptive")  # with its feature statistics
     assert torch.equal(loaded.router.feature_mean, bundle.router.feature_mean)
     b = torch.rand(3)
     assert torch.allclose(loaded.router(b, feats[:3])["mlp"], bundle.router(b, feats[:3])["mlp"])
+    # a strong feature path: sequences get different widths at one budget, each picked in the forward from its input
+    with torch.no_grad():
+        w = loaded.router.feature_in.weight
+        w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+    fm.attach_router(loaded)
+    fm.set_budget(relative_compute=0.6)
+    with torch.no_grad():
+        fm(input_ids=ids)
+    picked = {k: torch.stack(v, dim=1) for k, v in fm.get_choices().items()}  # (6, L)
+    expected = loaded.choose(0.6 * loaded.cost.full, "relative_compute", features=pooled_features(fm, ids))
+    assert all(torch.equal(picked[k], expected[k]) for k in ("mlp", "attn"))
+    assert len({tuple(row) for row in torch.cat([picked["mlp"], picked["attn"]], 1).tolist()}) > 1
+    assert (loaded.cost.hard(picked) <= 0.6 * loaded.cost.full * (1 + 1e-9)).all()
+    detach_router(fm)
+    fm.set_choices()
 
 
 def test_router_save_load_round_trip(tmp_path, fm, static_router):

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import elastiformer as ef
 from conftest import MODELS, VOCAB
+from elastiformer.lora import adapter_flops
 
 LAYERS = 3
 CONTEXT = 128
@@ -142,6 +143,7 @@ def test_flops_are_monotone_in_the_budget_and_logits_finite(arch, kw, batch, bud
     em = elastic(arch, kw)
     em.calibrate(calibration())
     real = batch["attention_mask"].bool()
+    lora = adapter_flops(em.base_model, batch["input_ids"].numel())  # the adapters on every token: executed, not dense
     flops = []
     for b in sorted(budgets) + [1.0]:
         em.set_budget(**budgets_for(em, b))
@@ -150,14 +152,14 @@ def test_flops_are_monotone_in_the_budget_and_logits_finite(arch, kw, batch, bud
             em(**batch)
         stats = em.last_stats()
         flops.append(stats["elastic_flops"])
-        assert stats["elastic_flops"] - stats["router_flops"] <= stats["dense_flops"]  # never more work than dense
+        assert stats["elastic_flops"] - stats["router_flops"] <= stats["dense_flops"] + lora  # never more than dense
         em.eval()
         with torch.no_grad():
             out = em(**batch).logits
         assert torch.isfinite(out[real]).all()
     routed = [f for b, f in zip(sorted(budgets), flops) if b < 1.0]
     assert all(lo <= hi for lo, hi in zip(routed, routed[1:])), (sorted(budgets), flops)
-    assert flops[-1] == em.last_stats()["dense_flops"]  # full budget: exactly the dense model
+    assert flops[-1] == em.last_stats()["dense_flops"] + lora  # full budget: exactly the dense (+ adapted) model
 
 
 # ------------------------------------------------------------------------------------------------ invalid input

@@ -132,13 +132,16 @@ def evaluate(
     contexts = {m: (lambda m=m: em.routing_method(m)) for m in methods}
     saved_budget, was_training = em.get_budget(), em.training
     em.eval()
+    # the random baseline draws from this generator, reseeded per batch so that it draws the same way every run,
+    # and leaves the caller's global torch RNG alone
+    generator = torch.Generator(device=device)
     sums = {(m, i): {"n": 0, "nll_teacher": 0.0, "nll": 0.0, "kl": 0.0, "agree": 0.0, "dense": 0, "exec": 0,
                      "model_dense": 0, "model_exec": 0} for m in methods for i in range(len(settings))}
     teacher_sum = {"n": 0, "nll": 0.0}
     total = len(batches) * (1 + len(methods) * len(settings))
     bar = tqdm(total=total, desc="evaluating", disable=not progress)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), em._override("generator", generator):
             for bi, batch in enumerate(batches):
                 with em.disable_routers():
                     teacher = em(**batch).logits
@@ -146,7 +149,7 @@ def evaluate(
                 for i, setting in enumerate(settings):
                     em.set_budget(**setting)
                     for m in methods:
-                        torch.manual_seed(seed * 1009 + bi)  # the random baseline draws the same way every run
+                        generator.manual_seed(seed * 1009 + bi)  # the random baseline draws the same way every run
                         with contexts[m]():
                             student = em(**batch).logits
                         stats = em.last_stats()

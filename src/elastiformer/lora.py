@@ -3,13 +3,43 @@
 `LoRALinear` wraps an unmodified projection (nn.Linear or GPT-2's Conv1D) and adds `scale * B A x` while routing is
 on; with routers disabled it is the base projection alone, so the distillation teacher stays the original model.
 B starts at zero, so an untrained adapter changes nothing. Only `lora_A` and `lora_B` are saved.
+
+Once the adapters are trained, the elastic model at full budget is the *adapted* model (base + BA), not the base
+model: `em.disable_routers()` is the only way back to the base model. The update always runs as two thin matmuls
+(`x -> x A^T -> (x A^T) B^T`), never by rebuilding `W + BA`, and its FLOPs (2 x tokens x r x (in + out) per
+application) are counted in the sub-layer's executed FLOPs, not in its dense FLOPs (what the unmodified model runs).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class LowRank(NamedTuple):
+    """An active adapter's update in nn.Linear convention: `delta(x) = scale * (x @ A.T) @ B.T`."""
+
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    scale: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.A), self.B) * self.scale  # (..., in) -> (..., r) -> (..., out)
+
+    def out_rows(self, rows) -> "LowRank":
+        """The update of the output rows `rows` only (a slice of a fused projection, or one head's rows)."""
+        return LowRank(self.A, self.B[rows], self.scale)
+
+    def flops(self, n_rows: int) -> int:
+        return lora_flops(n_rows, self.A.shape[0], self.A.shape[1], self.B.shape[0])
+
+
+def lora_flops(n_rows: int, rank: int, in_features: int, out_features: int) -> int:
+    """x A^T and (x A^T) B^T on `n_rows` rows."""
+    return 2 * n_rows * rank * (in_features + out_features)
 
 
 class LoRALinear(nn.Module):
@@ -19,6 +49,7 @@ class LoRALinear(nn.Module):
         self.conv1d = conv1d  # Conv1D keeps its weight as (in, out): y = x @ W + b
         w = base_layer.weight
         in_features, out_features = (w.shape[0], w.shape[1]) if conv1d else (w.shape[1], w.shape[0])
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.lora_A = nn.Parameter(torch.randn(rank, in_features, device=w.device, dtype=w.dtype) * in_features**-0.5)
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=w.device, dtype=w.dtype))
         self.scale = (alpha if alpha is not None else rank) / rank
@@ -26,18 +57,22 @@ class LoRALinear(nn.Module):
 
     @property
     def active(self) -> bool:
+        """On while routing is on (any budget, full budget included: the adapted model); off under
+        `disable_routers()` (the base model, the distillation teacher)."""
         return self._state[0].enabled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.active:
-            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale  # (..., in) -> (..., r) -> (..., out)
+            y = y + self.low_rank()(x)
         return y
 
-    def linear_weight(self) -> torch.Tensor:
-        """The effective weight in nn.Linear convention (out, in): what the custom attention paths multiply by."""
-        w = self.base_layer.weight.T if self.conv1d else self.base_layer.weight
-        return w + (self.lora_B @ self.lora_A) * self.scale if self.active else w
+    def low_rank(self) -> LowRank:
+        return LowRank(self.lora_A, self.lora_B, self.scale)
+
+    def flops(self, n_rows: int) -> int:
+        """FLOPs the update adds when the projection runs on `n_rows` rows (0 while inactive)."""
+        return lora_flops(n_rows, self.rank, self.in_features, self.out_features) if self.active else 0
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -48,7 +83,78 @@ class LoRALinear(nn.Module):
 
 
 def linear_weight(module: nn.Module, conv1d: bool = False) -> torch.Tensor:
-    """Weight of a projection in nn.Linear convention, with its LoRA update when one is active."""
+    """The base weight of a projection in nn.Linear convention (out, in), a view of the base model's tensor (a
+    LoRA-wrapped projection gives its base weight; its update comes from `low_rank`)."""
     if isinstance(module, LoRALinear):
-        return module.linear_weight()
+        module = module.base_layer
     return module.weight.T if conv1d else module.weight
+
+
+def low_rank(module: nn.Module) -> LowRank | None:
+    """The projection's active LoRA update, or None (no adapter, or routing off)."""
+    return module.low_rank() if isinstance(module, LoRALinear) and module.active else None
+
+
+def out_rows(update: LowRank | None, rows) -> LowRank | None:
+    return None if update is None else update.out_rows(rows)
+
+
+def adapter_flops(module: nn.Module, n_rows: int) -> int:
+    """FLOPs of the active adapters inside `module` when each of its projections runs on `n_rows` rows (an attention
+    module applies every projection to every row it is given)."""
+    return sum(m.flops(n_rows) for m in module.modules() if isinstance(m, LoRALinear))
+
+
+class HeadPathLoRA:
+    """The adapters' updates on ElasticAttention's per-head path, as thin matmuls, with their FLOPs.
+
+    `x A^T` is computed once per distinct A on the processed tokens (GPT-2's fused c_attn shares one A among q, k and
+    v); each head then adds `(x A^T) B[rows]^T` for its own query rows, and the output projection's update is
+    accumulated as `sum_h o_h A_o[:, rows_h]^T` per token and multiplied by `B_o` once at the end."""
+
+    def __init__(self, weights, x: torch.Tensor):
+        self.w = weights  # AttentionWeights, with q/k/v/o_lora
+        self.x = x  # (B, m, C)
+        self.flops = 0
+        self._down: dict[int, torch.Tensor] = {}
+        o = weights.o_lora
+        self._o_down = None if o is None else x.new_zeros(x.shape[0] * x.shape[1], o.A.shape[0])  # (B*m, r)
+
+    def _x_a(self, update: LowRank) -> torch.Tensor:
+        key = id(update.A)
+        if key not in self._down:
+            self._down[key] = F.linear(self.x, update.A)  # (B, m, r)
+            self.flops += 2 * self.x.shape[0] * self.x.shape[1] * update.A.shape[0] * update.A.shape[1]
+        return self._down[key]
+
+    def _up(self, xa: torch.Tensor, update: LowRank) -> torch.Tensor:
+        self.flops += 2 * xa.shape[:-1].numel() * update.B.shape[1] * update.B.shape[0]
+        return F.linear(xa, update.B) * update.scale
+
+    def add(self, y: torch.Tensor, name: str) -> torch.Tensor:
+        """`y` (B, m, out) = the "k" or "v" projection of every processed token, plus its update."""
+        update = getattr(self.w, f"{name}_lora")
+        return y if update is None else y + self._up(self._x_a(update), update)
+
+    def add_query_rows(self, q: torch.Tensor, idx: torch.Tensor, rows) -> torch.Tensor:
+        """`q` (B, mh, D) = query rows `rows` of the tokens `idx` (B, mh), plus their update."""
+        update = self.w.q_lora
+        if update is None:
+            return q
+        xa = self._x_a(update)  # (B, m, r)
+        return q + self._up(xa.gather(1, idx[..., None].expand(-1, -1, xa.shape[-1])), update.out_rows(rows))
+
+    def add_head_output(self, o: torch.Tensor, cols, flat: torch.Tensor, valid: torch.Tensor) -> None:
+        """One head's output `o` (B, mh, D), entering the output projection at columns `cols`: its share of the
+        update's low-rank input, added at the flat token indices `flat` of the `valid` (B, mh) slots."""
+        update = self.w.o_lora
+        if update is None:
+            return
+        a = F.linear(o, update.A[:, cols])  # (B, mh, r)
+        self.flops += 2 * o.shape[:-1].numel() * o.shape[-1] * update.A.shape[0]
+        self._o_down.index_add_(0, flat, a[valid].to(self._o_down.dtype))
+
+    def finish_output(self, out: torch.Tensor) -> torch.Tensor:
+        """`out` (B*m, C): the heads' output projection, plus the update's `(sum_h o_h A_h^T) B^T`."""
+        update = self.w.o_lora
+        return out if update is None else out + self._up(self._o_down, update).to(out.dtype)

@@ -98,6 +98,8 @@ class ElasticModel(WrappedModel):
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self._vocab_size = getattr(embeddings, "num_embeddings", None) or self.dims.get("V")
         self._context = model_context(model.config)  # longer inputs are refused with a clear error, not a deep one
+        # what each base parameter had before it was frozen, so that unload() gives the model back as it came
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
         self.targeted_module_names: list[str] = []
@@ -160,7 +162,9 @@ class ElasticModel(WrappedModel):
                     len(self.targeted_module_names), self.num_router_parameters())
 
     def unload(self) -> nn.Module:
-        """Take the routers out: put the original modules back and return the base model (like PEFT's unload)."""
+        """Take the routers out: put the original modules back and return the base model (like PEFT's unload), each
+        parameter's `requires_grad` as it was before wrapping. LoRA adapters are dropped: the model returned is the
+        base model (what `disable_routers()` runs), not the adapted one."""
         for block in self.spec.layers(self.base_model):
             if isinstance(getattr(block, self.spec.attn_name), ElasticAttention):
                 setattr(block, self.spec.attn_name, getattr(block, self.spec.attn_name).base_layer)
@@ -175,6 +179,8 @@ class ElasticModel(WrappedModel):
             self._backbone_hook.remove()
         for tower in self._towers:
             tower.unload()
+        for name, p in self.base_model.named_parameters():  # after the towers': theirs were recorded frozen
+            p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
         return self.base_model
 
     # ------------------------------------------------------------------ routers
@@ -284,7 +290,9 @@ class ElasticModel(WrappedModel):
             yield self.set_budget(value, **budgets)
 
     def disable_routers(self):
-        """`with em.disable_routers():` the unmodified base model (the distillation teacher)."""
+        """`with em.disable_routers():` the unmodified base model (the distillation teacher). With trained LoRA
+        adapters (`lora_rank > 0`) this is the only way back to the base model: at full budget the adapters still act,
+        so `set_budget(1.0)` is the adapted model (base + BA), not the base."""
         return self._override("enabled", False)
 
     def teacher_targets(self, enabled: bool = True):

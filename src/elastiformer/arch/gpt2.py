@@ -3,18 +3,21 @@ Linear-convention weight is `W.T`), absolute position embeddings (no rotary), `m
 
 from torch import nn
 
-from ..lora import linear_weight
+from ..lora import linear_weight, low_rank, out_rows
 from .spec import ArchSpec, AttentionWeights, MLPWeights, register_architecture
 
 
 def _attention_weights(attn: nn.Module) -> AttentionWeights:
     C = attn.embed_dim
     w, b = linear_weight(attn.c_attn, conv1d=True), attn.c_attn.bias  # (3C, C), (3C,)
+    qkv = low_rank(attn.c_attn)  # one update of the fused projection: one A, B split like the weight
     return AttentionWeights(
         q_w=w[:C], q_b=b[:C],
         k_w=w[C:2 * C], k_b=b[C:2 * C],
         v_w=w[2 * C:], v_b=b[2 * C:],
         o_w=linear_weight(attn.c_proj, conv1d=True), o_b=attn.c_proj.bias,
+        q_lora=out_rows(qkv, slice(0, C)), k_lora=out_rows(qkv, slice(C, 2 * C)),
+        v_lora=out_rows(qkv, slice(2 * C, 3 * C)), o_lora=low_rank(attn.c_proj),
     )
 
 

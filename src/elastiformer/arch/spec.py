@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -16,7 +16,9 @@ class AttentionWeights:
     """Projection weights in `nn.Linear` convention (`y = x @ w.T + b`), views of the base model's tensors.
 
     `norm` is the LayerNorm a post-LN sub-layer applies to `residual + output` (BERT's BertSelfOutput); None for
-    pre-LN models, whose block adds the residual itself.
+    pre-LN models, whose block adds the residual itself. `q_lora` ... `o_lora`: the active LoRA update of each
+    projection (`elastiformer.lora.LowRank`, applied as thin matmuls beside the base weight), None without an
+    adapter or while routing is off.
     """
 
     q_w: torch.Tensor  # (H*D, C)
@@ -28,6 +30,10 @@ class AttentionWeights:
     o_w: torch.Tensor  # (C, H*D)
     o_b: torch.Tensor | None
     norm: nn.Module | None = None
+    q_lora: Any = None  # LowRank | None
+    k_lora: Any = None
+    v_lora: Any = None
+    o_lora: Any = None
 
 
 @dataclass
@@ -48,7 +54,7 @@ class MLPWeights:
 def qkvo_attention_weights(attn: nn.Module, o_name: str = "o_proj") -> AttentionWeights:
     """The weights of an attention with separate `q_proj` / `k_proj` / `v_proj` linears and an output linear named
     `o_name` (Llama and ViT: o_proj; CLIP: out_proj)."""
-    from ..lora import linear_weight  # a LoRA-wrapped linear gives its base weight
+    from ..lora import linear_weight, low_rank  # a LoRA-wrapped linear gives its base weight and its update
 
     o = getattr(attn, o_name)
     return AttentionWeights(
@@ -56,6 +62,7 @@ def qkvo_attention_weights(attn: nn.Module, o_name: str = "o_proj") -> Attention
         k_w=linear_weight(attn.k_proj), k_b=attn.k_proj.bias,
         v_w=linear_weight(attn.v_proj), v_b=attn.v_proj.bias,
         o_w=linear_weight(o), o_b=o.bias,
+        q_lora=low_rank(attn.q_proj), k_lora=low_rank(attn.k_proj), v_lora=low_rank(attn.v_proj), o_lora=low_rank(o),
     )
 
 

@@ -25,6 +25,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 
 from ..arch import ArchSpec, get_dotted
 from ..flops import attention_projection_flops, attention_score_flops, dense_attention_flops
+from ..lora import HeadPathLoRA, adapter_flops
 from ..routers import HeadRouter, TokenRouter
 from .state import ElasticSubLayer, RoutingState, SubLayerStats
 
@@ -71,7 +72,7 @@ class ElasticAttention(ElasticSubLayer):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         cache = getattr(cache, "self_attention_cache", cache)  # GPT-2 may wrap it in an EncoderDecoderCache
         past = self._cached_index(cache, B, x.device)  # (B, P)
-        dense = dense_attention_flops(B, T, past.shape[1] + T, C, d["H"], d["KVH"], d["D"])
+        dense = dense_attention_flops(B, T, st.past_len + T, C, d["H"], d["KVH"], d["D"])
         tok_cap = st.layer_capacity("attn_tokens", self.layer_idx) if self.token_router is not None else 1.0
         head_cap = st.layer_capacity("attn_heads", self.layer_idx) if self.head_router is not None else 1.0
 
@@ -87,10 +88,10 @@ class ElasticAttention(ElasticSubLayer):
                 st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, 0, 0, 0.0, 0.0))
                 return self.skipped_output(x), None
             tok_cap = 1.0
-        if tok_cap >= 1.0 and head_cap >= 1.0:  # full capacity: the base sub-layer, untouched
+        if tok_cap >= 1.0 and head_cap >= 1.0:  # full capacity: the base sub-layer, untouched (LoRA, if any, on)
             if cache is not None:
                 self._remember_index(cache, past, st.current_positions(T, x.device).expand(B, T))
-            st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, dense))
+            st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, dense + adapter_flops(self.base_layer, B * T)))
             return self.base_layer(hidden_states, *args, **kwargs)
 
         # ---- which tokens this layer processes ----
@@ -99,7 +100,8 @@ class ElasticAttention(ElasticSubLayer):
         router_flops = 0
         if tok_cap < 1.0:
             sel = self.token_router(x, tok_cap, valid, st.forced_tokens(B, T, x.device), topk=st.route_topk,
-                                    method=st.method, self_target=st.topk and not st.teacher_targets)
+                                    method=st.method, self_target=st.topk and not st.teacher_targets,
+                                    generator=st.generator)
             router_flops += self.token_router.flops(B * T) if st.method == "learned" else 0
             if sel.aux_loss is not None:
                 st.aux_losses["token_bce"].append(sel.aux_loss)
@@ -133,7 +135,7 @@ class ElasticAttention(ElasticSubLayer):
         else:
             out_sub = self.base_layer(x_sub, *args, **kw)[0]  # (B, m, C)
             flops = attention_projection_flops(B * m, B * m, C, d["H"], d["KVH"], d["D"]) + \
-                attention_score_flops(B * m, kv_pos.shape[1], d["H"], d["D"])
+                attention_score_flops(B * m, kv_pos.shape[1], d["H"], d["D"]) + adapter_flops(self.base_layer, B * m)
             unit_fraction = 1.0
         if cache is not None:
             self._remember_index(cache, past, q_pos)
@@ -199,9 +201,10 @@ class ElasticAttention(ElasticSubLayer):
         n_rep = H // KVH
         w = self.spec.attention_weights(self.base_layer)
         scaling = getattr(self.base_layer, "scaling", None) or D**-0.5  # BERT keeps it on its inner `self`
-        heads = self.head_router(x, capacity, method=self.state.method)  # active / gate: (B, m, H)
-        k = F.linear(x, w.k_w, w.k_b).view(B, m, KVH, D).transpose(1, 2)  # (B, KVH, m, D)
-        v = F.linear(x, w.v_w, w.v_b).view(B, m, KVH, D).transpose(1, 2)  # (B, KVH, m, D)
+        heads = self.head_router(x, capacity, method=self.state.method, generator=self.state.generator)  # (B, m, H)
+        lora = HeadPathLoRA(w, x)  # the adapters' updates (if any), as thin matmuls, and their FLOPs
+        k = lora.add(F.linear(x, w.k_w, w.k_b), "k").view(B, m, KVH, D).transpose(1, 2)  # (B, KVH, m, D)
+        v = lora.add(F.linear(x, w.v_w, w.v_b), "v").view(B, m, KVH, D).transpose(1, 2)  # (B, KVH, m, D)
         cos_sin = kw.get("position_embeddings") if self.spec.rotary else None
         if cos_sin is not None:
             k = rotate(k, *cos_sin)
@@ -218,7 +221,8 @@ class ElasticAttention(ElasticSubLayer):
                 continue
             xh = gather_rows(x, hidx)  # (B, mh, C)
             rows = slice(h * D, (h + 1) * D)
-            q = F.linear(xh, w.q_w[rows], None if w.q_b is None else w.q_b[rows])[:, None]  # (B, 1, mh, D)
+            q = lora.add_query_rows(F.linear(xh, w.q_w[rows], None if w.q_b is None else w.q_b[rows]), hidx,
+                                    rows)[:, None]  # (B, 1, mh, D)
             if cos_sin is not None:
                 q = rotate(q, gather_rows(cos_sin[0], hidx), gather_rows(cos_sin[1], hidx))
             mask_h = mask[:, 0].gather(1, hidx[..., None].expand(B, mh, kv_len))[:, None]  # (B, 1, mh, kv)
@@ -229,7 +233,10 @@ class ElasticAttention(ElasticSubLayer):
             contrib = F.linear(o, w.o_w[:, rows])  # (B, mh, C): this head's share of the output projection
             flat = (hidx + torch.arange(B, device=x.device)[:, None] * m)[hvalid]
             out.index_add_(0, flat, contrib[hvalid].to(out.dtype))
+            lora.add_head_output(o, rows, flat, hvalid)
             flops += 2 * B * mh * C * D * 2 + attention_score_flops(B * mh, kv_len, 1, D)
+        out = lora.finish_output(out)
+        flops += lora.flops
         if w.o_b is not None:
             out = out + w.o_b
         unit_fraction = float(active.sum()) / max(1, int(slot_valid.sum()) * H)

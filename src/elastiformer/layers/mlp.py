@@ -53,7 +53,7 @@ class ElasticMLP(ElasticSubLayer):
             valid = st.token_valid(B, T, x.device)
             forced = st.forced_tokens(B, T, x.device)
             sel = self.token_router(x, tok_cap, valid, forced, topk=st.route_topk, method=st.method,
-                                    self_target=st.topk and not st.teacher_targets)
+                                    self_target=st.topk and not st.teacher_targets, generator=st.generator)
             router_flops += self.token_router.flops(B * T) if st.method == "learned" else 0
             if sel.aux_loss is not None:
                 st.aux_losses["token_bce"].append(sel.aux_loss)
@@ -142,7 +142,8 @@ class ElasticMLP(ElasticSubLayer):
         out = x.new_zeros(n, C)
         if n == 0:
             return out, 0, 1.0
-        sel = self.expert_router(x, capacity, with_aux=self.state.topk, method=self.state.method)
+        sel = self.expert_router(x, capacity, with_aux=self.state.topk, method=self.state.method,
+                                 generator=self.state.generator)
         if sel.aux_loss is not None:
             self.state.aux_losses["expert_balance"].append(sel.aux_loss)
         flops = 0

@@ -38,6 +38,7 @@ class RoutingState:
     dense_layers: dict[str, frozenset[int]] = field(default_factory=dict)
     keep_first_token: bool = True
     causal: bool = True  # False (encoders): no causal mask, and token routing may use top-k at inference
+    generator: torch.Generator | None = None  # the random baseline draws from it when set (evaluate's own RNG)
     # ---- per-forward context, set by the model's forward pre-hook ----
     pad_mask: torch.Tensor | None = None  # (B, S) bool over every position so far (past + current)
     positions: torch.Tensor | None = None  # (T,) index of each current token in the sequence (None: the first

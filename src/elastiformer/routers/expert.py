@@ -50,10 +50,13 @@ class ExpertRouter(nn.Module):
     def n_active(self, capacity: float) -> int:
         return max(1, min(self.n_experts, round(capacity * self.n_experts)))
 
-    def forward(self, x: torch.Tensor, capacity: float, with_aux: bool, method: str = "learned") -> ExpertSelection:
+    def forward(self, x: torch.Tensor, capacity: float, with_aux: bool, method: str = "learned",
+                generator: torch.Generator | None = None) -> ExpertSelection:
         k = self.n_active(capacity)
-        if method in ("random", "static"):  # baselines: uniform scores, or the same experts for every token
-            scores = (torch.rand(x.shape[0], self.n_experts, device=x.device) if method == "random"
+        if method in ("random", "static"):  # baselines: uniform scores (from `generator` when given, else torch's
+            # global RNG), or the same experts for every token
+            scores = (torch.rand(x.shape[0], self.n_experts, device=x.device, generator=generator)
+                      if method == "random"
                       else static_scores(self.static_importance, x, self.n_experts))
             chosen = scores.topk(k, dim=-1).indices
             return ExpertSelection(chosen, torch.ones(chosen.shape, device=x.device), None)

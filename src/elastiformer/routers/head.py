@@ -37,9 +37,10 @@ class HeadRouter(nn.Module):
     def n_active(self, capacity: float) -> int:
         return max(1, min(self.n_units, round(capacity * self.n_units)))
 
-    def forward(self, x: torch.Tensor, capacity: float, method: str = "learned") -> HeadSelection:
-        if method == "random":  # baseline: uniform scores
-            logits = torch.rand(*x.shape[:-1], self.n_units, device=x.device)
+    def forward(self, x: torch.Tensor, capacity: float, method: str = "learned",
+                generator: torch.Generator | None = None) -> HeadSelection:
+        if method == "random":  # baseline: uniform scores (from `generator` when given, else torch's global RNG)
+            logits = torch.rand(*x.shape[:-1], self.n_units, device=x.device, generator=generator)
         elif method == "static":  # baseline: the same heads for every token, the most important on calibration text
             logits = static_scores(self.static_importance, x, self.n_units)
         else:

@@ -115,10 +115,11 @@ class TokenRouter(nn.Module):
         topk: bool,
         method: str = "learned",
         self_target: bool = True,
+        generator: torch.Generator | None = None,  # the random baseline draws from it (default: torch's global RNG)
     ) -> TokenSelection:
         random = method == "random"
         if random:  # the random-routing baseline: uniform scores, so a threshold of 1 - capacity keeps `capacity`
-            scores = torch.rand(x.shape[:2], device=x.device)
+            scores = torch.rand(x.shape[:2], device=x.device, generator=generator)
             if not topk:
                 selected = ((scores >= 1.0 - capacity) | forced) & valid
                 return TokenSelection(selected, torch.ones_like(scores), None, scores)
