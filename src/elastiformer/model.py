@@ -70,6 +70,14 @@ class WrappedModel(nn.Module):
             return getattr(self.base_model, name)
 
 
+class _Handles(list):
+    """Hook handles that are removed together (`unload`)."""
+
+    def remove(self) -> None:
+        for handle in self:
+            handle.remove()
+
+
 class ElasticModel(WrappedModel):
     """Wraps a model (a *ForCausalLM, or an encoder such as BertModel / ViTModel / ViTForImageClassification)
     whose sub-layers have been made elastic. Use `get_elastic_model` to build one. A model with several layer stacks
@@ -111,7 +119,8 @@ class ElasticModel(WrappedModel):
         # submodules, because their modules already belong to `base_model`
         self._towers: list[ElasticModel] = [ElasticModel(model.get_submodule(path), config) for path in spec.towers]
         self.set_budget(**config.capacities())
-        self._hook = model.register_forward_pre_hook(self._capture_context, with_kwargs=True)
+        self._call_entry: nn.Module | None = None  # the entry point whose running call captured the context
+        self._hook = self._hook_entry_points(model)
         self._backbone_output = None  # the backbone's output of the last forward (encoders: see `embed`)
         self._backbone_hook = None if spec.causal else \
             spec.backbone(model).register_forward_hook(self._capture_backbone_output)
@@ -321,9 +330,38 @@ class ElasticModel(WrappedModel):
         return self._override("method", method)
 
     # ------------------------------------------------------------------ forward
+    def _hook_entry_points(self, model: nn.Module) -> "_Handles":
+        """A call may enter by the model or by an inner model on the way to its blocks (LlamaModel, GPT2Model, ...):
+        whichever a call enters by captures the routing context, and the end of that call clears it, so an inner
+        model called on its own routes by its own padding mask and positions, never by the previous call's."""
+        from transformers import PreTrainedModel
+
+        path = self.spec.find_layers_path(model).split(".")
+        inner = [model.get_submodule(".".join(path[:i])) for i in range(1, len(path))]
+        handles = _Handles()
+        for entry in [model, *(m for m in inner if isinstance(m, PreTrainedModel))]:
+            handles.append(entry.register_forward_pre_hook(self._begin_call, with_kwargs=True))
+            handles.append(entry.register_forward_hook(self._end_call, always_call=True))  # on errors too
+        return handles
+
+    def _begin_call(self, module, args, kwargs):
+        if self._call_entry is None or module is self.base_model:  # not an inner model inside a running call
+            self._call_entry = module
+            self._capture_context(module, args, kwargs)
+        return None
+
+    def _end_call(self, module, args, output):
+        if module is self._call_entry:
+            self._call_entry = None
+            self.state.in_call = False  # a layer run outside a call refuses to route: no stale mask is read
+            self.state.pad_mask = None
+        return None
+
     def _capture_context(self, module, args, kwargs):
-        """Forward pre-hook on the base model: the wrappers need the padding mask and positions of this call."""
+        """At the start of a call (of the model or of an inner model): the wrappers need its padding mask and
+        positions."""
         st = self.state
+        st.in_call = False
         for each in self._states():  # a text-only call never reaches the towers: clear their last stats too
             each.reset_forward()
         main = getattr(module, "main_input_name", "input_ids")  # "pixel_values" for vision models
@@ -363,6 +401,7 @@ class ElasticModel(WrappedModel):
         else:
             raise ConfigError(f"attention_mask of shape {tuple(mask.shape)} is not supported: pass a 2-D (batch, "
                               f"past + current tokens) mask of 0/1, as tokenizers and generate() produce")
+        st.in_call = True
         if not st.topk and st.enabled and st.method == "learned" and not self._calibrating \
                 and self._checked_budget != st.budget:  # once per budget, not on every decoded token
             self._check_calibrated()

@@ -4,7 +4,9 @@ Token routing: the selected tokens of each sequence are gathered (order kept, pa
 the batch), the attention runs on them alone with their original rotary positions, and the result is scattered
 back; unselected tokens neither query nor serve as keys / values in this layer. With a KV cache, this layer's cache
 holds only the tokens it processed, so the wrapper keeps, on the cache object, the sequence index of every cached
-entry (`-1` for batch padding) and builds the mask from those indices.
+entry (`-1` for batch padding) and builds the mask from those indices. Once a layer's cache holds such a routed set,
+every later call of that layer attends through this mask, at full capacity and with routing disabled too:
+transformers' mask describes a cache that holds every past token, which this one no longer does.
 
 Head routing: K and V are computed for every processed token (later tokens may need them), but each query head runs
 only on the tokens that chose it: q projection, attention and its slice of the output projection.
@@ -30,6 +32,7 @@ from ..routers import HeadRouter, TokenRouter
 from .state import ElasticSubLayer, RoutingState, SubLayerStats
 
 _CACHE_INDEX_ATTR = "_elastiformer_kv_index"  # {layer_idx: (B, P) long} sequence index of each cached entry
+_CACHE_ROUTED_ATTR = "_elastiformer_kv_routed"  # {layer_idx}: layers whose cache skips tokens (or pads rows)
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -72,6 +75,9 @@ class ElasticAttention(ElasticSubLayer):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         cache = getattr(cache, "self_attention_cache", cache)  # GPT-2 may wrap it in an EncoderDecoderCache
         past = self._cached_index(cache, B, x.device)  # (B, P)
+        if self._cache_routed(cache):  # the unmodified sub-layer too must attend through the cached indices
+            current = st.current_positions(T, x.device).expand(B, T)
+            kwargs["attention_mask"] = self._additive_mask(current, torch.cat([past, current], dim=1), x.dtype)
         dense = dense_attention_flops(B, T, st.past_len + T, C, d["H"], d["KVH"], d["D"])
         tok_cap = st.layer_capacity("attn_tokens", self.layer_idx) if self.token_router is not None else 1.0
         head_cap = st.layer_capacity("attn_heads", self.layer_idx) if self.head_router is not None else 1.0
@@ -138,7 +144,7 @@ class ElasticAttention(ElasticSubLayer):
                 attention_score_flops(B * m, kv_pos.shape[1], d["H"], d["D"]) + adapter_flops(self.base_layer, B * m)
             unit_fraction = 1.0
         if cache is not None:
-            self._remember_index(cache, past, q_pos)
+            self._remember_index(cache, past, q_pos, routed=gate is not None)
 
         if gate is not None:  # scatter the processed tokens back; skipped tokens leave the residual stream alone
             out_sub = self.apply_gate(out_sub, x_sub, gate)
@@ -253,10 +259,21 @@ class ElasticAttention(ElasticSubLayer):
         P = cache.get_seq_length(self.layer_idx) if self.layer_idx < len(getattr(cache, "layers", [])) else 0
         return torch.arange(P, device=device).expand(B, P)  # filled before routing was on: every token is there
 
-    def _remember_index(self, cache, past: torch.Tensor, new: torch.Tensor) -> None:
+    def _remember_index(self, cache, past: torch.Tensor, new: torch.Tensor, routed: bool = False) -> None:
+        """Append the sequence indices of the entries this call added to the layer's cache. `routed` (token routing
+        chose them), or a call that added none (the layer was skipped): from now on the cache may miss tokens or
+        hold batch padding, and every later call of the layer attends by these indices."""
         if not hasattr(cache, _CACHE_INDEX_ATTR):
             setattr(cache, _CACHE_INDEX_ATTR, {})
         getattr(cache, _CACHE_INDEX_ATTR)[self.layer_idx] = torch.cat([past, new], dim=1)
+        if routed or new.shape[1] == 0:
+            if not hasattr(cache, _CACHE_ROUTED_ATTR):
+                setattr(cache, _CACHE_ROUTED_ATTR, set())
+            getattr(cache, _CACHE_ROUTED_ATTR).add(self.layer_idx)
+
+    def _cache_routed(self, cache) -> bool:
+        """Whether this layer's cache holds a routed set of entries (not every past token, in order)."""
+        return cache is not None and self.layer_idx in getattr(cache, _CACHE_ROUTED_ATTR, ())
 
     def _additive_mask(self, q_pos: torch.Tensor, kv_pos: torch.Tensor, dtype) -> torch.Tensor:
         """Causal by sequence index (causal models only), no padding keys, no batch-padding slots.

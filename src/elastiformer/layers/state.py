@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 
 @dataclass
 class SubLayerStats:
@@ -39,7 +41,9 @@ class RoutingState:
     keep_first_token: bool = True
     causal: bool = True  # False (encoders): no causal mask, and token routing may use top-k at inference
     generator: torch.Generator | None = None  # the random baseline draws from it when set (evaluate's own RNG)
-    # ---- per-forward context, set by the model's forward pre-hook ----
+    # ---- per-forward context, set by the forward pre-hook of whichever model entry point was called ----
+    in_call: bool = False  # the context below belongs to a model call now running (False between calls: the
+    # wrappers refuse to route rather than read a previous call's mask and positions)
     pad_mask: torch.Tensor | None = None  # (B, S) bool over every position so far (past + current)
     positions: torch.Tensor | None = None  # (T,) index of each current token in the sequence (None: the first
     # sub-layer fills it in, for inputs whose token count the model call does not show, e.g. pixel_values)
@@ -89,8 +93,17 @@ class RoutingState:
         """The smallest global budget that still leaves the routed layers something to do."""
         return len(self.dense_layers.get(component, ())) / self.n_layers
 
+    def check_in_call(self) -> None:
+        """Routing needs this call's padding mask and positions, which only a call of the model (or of its inner
+        model) captures: a bare decoder layer called on its own has neither."""
+        if not self.in_call:
+            raise ConfigError("a routed layer ran outside a call of the model, so this call's padding mask and "
+                              "positions are unknown: call the model or its inner model (e.g. em.base_model.model), "
+                              "not one of its layers on its own")
+
     def token_valid(self, B: int, T: int, device) -> torch.Tensor:
         """(B, T) bool: current tokens that are not padding."""
+        self.check_in_call()
         if self.pad_mask is None or self.pad_mask.shape[0] != B or self.pad_mask.shape[1] < T:
             return torch.ones(B, T, dtype=torch.bool, device=device)
         return self.pad_mask[:, -T:]
@@ -101,6 +114,7 @@ class RoutingState:
         With keep_first_token=False only top-k (training) may skip it, since top-k keeps at least one token per
         sequence anyway; a threshold (inference) could keep none, so there the first token is still processed: a
         rule that depends on position only, so routing stays causal and no sequence has an empty selection."""
+        self.check_in_call()
         if not self.keep_first_token and self.topk:
             return torch.zeros(B, T, dtype=torch.bool, device=device)
         positions = self.current_positions(T, device)
@@ -111,6 +125,7 @@ class RoutingState:
         return positions[None, :] == first[:, None]
 
     def current_positions(self, T: int, device) -> torch.Tensor:
+        self.check_in_call()
         if self.positions is None:  # the call showed no token count (pixel_values): the first sub-layer sets it
             self.positions = torch.arange(T, device=device)
         if self.positions.shape[0] != T:
