@@ -184,7 +184,8 @@ def test_cosine_training_lowers_the_distance_on_a_tiny_encoder():
     with em.routing_method("random"):
         torch.manual_seed(0)
         random = held_out_distance(em, held)
-    report = train_routers(em, train, steps=40, budget=0.5, lr=5e-3, warmup=2, progress=False)
+    report = train_routers(em, train, steps=40, budget=0.5, lr=5e-3, warmup=2, progress=False,
+                           allocation=False)  # equal budgets are equal FLOPs only with uniform capacities
     assert report.loss == "cosine" and all("cosine_distance" in h and "kl" not in h for h in report.history)
     assert report.tokens == sum(int(b["attention_mask"].sum()) for b in train) * 5  # 40 steps over 8 batches
     after = held_out_distance(em, held)
@@ -320,7 +321,7 @@ def test_encoder_bench_writes_the_result_schema_and_readme(bert_workspace, tmp_p
     for r in saved["records"]:
         assert all(isinstance(r[k], kind) for k, kind in schema.items()), r
     assert {(r["component"], r["method"]) for r in saved["records"]} == \
-        {("mlp_tokens", m) for m in ("learned", "random", "static", "norm")} | \
+        {("mlp_tokens", m) for m in ("learned", "random", "static", "norm", "norm_allocated")} | \
         {("combined", m) for m in ("learned", "random", "static")}
     assert set(saved["target"]) == {"mlp_tokens", "combined"}
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
@@ -328,7 +329,7 @@ def test_encoder_bench_writes_the_result_schema_and_readme(bert_workspace, tmp_p
     readme.write_text("# x\n<!-- results:encoder -->\nold\n<!-- /results:encoder -->\nafter\n")
     update_readme(saved, readme, "encoder.png", marker="encoder", render=encoder_results_markdown)
     text = readme.read_text()
-    assert "old" not in text and text.endswith("after\n") and text.count("| mlp_tokens |") == 1 + 8
+    assert "old" not in text and text.endswith("after\n") and text.count("| mlp_tokens |") == 1 + 10
 
 
 def test_encoder_bench_cli_refuses_bad_options(capsys, tmp_path):

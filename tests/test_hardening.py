@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import elastiformer as ef
+from elastiformer.model import FORMAT_VERSION
 from elastiformer import cache, data, models
 from elastiformer.evaluate import evaluate
 from elastiformer.routers import ExpertRouter, HeadRouter, TokenRouter
@@ -103,7 +104,7 @@ def _saved_routers(tmp_path: Path) -> Path:
     (lambda r: (r / "elastic_config.json").write_bytes(b"\xff\xfe{"), "not valid JSON"),
     (lambda r: _edit_meta(r, lambda m: m["elastic_config"].update(mlp_tokens=2.0)), "invalid elastic_config"),
     (lambda r: _edit_meta(r, lambda m: m.update(format_version="1")), "not an elastiformer router config"),
-    (lambda r: _edit_meta(r, lambda m: m.update(format_version=2)), "upgrade elastiformer"),
+    (lambda r: _edit_meta(r, lambda m: m.update(format_version=FORMAT_VERSION + 1)), "upgrade elastiformer"),
     (lambda r: _poison_weights(r), "non-finite"),
 ])
 def test_damaged_router_folders_are_refused(tmp_path, damage, match):
@@ -479,7 +480,9 @@ def _record_selections(em):
 @pytest.mark.parametrize("keep_first_token", [True, False])
 def test_routers_never_select_nothing(arch, keep_first_token):
     """At any budget, in training (top-k) and inference (thresholds, even ones that would select nothing), every
-    sequence keeps at least one token in every token-routed layer, and every token at least one head / expert."""
+    sequence keeps at least one token in every token-routed layer. Heads / experts are counted per token as a
+    fraction: every token gets floor or ceil of capacity x units, so the share of (token, unit) pairs that run is
+    the capacity (below one unit per token, a token without a head skips the attention, as token routing would)."""
     em = make_elastic(arch, "combined", dense_layers=(), keep_first_token=keep_first_token)
     em.calibrate(tokens(B=4, T=16, seed=3))
     ids = tokens(B=3, T=12)
@@ -507,9 +510,15 @@ def test_routers_never_select_nothing(arch, keep_first_token):
                 real = out.selected & mask.bool()
                 assert real.any(dim=1).all(), (mode, budget, name, out.selected)
             elif isinstance(router, HeadRouter):
-                assert (out.active.sum(-1) >= 1).all(), (mode, budget, name)
+                count = out.active.sum(-1).float() / router.n_rep  # units per token
+                units = router.n_units * budget
+                assert ((count == math.floor(units)) | (count == math.ceil(units))).all(), (mode, budget, name)
+                if units >= 1:
+                    assert (count >= 1).all(), (mode, budget, name)
             elif isinstance(router, ExpertRouter):
-                assert out.chosen.shape[-1] >= 1, (mode, budget, name)
+                count = (out.chosen >= 0).sum(-1).float()
+                units = router.n_experts * budget
+                assert ((count == math.floor(units)) | (count == math.ceil(units))).all(), (mode, budget, name)
 
 
 # ================================================================================================ 4. long and odd inputs

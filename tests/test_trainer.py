@@ -78,7 +78,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     a, b = whole.router_state_dict(), resumed.router_state_dict()
     assert set(a) == set(b)
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6), k
+        assert torch.allclose(a[k], b[k], atol=1e-6, ), k
     assert (tmp_path / "b" / "routers" / "routers.safetensors").is_file()
     assert (tmp_path / "b" / "train_log.json").is_file()
 
@@ -130,7 +130,7 @@ def test_baselines_run_at_the_same_budget():
     em.calibrate(tokens(B=8, T=32, seed=2))
     calib = tokens(B=8, T=32, seed=6)
     result = evaluate(em, tokens(B=8, T=32, seed=5), budgets=[0.5], baselines=("random", "norm", "static"),
-                      calibration_data=calib, timing_reps=0, progress=False)
+                      calibration_data=calib, timing_reps=0, progress=False, match="budget")
     ratios = {r["method"]: r["block_flops_ratio"] for r in result["records"]}
     assert set(ratios) == {"learned", "random", "norm", "static"}
     assert all(abs(v - ratios["random"]) < 0.06 for v in ratios.values()), ratios  # equal compute, roughly
@@ -141,6 +141,24 @@ def test_baselines_run_at_the_same_budget():
     mlp = [s["token_fraction"] for s in em.last_stats()["per_layer"] if s["sublayer"] == "mlp"]
     assert sorted(mlp) == [0.0, 0.0, 1.0, 1.0]
     assert [i for i, f in enumerate(mlp) if f == 0.0] == sorted(em.state.static_layer_order["mlp_tokens"][:2])
+
+
+def test_baselines_run_at_the_learned_routers_flops():
+    """match="flops" (the default) bisects each baseline's budget until it executes the learned routers' block FLOPs;
+    static pruning, whose FLOPs move in whole layers, gets at least as many."""
+    em = ef.get_elastic_model(pretrained_like(), ef.ElasticConfig(mlp_tokens=0.5, dense_layers=()))
+    calib = tokens(B=8, T=32, seed=6)
+    train_routers(em, tokens(B=16, T=32, seed=3), steps=4, progress=False, calibration_data=calib)
+    result = evaluate(em, tokens(B=8, T=32, seed=5), budgets=[0.7, 0.5], calibration_data=calib, timing_reps=0,
+                      baselines=("random", "norm", "norm_allocated", "static"), progress=False)
+    for b in (0.7, 0.5):
+        recs = {r["method"]: r for r in result["records"] if r["budget"] == b}
+        learned = recs["learned"]["block_flops_ratio"]
+        for m in ("random", "norm", "norm_allocated"):
+            assert abs(recs[m]["block_flops_ratio"] - learned) < 0.03, (b, m, recs[m], learned)
+        assert recs["static"]["block_flops_ratio"] >= learned - 0.02
+        assert recs["learned"]["method_budget"] == b
+        assert any(recs[m]["method_budget"] != b for m in ("random", "norm", "static"))  # they were moved
 
 
 def test_static_baseline_keeps_the_most_important_experts():
@@ -156,7 +174,7 @@ def test_static_baseline_keeps_the_most_important_experts():
 
 def test_unknown_or_unfitted_baselines_are_refused():
     em = ef.get_elastic_model(pretrained_like(), ef.ElasticConfig(attn_heads=0.5))
-    with pytest.raises(ef.ConfigError, match="baselines are random, norm and static"):
+    with pytest.raises(ef.ConfigError, match="baselines are random, norm, norm_allocated, static"):
         evaluate(em, tokens(B=2, T=8), budgets=[0.5], baselines=("oracle",), progress=False)
     with pytest.raises(ef.ConfigError, match="calibration_data"):
         evaluate(em, tokens(B=2, T=8), budgets=[0.5], baselines=("static",), progress=False)

@@ -12,6 +12,7 @@ Results go to `bench/results/vision.json` (rewritten after each setting) and a P
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -55,7 +56,7 @@ def _features_and_logits(em: ElasticModel, batch: dict[str, torch.Tensor]) -> tu
 
 def evaluate_images(em: ElasticModel, pixels: torch.Tensor, labels: torch.Tensor, budgets: Sequence[float],
                     *, baselines: Sequence[str] = ("random",), calibration_data=None, batch_size: int = 256,
-                    seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                    seed: int = 0, progress: bool = True, match: str = "flops") -> dict[str, Any]:
     """Test accuracy of the teacher and of the elastic model at each budget (one value for every routed component),
     with the learned routers and each baseline, on the same images.
 
@@ -66,13 +67,13 @@ def evaluate_images(em: ElasticModel, pixels: torch.Tensor, labels: torch.Tensor
     if not hasattr(em.base_model, "classifier"):
         raise ConfigError(f"the vision bench needs an image classifier (ViTForImageClassification), not a "
                           f"{type(em.base_model).__name__}: pass a ViT folder with a classification head")
-    unknown = set(baselines) - {"random", "norm", "static"}
-    if unknown:
-        raise ConfigError(f"unknown baselines {sorted(unknown)}: the baselines are random, norm and static")
-    if "static" in baselines:
-        if calibration_data is None:
-            raise ConfigError("the static baseline is chosen on calibration images: pass calibration_data")
-        em.fit_static(calibration_data)
+    from .evaluate import apply_budget, match_flops, prepare_baselines, probe_flops
+
+    if "static" in baselines and calibration_data is None:
+        raise ConfigError("the static baseline is chosen on calibration images: pass calibration_data")
+    prepare_baselines(em, baselines, calibration_data)
+    if match not in ("flops", "budget"):
+        raise ConfigError(f"match={match!r}: pass 'flops' (baselines at the learned routers' FLOPs) or 'budget'")
     methods = ["learned", *baselines]
     batches = [(pixels[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, pixels.shape[0], batch_size)]
     saved_budget, was_training = em.get_budget(), em.training
@@ -81,7 +82,20 @@ def evaluate_images(em: ElasticModel, pixels: torch.Tensor, labels: torch.Tensor
     sums = {k: {"correct": 0, "agree": 0, "cos": 0.0, "dense": 0, "exec": 0} for k in keys}
     teacher_correct = 0
     bar = tqdm(total=len(batches) * (1 + len(keys)), desc="evaluating", disable=not progress)
+    generator = torch.Generator(device=pixels.device)  # the random baseline's draws (the global RNG is left alone)
+    contexts = {m: (lambda m=m: em.routing_method(m)) for m in methods}
+    plan = {(m, b): b for m, b in keys}  # the budget each method runs at: bisected to the learned routers' FLOPs
+    stack = contextlib.ExitStack()
     try:
+        stack.enter_context(em._override("generator", generator))
+        if match == "flops" and baselines:
+            probe = {"pixel_values": batches[0][0]}
+            lowest = max(em.state.min_budget(k) for k in em.elastic_config.components()) + 1e-3
+            for b in budgets:
+                target = probe_flops(em, probe, b, contexts["learned"], generator, seed * 1009)
+                for m in baselines:
+                    plan[(m, b)] = match_flops(em, probe, b, target, contexts[m], lowest, generator, seed * 1009,
+                                               from_above=m == "static")
         for bi, (x, y) in enumerate(batches):
             batch = {"pixel_values": x}
             with em.disable_routers():
@@ -90,9 +104,8 @@ def evaluate_images(em: ElasticModel, pixels: torch.Tensor, labels: torch.Tensor
             teacher_correct += int((t_pred == y).sum())
             bar.update()
             for m, b in keys:
-                em.set_budget(b)
-                torch.manual_seed(seed * 1009 + bi)  # the random baseline draws the same way every run
-                with em.routing_method(m):
+                generator.manual_seed(seed * 1009 + bi)  # the random baseline draws the same way every run
+                with apply_budget(em, plan[(m, b)]), em.routing_method(m):
                     feat, logits = _features_and_logits(em, batch)
                 stats = em.last_stats()
                 acc = sums[(m, b)]
@@ -105,10 +118,11 @@ def evaluate_images(em: ElasticModel, pixels: torch.Tensor, labels: torch.Tensor
                 bar.update()
     finally:
         bar.close()
+        stack.close()
         em.set_budget(**saved_budget)
         em.train(was_training)
     n = max(1, pixels.shape[0])
-    records = [{"method": m, "budget": b, "accuracy": sums[(m, b)]["correct"] / n,
+    records = [{"method": m, "budget": b, "method_budget": plan[(m, b)], "accuracy": sums[(m, b)]["correct"] / n,
                 "agreement": sums[(m, b)]["agree"] / n, "cosine": sums[(m, b)]["cos"] / n,
                 "block_flops_ratio": sums[(m, b)]["exec"] / max(1, sums[(m, b)]["dense"])} for m, b in keys]
     return {"teacher_accuracy": teacher_correct / n, "images": int(pixels.shape[0]),
@@ -122,11 +136,13 @@ def _train(em: ElasticModel, pixels: torch.Tensor, o: dict[str, Any], budgets: S
 
     return train_routers(em, pixels, steps=steps, batch_size=int(o["batch_size"]), lr=float(o["lr"]),
                          seed=int(o["seed"]), budget_range=(max(0.05, min(budgets) - 0.1), 0.95),
-                         checkpoint_every=None, loss="cosine", pooling="cls", aux_weights=VISION_AUX_WEIGHTS)
+                         checkpoint_every=None, loss="cosine", pooling="cls", aux_weights=VISION_AUX_WEIGHTS,
+                         calibration_data=[{"pixel_values": pixels[-64:]}],
+                         allocation_floor=max(0.05, min(0.5, min(budgets) - 0.05)))
 
 
 def run_vision_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
-    from .benchmark import machine
+    from .benchmark import baselines_of, machine, summarize
     from .validation import parse_floats as _floats, parse_ints as _ints
     from .data_images import ImageFormat, load_fashion_mnist, parse_classes, pixel_values_for
     from .model import get_elastic_model
@@ -175,8 +191,9 @@ def run_vision_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]
         echo(f"[{comp}] training routers ({o['steps']} steps, cosine distillation on the final [CLS] features)...")
         em = fresh(VISION_SETTINGS[comp])
         report = _train(em, train_x, o, budgets, int(o["steps"]))
-        baselines = ["random", "static"] + (["norm"] if comp in ("mlp_tokens", "attn_tokens") else [])
-        echo(f"[{comp}] evaluating on {len(test)} test images at budgets {budgets} beside {', '.join(baselines)}...")
+        baselines = baselines_of(comp)
+        echo(f"[{comp}] evaluating on {len(test)} test images at budgets {budgets} beside {', '.join(baselines)} at "
+             "matched block FLOPs...")
         ev = evaluate_images(em, test_x, test.labels, budgets, baselines=baselines, calibration_data=calib,
                              seed=int(o["seed"]))
         timing = {}
@@ -192,6 +209,8 @@ def run_vision_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]
                                       "final_loss": report.history[-1]["loss"] if report.history else None,
                                       "router_param_fraction": ev["router_param_fraction"],
                                       "seconds": time.perf_counter() - t0}
+        result["summary"] = {metric: summarize([r | {"lora_rank": 0} for r in result["records"]], metric=metric,
+                                               higher_is_better=True) for metric in ("cosine", "accuracy")}
         atomic_write_json(out, result)
         if plot is not None:
             plot(result, out.with_suffix(".png"))

@@ -1,9 +1,13 @@
 """`elastiformer bench`: ElastiFormer on the default model, per component and combined, against baselines.
 
-For each setting, one router set is trained (budget sampling) and evaluated at every budget of the sweep, beside the
-random, training-free (norm, token components only) and static-pruning baselines at the same budget, on the same
-held-out tokens in the same process; then elastic / dense wall-clock is timed for prefill and for generation.
-Results go to `bench/results/lm.json` (rewritten after each setting, so a cut run keeps what it finished) and a PNG.
+For each setting, one router set is trained (budget sampling), its per-layer allocation fitted, and it is evaluated
+at every budget of the sweep beside the baselines at the same executed block FLOPs (each baseline's budget bisected
+until it runs what the learned routers run): random routing, the training-free norm score (token components only;
+with uniform capacities, and with the learned routers' fitted allocation) and static pruning, on the same held-out
+tokens in the same process; then elastic / dense wall-clock is timed for prefill and for generation. The `*_paper`,
+`*_sensitivity` and `*_student` settings train the same component with another router objective (the ablation of
+what the token routers learn). Results go to `bench/results/lm.json` (rewritten after each setting, so a cut run
+keeps what it finished), a PNG of quality against compute, and a heat map of the allocation.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from .evaluate import _time_ratio, evaluate
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "mlp_tokens": dict(mlp_tokens=0.8),
+    # the router objective, side by side on the same tokens (see train_routers: router_targets / router_inputs)
+    "mlp_tokens_paper": dict(mlp_tokens=0.8, train=dict(router_targets="self")),  # KL + top-k BCE (the paper)
+    "mlp_tokens_sensitivity": dict(mlp_tokens=0.8, train=dict(router_targets="sensitivity")),
+    "mlp_tokens_student": dict(mlp_tokens=0.8, train=dict(router_inputs="student")),
     "attn_tokens": dict(attn_tokens=0.8),
     "attn_heads": dict(attn_heads=0.75),
     "mlp_experts": dict(mlp_experts=8, mlp_experts_active=0.75),
@@ -33,8 +41,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 BENCH_DEFAULTS = dict(
-    model="smollm2-135m", components="mlp_tokens,attn_tokens,attn_heads,mlp_experts,mlp_experts_cluster,combined",
-    budgets="0.6,0.8,0.9", dense_layers="0,-2,-1", steps=60, batch_size=4, seq_len=128, train_sequences=2000,
+    model="smollm2-135m",
+    components="mlp_tokens,mlp_tokens_paper,mlp_tokens_sensitivity,mlp_tokens_student,attn_tokens,attn_heads,"
+               "mlp_experts,mlp_experts_cluster,combined",
+    budgets="0.6,0.75,0.8,0.9", dense_layers="", steps=60, allocation_batches=1, batch_size=4, seq_len=128, train_sequences=2000,
     eval_sequences=8, eval_seq_len=256, prefill_batch=4, prefill_len=512, decode_tokens=64, timing_reps=2,
     lm_eval_docs=200, output="bench/results/lm.json", seed=0, lora_rank=0, append=False, overwrite=False,
 )
@@ -42,12 +52,27 @@ BENCH_DEFAULTS = dict(
 
 def component_of(setting: str) -> str:
     """The routed component a bench setting measures (settings may be variants of one component)."""
-    return setting.removesuffix("_cluster")
+    for suffix in ("_cluster", "_paper", "_sensitivity", "_student"):
+        setting = setting.removesuffix(suffix)
+    return setting
+
+
+TOKEN_BASELINES = ("random", "norm", "norm_allocated", "static")
+
+
+def baselines_of(setting: str) -> list[str]:
+    return list(TOKEN_BASELINES) if component_of(setting) in ("mlp_tokens", "attn_tokens") else ["random", "static"]
+
+
+VARIANT_NAMES = {"mlp_experts_cluster": "mlp_experts (clustered)", "mlp_tokens_paper": "mlp_tokens, paper objective",
+                 "mlp_tokens_sensitivity": "mlp_tokens, sensitivity targets",
+                 "mlp_tokens_student": "mlp_tokens, student inputs"}
 
 
 def label(r: dict[str, Any]) -> str:
     """How a record's setting is named in tables and plots."""
-    name = r.get("setting", r["component"]).replace("mlp_experts_cluster", "mlp_experts (clustered)")
+    setting = r.get("setting", r["component"])
+    name = VARIANT_NAMES.get(setting, setting)
     return name + (f" + LoRA r={r['lora_rank']}" if r.get("lora_rank") else "")
 
 
@@ -117,15 +142,22 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
         keep_previous(result, out, components, lora, same=("eval_tokens", "model"))
     for comp in components:
         t0 = time.perf_counter()
-        echo(f"[{comp}] training routers ({o['steps']} steps)...")
-        em = get_elastic_model(load_model(o["model"]),
-                               ElasticConfig(**SETTINGS[comp], dense_layers=dense, lora_rank=lora))
+        spec = dict(SETTINGS[comp])
+        train_options = spec.pop("train", {})
+        echo(f"[{comp}] training routers ({o['steps']} steps{', ' + str(train_options) if train_options else ''})...")
+        em = get_elastic_model(load_model(o["model"]), ElasticConfig(**spec, dense_layers=dense, lora_rank=lora))
         report = train_routers(em, train, steps=int(o["steps"]), batch_size=int(o["batch_size"]),
                                budget_range=(min(budgets) - 0.05, 0.95), seed=int(o["seed"]),
-                               calibration_data=calib)
-        baselines = ["random", "static"] + (["norm"] if comp in ("mlp_tokens", "attn_tokens") else [])
+                               calibration_data=calib, allocation=False, **train_options)
+        echo(f"[{comp}] fitting the per-layer allocation on {int(o['allocation_batches'])} calibration batch(es)...")
+        t_alloc = time.perf_counter()
+        em.fit_allocation(calib, max_batches=int(o["allocation_batches"]), min_budget=min(0.5, min(budgets) - 0.05))
+        em.calibrate(calib)
+        t_alloc = time.perf_counter() - t_alloc
+        baselines = baselines_of(comp)
+        ablation = comp != component_of(comp) and comp != "mlp_experts_cluster"  # objective variants: quality only
         last_word = {}
-        if task is not None:
+        if task is not None and not ablation:
             echo(f"[{comp}] last-word accuracy through lm-evaluation-harness ({o['lm_eval_docs']} passages)...")
             lm = ElastiformerLM.from_elastic(em, tokenizer, batch_size=8)
             if "teacher_last_word" not in result:
@@ -134,38 +166,114 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
             for b in budgets:
                 em.set_budget(b)
                 last_word[b] = evaluate_last_word(lm, task)
-        echo(f"[{comp}] evaluating at budgets {budgets} beside {', '.join(baselines)}...")
+        echo(f"[{comp}] evaluating at budgets {budgets} beside {', '.join(baselines)} at matched block FLOPs...")
         ev = evaluate(em, held, budgets=budgets, baselines=baselines, calibration_data=calib, timing_reps=0)
-        echo(f"[{comp}] timing prefill ({tuple(prefill.shape)}) and generation ({o['decode_tokens']} tokens)...")
         timing = {}
-        for b in tqdm(budgets, desc="timing"):
+        if not ablation:
+            echo(f"[{comp}] timing prefill ({tuple(prefill.shape)}) and generation ({o['decode_tokens']} tokens)...")
+            for b in tqdm(budgets, desc="timing"):
+                em.set_budget(b)
+                pre, _, _ = _time_ratio(em, {"input_ids": prefill}, lambda: em.routing_method("learned"),
+                                        int(o["timing_reps"]))
+                timing[b] = (pre, _decode_ratio(em, prompt, int(o["decode_tokens"]), int(o["timing_reps"])))
+        allocations = {}
+        for b in budgets:
             em.set_budget(b)
-            pre, _, _ = _time_ratio(em, {"input_ids": prefill}, lambda: em.routing_method("learned"),
-                                    int(o["timing_reps"]))
-            timing[b] = (pre, _decode_ratio(em, prompt, int(o["decode_tokens"]), int(o["timing_reps"])))
+            allocations[str(b)] = {"budgets": em.get_budget(), "capacities": em.capacities()}
         for r in ev["records"]:
-            learned = r["method"] == "learned"
+            timed = r["method"] == "learned" and r["budget"] in timing
             result["records"].append({
                 "method": r["method"], "component": component_of(comp), "setting": comp, "budget": r["budget"],
-                "lora_rank": lora, "expert_split": em.elastic_config.expert_split,
+                "method_budget": r["method_budget"], "lora_rank": lora, "expert_split": em.elastic_config.expert_split,
                 "block_flops_ratio": r["block_flops_ratio"], "model_flops_ratio": r["model_flops_ratio"],
                 "delta_lm_loss": r["delta_lm_loss"], "kl": r["kl"], "top1_agreement": r["top1_agreement"],
                 "perplexity": r["perplexity"],
-                "prefill_time_ratio": timing[r["budget"]][0] if learned else None,
-                "decode_time_ratio": timing[r["budget"]][1] if learned else None,
-                "last_word_acc": last_word[r["budget"]]["acc"] if learned and last_word else None,
-                "last_word_ppl": last_word[r["budget"]]["perplexity"] if learned and last_word else None,
+                "prefill_time_ratio": timing[r["budget"]][0] if timed else None,
+                "decode_time_ratio": timing[r["budget"]][1] if timed else None,
+                "last_word_acc": last_word[r["budget"]]["acc"] if timed and last_word else None,
+                "last_word_ppl": last_word[r["budget"]]["perplexity"] if timed and last_word else None,
             })
         result["train_tokens"] += report.tokens
         result["teacher_nll"] = ev["teacher_nll"]
-        result["components"][comp if not lora else f"{comp}+lora{lora}"] = {"train_tokens": report.tokens, "train_seconds": report.seconds,
-                                      "final_kl": report.final_kl, "router_param_fraction": ev["router_param_fraction"],
-                                      "dense_layers": list(dense), "seconds": time.perf_counter() - t0}
+        result["components"][comp if not lora else f"{comp}+lora{lora}"] = {
+            "train_tokens": report.tokens, "train_seconds": report.seconds, "final_kl": report.final_kl,
+            "train_options": train_options, "router_param_fraction": ev["router_param_fraction"],
+            "dense_layers": list(dense), "allocation_seconds": t_alloc,
+            "allocation_tokens": em.allocation.tokens, "allocation_moves": len(em.allocation.moves),
+            "allocation": allocations, "seconds": time.perf_counter() - t0}
+        result["summary"] = summarize(result["records"])
         atomic_write_json(out, result)
         if plot is not None:
             plot(result, out.with_suffix(".png"))
+            plot_allocation(result, out.with_name(out.stem + "_allocation.png"))
         echo(f"[{comp}] done in {time.perf_counter() - t0:.0f}s; results so far in {out}")
     return result
+
+
+def summarize(records: list[dict[str, Any]], tolerance: float = 0.01, metric: str = "delta_lm_loss",
+              higher_is_better: bool = False) -> dict[str, Any]:
+    """Learned routing against each baseline at matched block FLOPs: a pair is won when learned is at least as
+    good on `metric` (ΔLM loss: no higher) while executing at most `tolerance` more block FLOPs than the baseline."""
+    pairs, won, lost = 0, 0, []
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in records:
+        groups.setdefault((r.get("setting", r["component"]), r["lora_rank"], r["budget"]), {})[r["method"]] = r
+    for (setting, lora, budget), by_method in sorted(groups.items()):
+        learned = by_method.get("learned")
+        if learned is None:
+            continue
+        for method, r in by_method.items():
+            if method == "learned":
+                continue
+            pairs += 1
+            sign = -1.0 if higher_is_better else 1.0
+            if sign * learned[metric] <= sign * r[metric] and \
+                    learned["block_flops_ratio"] <= r["block_flops_ratio"] + tolerance:
+                won += 1
+            else:
+                lost.append({"setting": setting, "lora_rank": lora, "budget": budget, "baseline": method,
+                             "learned": [learned["block_flops_ratio"], learned[metric]],
+                             "baseline_point": [r["block_flops_ratio"], r[metric]]})
+    return {"metric": metric, "pairs": pairs, "won": won, "lost": lost}
+
+
+def plot_allocation(result: dict[str, Any], path: Path) -> None:
+    """A layer x budget heat map of the learned allocation's capacities, one panel per (setting, component)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .cache import atomic_path
+
+    panels = []
+    for setting, info in result["components"].items():
+        alloc = info.get("allocation") or {}
+        budgets = sorted(alloc, key=float)
+        if not budgets:
+            continue
+        for comp in alloc[budgets[0]]["capacities"]:
+            grid = [alloc[b]["capacities"][comp] for b in budgets]  # (budgets, layers)
+            panels.append((f"{setting}: {comp}", budgets, grid))
+    if not panels:
+        return
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for ax, (title, budgets, grid) in zip(axes.flat, panels):
+        ax.set_visible(True)
+        im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", origin="lower")
+        ax.set_yticks(range(len(budgets)), [f"{float(b):.2f}" for b in budgets])
+        ax.set_xlabel("layer")
+        ax.set_ylabel("budget")
+        ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="capacity (fraction of the layer's work)")
+    fig.suptitle(f"{result['model']}: where each budget is spent (learned allocation)")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
 
 
 def keep_previous(result: dict[str, Any], out: Path, components: list[str], lora: int, same: tuple[str, ...]) -> None:
@@ -244,7 +352,11 @@ def results_markdown(result: dict[str, Any]) -> str:
         f"{result['settings']['decode_tokens']} tokens with a KV cache. Last-word accuracy: lm-evaluation-harness "
         f"on the local `elastiformer_last_word` task ({result['settings'].get('lm_eval_docs', 0)} passages of the "
         f"held-out books; teacher {result.get('teacher_last_word', {}).get('acc', float('nan')):.3f}), learned "
-        "routing only. Regenerate: `make bench` (= `elastiformer bench`), then `elastiformer bench --readme`.",
+        "routing only. Baselines run at the learned routers' block FLOPs (their budget bisected; static pruning, "
+        "whose FLOPs move in whole layers, at the nearest point with at least as many). "
+        "Regenerate: `make bench` (= `elastiformer bench`), then `elastiformer bench --readme`.",
+        "",
+        summary_line(result.get("summary") or summarize(result["records"])),
         "",
         "| setting | budget | method | block FLOPs | ΔLM loss | KL | top-1 agree | last-word acc | prefill time "
         "| decode time |",
@@ -259,6 +371,15 @@ def results_markdown(result: dict[str, Any]) -> str:
                      f"{fmt(r.get('last_word_acc'), '.3f')} | {fmt(r['prefill_time_ratio'])} | "
                      f"{fmt(r['decode_time_ratio'])} |")
     return "\n".join(lines) + "\n"
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    f = "+.3f" if summary.get("metric", "delta_lm_loss") == "delta_lm_loss" else ".4f"
+    lost = "; ".join(f"{x['setting']}{' + LoRA' if x['lora_rank'] else ''} at {x['budget']:.2f} against "
+                     f"{x['baseline']} ({x['learned'][1]:{f}} at {x['learned'][0]:.3f} FLOPs vs "
+                     f"{x['baseline_point'][1]:{f}} at {x['baseline_point'][0]:.3f})" for x in summary["lost"])
+    return (f"**Learned routing is at least as good as the baseline in {summary['won']} of {summary['pairs']} pairs at "
+            f"matched block FLOPs.**" + (f" Lost: {lost}." if lost else ""))
 
 
 def update_readme(result: dict[str, Any], readme: Path, image: str, marker: str = "lm",

@@ -3,7 +3,8 @@ component and combined, against the same baselines as the LM benchmark.
 
 For each setting, one router set is trained by cosine self-distillation (budget sampling) on sentences of the
 training books and evaluated at every budget of the sweep on sentences of the held-out books, beside random,
-training-free (norm, token components only) and static-pruning baselines at the same budget, in the same process:
+training-free (norm, token components only, with uniform capacities and with the learned allocation) and static-pruning
+baselines at the learned routers' block FLOPs (their budgets bisected), in the same process:
 mean cosine similarity of the sentence embedding to the teacher's and top-1 agreement of nearest-neighbour
 retrieval, against executed block FLOPs. Results go to `bench/results/encoder.json` (rewritten after each setting)
 and a PNG beside it.
@@ -15,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .benchmark import SETTINGS, keep_previous, machine, parse_components, plot_lm_bench
+from .benchmark import (SETTINGS, baselines_of, keep_previous, machine, parse_components, plot_lm_bench, summarize,
+                        summary_line)
 from .cache import atomic_write_json
 
 ENCODER_BENCH_DEFAULTS = dict(
@@ -95,9 +97,10 @@ def run_encoder_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any
         report = train_routers(em, train, steps=steps, lr=float(o["lr"]), warmup=min(10, max(1, steps // 4)),
                                budget_range=(min(budgets) - 0.05, 0.95),
                                seed=int(o["seed"]), loss="cosine", pooling=o["pooling"],
-                               token_weight=float(o["token_weight"]), calibration_data=calib)
-        baselines = ["random", "static"] + (["norm"] if comp in ("mlp_tokens", "attn_tokens") else [])
-        echo(f"[{comp}] evaluating at budgets {budgets} beside {', '.join(baselines)}...")
+                               token_weight=float(o["token_weight"]), calibration_data=calib,
+                               allocation_floor=min(0.5, min(budgets) - 0.05))
+        baselines = baselines_of(comp)
+        echo(f"[{comp}] evaluating at budgets {budgets} beside {', '.join(baselines)} at matched block FLOPs...")
         ev = evaluate_encoder(em, held, budgets=budgets, baselines=baselines, calibration_data=calib,
                               pooling=o["pooling"], timing_reps=int(o["timing_reps"]), seed=int(o["seed"]))
         for r in ev["records"]:
@@ -108,9 +111,11 @@ def run_encoder_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any
             "train_tokens": report.tokens, "train_seconds": report.seconds,
             "final_cosine_distance": report.final_distill,
             "router_param_fraction": ev["router_param_fraction"], "dense_layers": list(dense),
+            "allocation_moves": len(em.allocation.moves) if em.allocation else 0,
             "seconds": time.perf_counter() - t0,
         }
         result["target"] = target_check(result)
+        result["summary"] = summarize(result["records"], metric="cosine", higher_is_better=True)
         atomic_write_json(out, result)
         if plot is not None:
             plot(result, out.with_suffix(".png"))
@@ -134,7 +139,10 @@ def encoder_results_markdown(result: dict[str, Any]) -> str:
         "cosine = mean cosine similarity of the sentence embedding to the teacher's; retrieval = top-1 agreement of "
         "each sentence's nearest other sentence, teacher vs elastic; time = elastic / dense wall-clock of one batch "
         "of 32 sentences. Regenerate: `elastiformer bench --task encoder`, then `elastiformer bench --task encoder "
-        "--readme`.",
+        "--readme`. Baselines run at the learned routers' block FLOPs (budgets bisected; static pruning at the nearest "
+        "point with at least as many).",
+        "",
+        summary_line(result.get("summary") or summarize(result["records"], metric="cosine", higher_is_better=True)),
         "",
         f"Target (issue 6): at {1 - TARGET_FLOPS:.0%} of block FLOPs removed, cosine >= {TARGET_COSINE} and "
         f"retrieval >= {TARGET_RETRIEVAL}. Interpolated at block FLOPs {TARGET_FLOPS} (learned routing):",

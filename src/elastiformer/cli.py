@@ -207,6 +207,7 @@ def train(
 EVAL_DEFAULTS = dict(
     model="smollm2-135m", routers=None, data="gutenberg", split="heldout", budgets="0.7,0.8,0.9", seq_len=256,
     max_sequences=16, batch_size=4, timing_reps=3, output=None, plot=None, seed=0, overwrite=False,
+    baselines="random", calibration_data=None, match="flops",
 )
 
 
@@ -245,27 +246,79 @@ def run_eval(o: dict[str, Any], em=None) -> dict[str, Any]:
     _check_seq_len(o["seq_len"], em.base_model)
     tokenizer = load_tokenizer(o["model"] if isinstance(o["model"], str) else em.base_model)
     data = pack_sequences(texts, tokenizer, int(o["seq_len"]), max_sequences=o["max_sequences"])
+    baselines = [b.strip() for b in str(o["baselines"] or "").split(",") if b.strip()]
+    calibration = None
+    if set(baselines) - {"random"}:  # the fitted baselines need text that is not the evaluation text
+        source = o["calibration_data"]
+        if source is None and (o["data"] != "gutenberg" or o["split"] != "heldout"):
+            raise ConfigError("--baselines norm / norm_allocated / static are fitted on calibration text: pass "
+                              "--calibration-data (text that is not the evaluation text)")
+        cal_texts = load_texts(None, split="train") if source is None else load_texts(source, split="train")
+        calibration = pack_sequences(cal_texts, tokenizer, min(128, int(o["seq_len"])), max_sequences=8)[:8]
+        calibration = [{"input_ids": calibration[:4]}, {"input_ids": calibration[4:]}]
     result = evaluate(em, data, budgets=budgets, batch_size=int(o["batch_size"]), timing_reps=int(o["timing_reps"]),
-                      seed=int(o["seed"]))
+                      seed=int(o["seed"]), baselines=baselines, calibration_data=calibration, match=o["match"])
     result |= {"model": str(o["model"]), "routers": str(o["routers"]), "data": o["data"], "split": o["split"],
-               "seq_len": int(o["seq_len"]), "elastic_config": em.elastic_config.to_dict()}
+               "seq_len": int(o["seq_len"]), "elastic_config": em.elastic_config.to_dict(),
+               "allocation": allocation_table(em, budgets), "allocation_fitted": em.allocation is not None}
     return result
+
+
+def allocation_table(em, budgets) -> dict[str, Any]:
+    """{budget: {"budgets": per component, "capacities": {component: per layer}}} of the learned routers."""
+    out = {}
+    with em.budget(1.0):
+        for b in budgets:
+            em.set_budget(b)
+            out[str(b)] = {"budgets": em.get_budget(), "capacities": em.capacities()}
+    return out
+
+
+def describe_allocation(meta: dict[str, Any], folder: Path, budgets=(0.9, 0.8, 0.7, 0.6, 0.5)) -> dict[str, Any]:
+    """What `info` shows of a saved allocation: how it was fitted, and each budget's per-layer capacities."""
+    from .allocation import Allocation
+    from .config import ElasticConfig
+
+    components = ElasticConfig.from_dict(meta["elastic_config"]).components()
+    alloc = Allocation.from_dict(meta["allocation"], int(meta["base_model"]["dims"]["L"]), components,
+                                 where=str(folder / "elastic_config.json"))
+    table = {}
+    for b in budgets:
+        split = alloc.component_budgets(b) if len(components) > 1 else {components[0]: b}
+        table[str(b)] = {"budgets": {k: round(v, 4) for k, v in split.items()},
+                         "capacities": {k: [round(c, 3) for c in alloc.capacities(k, v)] for k, v in split.items()}}
+    return {"moves": len(alloc.moves), "calibration_tokens": alloc.tokens,
+            "path_end_routed_flops": round(alloc.flops[-1], 4), "path_end_cost": round(alloc.cost[-1] - alloc.cost[0], 5),
+            "per_budget": table}
+
+
+def print_allocation(table: dict[str, Any], fitted: bool) -> None:
+    """Per-layer capacities at each budget, one row per (budget, component)."""
+    typer.echo("per-layer capacities (fraction of each layer's work; " +
+               ("the fitted allocation)" if fitted else "no allocation fitted: the same in every routed layer)"))
+    for b, entry in table.items():
+        for comp, caps in entry["capacities"].items():
+            share = entry["budgets"].get(comp, float(b))
+            typer.echo(f"  {float(b):.2f} {comp:<18} ({share:.3f}) " + " ".join(f"{c:.2f}" for c in caps))
 
 
 def print_table(result: dict[str, Any]) -> None:
     typer.echo(f"teacher: NLL {result['teacher_nll']:.3f} nats/token, perplexity {result['teacher_perplexity']:.2f} "
                f"on {result['tokens']:,} held-out tokens; routers are {100 * result['router_param_fraction']:.4f}% "
                "of the model's parameters")
-    head = f"{'budget':>7} {'method':>8} {'block FLOPs':>11} {'model FLOPs':>11} {'dLM loss':>9} {'KL':>7} " \
-           f"{'top-1 agree':>11} {'time':>6}"
+    head = f"{'budget':>7} {'method':>15} {'run at':>7} {'block FLOPs':>11} {'model FLOPs':>11} {'dLM loss':>9} " \
+           f"{'KL':>7} {'top-1 agree':>11} {'time':>6}"
     typer.echo(head)
     typer.echo("-" * len(head))
     for r in result["records"]:
         t = "-" if r["prefill_time_ratio"] is None else f"{r['prefill_time_ratio']:.2f}"
-        typer.echo(f"{r['budget']:>7.2f} {r['method']:>8} {r['block_flops_ratio']:>11.3f} "
-                   f"{r['model_flops_ratio']:>11.3f} {r['delta_lm_loss']:>+9.3f} {r['kl']:>7.3f} "
-                   f"{r['top1_agreement']:>11.3f} {t:>6}")
-    typer.echo("block / model FLOPs and time are elastic / dense; dLM loss = elastic NLL - teacher NLL (nats/token)")
+        typer.echo(f"{r['budget']:>7.2f} {r['method']:>15} {r.get('method_budget', r['budget']):>7.3f} "
+                   f"{r['block_flops_ratio']:>11.3f} {r['model_flops_ratio']:>11.3f} {r['delta_lm_loss']:>+9.3f} "
+                   f"{r['kl']:>7.3f} {r['top1_agreement']:>11.3f} {t:>6}")
+    typer.echo("block / model FLOPs and time are elastic / dense; dLM loss = elastic NLL - teacher NLL (nats/token); "
+               "'run at': the budget each method ran at (baselines: bisected to the learned routers' block FLOPs)")
+    if result.get("allocation"):
+        print_allocation(result["allocation"], fitted=bool(result.get("allocation_fitted", True)))
 
 
 def plot_curve(result: dict[str, Any], path: Path) -> None:
@@ -306,10 +359,17 @@ def eval_(
     output: Optional[Path] = typer.Option(None, help="Write the results as JSON here."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG of quality against compute here."),
     seed: Optional[int] = typer.Option(None, help="Seed of the random-routing baseline."),
+    baselines: Optional[str] = typer.Option(None, help="Baselines beside the learned routers, of random, norm, "
+                                            "norm_allocated, static (default random; '' for none)."),
+    calibration_data: Optional[str] = typer.Option(None, help="Text the norm / static baselines are fitted on "
+                                                   "(default: the Gutenberg training books)."),
+    match: Optional[str] = typer.Option(None, help="flops (default: each baseline at the learned routers' block "
+                                        "FLOPs, its budget bisected) or budget (at the same budget)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     config: Optional[Path] = typer.Option(None, help="YAML file of these options (the command line wins)."),
 ):
-    """Evaluate routers on held-out text at several budgets, beside random routing at the same capacity."""
+    """Evaluate routers on held-out text at several budgets, beside baselines at the same executed FLOPs, and show
+    the per-layer capacities each budget runs at."""
     given = {k: v for k, v in locals().items() if k != "config"}
     given["overwrite"] = overwrite or None
     o = _merge(config, given, EVAL_DEFAULTS)
@@ -344,8 +404,10 @@ def info(
         from .model import read_router_config
 
         meta = read_router_config(routers)
-        typer.echo(json.dumps({k: meta[k] for k in ("format_version", "elastiformer_version", "elastic_config",
-                                                     "base_model") if k in meta}, indent=2))
+        shown = {k: meta[k] for k in ("format_version", "elastiformer_version", "elastic_config", "base_model")
+                 if k in meta}
+        shown["allocation"] = describe_allocation(meta, Path(routers)) if meta.get("allocation") else None
+        typer.echo(json.dumps(shown, indent=2))
         return
     if model is not None:
         from .arch import get_arch_spec
@@ -545,25 +607,36 @@ def demo(
     _check_output(output, overwrite, "the earlier demo's results")
     typer.echo("elastiformer demo: SmolLM2-135M, MLP token routing (Mixture-of-Depths style), trained by "
                "self-distillation on Gutenberg books, evaluated on held-out books.\n")
-    opts = dict(TRAIN_DEFAULTS) | dict(output=str(output), mlp_tokens=0.8, dense_layers="0,-2,-1", steps=steps,
+    opts = dict(TRAIN_DEFAULTS) | dict(output=str(output), mlp_tokens=0.8, dense_layers="", steps=steps,
                                        batch_size=4, seq_len=128, max_sequences=2000, budget_range="0.6,0.95",
                                        overwrite=overwrite, checkpoint_every=20)
-    typer.echo(f"1/2 training routers for {steps} steps (layers 0, 28, 29 stay dense: DESIGN.md section 7)...")
+    typer.echo(f"1/2 training routers for {steps} steps, then fitting where each budget is spent: the per-layer "
+               "allocation, measured on calibration text with the trained routers...")
     report = run_train(opts)
     typer.echo(f"    {report['steps']} steps, {report['tokens']:,} tokens, {report['seconds']:.0f}s, "
                f"final KL {report['final_kl']:.4f}\n")
-    typer.echo("2/2 evaluating on held-out books at 3 budgets, beside random routing...")
+    typer.echo("2/2 evaluating on held-out books at 3 budgets, beside random routing and static pruning (whole "
+               "least-important MLPs dropped) at the same executed FLOPs...")
     ev = dict(EVAL_DEFAULTS) | dict(routers=str(output / "routers"), budgets="0.7,0.8,0.9",
-                                    max_sequences=max_sequences)
+                                    max_sequences=max_sequences, baselines="random,static")
     result = run_eval(ev)
     result["train"] = {k: report[k] for k in ("steps", "tokens", "seconds", "final_kl")}
     from .cache import atomic_write_json
 
     atomic_write_json(output / "demo.json", result)
     plot_curve(result, output / "demo.png")
+    plot_allocation_heatmap(result["allocation"], output / "demo_allocation.png", result.get("model", ""))
     typer.echo("")
     print_table(result)
-    typer.echo(f"\nwrote {output / 'demo.json'} and {output / 'demo.png'} in {time.perf_counter() - t0:.0f}s")
+    typer.echo(f"\nwrote {output / 'demo.json'}, {output / 'demo.png'} and {output / 'demo_allocation.png'} in "
+               f"{time.perf_counter() - t0:.0f}s")
+
+
+def plot_allocation_heatmap(table: dict[str, Any], path: Path, model: str = "") -> None:
+    """Layer x budget heat map of the capacities in `allocation_table`'s output (one panel per component)."""
+    from .benchmark import plot_allocation
+
+    plot_allocation({"model": model, "components": {"learned": {"allocation": table}}}, path)
 
 
 # ---------------------------------------------------------------------- flextron (its own sub-app)

@@ -54,25 +54,32 @@ def _time_ratio(em: ElasticModel, batch: dict, context, reps: int) -> tuple[floa
     return e / d, d, e
 
 
+# random / norm / static share the budget uniformly between layers; norm_allocated uses the learned routers' fitted
+# allocation with the training-free norm score (what learned scores add beyond the allocation)
+BASELINES = ("random", "norm", "norm_allocated", "static")
+
+
 def prepare_baselines(em: ElasticModel, baselines: Sequence[str], calibration_data) -> None:
     """Check the baseline names and fit what they need on calibration data: "norm" thresholds (causal models only;
     encoders route by top-k) and the "static" choice of what to drop."""
-    unknown = set(baselines) - {"random", "norm", "static"}
+    unknown = set(baselines) - set(BASELINES)
     if unknown:
-        raise ConfigError(f"unknown baselines {sorted(unknown)}: the baselines are random, norm and static")
-    if {"norm", "static"} & set(baselines):
+        raise ConfigError(f"unknown baselines {sorted(unknown)}: the baselines are {', '.join(BASELINES)}")
+    if {"norm", "norm_allocated", "static"} & set(baselines):
         if calibration_data is None:
             raise ConfigError("the norm and static baselines are fitted on calibration text: pass calibration_data "
                               "(training text, never the evaluation text)")
-        if "norm" in baselines:
-            em.routing_method("norm")  # validates that norm applies to this model
-            em.calibrate(calibration_data, method="norm")
+        for method in ("norm", "norm_allocated"):
+            if method in baselines:
+                em.routing_method(method)  # validates that it applies to this model
+                em.calibrate(calibration_data, method=method)
         if "static" in baselines:
             em.fit_static(calibration_data)
 
 
-def budget_settings(em: ElasticModel, budgets: Sequence[float | dict[str, float]]) -> list[dict[str, float]]:
-    """Each budget as a dict per routed component (one fraction applies to every component), validated."""
+def budget_settings(em: ElasticModel, budgets: Sequence[float | dict[str, float]]) -> list[float | dict[str, float]]:
+    """Each budget validated: a fraction (one budget for the model, see `ElasticModel.set_budget`) or a dict per
+    component."""
     if not budgets:
         raise ConfigError("no budgets to evaluate: pass at least one, e.g. budgets=[0.8]")
     settings = []
@@ -80,11 +87,60 @@ def budget_settings(em: ElasticModel, budgets: Sequence[float | dict[str, float]
         if isinstance(b, dict):
             settings.append({k: check_fraction(k, v) for k, v in b.items()})
         else:
-            settings.append({k: check_fraction("budget", b) for k in em.elastic_config.components()})
+            settings.append(check_fraction("budget", b))
     for setting in settings:  # unknown / unrouted keys and budgets below the dense layers' share
-        with em.budget(**setting):
+        with apply_budget(em, setting):
             pass
     return settings
+
+
+def apply_budget(em: ElasticModel, setting):
+    """`with apply_budget(em, 0.8)` / `apply_budget(em, {"mlp_tokens": 0.8})`: em.budget(...) for either form."""
+    return em.budget(**setting) if isinstance(setting, dict) else em.budget(setting)
+
+
+def nominal(setting) -> float:
+    return statistics.mean(setting.values()) if isinstance(setting, dict) else float(setting)
+
+
+def scaled(setting, t: float):
+    """The budget `t` in the form of `setting` (a dict keeps its components' proportions)."""
+    if not isinstance(setting, dict):
+        return t
+    ref = nominal(setting)
+    return {k: min(1.0, v * t / ref) for k, v in setting.items()}
+
+
+def probe_flops(em: ElasticModel, batch: dict, setting, context, generator: torch.Generator | None, seed: int) -> float:
+    """Executed / dense block FLOPs of one forward of `batch` at `setting` under `context` (a routing method)."""
+    if generator is not None:
+        generator.manual_seed(seed)
+    with torch.no_grad(), apply_budget(em, setting), context():
+        em(**batch)
+    return em.last_stats()["flops_ratio"]
+
+
+def match_flops(em: ElasticModel, batch: dict, setting, target: float, context, lowest: float,
+                generator: torch.Generator | None, seed: int, steps: int = 8, from_above: bool = False):
+    """The budget (in the form of `setting`) at which a method executes `target` block FLOPs on `batch`, by
+    bisection: FLOPs fall with the budget. `from_above`: of the budgets tried, the closest one that executes at
+    least `target` (for a method whose FLOPs move in steps, e.g. dropping whole layers: it gets the benefit of the
+    doubt)."""
+    lo, hi = lowest, 1.0
+    tried = []
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        f = probe_flops(em, batch, scaled(setting, mid), context, generator, seed)
+        tried.append((mid, f))
+        if f > target:
+            hi = mid
+        else:
+            lo = mid
+    for b in (lo, hi):
+        tried.append((b, probe_flops(em, batch, scaled(setting, b), context, generator, seed)))
+    pool = [t for t in tried if t[1] >= target - 1e-9] if from_above else tried
+    best = min(pool or tried, key=lambda t: abs(t[1] - target))
+    return scaled(setting, best[0])
 
 
 def evaluate(
@@ -98,11 +154,16 @@ def evaluate(
     timing_reps: int = 3,
     seed: int = 0,
     progress: bool = True,
+    match: str = "flops",
 ) -> dict[str, Any]:
-    """Evaluate `em` at each budget (one fraction for every routed component, or a dict per component).
+    """Evaluate `em` at each budget (one fraction for the model, see `ElasticModel.set_budget`, or a dict per
+    component).
 
-    Baselines at the same budget: "random", "norm" (training-free token scores; token components only) and
-    "static" (pruning chosen once); the last two are fitted on `calibration_data`.
+    Baselines: "random", "norm" (training-free token scores; token components only), "norm_allocated" (the same
+    score with the learned routers' fitted allocation) and "static" (pruning chosen once); all but random are
+    fitted on `calibration_data`. `match="flops"` (default) runs each baseline at the budget where it executes the
+    learned routers' block FLOPs (bisected on the first batch; `method_budget` in its record); `match="budget"`
+    runs it at the same budget.
 
     Returns `{"teacher_nll", "teacher_perplexity", "tokens", "router_param_fraction", "records": [...]}`, one
     record per (method, budget) with: delta_lm_loss (elastic NLL - teacher NLL, nats/token), kl (per token),
@@ -112,6 +173,8 @@ def evaluate(
     check_int("batch_size", batch_size)
     check_int("timing_reps", timing_reps, minimum=0, hint="0 skips timing")
     check_int("seed", seed, minimum=0)
+    if match not in ("flops", "budget"):
+        raise ConfigError(f"match={match!r}: pass 'flops' (baselines at the learned routers' FLOPs) or 'budget'")
     if isinstance(budgets, (int, float)):  # one budget given bare
         budgets = [budgets]
     if isinstance(baselines, str):
@@ -142,15 +205,24 @@ def evaluate(
     bar = tqdm(total=total, desc="evaluating", disable=not progress)
     try:
         with torch.no_grad(), em._override("generator", generator):
+            # what each method runs at: the same budget, or the budget at which it executes the learned routers'
+            # block FLOPs (measured on the first batch; static pruning gets at least as many FLOPs as learned)
+            plan = {(m, i): setting for m in methods for i, setting in enumerate(settings)}
+            if match == "flops" and baselines:
+                lowest = max(em.state.min_budget(k) for k in em.elastic_config.components()) + 1e-3
+                for i, setting in enumerate(tqdm(settings, desc="matching FLOPs", disable=not progress)):
+                    target = probe_flops(em, batches[0], setting, contexts["learned"], generator, seed * 1009)
+                    for m in baselines:
+                        plan[(m, i)] = match_flops(em, batches[0], setting, target, contexts[m], lowest, generator,
+                                                   seed * 1009, from_above=m == "static")
             for bi, batch in enumerate(batches):
                 with em.disable_routers():
                     teacher = em(**batch).logits
                 bar.update()
-                for i, setting in enumerate(settings):
-                    em.set_budget(**setting)
+                for i in range(len(settings)):
                     for m in methods:
                         generator.manual_seed(seed * 1009 + bi)  # the random baseline draws the same way every run
-                        with contexts[m]():
+                        with apply_budget(em, plan[(m, i)]), contexts[m]():
                             student = em(**batch).logits
                         stats = em.last_stats()
                         r = _lm_metrics(teacher, student, batch["input_ids"], batch.get("attention_mask"))
@@ -166,17 +238,19 @@ def evaluate(
                 teacher_sum["nll"] += r["nll_teacher"]
             records = []
             for i, setting in enumerate(settings):
-                em.set_budget(**setting)
                 for m in methods:
                     acc = sums[(m, i)]
                     n = max(1, acc["n"])
                     ratio = None
-                    if timing_reps:
-                        ratio, _, _ = _time_ratio(em, batches[0], contexts[m], timing_reps)
+                    with apply_budget(em, plan[(m, i)]):
+                        budgets_used = em.get_budget()
+                        if timing_reps:
+                            ratio, _, _ = _time_ratio(em, batches[0], contexts[m], timing_reps)
                     records.append({
                         "method": m,
-                        "budget": statistics.mean(setting.values()),
-                        "budgets": setting,
+                        "budget": nominal(setting),
+                        "method_budget": nominal(plan[(m, i)]),
+                        "budgets": budgets_used,
                         "delta_lm_loss": (acc["nll"] - acc["nll_teacher"]) / n,
                         "kl": acc["kl"] / n,
                         "top1_agreement": acc["agree"] / n,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError
-from .evaluate import _time_ratio, budget_settings, prepare_baselines
+from .evaluate import _time_ratio, apply_budget, budget_settings, match_flops, nominal, prepare_baselines, probe_flops
 from .model import ElasticModel, _as_batches
 
 
@@ -56,12 +56,15 @@ def evaluate_encoder(
     timing_reps: int = 0,
     seed: int = 0,
     progress: bool = True,
+    match: str = "flops",
 ) -> dict[str, Any]:
     """Evaluate encoder `em` at each budget (one fraction for every routed component, or a dict per component).
 
     data: batches (dicts of input_ids + attention_mask, or pixel_values; optional labels), held out from training.
-    Baselines at the same budget: "random", "norm" (token components only) and "static" (fitted on
-    `calibration_data`). Returns `{"inputs", "tokens", "router_param_fraction", "records": [...]}` (plus
+    Baselines: "random", "norm" (token components only; "norm_allocated" with the learned routers' fitted
+    allocation) and "static" (fitted on `calibration_data`), each at the budget where it executes the learned
+    routers' block FLOPs (`match="flops"`, bisected on the first batch; its record's `method_budget`) or at the same
+    budget (`match="budget"`). Returns `{"inputs", "tokens", "router_param_fraction", "records": [...]}` (plus
     "teacher_accuracy" with labels), one record per (method, budget) with: cosine (mean cosine similarity of the
     pooled embedding to the teacher's), cosine_p05 (its 5th percentile), token_cosine (mean over real tokens of the
     final states' cosine), retrieval_agreement, block_flops_ratio / model_flops_ratio (executed / dense, routers
@@ -78,12 +81,24 @@ def evaluate_encoder(
     device = next(em.base_model.parameters()).device
     items = [({k: v.to(device) for k, v in b.items()}, None if y is None else y.to(device)) for b, y in items]
     methods = ["learned"] + list(baselines)
+    if match not in ("flops", "budget"):
+        raise ConfigError(f"match={match!r}: pass 'flops' (baselines at the learned routers' FLOPs) or 'budget'")
     saved_budget, was_training = em.get_budget(), em.training
     em.eval()
     bar = tqdm(total=len(items) * (1 + len(methods) * len(settings)), desc="evaluating", disable=not progress)
     records = []
+    generator = torch.Generator(device=device)  # the random baseline's draws; the caller's global RNG is left alone
+    contexts = {m: (lambda m=m: em.routing_method(m)) for m in methods}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), em._override("generator", generator):
+            plan = {(m, i): setting for m in methods for i, setting in enumerate(settings)}
+            if match == "flops" and baselines:
+                lowest = max(em.state.min_budget(k) for k in em.elastic_config.components()) + 1e-3
+                for i, setting in enumerate(settings):
+                    target = probe_flops(em, items[0][0], setting, contexts["learned"], generator, seed * 1009)
+                    for m in baselines:
+                        plan[(m, i)] = match_flops(em, items[0][0], setting, target, contexts[m], lowest, generator,
+                                                   seed * 1009, from_above=m == "static")
             with em.disable_routers():
                 teacher = [em.embed(b, pooling) for b, _ in items]
             bar.update(len(items))
@@ -91,13 +106,13 @@ def evaluate_encoder(
             labelled = all(y is not None for _, y in items) and all(t.logits is not None for t in teacher)
             teacher_correct = sum(int((t.logits.argmax(-1) == y).sum()) for t, (_, y) in zip(teacher, items)) \
                 if labelled else None
-            for setting in settings:
-                em.set_budget(**setting)
+            for i, setting in enumerate(settings):
                 for m in methods:
                     pooled, dense, executed, tok_sum, tok_n, correct = [], 0, 0, 0.0, 0, 0
-                    with em.routing_method(m):
+                    with apply_budget(em, plan[(m, i)]), em.routing_method(m):
+                        budgets_used = em.get_budget()
                         for bi, ((batch, labels), t) in enumerate(zip(items, teacher)):
-                            torch.manual_seed(seed * 1009 + bi)  # the random baseline draws the same way every run
+                            generator.manual_seed(seed * 1009 + bi)  # the random baseline draws the same way every run
                             s = em.embed(batch, pooling)
                             stats = em.last_stats()
                             dense += stats["dense_flops"]
@@ -114,8 +129,9 @@ def evaluate_encoder(
                     cos = F.cosine_similarity(t_pooled.float(), s_pooled.float(), dim=-1)  # (N,)
                     record = {
                         "method": m,
-                        "budget": statistics.mean(setting.values()),
-                        "budgets": setting,
+                        "budget": nominal(setting),
+                        "method_budget": nominal(plan[(m, i)]),
+                        "budgets": budgets_used,
                         "cosine": float(cos.mean()),
                         "cosine_p05": float(torch.quantile(cos, 0.05)),
                         "token_cosine": tok_sum / max(1, tok_n),

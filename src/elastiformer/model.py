@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
+from .allocation import LEVELS, Allocation, fit_path
 from .arch import ArchSpec, get_arch_spec, get_dotted, set_dotted
 from .cache import atomic_dir
 from .config import BUDGET_KEYS, TOKEN_COMPONENTS, ElasticConfig, check_fraction
@@ -28,17 +30,20 @@ from .errors import BudgetError, ConfigError, DataError, ElastiformerError, NotC
 from .distill import POOLINGS, Embedding, cosine_distance, kl_teacher_student, pool_hidden
 from .flops import lm_head_flops
 from .layers import ElasticAttention, ElasticMLP, RoutingState
+from .layers.state import ALLOCATED_METHODS
 from .lora import LoRALinear
 from .validation import check_finite_tensors, check_token_ids, model_context, safetensors_complete
 from .routers import ExpertRouter, HeadRouter, TokenRouter
-from .routers.token import N_CALIBRATION
+from .routers.token import N_CALIBRATION, merge_points
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "elastic_config.json"
-ROUTING_METHODS = ("learned", "random", "norm", "static")
+# "norm_allocated": the norm score with the learned routers' fitted allocation (what learned scores add beyond it)
+ROUTING_METHODS = ("learned", "random", "norm", "static", "norm_allocated")
+TOKEN_SCORE_METHODS = ("norm", "norm_allocated")  # baselines that score tokens only
 WEIGHTS_NAME = "routers.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-layer allocation in the config, thresholds at up to N_CALIBRATION capacities
 
 
 def _resolve_layers(indices: Iterable[int], n_layers: int) -> frozenset[int]:
@@ -239,12 +244,24 @@ class ElasticModel(WrappedModel):
         return self
 
     def set_budget(self, value: float | None = None, /, **budgets: float) -> "ElasticModel":
-        """Set the global capacity of routed components, e.g. `set_budget(mlp_tokens=0.6)`, or `set_budget(0.6)`
-        for every routed component. Takes effect at the next forward; no retraining."""
+        """Set the budget: the fraction of the routed compute the model spends. Takes effect at the next forward;
+        no retraining.
+
+        `set_budget(mlp_tokens=0.6)`: a component's budget, the fraction of its work done in the whole model (the
+        mean of its per-layer capacities). With a fitted allocation (`fit_allocation`, which `train_routers` runs)
+        the layers' capacities are where that work costs least; without one every routed layer gets the same.
+        `set_budget(0.6)`: one budget for the model. With one routed component it is that component's; with
+        several and a fitted allocation, it is the fraction of the routed sub-layers' FLOPs, split between the
+        components where it costs least (`get_budget()` shows the split); without an allocation, each component
+        gets 0.6."""
         routed = self.elastic_config.components()
         if isinstance(value, dict):  # set_budget({"mlp_tokens": 0.6}) reads like set_budget(mlp_tokens=0.6)
             value, budgets = None, {**value, **budgets}
-        if value is not None:
+        if value is not None and not budgets and len(routed) > 1 and self.state.allocation is not None:
+            value = check_fraction("budget", value)
+            split = self.state.allocation.component_budgets(value)  # the joint budget, as each component's share
+            budgets = {k: max(split.get(k, value), self.state.min_budget(k) + 1e-3, 1e-3) for k in routed}
+        elif value is not None:
             budgets = {k: value for k in routed} | budgets
         if not budgets:
             raise BudgetError(f"set_budget needs a value: pass one fraction, or any of {', '.join(routed)}")
@@ -309,6 +326,50 @@ class ElasticModel(WrappedModel):
         and expert and give the routers their supervised losses (`aux_losses()` after the forward)."""
         return self._override("teacher_targets", enabled)
 
+    def teacher_sensitivities(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+                              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The teacher pass of training with sensitivity targets (`router_targets="sensitivity"`): run the base
+        model, then one backward of a Fisher sample gives, for every routed token of every layer at once, how much
+        the output distribution moves if that token's update is skipped: |g . delta|, with g the gradient of the
+        log-likelihood of next tokens drawn from the teacher's own distribution (an encoder: of a random projection
+        of its pooled embedding) with respect to the sub-layer's output, and delta what skipping removes. Its
+        square estimates the KL increase to second order (the Fisher information), which the norm of the update
+        does not: a large update in a direction the rest of the model ignores costs little.
+        Returns (the teacher's output, detached; its auxiliary losses, with `token_importance` on these targets)."""
+        st = self.state
+        with self.disable_routers(), self.teacher_targets(True), self._override("sensitivity_probes", []), \
+                torch.enable_grad():
+            out = self._distill_target(batch)
+            probes = list(st.sensitivity_probes)
+            aux = self.aux_losses()  # heads' / experts' targets, computed in the pass itself
+            if probes:
+                if self.is_causal:
+                    logits = out.float()  # (B, T, V)
+                    drawn = torch.multinomial(logits.detach().softmax(-1).flatten(0, 1), 1, generator=generator)
+                    nll = F.cross_entropy(logits.flatten(0, 1), drawn.squeeze(1), reduction="none")  # (B*T,)
+                    mask = batch.get("attention_mask")
+                    loss = (nll * mask.flatten().to(nll.dtype)).sum() if mask is not None else nll.sum()
+                else:
+                    direction = torch.randn(out.shape, generator=generator, device="cpu").to(out)
+                    loss = (out.float() * direction).sum()
+                grads = torch.autograd.grad(loss, [p.probe for p in probes], allow_unused=True)
+        losses = []
+        for p, g in zip(probes, grads):
+            if g is None:
+                continue
+            s = (g * p.change).sum(-1).abs()  # (B, T) first-order change of the sampled log-likelihood
+            s = s / s[p.valid].mean().clamp(min=1e-20)  # one scale per layer: the loss standardizes its log anyway
+            if st.student_targets is not None:  # router_inputs="student": taught in the student's forward
+                st.student_targets[id(p.router)] = (s, p.valid, p.forced)
+                continue
+            with torch.enable_grad():
+                loss = p.router.importance_loss(p.x, s, 1.0, p.valid, p.forced)
+            if loss is not None:
+                losses.append(loss)
+        if losses:
+            aux["token_importance"] = torch.stack(losses).mean()
+        return out.detach(), aux
+
     def random_routing(self):
         """The random-routing baseline: every router chooses uniformly at random at the same capacity (and costs
         nothing), so its FLOPs match the learned routers' minus the routers themselves."""
@@ -317,14 +378,20 @@ class ElasticModel(WrappedModel):
     def routing_method(self, method: str):
         """`with em.routing_method(m):` route with the learned routers or a baseline at the same budget:
         "random"; "norm" (training-free: token score = norm of the sub-layer's input; thresholds from
-        `calibrate(data, method="norm")`); "static" (drop whole least-important sub-layers for token components,
-        the same least-important heads / experts for every token; chosen once by `fit_static(data)`)."""
+        `calibrate(data, method="norm")`); "norm_allocated" (the same score, with the capacities of the fitted
+        allocation instead of uniform ones; `calibrate(data, method="norm_allocated")`); "static" (drop whole
+        least-important sub-layers for token components, the same least-important heads / experts for every token;
+        chosen once by `fit_static(data)`). Only "learned" and "norm_allocated" use the fitted allocation; the other
+        baselines share the budget uniformly between layers."""
         if method not in ROUTING_METHODS:
             raise ConfigError(f"unknown routing method {method!r}: pass one of {', '.join(ROUTING_METHODS)}")
-        if method == "norm" and any(k not in TOKEN_COMPONENTS for k in self.elastic_config.components()):
-            raise ConfigError("the 'norm' baseline scores tokens only: use it on a model whose routed components "
+        if method in TOKEN_SCORE_METHODS and any(k not in TOKEN_COMPONENTS for k in self.elastic_config.components()):
+            raise ConfigError(f"the '{method}' baseline scores tokens only: use it on a model whose routed components "
                               "are mlp_tokens / attn_tokens")
-        if method in ("norm", "static") and self._towers:
+        if method == "norm_allocated" and self.state.allocation is None:
+            raise ConfigError("the 'norm_allocated' baseline uses the fitted allocation, and none is fitted: call "
+                              "em.fit_allocation(data) (train_routers does it when it ends)")
+        if method in ("norm", "norm_allocated", "static") and self._towers:
             raise ConfigError(f"the '{method}' baseline is fitted on one layer stack, and this {self.spec.name} model "
                               f"has towers ({', '.join(self.spec.towers)}): compare with method='random'")
         return self._override("method", method)
@@ -425,63 +492,143 @@ class ElasticModel(WrappedModel):
     # ------------------------------------------------------------------ calibration
     @torch.no_grad()
     def calibrate(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 2,
-                  n_budgets: int = N_CALIBRATION, method: str = "learned") -> "ElasticModel":
+                  n_budgets: int = 12, method: str = "learned") -> "ElasticModel":
         """Fit the token routers' inference thresholds on `data`, so `set_budget` takes effect at once for any budget.
 
-        For each of `n_budgets` global budgets spread over the usable range, the data runs with routing on, and each
+        For each of `n_budgets` budgets spread over the usable range, the data runs with routing on, and each routed
         layer keeps the tokens whose score reaches the quantile that leaves its capacity of this batch's tokens; the
-        thresholds (averaged over batches) are stored per capacity and interpolated at inference. Fitting with
-        routing on matters: when earlier layers skip tokens, later layers' scores shift, and thresholds fitted on the
-        dense model would spend visibly less than the budget. Cost: `n_budgets` x `max_batches` forwards.
-        `method="norm"` fits the thresholds of the training-free baseline instead (not saved with the routers).
-        Non-causal models (encoders) route by top-k at inference and need no thresholds: this returns at once.
+        thresholds (averaged over batches) are stored per capacity and interpolated at inference. With a fitted
+        allocation the budgets walk its path (each layer at the capacities it will run at); a layer the path only
+        ever runs dense or skips gets thresholds at uniform capacities. Fitting with routing on matters: when
+        earlier layers skip tokens, later layers' scores shift, and thresholds fitted on the dense model would spend
+        visibly less than the budget. Cost: about `n_budgets` x `max_batches` forwards.
+        `method="norm"` / `"norm_allocated"` fit the thresholds of those training-free baselines instead (not saved
+        with the routers). Non-causal models (encoders) route by top-k at inference and need no thresholds.
         """
         token_routers = [r for _, r in self._stack_routers() if isinstance(r, TokenRouter)]
         components = [k for k in TOKEN_COMPONENTS if k in self.state.budget]
         if not token_routers or not components or not self.is_causal:  # encoders route by top-k: nothing to fit
             return self
-        batches = []
-        for batch in _as_batches(data):
-            batches.append(batch)
-            if max_batches is not None and len(batches) >= max_batches:
-                break
-        if not batches:
-            raise ElastiformerError("calibrate() got no data: pass an iterable of dicts holding input_ids")
-        device = next(self.base_model.parameters()).device
-        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-        lo = max(self.state.min_budget(k) for k in components)
+        batches = self._collect_batches(data, max_batches, "calibrate()")
+        st = self.state
+        lo = max(st.min_budget(k) for k in components)
         grid = torch.linspace(max(lo + 0.02, 0.05), 0.99, n_budgets).tolist()
-        saved_budget, was_training = dict(self.state.budget), self.training
+        saved = (dict(st.budget), st.method, self.training)
         self.eval()
         self._calibrating = True
-        fitted = {id(r): [] for r in token_routers}
-        saved_method, self.state.method = self.state.method, method
-        try:
+        points: dict[int, list[tuple[float, float]]] = {id(r): [] for r in token_routers}
+
+        def run(set_caps) -> None:
             for b in grid:
-                self.state.budget.update({k: b for k in components})
+                set_caps(b)
                 for r in token_routers:
                     r.calibration_log = []
                 for batch in batches:
                     self.base_model(**batch)
                 for r in token_routers:
-                    caps = {c for c, _ in r.calibration_log}
-                    if not r.calibration_log or len(caps) != 1:
-                        raise ElastiformerError("calibrate() saw no tokens in a routed layer: pass longer sequences")
-                    fitted[id(r)].append((caps.pop(), sum(t for _, t in r.calibration_log) / len(r.calibration_log)))
+                    if r.calibration_log:  # one capacity per layer and budget; none where it ran dense / skipped
+                        cap = r.calibration_log[0][0]
+                        points[id(r)].append((cap, sum(t for _, t in r.calibration_log) / len(r.calibration_log)))
+
+        st.method = method
+        try:
+            if st.allocation is not None and method in ALLOCATED_METHODS:
+                run(lambda b: st.budget.update({k: b for k in components}))
+            need = [r for r in token_routers if len({c for c, _ in points[id(r)]}) < 2]
+            if need:  # no allocation (uniform capacities), or layers its path never routes partially
+                uniform = lambda b: setattr(st, "capacity_override", {  # noqa: E731
+                    k: [b if i not in st.dense_layers[k] else 1.0 for i in range(st.n_layers)] for k in st.budget})
+                keep = {id(r): list(points[id(r)]) for r in token_routers if r not in need}
+                run(uniform)
+                points.update(keep)
         finally:
             self._calibrating = False
-            self.state.method = saved_method
+            st.capacity_override = None
+            st.budget, st.method = saved[0], saved[1]
             for r in token_routers:
                 r.calibration_log = None
-            self.state.budget = saved_budget
-            self.train(was_training)
-        if not all(math.isfinite(t) for r in token_routers for _, t in fitted[id(r)]):
+            self.train(saved[2])
+        if not all(math.isfinite(t) for r in token_routers for _, t in points[id(r)]):
             raise ElastiformerError("calibrate() got non-finite router scores (NaN / inf in the model's hidden "
                                     "states or the routers): check the data and the router weights")
+        if any(not points[id(r)] for r in token_routers):
+            raise ElastiformerError("calibrate() saw no tokens in a routed layer: pass longer sequences")
         for r in token_routers:
-            points = sorted(fitted[id(r)])  # ascending capacity
-            r.set_calibration(method, torch.tensor([c for c, _ in points]), torch.tensor([t for _, t in points]))
+            r.set_calibration(method, *merge_points(points[id(r)], N_CALIBRATION))
         return self
+
+    def _collect_batches(self, data, max_batches: int | None, what: str) -> list[dict[str, torch.Tensor]]:
+        batches = [b for _, b in zip(range(max_batches or 10**9), _as_batches(data))]
+        if not batches:
+            raise ElastiformerError(f"{what} got no data: pass an iterable of dicts holding input_ids")
+        device = next(self.base_model.parameters()).device
+        return [{k: v.to(device) for k, v in b.items()} for b in batches]
+
+    @torch.no_grad()
+    def fit_allocation(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 1, *,
+                       min_budget: float = 0.5, levels: tuple[float, ...] = LEVELS, lookahead: int = 2,
+                       progress: bool = True) -> "ElasticModel":
+        """Fit where the budget is spent: the per-layer allocation path (see `elastiformer.allocation`).
+
+        Measured on `data` (calibration text, never the evaluation text) with the learned routers choosing by
+        top-k inside each layer: first each routed (component, layer) alone at each of `levels`, then greedily,
+        move by move, the cheapest next reduction per FLOP saved with routing on, until the routed sub-layers run
+        `min_budget` of their dense FLOPs (below it, capacities shrink in proportion). Cost: about
+        (units x levels + moves x lookahead) forwards of `data`. Stored with the routers by `save_pretrained`; call
+        `calibrate` afterwards (`train_routers` does both when it ends)."""
+        from tqdm.auto import tqdm
+
+        if not 0.0 < min_budget < 1.0:
+            raise ConfigError(f"min_budget={min_budget!r}: pass the fraction of routed FLOPs where the path ends, "
+                              "e.g. 0.5")
+        if not levels or any(not 0.0 <= v < 1.0 for v in levels):
+            raise ConfigError(f"levels={levels!r}: pass capacities in [0, 1) a unit may be lowered to")
+        batches = self._collect_batches(data, max_batches, "fit_allocation()")
+        st = self.state
+        components = self.elastic_config.components()
+        sublayers = {"attn" if k.startswith("attn") else "mlp" for k in components}
+        units = [(k, i) for k in components for i in range(st.n_layers) if i not in st.dense_layers[k]]
+        saved = (dict(st.budget), st.method, self.training)
+        self.eval()
+        try:
+            with self.disable_routers():
+                teachers = [self._distill_target(b) for b in batches]
+            st.method, st.topk = "learned", True  # top-k inside each layer: thresholds are fitted afterwards
+            st.budget = {k: 0.5 for k in components}  # any value: the override sets every capacity
+            bar = tqdm(desc="fitting the allocation", unit="fwd", disable=not progress)
+
+            def measure(caps: dict[str, list[float]]) -> tuple[float, float]:
+                st.capacity_override = caps
+                cost, dense, executed = 0.0, 0, 0
+                for t, b in zip(teachers, batches):
+                    cost += float(self._distill_distance(t, self._distill_target(b), b)) / len(batches)
+                    part = [s for s in st.stats if s.sublayer in sublayers]
+                    dense += sum(s.dense_flops for s in part)
+                    executed += sum(s.executed_flops for s in part)
+                bar.update()
+                return cost, executed / max(1, dense)
+
+            fixed = {k: sorted(st.dense_layers[k]) for k in components}
+            alloc = fit_path(measure, units, st.n_layers, components, min_flops=min_budget, levels=levels,
+                             lookahead=lookahead, progress=bar.set_postfix_str, fixed=fixed)
+            bar.close()
+        finally:
+            st.capacity_override = None
+            st.budget, st.method = saved[0], saved[1]
+            self.train(saved[2])
+        alloc.tokens = sum(int(b["input_ids"].numel()) for b in batches if "input_ids" in b)
+        st.set_allocation(alloc)
+        return self
+
+    @property
+    def allocation(self) -> Allocation | None:
+        """The fitted per-layer allocation (None: every routed layer gets the same capacity)."""
+        return self.state.allocation
+
+    def capacities(self) -> dict[str, list[float]]:
+        """Per-layer capacities of each routed component under the current budget (learned routing)."""
+        with self._override("method", "learned"), self._override("enabled", True):
+            return self.state.capacities()
 
     @torch.no_grad()
     def split_experts(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 2,
@@ -627,6 +774,7 @@ class ElasticModel(WrappedModel):
             "flops_ratio": executed / dense if dense else 1.0,
             "router_flops": sum(s.router_flops for s in stats),
             "budget": self.get_budget(),
+            "capacities": self.state.capacities(),  # per component, per layer (1.0 everywhere with routing off)
             "per_layer": [vars(s).copy() for s in stats],
         }
         for sub in ("attn", "mlp"):
@@ -675,6 +823,8 @@ class ElasticModel(WrappedModel):
             "elastic_config": self.elastic_config.to_dict(),
             "base_model": self.base_identity(),
         }
+        if self.state.allocation is not None:
+            meta["allocation"] = self.state.allocation.to_dict()
         try:
             with atomic_dir(path) as tmp:
                 save_file({k: v.cpu() for k, v in self.router_state_dict().items()}, str(tmp / WEIGHTS_NAME),
@@ -718,6 +868,10 @@ class ElasticModel(WrappedModel):
         check_finite_tensors(tensors, str(path / WEIGHTS_NAME), "the routers diverged when they were trained; train "
                              "them again (with a lower learning rate)", RouterFileError)
         own = em.router_state_dict()
+        for key, value in list(tensors.items()):  # format 1 kept 12 calibration points: pad to today's count
+            if key.endswith((".calib_capacity", ".calib_threshold")) and key in own and value.shape != own[key].shape \
+                    and value.dim() == 1 and 0 < value.numel() < own[key].numel():
+                tensors[key] = torch.cat([value, value[-1:].expand(own[key].numel() - value.numel())])
         missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
         bad_shape = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]
         if missing or unexpected or bad_shape:
@@ -729,6 +883,9 @@ class ElasticModel(WrappedModel):
                 owner, _, attr = key.rpartition(".")
                 target = getattr(modules[owner], attr)
                 target.copy_(value.to(target.device, target.dtype))
+        if meta.get("allocation") is not None:
+            em.state.set_allocation(Allocation.from_dict(meta["allocation"], em.state.n_layers, config.components(),
+                                                         where=str(path / CONFIG_NAME)))
         return em
 
 

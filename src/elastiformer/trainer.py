@@ -34,6 +34,7 @@ from .validation import check_device, check_int, check_token_ids
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
+ROUTER_TARGETS = ("teacher", "sensitivity", "self")  # what token routers learn to predict (see train_routers)
 
 
 @dataclass
@@ -158,6 +159,7 @@ def train_routers(
     budget_range: tuple[float, float] | None = None,
     aux_weights: dict[str, float] | None = None,
     router_targets: str = "teacher",
+    router_inputs: str = "teacher",
     loss: str | None = None,
     pooling: str | None = None,
     token_weight: float = 0.0,
@@ -169,6 +171,8 @@ def train_routers(
     progress: bool = True,
     stop_after: int | None = None,
     overwrite: bool = False,
+    allocation: bool = True,
+    allocation_floor: float = 0.5,
 ) -> TrainReport:
     """Train `em`'s routers by self-distillation against its own base model; returns a `TrainReport`.
 
@@ -176,7 +180,11 @@ def train_routers(
     budget: a fixed global budget (one value for every routed component, or a dict); budget_range: sample one
     uniformly per step so one set of routers serves all budgets in the range (the default, (0.5, 0.95)).
     router_targets: "teacher" (default) adds supervised losses towards the tokens / heads / experts whose outputs
-    are largest on the teacher (`distill.DEFAULT_AUX_WEIGHTS`); "self" keeps only the KL and self-consistency.
+    are largest on the teacher (`distill.DEFAULT_AUX_WEIGHTS`); "sensitivity" teaches token routers how much
+    skipping each token's update moves the teacher's output instead (one extra backward of the teacher per step,
+    see `ElasticModel.teacher_sensitivities`); "self" keeps only the KL and each router's BCE towards its own top-k
+    (the paper's objective). router_inputs: "teacher" (default) regresses token routers on the teacher's hidden
+    states; "student" on the student's, which is what they see at inference.
     loss: "kl" (next-token logits; the default for causal LMs) or "cosine" (embeddings; the default for encoders):
     the cosine distance between teacher and student `em.embed(batch, pooling)` (pooling "mean" | "cls" | "pooler",
     default the architecture's: mean for BERT, cls for ViT), plus `token_weight` x the mean cosine distance of the
@@ -185,6 +193,10 @@ def train_routers(
     routers to `output_dir`. `stop_after` ends the run early after that many steps (for tests and time limits);
     the schedule still follows `steps`. An `output_dir` that holds a previous run's results is refused unless
     `resume=True` (continue it) or `overwrite=True` (start again; its checkpoint is deleted first).
+
+    allocation: when training ends, fit the per-layer allocation of the budget on the calibration batches
+    (`ElasticModel.fit_allocation`, down to `allocation_floor` of the routed FLOPs, or the lowest training budget if
+    lower) before calibrating; False keeps every routed layer at the same capacity.
 
     A NaN / inf loss or gradient stops the run with an `ElastiformerError` naming the step; the last checkpoint
     (written before it) is kept, so `resume=True` with a lower learning rate continues from there.
@@ -197,13 +209,22 @@ def train_routers(
     check_train_options(steps, batch_size, lr, grad_accum, temperature, budget, budget_range, checkpoint_every)
     lr_factor(schedule, steps, steps, 0)  # validates the schedule name before any work
     check_int("warmup", warmup, minimum=0)
+    if not (isinstance(allocation_floor, (int, float)) and 0 < allocation_floor < 1):
+        raise ConfigError(f"allocation_floor={allocation_floor!r}: pass a fraction of routed FLOPs in (0, 1), e.g. 0.5")
     check_int("seed", seed, minimum=0)
     if stop_after is not None:
         check_int("stop_after", stop_after)
     check_device(device)
-    if router_targets not in ("teacher", "self"):
-        raise ConfigError(f"router_targets={router_targets!r}: pass 'teacher' (importance measured on the teacher) "
-                          "or 'self' (each router's own top-k)")
+    if router_targets not in ROUTER_TARGETS:
+        raise ConfigError(f"router_targets={router_targets!r}: pass 'teacher' (the norm of each token's update on the "
+                          "teacher), 'sensitivity' (how much skipping it moves the teacher's output) or 'self' (each "
+                          "router's own top-k, the paper's BCE)")
+    if router_inputs not in ("teacher", "student"):
+        raise ConfigError(f"router_inputs={router_inputs!r}: pass 'teacher' or 'student' (the hidden states the "
+                          "token routers see at inference)")
+    if router_inputs == "student" and router_targets == "self":
+        raise ConfigError("router_inputs='student' moves the teacher's targets onto the student's inputs: use it with "
+                          "router_targets='teacher' or 'sensitivity'")
     loss_kind = loss if loss is not None else ("kl" if em.is_causal else "cosine")
     if loss_kind not in LOSSES:
         raise ConfigError(f"loss={loss!r}: pass 'kl' (causal LMs) or 'cosine' (encoders), or leave it out")
@@ -244,6 +265,8 @@ def train_routers(
     options = dict(batch_size=batch_size, lr=lr, schedule=schedule, warmup=warmup, grad_accum=grad_accum, seed=seed,
                    temperature=temperature, budget=budget, budget_range=list(budget_range or []) or None,
                    router_targets=router_targets, elastic_config=em.elastic_config.to_dict())
+    if router_inputs != "teacher":  # (only when set, so older checkpoints still resume)
+        options["router_inputs"] = router_inputs
 
     cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum,
@@ -268,6 +291,9 @@ def train_routers(
     resumed_from = start if resume and start else None
 
     rank, world = accelerator.process_index, accelerator.num_processes
+    core.state.set_allocation(None)  # an allocation fitted for other routers would be stale: refitted at the end
+    student_targets = {} if router_inputs == "student" else None  # filled by each teacher pass, read by the student
+    sampler = torch.Generator(device=accelerator.device).manual_seed(seed)  # the sensitivity targets' Fisher samples
     core.train()
     t0 = time.perf_counter()
     last = min(steps, stop_after) if stop_after is not None else steps
@@ -282,17 +308,23 @@ def train_routers(
         for micro in range(grad_accum):
             batch = batch_at(data, step, micro * world + rank, batch_size, seed, stride=grad_accum * world)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.accumulate(model):
-                with torch.no_grad(), core.disable_routers(), core.teacher_targets(router_targets == "teacher"):
-                    teacher = _distill_target(core, model, batch, loss_kind, pooling)
-                teacher_aux = core.aux_losses()  # importance targets measured on the teacher (grad to routers)
+            with accelerator.accumulate(model), core._override("student_targets", student_targets):
+                if router_targets == "sensitivity":  # the teacher's forward and one backward (of a Fisher sample)
+                    teacher, teacher_aux = core.teacher_sensitivities(batch, generator=sampler)
+                    if loss_kind == "cosine":
+                        with torch.no_grad(), core.disable_routers():
+                            teacher = _distill_target(core, model, batch, loss_kind, pooling)
+                else:
+                    with torch.no_grad(), core.disable_routers(), core.teacher_targets(router_targets == "teacher"):
+                        teacher = _distill_target(core, model, batch, loss_kind, pooling)
+                    teacher_aux = core.aux_losses()  # importance targets measured on the teacher (grad to routers)
                 student = _distill_target(core, model, batch, loss_kind, pooling)
                 if loss_kind == "kl":
                     distill = kl_teacher_student(teacher, student, batch.get("attention_mask"), temperature)
                 else:
                     distill = embedding_distance(teacher, student, token_weight)
                 aux = core.aux_losses()
-                if router_targets == "teacher":  # the teacher's importance targets replace self-consistency
+                if router_targets != "self":  # the teacher's importance targets replace self-consistency
                     aux.pop("token_bce", None)
                 aux |= teacher_aux
                 total = distill + sum(weights.get(k, 0.0) * v for k, v in aux.items())
@@ -328,10 +360,15 @@ def train_routers(
     bar.close()
     accelerator.wait_for_everyone()
 
-    core.set_budget(**(fixed or em.elastic_config.capacities()))
     cal = calibration_data if calibration_data is not None else [batch_at(data, 0, i, batch_size, seed + 1)
                                                                  for i in range(2)]
-    core.calibrate(_split_batches(cal))  # calibrate() moves the batches to the model's device
+    cal = _split_batches(cal)  # fit_allocation() / calibrate() move the batches to the model's device
+    if allocation:  # where each budget is spent: fitted on calibration batches with the trained routers
+        lowest = min(fixed.values()) if fixed else budget_range[0]
+        core.fit_allocation(cal, min_budget=min(allocation_floor, max(0.05, lowest - 0.05)),
+                            progress=progress and accelerator.is_main_process)
+    core.set_budget(**(fixed or em.elastic_config.capacities()))
+    core.calibrate(cal)
     core.eval()
     report = TrainReport(steps=len(history), tokens=sum(h.get("tokens", 0) for h in history),
                          seconds=time.perf_counter() - t0, resumed_from=resumed_from, history=history, loss=loss_kind)

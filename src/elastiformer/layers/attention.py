@@ -87,6 +87,7 @@ class ElasticAttention(ElasticSubLayer):
                 self._remember_index(cache, past, st.current_positions(T, x.device).expand(B, T))
             st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, dense))
             return self._teacher_with_targets(x, args, kwargs)
+        self.learn_on_student(x)
         if st.method == "static" and self.token_router is not None and tok_cap < 1.0:
             if st.statically_dropped("attn_tokens", self.layer_idx):  # baseline: the whole sub-layer is skipped
                 if cache is not None:
@@ -94,6 +95,11 @@ class ElasticAttention(ElasticSubLayer):
                 st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, 0, 0, 0.0, 0.0))
                 return self.skipped_output(x), None
             tok_cap = 1.0
+        if tok_cap <= 0.0 or head_cap <= 0.0:  # allocated nothing: the sub-layer is skipped for every token
+            if cache is not None:
+                self._remember_index(cache, past, past[:, :0])
+            st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, 0, 0, 0.0, 0.0))
+            return self.skipped_output(x), None
         if tok_cap >= 1.0 and head_cap >= 1.0:  # full capacity: the base sub-layer, untouched (LoRA, if any, on)
             if cache is not None:
                 self._remember_index(cache, past, st.current_positions(T, x.device).expand(B, T))
@@ -135,7 +141,7 @@ class ElasticAttention(ElasticSubLayer):
         if m == 0:
             out_sub, flops, unit_fraction = x.new_zeros(B, 0, C), 0, 1.0
         elif head_cap < 1.0:
-            out_sub, flops, unit_fraction = self._head_routed(x_sub, slot_valid, mask, kw, cache, head_cap)
+            out_sub, flops, unit_fraction = self._head_routed(x_sub, slot_valid, mask, kw, cache, head_cap, q_pos)
             out_sub = self.finish(out_sub, x_sub, self.spec.attention_weights(self.base_layer).norm)
             router_flops += self.head_router.flops(B * m) if st.method == "learned" else 0
         else:
@@ -162,7 +168,6 @@ class ElasticAttention(ElasticSubLayer):
         stream, turned into the routers' supervised targets."""
         st = self.state
         B, T, _ = x.shape
-        tok_cap = st.budget_capacity("attn_tokens", self.layer_idx) if self.token_router is not None else 1.0
         head_cap = st.budget_capacity("attn_heads", self.layer_idx) if self.head_router is not None else 1.0
         if st.importance_log is not None and self.head_router is not None:
             head_cap = min(head_cap, 0.5)  # fit_static wants every head's importance, whatever the budget
@@ -177,12 +182,8 @@ class ElasticAttention(ElasticSubLayer):
             if hook is not None:
                 hook.remove()
         y = out[0] - x if self.spec.post_norm else out[0]  # (B, T, C) what the sub-layer changes
+        out = (self.teach_token_router(x, out[0], y), *out[1:])
         with torch.enable_grad():
-            if tok_cap < 1.0 and st.importance_log is None:
-                loss = self.token_router.importance_loss(x.detach(), y.norm(dim=-1), tok_cap,
-                                                         st.token_valid(B, T, x.device), st.forced_tokens(B, T, x.device))
-                if loss is not None:
-                    st.aux_losses["token_importance"].append(loss)
             if head_cap < 1.0:
                 H, D = self.dims["H"], self.dims["D"]
                 o_w = self.spec.attention_weights(self.base_layer).o_w  # (C, H*D)
@@ -199,7 +200,7 @@ class ElasticAttention(ElasticSubLayer):
         return out
 
     # ---- head routing: each query head runs only on the tokens that chose it ----
-    def _head_routed(self, x, slot_valid, mask, kw, cache, capacity):
+    def _head_routed(self, x, slot_valid, mask, kw, cache, capacity, q_pos):
         """What the active heads add (output projection with its bias), before any post-LN. -> (B, m, C)"""
         d = self.dims
         B, m, C = x.shape
@@ -207,7 +208,8 @@ class ElasticAttention(ElasticSubLayer):
         n_rep = H // KVH
         w = self.spec.attention_weights(self.base_layer)
         scaling = getattr(self.base_layer, "scaling", None) or D**-0.5  # BERT keeps it on its inner `self`
-        heads = self.head_router(x, capacity, method=self.state.method, generator=self.state.generator)  # (B, m, H)
+        heads = self.head_router(x, capacity, method=self.state.method, generator=self.state.generator,
+                                 positions=self.state.real_positions(q_pos), layer=self.layer_idx)  # (B, m, H)
         lora = HeadPathLoRA(w, x)  # the adapters' updates (if any), as thin matmuls, and their FLOPs
         k = lora.add(F.linear(x, w.k_w, w.k_b), "k").view(B, m, KVH, D).transpose(1, 2)  # (B, KVH, m, D)
         v = lora.add(F.linear(x, w.v_w, w.v_b), "v").view(B, m, KVH, D).transpose(1, 2)  # (B, KVH, m, D)

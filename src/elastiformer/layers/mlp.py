@@ -37,11 +37,15 @@ class ElasticMLP(ElasticSubLayer):
 
         if st.teacher_targets and not st.enabled:
             return self._teacher_with_targets(x, dense)
+        self.learn_on_student(x)
         if st.method == "static" and self.token_router is not None and tok_cap < 1.0:
             if st.statically_dropped("mlp_tokens", self.layer_idx):  # baseline: the whole sub-layer is skipped
                 st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, 0, 0, 0.0, 0.0))
                 return self.skipped_output(x)
             tok_cap = 1.0
+        if tok_cap <= 0.0 or exp_cap <= 0.0:  # allocated nothing: the sub-layer is skipped for every token
+            st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, 0, 0, 0.0, 0.0))
+            return self.skipped_output(x)
         if tok_cap >= 1.0 and exp_cap >= 1.0:  # full capacity: the base sub-layer, untouched
             st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, dense))
             return self.base_layer(x, *args, **kwargs)
@@ -49,6 +53,7 @@ class ElasticMLP(ElasticSubLayer):
         xf = x.reshape(B * T, C)  # (B, T, C) -> (N, C)
         router_flops = 0
         idx = None
+        positions = st.real_positions(st.current_positions(T, x.device).expand(B, T)).reshape(B * T)  # (N,)
         if tok_cap < 1.0:
             valid = st.token_valid(B, T, x.device)
             forced = st.forced_tokens(B, T, x.device)
@@ -59,6 +64,7 @@ class ElasticMLP(ElasticSubLayer):
                 st.aux_losses["token_bce"].append(sel.aux_loss)
             idx = sel.selected.flatten().nonzero().squeeze(1)  # (n,) flat indices of processed tokens
             x_in = xf.index_select(0, idx)  # (n, C)
+            positions = positions.index_select(0, idx)  # (n,)
             gate = sel.gate.flatten().index_select(0, idx)[:, None]  # (n, 1)
             token_fraction = idx.numel() / max(1, int(valid.sum()))
         else:
@@ -66,7 +72,7 @@ class ElasticMLP(ElasticSubLayer):
 
         n = x_in.shape[0]
         if exp_cap < 1.0:
-            y, exp_flops, unit_fraction = self._run_experts(x_in, exp_cap)
+            y, exp_flops, unit_fraction = self._run_experts(x_in, exp_cap, positions)
             y = self.finish(y, x_in, self.spec.mlp_weights(self.base_layer).norm)
             router_flops += self.expert_router.flops(n) if st.method == "learned" else 0
         else:
@@ -85,7 +91,6 @@ class ElasticMLP(ElasticSubLayer):
         teacher runs without grad)."""
         st = self.state
         B, T, C = x.shape
-        tok_cap = st.budget_capacity("mlp_tokens", self.layer_idx) if self.token_router is not None else 1.0
         exp_cap = st.budget_capacity("mlp_experts_active", self.layer_idx) if self.expert_router is not None else 1.0
         st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, dense))
         if exp_cap < 1.0 or (st.importance_log is not None and self.expert_router is not None):
@@ -107,15 +112,7 @@ class ElasticMLP(ElasticSubLayer):
             y = y.view(B, T, C)
         else:
             y = self.base_layer(x)
-        if tok_cap < 1.0 and st.importance_log is None:
-            valid = st.token_valid(B, T, x.device)
-            change = y - x if self.spec.post_norm else y  # what the sub-layer adds to the residual stream
-            with torch.enable_grad():
-                loss = self.token_router.importance_loss(x.detach(), change.norm(dim=-1), tok_cap, valid,
-                                                         st.forced_tokens(B, T, x.device))
-            if loss is not None:
-                st.aux_losses["token_importance"].append(loss)
-        return y
+        return self.teach_token_router(x, y, y - x if self.spec.post_norm else y)  # what skipping would remove
 
     def _expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's output for every token (no down-projection bias). x: (N, C) -> (E, N, C)."""
@@ -131,9 +128,10 @@ class ElasticMLP(ElasticSubLayer):
         h = F.linear(x, w.up_w, w.up_b)  # (N, I)
         return w.act(F.linear(x, w.gate_w, w.gate_b)) * h if w.gate_w is not None else w.act(h)
 
-    def _run_experts(self, x: torch.Tensor, capacity: float) -> tuple[torch.Tensor, int, float]:
+    def _run_experts(self, x: torch.Tensor, capacity: float, positions: torch.Tensor
+                     ) -> tuple[torch.Tensor, int, float]:
         """Dispatch each token to its chosen experts only; what they add (with the down bias), before any post-LN.
-        x: (n, C) -> (n, C)."""
+        x: (n, C), positions: (n,) -> (n, C)."""
         C, I = self.dims["C"], self.dims["I"]
         w = self.spec.mlp_weights(self.base_layer)
         E = self.expert_router.n_experts
@@ -143,7 +141,7 @@ class ElasticMLP(ElasticSubLayer):
         if n == 0:
             return out, 0, 1.0
         sel = self.expert_router(x, capacity, with_aux=self.state.topk, method=self.state.method,
-                                 generator=self.state.generator)
+                                 generator=self.state.generator, positions=positions, layer=self.layer_idx)
         if sel.aux_loss is not None:
             self.state.aux_losses["expert_balance"].append(sel.aux_loss)
         flops = 0
@@ -164,4 +162,4 @@ class ElasticMLP(ElasticSubLayer):
             flops += mlp_flops(token_idx.numel(), C, width, w.gate_w is not None)
         if w.down_b is not None:
             out = out + w.down_b
-        return out, flops, sel.chosen.shape[1] / E
+        return out, flops, float((sel.chosen >= 0).sum()) / (n * E)

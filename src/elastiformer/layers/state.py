@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from ..allocation import Allocation, uniform_capacity
 from ..errors import ConfigError
+
+# routing methods that spend the budget by the fitted allocation; the other baselines share it uniformly
+ALLOCATED_METHODS = ("learned", "norm_allocated")
 
 
 @dataclass
@@ -27,6 +32,16 @@ class SubLayerStats:
     unit_fraction: float = 1.0  # of heads / experts active per processed token
 
 
+class TokenTarget(NamedTuple):
+    """A token router's target waiting for the teacher's backward (router_targets="sensitivity")."""
+    router: nn.Module
+    x: torch.Tensor  # (B, T, C) the sub-layer's input
+    change: torch.Tensor  # (B, T, C) what skipping the sub-layer removes from each token's output
+    valid: torch.Tensor  # (B, T) bool
+    forced: torch.Tensor  # (B, T) bool
+    probe: torch.Tensor  # (B, T, C) zeros added to the output; its gradient is d loss / d output
+
+
 @dataclass
 class RoutingState:
     n_layers: int
@@ -36,9 +51,17 @@ class RoutingState:
     static_layer_order: dict[str, list[int]] = field(default_factory=dict)  # "static": layers, least important first
     importance_log: dict[int, list[torch.Tensor]] | None = None  # fit_static: mean head / expert output norms
     teacher_targets: bool = False  # teacher pass of training: measure importance, give routers their targets
+    # what the token routers learn to predict (see `ElasticSubLayer.teach_token_router`): None = the norm of the
+    # token's update, computed at once; a list = sensitivity probes, collected for one backward of the teacher
+    sensitivity_probes: list[TokenTarget] | None = None
+    # {id(token router): (importance, valid, forced)} measured on the teacher, taught on the student's inputs
+    student_targets: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     budget: dict[str, float] = field(default_factory=dict)  # global capacity per component
     dense_layers: dict[str, frozenset[int]] = field(default_factory=dict)
     keep_first_token: bool = True
+    allocation: Allocation | None = None  # fitted per-layer capacities (set with set_allocation)
+    capacity_override: dict[str, list[float]] | None = None  # fit_allocation: the candidate being measured
+    _capacity_cache: dict = field(default_factory=dict)  # (component, budget) -> per-layer capacities
     causal: bool = True  # False (encoders): no causal mask, and token routing may use top-k at inference
     generator: torch.Generator | None = None  # the random baseline draws from it when set (evaluate's own RNG)
     # ---- per-forward context, set by the forward pre-hook of whichever model entry point was called ----
@@ -54,21 +77,34 @@ class RoutingState:
     aux_losses: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
 
     def layer_capacity(self, component: str, layer: int) -> float:
-        """Per-layer capacity that spends the global budget: dense layers run in full, the rest share the remainder."""
+        """The capacity this layer runs at now: 1 with routing disabled, else `budget_capacity`."""
         if not self.enabled:
             return 1.0
         return self.budget_capacity(component, layer)
 
     def budget_capacity(self, component: str, layer: int) -> float:
-        """The layer's capacity under the current budget, whether or not routing is on right now."""
+        """The layer's capacity under the current budget, whether or not routing is on right now: from the fitted
+        allocation (learned routing and the "norm_allocated" baseline), else shared uniformly by the routed layers
+        (the other baselines, and a model whose allocation is not fitted yet)."""
         if component not in self.budget:
             return 1.0
-        dense = self.dense_layers.get(component, frozenset())
-        if layer in dense:
-            return 1.0
-        b = self.budget[component]
-        n_routed = self.n_layers - len(dense)
-        return min(1.0, max(0.0, (b * self.n_layers - len(dense)) / n_routed))
+        if self.capacity_override is not None:  # fit_allocation measuring a candidate allocation
+            return self.capacity_override[component][layer]
+        if self.allocation is not None and self.method in ALLOCATED_METHODS:
+            key = (component, self.budget[component])
+            caps = self._capacity_cache.get(key)
+            if caps is None:
+                caps = self._capacity_cache[key] = self.allocation.capacities(*key)
+            return caps[layer]
+        return uniform_capacity(self.budget[component], self.n_layers, self.dense_layers.get(component, frozenset()))
+
+    def capacities(self) -> dict[str, list[float]]:
+        """{component: per-layer capacities} under the current budget, method and mode (1.0 with routing off)."""
+        return {k: [self.layer_capacity(k, i) for i in range(self.n_layers)] for k in self.budget}
+
+    def set_allocation(self, allocation) -> None:
+        self.allocation = allocation
+        self._capacity_cache = {}
 
     @property
     def route_topk(self) -> bool:
@@ -90,7 +126,7 @@ class RoutingState:
         return layer in order[:n_drop]
 
     def min_budget(self, component: str) -> float:
-        """The smallest global budget that still leaves the routed layers something to do."""
+        """The smallest budget: what the dense layers alone spend (a fitted allocation may take the rest to 0)."""
         return len(self.dense_layers.get(component, ())) / self.n_layers
 
     def check_in_call(self) -> None:
@@ -132,6 +168,14 @@ class RoutingState:
             return torch.arange(T, device=device)
         return self.positions
 
+    def real_positions(self, index: torch.Tensor) -> torch.Tensor:
+        """Sequence indices (B, m) -> each token's place among its row's real tokens (left padding not counted):
+        what position-based choices (fractional head / expert counts) key on, so padding never changes them."""
+        if self.pad_mask is None or self.pad_mask.shape[0] != index.shape[0]:
+            return index
+        real = self.pad_mask.long().cumsum(dim=1) - 1  # (B, S)
+        return real.gather(1, index.clamp(min=0, max=real.shape[1] - 1))
+
     def reset_forward(self) -> None:
         self.stats = []
         self.aux_losses = defaultdict(list)
@@ -171,6 +215,47 @@ class ElasticSubLayer(SubLayerWrapper):
         """Apply a router's straight-through gate (forward value 1) to the output `y` of processed tokens `x`: on
         what the sub-layer changes, so the forward value is `y` itself and the gradient reaches the router."""
         return x + gate * (y - x) if self.spec.post_norm else y * gate
+
+    def teach_token_router(self, x: torch.Tensor, out: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+        """Teacher pass of training: give this sub-layer's token router its target, the importance of each token's
+        update (`change`, (B, T, C), what skipping the token would remove). Returns `out`, the sub-layer's output
+        (with a zero probe added when sensitivities are measured, so the teacher's backward reaches it).
+
+        By default the target is the update's norm, and the loss is computed now on the teacher's inputs. With
+        `state.sensitivity_probes`, the target waits for the teacher's backward (`ElasticModel.sensitivity_losses`);
+        with `state.student_targets`, the loss waits for the student's forward, on the inputs the router sees at
+        inference."""
+        st = self.state
+        router = getattr(self, "token_router", None)
+        if router is None or st.importance_log is not None:
+            return out
+        B, T = x.shape[:2]
+        valid, forced = st.token_valid(B, T, x.device), st.forced_tokens(B, T, x.device)
+        if st.sensitivity_probes is not None:
+            probe = torch.zeros_like(out, requires_grad=True)
+            st.sensitivity_probes.append(TokenTarget(router, x.detach(), change.detach(), valid, forced, probe))
+            return out + probe
+        importance = change.detach().norm(dim=-1)  # (B, T)
+        if st.student_targets is not None:
+            st.student_targets[id(router)] = (importance, valid, forced)
+            return out
+        with torch.enable_grad():
+            loss = router.importance_loss(x.detach(), importance, 1.0, valid, forced)
+        if loss is not None:
+            st.aux_losses["token_importance"].append(loss)
+        return out
+
+    def learn_on_student(self, x: torch.Tensor) -> None:
+        """Student pass (router_inputs="student"): regress this layer's token router, on its own input, onto the
+        importance measured on the teacher."""
+        st = self.state
+        router = getattr(self, "token_router", None)
+        if router is None or st.student_targets is None or id(router) not in st.student_targets:
+            return
+        importance, valid, forced = st.student_targets[id(router)]
+        loss = router.importance_loss(x.detach(), importance, 1.0, valid, forced)
+        if loss is not None:
+            st.aux_losses["token_importance"].append(loss)
 
     def scatter(self, x_flat: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Put the processed tokens' outputs `y` (n, C) at `idx` (n,) among all tokens `x_flat` (N, C); the others

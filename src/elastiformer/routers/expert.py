@@ -8,11 +8,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .net import make_router_net, router_net_flops, static_scores, straight_through_gate
+from .net import fractional_top_units, make_router_net, router_net_flops, static_scores, straight_through_gate
 
 
 class ExpertSelection(NamedTuple):
-    chosen: torch.Tensor  # (N, k) expert indices per token
+    chosen: torch.Tensor  # (N, k) expert indices per token (-1: a slot this token does not use)
     gate: torch.Tensor  # (N, k) float, forward value 1
     aux_loss: torch.Tensor | None  # load balance (training only)
 
@@ -48,27 +48,30 @@ class ExpertRouter(nn.Module):
         return router_net_flops(self.net, n_tokens)
 
     def n_active(self, capacity: float) -> int:
+        """Experts in the supervised target (at least one): the rounded count at this capacity."""
         return max(1, min(self.n_experts, round(capacity * self.n_experts)))
 
     def forward(self, x: torch.Tensor, capacity: float, with_aux: bool, method: str = "learned",
-                generator: torch.Generator | None = None) -> ExpertSelection:
-        k = self.n_active(capacity)
-        if method in ("random", "static"):  # baselines: uniform scores (from `generator` when given, else torch's
-            # global RNG), or the same experts for every token
-            scores = (torch.rand(x.shape[0], self.n_experts, device=x.device, generator=generator)
-                      if method == "random"
+                generator: torch.Generator | None = None, positions: torch.Tensor | None = None,
+                layer: int = 0) -> ExpertSelection:
+        """x: (N, C), positions: (N,) sequence index of each token. A fractional count of experts per token (see
+        `fractional_top_units`), so compute falls strictly with the capacity."""
+        if method in ("random", "static"):  # baselines: uniform scores, or the same experts for every token
+            scores = (torch.rand(x.shape[0], self.n_experts, device=x.device, generator=generator) if method == "random"
                       else static_scores(self.static_importance, x, self.n_experts))
-            chosen = scores.topk(k, dim=-1).indices
-            return ExpertSelection(chosen, torch.ones(chosen.shape, device=x.device), None)
+            chosen, kept = fractional_top_units(scores, capacity, positions, layer)
+            return ExpertSelection(chosen.masked_fill(~kept, -1), kept.float(), None)
         probs = self.net(x).softmax(dim=-1)  # (N, C) -> (N, E)
-        top_p, chosen = probs.topk(k, dim=-1)  # (N, k)
+        chosen, kept = fractional_top_units(probs, capacity, positions, layer)  # (N, k)
+        top_p = probs.gather(-1, chosen)
         aux = None
-        if with_aux:
+        if with_aux and kept.any():
             E = self.n_experts
             # fraction of routed slots per expert, times mean router probability per expert (Switch, eq. 4)
-            load = torch.zeros(E, device=x.device).index_add_(0, chosen.flatten(), torch.ones(chosen.numel(), device=x.device))
-            aux = E * (load / chosen.numel() * probs.mean(dim=0)).sum()
-        return ExpertSelection(chosen, straight_through_gate(top_p), aux)
+            used = chosen[kept]
+            load = torch.zeros(E, device=x.device).index_add_(0, used, torch.ones(used.numel(), device=x.device))
+            aux = E * (load / used.numel() * probs.mean(dim=0)).sum()
+        return ExpertSelection(chosen.masked_fill(~kept, -1), straight_through_gate(top_p), aux)
 
     def importance_loss(self, x: torch.Tensor, importance: torch.Tensor, capacity: float) -> torch.Tensor:
         """Cross-entropy of the router's distribution against the top-k experts by `importance` (the norm of each

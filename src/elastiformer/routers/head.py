@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .net import make_router_net, router_net_flops, static_scores, straight_through_gate
+from .net import fractional_top_units, make_router_net, router_net_flops, static_scores, straight_through_gate
 
 
 class HeadSelection(NamedTuple):
@@ -35,18 +35,22 @@ class HeadRouter(nn.Module):
         return router_net_flops(self.net, n_tokens)
 
     def n_active(self, capacity: float) -> int:
+        """Units in the supervised target (at least one): the rounded count at this capacity."""
         return max(1, min(self.n_units, round(capacity * self.n_units)))
 
     def forward(self, x: torch.Tensor, capacity: float, method: str = "learned",
-                generator: torch.Generator | None = None) -> HeadSelection:
+                generator: torch.Generator | None = None, positions: torch.Tensor | None = None,
+                layer: int = 0) -> HeadSelection:
+        """x: (B, T, C), positions: (B, T) sequence index of each token. A fractional count of heads per token (see
+        `fractional_top_units`): capacity 0.6 of 4 heads gives 2 heads to 60% of the tokens and 3 to the rest."""
         if method == "random":  # baseline: uniform scores (from `generator` when given, else torch's global RNG)
             logits = torch.rand(*x.shape[:-1], self.n_units, device=x.device, generator=generator)
         elif method == "static":  # baseline: the same heads for every token, the most important on calibration text
             logits = static_scores(self.static_importance, x, self.n_units)
         else:
             logits = self.net(x)  # (B, T, C) -> (B, T, U)
-        top = logits.topk(self.n_active(capacity), dim=-1).indices  # (B, T, k)
-        active = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)  # (B, T, U)
+        top, kept = fractional_top_units(logits, capacity, positions, layer)  # (B, T, k)
+        active = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, kept)  # (B, T, U)
         gate = straight_through_gate(torch.sigmoid(logits)) if method == "learned" else torch.ones_like(logits)
         if self.n_rep > 1:  # a group's query heads share its decision: (B, T, KVH) -> (B, T, H)
             active = active.repeat_interleave(self.n_rep, dim=-1)

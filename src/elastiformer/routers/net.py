@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -48,3 +50,32 @@ def static_scores(importance: torch.Tensor | None, x: torch.Tensor, n_units: int
     if importance is None:
         raise NotCalibratedError("the static baseline has no importances yet: call em.fit_static(data) first")
     return importance.to(x.device).expand(*x.shape[:-1], n_units)
+
+
+def fractional_top_units(logits: torch.Tensor, capacity: float, positions: torch.Tensor | None, layer: int = 0
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, the top units of `logits` (..., U) at a fractional count `capacity * U`.
+
+    Every token gets floor(capacity * U) units, and a fraction of the tokens, fixed by their position alone (a
+    low-discrepancy sequence, so the choice is causal and the same in training and inference), gets one more: the
+    executed work falls strictly with the capacity instead of in steps of 1 / U, and 0 runs no unit at all.
+    positions: (...) sequence index of each token (None: by order within the batch).
+    -> chosen (..., k) unit indices, kept (..., k) bool (False: the slot is not used by this token).
+    """
+    U = logits.shape[-1]
+    count = min(float(U), max(0.0, capacity * U))
+    k_lo = int(math.floor(count + 1e-6))
+    frac = count - k_lo if count - k_lo > 1e-6 else 0.0
+    k = min(U, k_lo + (1 if frac > 0 else 0))
+    chosen = logits.topk(k, dim=-1).indices if k else logits.new_zeros((*logits.shape[:-1], 0), dtype=torch.long)
+    kept = torch.ones_like(chosen, dtype=torch.bool)
+    if k > k_lo:  # the last slot goes to the tokens whose position falls in the fraction
+        if positions is None:
+            positions = torch.arange(logits[..., 0].numel(), device=logits.device).view(logits.shape[:-1])
+        u = torch.remainder((positions.to(torch.float64) + 1) * _GOLDEN + layer * _PLASTIC, 1.0)  # (...) in [0, 1)
+        kept[..., -1] = u < frac
+    return chosen, kept
+
+
+_GOLDEN = 0.6180339887498949  # Weyl sequence steps: well spread over positions and over layers
+_PLASTIC = 0.7548776662466927

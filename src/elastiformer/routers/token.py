@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import NotCalibratedError
 from .net import make_router_net, router_net_flops, straight_through_gate
 
-N_CALIBRATION = 12  # global budgets at which calibrate() fits thresholds (interpolated in between)
+N_CALIBRATION = 16  # capacities at which calibrate() keeps thresholds per router (interpolated in between)
 
 
 class TokenSelection(NamedTuple):
@@ -49,7 +49,7 @@ class TokenRouter(nn.Module):
         super().__init__()
         self.net = make_router_net(hidden, 1, kind, router_hidden)
         # calibrate() fills these: at this layer's capacity calib_capacity[i], process the tokens whose score is at
-        # least calib_threshold[i] (ascending capacities; NaN until calibrated)
+        # least calib_threshold[i] (ascending capacities, the last repeated to fill; NaN until calibrated)
         self.register_buffer("calib_capacity", torch.full((N_CALIBRATION,), float("nan")))
         self.register_buffer("calib_threshold", torch.full((N_CALIBRATION,), float("nan")))
         self.calibration_log: list[tuple[float, float]] | None = None  # (capacity, threshold) while calibrating
@@ -123,7 +123,7 @@ class TokenRouter(nn.Module):
             if not topk:
                 selected = ((scores >= 1.0 - capacity) | forced) & valid
                 return TokenSelection(selected, torch.ones_like(scores), None, scores)
-        elif method == "norm":  # the training-free baseline: the norm of the sub-layer's input
+        elif method in ("norm", "norm_allocated"):  # the training-free baseline: the norm of the sub-layer's input
             scores = x.float().norm(dim=-1)
         else:
             scores = self.score(x)  # (B, T)
@@ -143,3 +143,16 @@ class TokenRouter(nn.Module):
             selected = ((scores >= self.threshold(capacity, method)) | forced) & valid
         gate = straight_through_gate(p) if method == "learned" else torch.ones_like(p)
         return TokenSelection(selected, gate, aux, scores)
+
+
+def merge_points(points: list[tuple[float, float]], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(capacity, threshold) pairs measured by calibrate() -> `n` ascending capacities and their thresholds: equal
+    capacities averaged, at most `n` kept (evenly spread), the last repeated up to `n`."""
+    by_cap: dict[float, list[float]] = {}
+    for c, t in points:
+        by_cap.setdefault(round(c, 4), []).append(t)
+    merged = sorted((c, sum(ts) / len(ts)) for c, ts in by_cap.items())
+    if len(merged) > n:
+        merged = [merged[round(i * (len(merged) - 1) / (n - 1))] for i in range(n)]
+    merged += [merged[-1]] * (n - len(merged))  # padded by repeating the last point (threshold() clamps there)
+    return torch.tensor([c for c, _ in merged]), torch.tensor([t for _, t in merged])

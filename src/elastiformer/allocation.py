@@ -1,0 +1,255 @@
+"""Spend one global budget where it costs least: a per-layer allocation of capacities, fitted on calibration data.
+
+A *unit* is one routed (component, layer) pair: the MLP tokens of layer 5, the heads of layer 12, ... Its capacity
+is the fraction of that unit's work it does: 1 runs it dense, 0 skips it for every token (static pruning of that
+sub-layer is the special case where capacities are only 0 or 1). The cost of skipping work differs a hundredfold
+between layers (on SmolLM2, skipping 20% of layer 0's MLP tokens costs +1.8 nats, most middle layers +0.01), so a
+uniform capacity in every layer is a trap.
+
+The allocation is a *path*: starting from the dense model, a sequence of moves, each lowering one unit's
+capacity, chosen greedily by measured cost (distillation loss with routing on) per FLOP saved. Every budget is a
+point on the path, so the allocations of all budgets are nested and one artifact serves them all:
+
+- a component's budget (`set_budget(mlp_tokens=0.8)`) is the fraction of that component's routed work done, the
+  mean capacity over the layers (the layers of one model have equal FLOPs per unit of capacity). The component's own
+  moves, in path order, are applied until its mean capacity reaches the budget; the last one partially, so compute
+  falls continuously with the budget;
+- a joint budget over every routed component (`set_budget(0.8)` on a model that routes several) is the fraction of
+  the routed sub-layers' FLOPs, as measured at each point of the path while it was fitted: it sets how far along
+  the path the model goes, hence each component's budget.
+
+Costs compound (skipping in one layer makes skipping in the next costlier), so the path is fitted with routing on:
+single-unit cost curves measured once give first estimates, and every move is re-measured at the current
+allocation before it is taken (lazy greedy, see `fit_allocation`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+from .errors import RouterFileError
+
+logger = logging.getLogger(__name__)
+
+LEVELS = (0.75, 0.5, 0.25, 0.0)  # capacities a unit may be lowered to, from dense (1.0)
+
+
+@dataclass(frozen=True)
+class Move:
+    component: str
+    layer: int
+    start: float  # the unit's capacity before the move
+    end: float  # and after
+
+
+@dataclass
+class Allocation:
+    """A fitted path of moves (see the module docstring) and what was measured along it."""
+
+    n_layers: int
+    components: tuple[str, ...]
+    moves: list[Move] = field(default_factory=list)
+    # executed / dense FLOPs of the routed sub-layers (routers included), measured after 0..len(moves) moves
+    flops: list[float] = field(default_factory=lambda: [1.0])
+    cost: list[float] = field(default_factory=lambda: [0.0])  # distillation loss measured after 0..len(moves) moves
+    fixed: dict[str, list[int]] = field(default_factory=dict)  # units that never move (dense layers)
+    tokens: int = 0  # calibration tokens the path was measured on
+
+    # ------------------------------------------------------------------ lookups
+    def component_fraction_after(self, component: str, k: int) -> float:
+        """The component's budget (mean capacity) after the first `k` moves of the path."""
+        return 1.0 - sum(m.start - m.end for m in self.moves[:k] if m.component == component) / self.n_layers
+
+    def capacities(self, component: str, budget: float) -> list[float]:
+        """Per-layer capacities that spend `budget` (mean capacity) of `component`. Walks the component's moves in
+        path order, the last one partially; below the path's end, the movable units shrink in proportion."""
+        L = self.n_layers
+        caps = [1.0] * L
+        frac = 1.0
+        for m in self.moves:
+            if m.component != component:
+                continue
+            step = (m.start - m.end) / L
+            if frac - step >= budget - 1e-12:
+                caps[m.layer] = m.end
+                frac -= step
+                continue
+            caps[m.layer] = m.start - (frac - budget) * L  # partial move: lands exactly on the budget
+            return caps
+        if frac > budget + 1e-9:  # past the fitted path: shrink what may move, in proportion
+            fixed = set(self.fixed.get(component, ()))
+            movable = [i for i in range(L) if i not in fixed]
+            have = sum(caps[i] for i in movable)
+            want = max(0.0, budget * L - (L - len(movable)))
+            scale = want / have if have > 0 else 0.0
+            for i in movable:
+                caps[i] *= scale
+        return caps
+
+    def component_budgets(self, flops: float) -> dict[str, float]:
+        """Each component's budget at the point of the path where the routed FLOPs ratio is `flops`."""
+        f = self.flops
+        if flops >= f[0]:
+            return {c: 1.0 for c in self.components}
+        for k in range(len(self.moves)):
+            if f[k + 1] <= flops:  # the move k lands at or below the target: take part of it
+                t = (f[k] - flops) / (f[k] - f[k + 1]) if f[k] > f[k + 1] else 1.0
+                out = {c: self.component_fraction_after(c, k) for c in self.components}
+                m = self.moves[k]
+                out[m.component] -= t * (m.start - m.end) / self.n_layers
+                return out
+        # past the fitted path: every component's budget shrinks in proportion to the FLOPs still to save
+        end = {c: self.component_fraction_after(c, len(self.moves)) for c in self.components}
+        scale = flops / f[-1] if f[-1] > 0 else 0.0
+        return {c: v * scale for c, v in end.items()}
+
+    @property
+    def min_flops(self) -> float:
+        return self.flops[-1]
+
+    def table(self, budgets: Sequence[float]) -> dict[str, list[list[float]]]:
+        """{component: [per-layer capacities at each budget]}: the heat map of the allocation."""
+        return {c: [self.capacities(c, b) for b in budgets] for c in self.components}
+
+    # ------------------------------------------------------------------ artifacts
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["components"] = list(self.components)
+        d["moves"] = [[m.component, m.layer, m.start, m.end] for m in self.moves]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, n_layers: int, components: Sequence[str], where: str = "the router folder"
+                  ) -> "Allocation":
+        """Read a saved allocation; refuse one that does not fit this model (other layer count or components)."""
+        try:
+            moves = [Move(str(c), int(i), float(s), float(e)) for c, i, s, e in d["moves"]]
+            alloc = cls(n_layers=int(d["n_layers"]), components=tuple(d["components"]), moves=moves,
+                        flops=[float(v) for v in d["flops"]], cost=[float(v) for v in d["cost"]],
+                        fixed={str(k): [int(i) for i in v] for k, v in d.get("fixed", {}).items()},
+                        tokens=int(d.get("tokens", 0)))
+        except (KeyError, TypeError, ValueError) as err:
+            raise RouterFileError(f"the allocation in {where} is malformed ({err!r}): fit it again with "
+                                  "em.fit_allocation(data), or train the routers again") from err
+        bad = [m for m in alloc.moves if m.component not in components or not 0 <= m.layer < n_layers
+               or not 0.0 <= m.end < m.start <= 1.0]
+        if alloc.n_layers != n_layers or set(alloc.components) - set(components) or bad \
+                or len(alloc.flops) != len(alloc.moves) + 1 or len(alloc.cost) != len(alloc.moves) + 1:
+            raise RouterFileError(f"the allocation in {where} does not fit this model ({n_layers} layers, routed "
+                                  f"{', '.join(components)}): fit it again with em.fit_allocation(data)")
+        return alloc
+
+
+# ---------------------------------------------------------------------- fitting
+Measure = Callable[[dict[str, list[float]]], tuple[float, float]]  # capacities -> (cost, routed FLOPs ratio)
+
+
+def fit_path(measure: Measure, units: Sequence[tuple[str, int]], n_layers: int, components: Sequence[str],
+             min_flops: float = 0.4, levels: Sequence[float] = LEVELS, lookahead: int = 3,
+             progress: Callable[[str], None] | None = None, fixed: dict[str, list[int]] | None = None) -> Allocation:
+    """Fit an allocation path by lazy greedy on measured costs.
+
+    `measure(capacities)` runs the model on calibration data with `capacities` ({component: [per layer]}) and
+    returns (distillation loss, executed / dense FLOPs of the routed sub-layers). Phase 1 measures every unit alone at
+    every level: single-unit cost curves, the first estimates. Phase 2 repeats, until those FLOPs fall to
+    `min_flops`: rank the candidate moves (each unit to any lower level) by estimated cost per FLOP saved,
+    re-measure the `lookahead` best at the current allocation, take the best measured. Each re-measure updates its
+    unit's estimates (costs compound: what a move costs grows as others are made), so the estimates of units that
+    were not re-measured recently are scaled by the typical ratio of measured to estimated cost.
+    """
+    note = progress or (lambda s: None)
+    dense = {c: [1.0] * n_layers for c in components}
+    base_cost, base_flops = measure(dense)
+    alloc = Allocation(n_layers, tuple(components), flops=[base_flops], cost=[base_cost], fixed=fixed or {})
+    # ---- phase 1: each unit alone, at every level ----
+    curve: dict[tuple[str, int], dict[float, tuple[float, float]]] = {}
+    for n, (c, i) in enumerate(units):
+        curve[(c, i)] = {1.0: (0.0, 0.0)}
+        for lev in levels:
+            caps = {k: list(v) for k, v in dense.items()}
+            caps[c][i] = lev
+            cost, flops = measure(caps)
+            curve[(c, i)][lev] = (cost - base_cost, base_flops - flops)  # (added cost, FLOPs saved)
+        note(f"cost curves: {n + 1}/{len(units)} units")
+    # ---- phase 2: lazy greedy with routing on ----
+    caps = {k: list(v) for k, v in dense.items()}
+    cost, flops = base_cost, base_flops
+    unit_scale = {u: 1.0 for u in units}  # measured / single-unit-curve cost, per unit, at its last re-measure
+    seen_scale: list[float] = []  # recent ratios, for units not re-measured lately
+
+    def estimate(u):
+        """(estimated cost per FLOP saved, target level) of u's best move, or None if u cannot move."""
+        c, i = u
+        cur = caps[c][i]
+        here = curve[u].get(cur)
+        if here is None:  # between levels (never, levels are exact) -> nearest
+            here = min(curve[u].items(), key=lambda kv: abs(kv[0] - cur))[1]
+        scale = unit_scale[u]
+        best = None
+        for lev, (dc, df) in curve[u].items():
+            if lev >= cur - 1e-9:
+                continue
+            saved = df - here[1]
+            if saved <= 0:
+                continue
+            r = max(0.0, dc - here[0]) * scale / saved
+            if best is None or r < best[0]:
+                best = (r, lev)
+        return best
+
+    while flops > min_flops + 1e-9:
+        ranked = sorted((e[0], u, e[1]) for u in units if (e := estimate(u)) is not None)
+        if not ranked:
+            break
+        trials = []
+        for est, u, lev in ranked[:lookahead]:
+            c, i = u
+            old = caps[c][i]
+            caps[c][i] = lev
+            new_cost, new_flops = measure(caps)
+            caps[c][i] = old
+            saved = flops - new_flops
+            added = new_cost - cost
+            base_added = curve[u][lev][0] - curve[u].get(old, (0.0, 0.0))[0]
+            if base_added > 1e-6 and added > 0:
+                unit_scale[u] = added / base_added
+                seen_scale.append(unit_scale[u])
+            if saved > 0:
+                trials.append((added / saved, u, lev, new_cost, new_flops))
+        if not trials:  # nothing re-measured saves FLOPs: never propose those moves again
+            for _, u, lev in ranked[:lookahead]:
+                curve[u].pop(lev, None)
+            continue
+        if seen_scale:  # units not re-measured lately: assume they compound like the recent ones
+            typical = sorted(seen_scale[-16:])[len(seen_scale[-16:]) // 2]
+            for u in units:
+                if u not in {t[1] for t in trials}:
+                    unit_scale[u] = max(unit_scale[u], typical)
+        _, u, lev, cost, flops = min(trials, key=lambda t: t[0])
+        c, i = u
+        alloc.moves.append(Move(c, i, caps[c][i], lev))
+        caps[c][i] = lev
+        alloc.flops.append(flops)
+        alloc.cost.append(cost)
+        note(f"path: {len(alloc.moves)} moves, routed FLOPs {flops:.3f}, cost {cost - base_cost:+.4f}")
+    _make_monotone(alloc)
+    return alloc
+
+
+def _make_monotone(alloc: Allocation) -> None:
+    """Measured FLOPs fall with every move (each saves work); guard the lookup against ties from rounding."""
+    for k in range(1, len(alloc.flops)):
+        if alloc.flops[k] >= alloc.flops[k - 1]:
+            alloc.flops[k] = alloc.flops[k - 1] - 1e-9
+
+
+def uniform_capacity(budget: float, n_layers: int, dense: frozenset[int] | set[int]) -> float:
+    """The capacity of every routed layer when a component's budget is shared uniformly (no allocation fitted):
+    dense layers run in full and are paid for out of the same budget."""
+    n_routed = n_layers - len(dense)
+    if n_routed <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (budget * n_layers - len(dense)) / n_routed))
+
