@@ -254,3 +254,42 @@ def test_sensitivity_is_the_first_order_change_of_the_sampled_log_likelihood():
     first_order = -(grads[layer][0, token] * probes[layer].change[0, token]).sum().item()
     numeric = (loss_with(layer, token, eps) - loss_with(layer, token, 0.0)) / eps
     assert first_order == pytest.approx(numeric, rel=0.01, abs=1e-7)
+
+
+@pytest.mark.parametrize("component,targets", [("mlp_tokens", "teacher"), ("mlp_tokens", "sensitivity"),
+                                               ("attn_heads", "teacher"), ("mlp_experts", "sensitivity")])
+def test_the_target_phase_teaches_routers_to_rank_from_teacher_passes_alone(component, targets):
+    """One teacher forward feeds several router updates: on the same batch (and the same Fisher samples: each call
+    reseeds them) the rank loss after 30 updates is below the loss before any."""
+    from elastiformer.trainer import DEFAULT_AUX_WEIGHTS, fit_router_targets
+
+    em = make_elastic("llama", component)
+    base = {k: v.clone() for k, v in em.base_model.state_dict().items() if "router" not in k}
+    data = [{"input_ids": tokens(4, 24, seed=5)}]
+    kind = {"mlp_tokens": "token_importance", "attn_heads": "head_rank", "mlp_experts": "expert_rank"}[component]
+
+    def phase(steps, repeats):
+        return fit_router_targets(em, data, steps, repeats, batch_size=4, seed=0, lr=3e-3, router_targets=targets,
+                                  weights=DEFAULT_AUX_WEIGHTS, loss_kind="kl", pooling=None, device="cpu",
+                                  progress=False)
+
+    before = phase(1, 1)[0][kind]  # (the loss is recorded before the update)
+    assert len(phase(1, 30)) == 1
+    after = phase(1, 1)[0][kind]
+    assert after < before, (before, after)
+    assert all(torch.equal(v, em.base_model.state_dict()[k]) for k, v in base.items())  # only routers move
+    assert em.state.target_records is None  # the collection is switched off again
+
+
+def test_train_routers_runs_the_target_phase_first_and_records_it(tmp_path):
+    em = make_elastic("llama", "mlp_tokens")
+    report = train_routers(em, tokens(8, 24, seed=3), steps=2, progress=False, allocation=False,
+                           target_steps=3, target_repeats=2, output_dir=tmp_path / "run")
+    assert report.steps == 2 and [h["step"] for h in report.target_history] == [1, 2, 3]
+    assert all(h["tokens"] == 4 * 24 and "token_importance" in h for h in report.target_history)
+    saved = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert len(saved["target_history"]) == 3
+    with pytest.raises(ef.ConfigError, match="router_targets='self'"):
+        train_routers(em, tokens(8, 24, seed=3), steps=1, progress=False, router_targets="self", target_steps=2)
+    with pytest.raises(ef.ConfigError, match="target_steps"):
+        train_routers(em, tokens(8, 24, seed=3), steps=1, progress=False, target_steps=-1)

@@ -89,6 +89,27 @@ def test_train_eval_info_end_to_end(workspace, tmp_path, capsys):
     assert code == 0 and "smollm2-135m" in out and "llama" in out
 
 
+def test_train_objective_and_allocation_options(workspace, tmp_path, capsys):
+    args = train_args(workspace, tmp_path / "run", "--router-targets", "sensitivity", "--router-inputs", "student",
+                      "--target-steps", "2", "--target-repeats", "2", "--no-allocation")
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert len(log["target_history"]) == 2 and "token_importance" in log["history"][0]
+    code, out, _ = run(["info", tmp_path / "run" / "routers"], capsys)
+    assert code == 0 and json.loads(out).get("allocation") in (None, {})  # --no-allocation: uniform capacities
+    code, out, err = run(train_args(workspace, tmp_path / "run2", "--allocation-floor", "0.3"), capsys)
+    assert code == 0, err
+    code, out, _ = run(["info", tmp_path / "run2" / "routers"], capsys)
+    assert code == 0 and json.loads(out)["allocation"]
+    for bad, message in ((["--router-targets", "self", "--target-steps", "2"], "--target-steps"),
+                         (["--allocation-floor", "1.5"], "--allocation-floor"),
+                         (["--router-inputs", "future"], "--router-inputs")):
+        code, out, err = run(train_args(workspace, tmp_path / "bad", *bad), capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (bad, err)
+        assert not (tmp_path / "bad").exists()
+
+
 def test_yaml_config_and_command_line_precedence(workspace, tmp_path, capsys):
     cfg = tmp_path / "train.yaml"
     cfg.write_text(f"model: {workspace / 'model'}\ndata: {workspace / 'train.txt'}\nmlp-tokens: 0.6\nsteps: 3\n"

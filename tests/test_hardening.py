@@ -436,7 +436,7 @@ def test_nan_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpo
         return output * float("nan") if calls["n"] == 10 else output
 
     hook = em.base_model.lm_head.register_forward_hook(poison)
-    kw = dict(steps=8, batch_size=4, checkpoint_every=2, progress=False, seed=2)
+    kw = dict(steps=8, batch_size=4, checkpoint_every=2, progress=False, seed=2, target_steps=0)
     with pytest.raises(ef.ElastiformerError, match=r"at step 5: training stopped; the last good checkpoint "
                                                    r"\(step 4\) is kept") as err:
         train_routers(em, tokens(B=8, T=16), output_dir=tmp_path, **kw)
@@ -464,8 +464,13 @@ def test_nan_gradient_stops_training_before_the_routers_are_updated(tmp_path):
     param.register_hook(poison)
     with pytest.raises(ef.ElastiformerError, match=r"router gradient became NaN / inf at step 3.*step 2\) is kept"):
         train_routers(em, tokens(B=8, T=16), steps=5, batch_size=4, checkpoint_every=1, output_dir=tmp_path,
-                      progress=False)
+                      progress=False, target_steps=0)
     assert all(torch.isfinite(p).all() for p in em.router_parameters())  # the optimizer never applied it
+    calls["n"] = 0  # the target phase (before distillation) refuses a bad gradient too, before applying it
+    with pytest.raises(ef.ElastiformerError, match=r"gradient became NaN / inf at target step 1"):
+        train_routers(em, tokens(B=8, T=16), steps=5, batch_size=4, progress=False, target_steps=2,
+                      target_repeats=3, overwrite=True, output_dir=tmp_path)
+    assert all(torch.isfinite(p).all() for p in em.router_parameters())
 
 
 def _record_selections(em):

@@ -95,6 +95,8 @@ TRAIN_DEFAULTS = dict(
     mlp_experts=None, mlp_experts_active=None, expert_split="contiguous", router="linear", dense_layers="", lora_rank=0, steps=200, batch_size=4,
     seq_len=128, max_sequences=None, lr=2e-3, schedule="cosine", warmup=10, grad_accum=1, seed=0, temperature=1.0,
     budget=None, budget_range="0.5,0.95", checkpoint_every=50, resume=False, device=None, overwrite=False,
+    router_targets="teacher", router_inputs="teacher", target_steps=None, target_repeats=4, allocation=True,
+    allocation_floor=0.5,
 )
 
 
@@ -124,7 +126,20 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
     from .validation import check_device
 
     _check_numbers(o, dict(steps=1, batch_size=1, seq_len=2, max_sequences=1, warmup=0, grad_accum=1, seed=0,
-                           checkpoint_every=1, lora_rank=0, mlp_experts=2), ("lr", "temperature"))
+                           checkpoint_every=1, lora_rank=0, mlp_experts=2, target_steps=0, target_repeats=1),
+                   ("lr", "temperature"))
+    from .trainer import ROUTER_TARGETS
+
+    if o["router_targets"] not in ROUTER_TARGETS:
+        raise ConfigError(f"--router-targets {o['router_targets']!r}: pass one of {', '.join(ROUTER_TARGETS)}")
+    if o["router_inputs"] not in ("teacher", "student"):
+        raise ConfigError(f"--router-inputs {o['router_inputs']!r}: pass teacher or student")
+    if o["target_steps"] and o["router_targets"] == "self":
+        raise ConfigError("--target-steps trains routers on the teacher's targets, and router_targets='self' has "
+                          "none: pass --target-steps 0, or --router-targets teacher / sensitivity")
+    if not 0 < float(o["allocation_floor"]) < 1:
+        raise ConfigError(f"--allocation-floor {o['allocation_floor']}: pass a fraction of routed FLOPs in (0, 1), "
+                          "e.g. 0.5")
     lr_factor(o["schedule"], 0, 1, 0)
     check_device(o["device"])
     cfg = _elastic_config(o)
@@ -153,6 +168,9 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
         temperature=float(o["temperature"]), budget=None if o["budget"] is None else float(o["budget"]),
         budget_range=budget_range, output_dir=out, checkpoint_every=int(o["checkpoint_every"]),
         resume=bool(o["resume"]), device=o["device"], overwrite=bool(o["overwrite"]),
+        router_targets=o["router_targets"], router_inputs=o["router_inputs"], target_steps=o["target_steps"],
+        target_repeats=int(o["target_repeats"]), allocation=bool(o["allocation"]),
+        allocation_floor=float(o["allocation_floor"]),
     )
     return report.to_dict() | {"routers": str(out / "routers")}
 
@@ -186,6 +204,21 @@ def train(
     budget: Optional[float] = typer.Option(None, help="Train at this fixed global budget instead of sampling."),
     budget_range: Optional[str] = typer.Option(None, help="Sample a budget per step in low,high (default 0.5,0.95)."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
+    router_targets: Optional[str] = typer.Option(None, help="What token routers learn to predict: teacher (the norm "
+                                                 "of each token's update, default), sensitivity (how much skipping it "
+                                                 "moves the output; one extra backward per step) or self (the "
+                                                 "paper's BCE towards their own top-k)."),
+    router_inputs: Optional[str] = typer.Option(None, help="teacher (default) or student: the hidden states token "
+                                                "routers are regressed on (student: what they see at inference)."),
+    target_steps: Optional[int] = typer.Option(None, help="Teacher forwards before distillation whose targets the "
+                                               "routers are trained on (no student pass; default 2 x --steps, "
+                                               "0 with --router-targets self; 0 turns it off)."),
+    target_repeats: Optional[int] = typer.Option(None, help="Router updates per target step (default 4)."),
+    allocation: Optional[bool] = typer.Option(None, "--allocation/--no-allocation", help="Fit the per-layer "
+                                              "allocation of the budget when training ends (default: on)."),
+    allocation_floor: Optional[float] = typer.Option(None, help="Fraction of routed FLOPs where the fitted "
+                                                     "allocation path ends (default 0.5; below, capacities shrink "
+                                                     "in proportion)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT/checkpoint."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: a GPU when there is one)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT."),

@@ -340,7 +340,7 @@ class ElasticModel(WrappedModel):
         with self.disable_routers(), self.teacher_targets(True), self._override("sensitivity_probes", []), \
                 torch.enable_grad():
             out = self._distill_target(batch)
-            probes = list(st.sensitivity_probes)
+            probes, grads = list(st.sensitivity_probes), ()
             aux = self.aux_losses()  # heads' / experts' targets, computed in the pass itself
             if probes:
                 if self.is_causal:
@@ -361,6 +361,9 @@ class ElasticModel(WrappedModel):
             s = s / s[p.valid].mean().clamp(min=1e-20)  # one scale per layer: the loss standardizes its log anyway
             if st.student_targets is not None:  # router_inputs="student": taught in the student's forward
                 st.student_targets[id(p.router)] = (s, p.valid, p.forced)
+                continue
+            if st.target_records is not None:  # train_routers' target phase: recomputed for each router update
+                st.add_target_loss("token_importance", p.router, p.x, s, 1.0, p.valid, p.forced)
                 continue
             with torch.enable_grad():
                 loss = p.router.importance_loss(p.x, s, 1.0, p.valid, p.forced)

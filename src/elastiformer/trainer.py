@@ -45,6 +45,7 @@ class TrainReport:
     resumed_from: int | None
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per optimizer step
     loss: str = "kl"  # the distillation loss: "kl" (causal LMs) or "cosine" (encoders)
+    target_history: list[dict[str, float]] = field(default_factory=list)  # the target phase, one entry per step
 
     @property
     def final_distill(self) -> float:
@@ -173,6 +174,8 @@ def train_routers(
     overwrite: bool = False,
     allocation: bool = True,
     allocation_floor: float = 0.5,
+    target_steps: int | None = None,
+    target_repeats: int = 4,
 ) -> TrainReport:
     """Train `em`'s routers by self-distillation against its own base model; returns a `TrainReport`.
 
@@ -194,6 +197,11 @@ def train_routers(
     the schedule still follows `steps`. An `output_dir` that holds a previous run's results is refused unless
     `resume=True` (continue it) or `overwrite=True` (start again; its checkpoint is deleted first).
 
+    target_steps: before distillation, that many teacher forwards (batches of `batch_size`, no student pass) each
+    give the routers their targets (router_targets "teacher" or "sensitivity"), and `target_repeats` router updates
+    are made on them: the supervised targets need many more router updates than the distillation steps give, and a
+    teacher forward costs a third of a distillation step. None (the default): 2 x `steps` (0 with
+    router_targets="self", which has no targets); 0 turns the phase off.
     allocation: when training ends, fit the per-layer allocation of the budget on the calibration batches
     (`ElasticModel.fit_allocation`, down to `allocation_floor` of the routed FLOPs, or the lowest training budget if
     lower) before calibrating; False keeps every routed layer at the same capacity.
@@ -209,6 +217,14 @@ def train_routers(
     check_train_options(steps, batch_size, lr, grad_accum, temperature, budget, budget_range, checkpoint_every)
     lr_factor(schedule, steps, steps, 0)  # validates the schedule name before any work
     check_int("warmup", warmup, minimum=0)
+    explicit_target_steps = target_steps is not None
+    if target_steps is None:
+        target_steps = 0 if router_targets == "self" else 2 * steps
+    check_int("target_steps", target_steps, minimum=0)
+    check_int("target_repeats", target_repeats)
+    if target_steps and router_targets == "self":
+        raise ConfigError("target_steps trains routers on the teacher's targets, and router_targets='self' has none: "
+                          "pass target_steps=0, or router_targets='teacher' / 'sensitivity'")
     if not (isinstance(allocation_floor, (int, float)) and 0 < allocation_floor < 1):
         raise ConfigError(f"allocation_floor={allocation_floor!r}: pass a fraction of routed FLOPs in (0, 1), e.g. 0.5")
     check_int("seed", seed, minimum=0)
@@ -267,6 +283,8 @@ def train_routers(
                    router_targets=router_targets, elastic_config=em.elastic_config.to_dict())
     if router_inputs != "teacher":  # (only when set, so older checkpoints still resume)
         options["router_inputs"] = router_inputs
+    if explicit_target_steps and target_steps:  # (the default follows `steps`, which a resumed run may extend)
+        options |= {"target_steps": target_steps, "target_repeats": target_repeats}
 
     cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum,
@@ -292,6 +310,12 @@ def train_routers(
 
     rank, world = accelerator.process_index, accelerator.num_processes
     core.state.set_allocation(None)  # an allocation fitted for other routers would be stale: refitted at the end
+    target_history = []
+    if target_steps and start == 0:  # (a resumed run's checkpoint already holds the routers this phase trained)
+        target_history = fit_router_targets(core, data, target_steps, target_repeats, batch_size=batch_size,
+                                            seed=seed, lr=lr, router_targets=router_targets, weights=weights,
+                                            loss_kind=loss_kind, pooling=pooling, device=accelerator.device,
+                                            progress=progress and accelerator.is_main_process)
     student_targets = {} if router_inputs == "student" else None  # filled by each teacher pass, read by the student
     sampler = torch.Generator(device=accelerator.device).manual_seed(seed)  # the sensitivity targets' Fisher samples
     core.train()
@@ -371,11 +395,60 @@ def train_routers(
     core.calibrate(cal)
     core.eval()
     report = TrainReport(steps=len(history), tokens=sum(h.get("tokens", 0) for h in history),
-                         seconds=time.perf_counter() - t0, resumed_from=resumed_from, history=history, loss=loss_kind)
+                         seconds=time.perf_counter() - t0, resumed_from=resumed_from, history=history, loss=loss_kind,
+                         target_history=target_history)
     if out_dir is not None and accelerator.is_main_process:
         core.save_pretrained(out_dir / "routers", overwrite=True)  # this run's own folder, checked above
         atomic_write_json(out_dir / "train_log.json", report.to_dict() | {"finished": True})
     return report
+
+
+def fit_router_targets(core: ElasticModel, data, steps: int, repeats: int, *, batch_size: int, seed: int, lr: float,
+                       router_targets: str, weights: dict[str, float], loss_kind: str, pooling: str | None, device,
+                       progress: bool = True) -> list[dict[str, float]]:
+    """The target phase of `train_routers`: `steps` teacher forwards, each followed by `repeats` updates of the
+    routers on the targets it measured (importance of each token / head / expert; see `RoutingState.add_target_loss`).
+    No student pass, no distillation loss: this only teaches the routers to rank. Every process runs the same batches
+    (so the routers stay identical across processes without a gradient all-reduce). Returns the losses per step."""
+    params = [p for r in core.routers() for p in r.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sampler = torch.Generator(device=device).manual_seed(seed + 5)
+    history = []
+    core.train()
+    bar = tqdm(range(steps), desc="routers on the teacher's targets", disable=not progress)
+    for step in bar:
+        batch = {k: v.to(device) for k, v in batch_at(data, step, 0, batch_size, seed + 3).items()}
+        with core._override("target_records", []):
+            if router_targets == "sensitivity":
+                core.teacher_sensitivities(batch, generator=sampler)
+            else:
+                with torch.no_grad(), core.disable_routers(), core.teacher_targets(True):
+                    _distill_target(core, core, batch, loss_kind, pooling)
+            records = list(core.state.target_records or [])  # (one list, shared by every layer stack's state)
+        if not records:
+            raise ConfigError("target_steps: the teacher pass gave the routers no targets (no routed layer?)")
+        for _ in range(repeats):
+            parts: dict[str, list[torch.Tensor]] = {}
+            for kind, loss_fn in records:
+                value = loss_fn()
+                if value is not None:
+                    parts.setdefault(kind, []).append(value)
+            terms = {k: torch.stack(v).mean() for k, v in parts.items()}
+            total = sum(weights.get(k, 0.0) * v for k, v in terms.items())
+            if not torch.isfinite(total):
+                raise ElastiformerError(f"the routers' target loss became {total.item()} at target step {step + 1}: "
+                                        "check the data, or train with a lower learning rate")
+            optimizer.zero_grad()
+            total.backward()
+            if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+                raise ElastiformerError(f"the routers' gradient became NaN / inf at target step {step + 1} (not "
+                                        "applied): check the data, or train with a lower learning rate")
+            optimizer.step()
+        history.append({"step": step + 1, "tokens": _batch_tokens(batch, core),
+                        **{k: float(v.detach()) for k, v in terms.items()}})
+        bar.set_postfix({k: f"{v:.3f}" for k, v in history[-1].items() if k not in ("step", "tokens")})
+    bar.close()
+    return history
 
 
 def finite_on_every_rank(accelerator, loss: torch.Tensor) -> bool:

@@ -195,8 +195,7 @@ class ElasticAttention(ElasticSubLayer):
                     per_unit = importance.unflatten(-1, (r.n_units, r.n_rep)).sum(-1) if r.n_rep > 1 else importance
                     st.importance_log[id(r)].append(per_unit.flatten(0, 1).mean(0))
                 else:
-                    loss = self.head_router.importance_loss(x.detach(), importance, head_cap)
-                    st.aux_losses["head_rank"].append(loss)
+                    st.add_target_loss("head_rank", self.head_router, x.detach(), importance.detach(), head_cap)
         return out
 
     # ---- head routing: each query head runs only on the tokens that chose it ----

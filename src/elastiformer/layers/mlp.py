@@ -106,9 +106,7 @@ class ElasticMLP(ElasticSubLayer):
             if st.importance_log is not None:
                 st.importance_log[id(self.expert_router)].append(importance.mean(0))
             else:
-                with torch.enable_grad():
-                    loss = self.expert_router.importance_loss(xf.detach(), importance, exp_cap)
-                st.aux_losses["expert_rank"].append(loss)
+                st.add_target_loss("expert_rank", self.expert_router, xf.detach(), importance.detach(), exp_cap)
             y = y.view(B, T, C)
         else:
             y = self.base_layer(x)

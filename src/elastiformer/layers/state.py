@@ -7,9 +7,10 @@ auxiliary losses, calibration scores). One object per elastic model, referenced 
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -56,6 +57,7 @@ class RoutingState:
     sensitivity_probes: list[TokenTarget] | None = None
     # {id(token router): (importance, valid, forced)} measured on the teacher, taught on the student's inputs
     student_targets: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    target_records: list[tuple[str, Callable[[], torch.Tensor | None]]] | None = None  # see add_target_loss
     budget: dict[str, float] = field(default_factory=dict)  # global capacity per component
     dense_layers: dict[str, frozenset[int]] = field(default_factory=dict)
     keep_first_token: bool = True
@@ -176,6 +178,18 @@ class RoutingState:
         real = self.pad_mask.long().cumsum(dim=1) - 1  # (B, S)
         return real.gather(1, index.clamp(min=0, max=real.shape[1] - 1))
 
+    def add_target_loss(self, kind: str, router: nn.Module, *args) -> None:
+        """A router's supervised loss towards a target measured on the teacher: computed now into `aux_losses`, or,
+        while `target_records` collects them (`train_routers`' target phase), kept as a closure that recomputes it,
+        so several router updates can reuse one teacher forward."""
+        if self.target_records is not None:
+            self.target_records.append((kind, functools.partial(router.importance_loss, *args)))
+            return
+        with torch.enable_grad():
+            loss = router.importance_loss(*args)
+        if loss is not None:
+            self.aux_losses[kind].append(loss)
+
     def reset_forward(self) -> None:
         self.stats = []
         self.aux_losses = defaultdict(list)
@@ -239,10 +253,7 @@ class ElasticSubLayer(SubLayerWrapper):
         if st.student_targets is not None:
             st.student_targets[id(router)] = (importance, valid, forced)
             return out
-        with torch.enable_grad():
-            loss = router.importance_loss(x.detach(), importance, 1.0, valid, forced)
-        if loss is not None:
-            st.aux_losses["token_importance"].append(loss)
+        st.add_target_loss("token_importance", router, x.detach(), importance, 1.0, valid, forced)
         return out
 
     def learn_on_student(self, x: torch.Tensor) -> None:
