@@ -273,7 +273,11 @@ def test_the_target_phase_teaches_routers_to_rank_from_teacher_passes_alone(comp
                                   weights=DEFAULT_AUX_WEIGHTS, loss_kind="kl", pooling=None, device="cpu",
                                   progress=False)
 
+    heads = []
+    hook = em.base_model.lm_head.register_forward_hook(lambda *a: heads.append(1))
     before = phase(1, 1)[0][kind]  # (the loss is recorded before the update)
+    hook.remove()
+    assert len(heads) == (targets == "sensitivity")  # teacher targets: the pass stops after the last routed layer
     assert len(phase(1, 30)) == 1
     after = phase(1, 1)[0][kind]
     assert after < before, (before, after)

@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+import elastiformer as ef
 from elastiformer import cli
 
 WORDS = ("the a cat dog sat ran on under mat house far away and then came back home big small red blue green "
@@ -70,7 +71,7 @@ def test_train_eval_info_end_to_end(workspace, tmp_path, capsys):
     log = json.loads((tmp_path / "run" / "train_log.json").read_text())
     assert log["steps"] == 4 and len(log["history"]) == 4
 
-    code, out, err = run(["eval", "--model", workspace / "model", "--routers", routers, "--data",
+    code, out, err = run(["eval", "--routers", routers, "--data",  # (the base model: the one the routers record)
                           workspace / "held.txt", "--budgets", "0.5,1.0", "--seq-len", "16", "--timing-reps", "1",
                           "--output", tmp_path / "eval.json", "--plot", tmp_path / "eval.png"], capsys)
     assert code == 0, err
@@ -130,7 +131,7 @@ def test_resume_from_the_command_line(workspace, tmp_path, capsys):
 
 @pytest.mark.parametrize("case", ["missing data", "empty data", "budget 0", "budget 1.5", "eval budget 1.5",
                                   "unknown key", "unknown model", "output exists", "unwritable", "no routers",
-                                  "bad routers"])
+                                  "bad routers", "budget and range", "split without experts", "resume overwrite"])
 def test_bad_input_gives_one_line_error(workspace, tmp_path, capsys, case):
     ws = workspace
     blocker = tmp_path / "blocker"
@@ -152,19 +153,23 @@ def test_bad_input_gives_one_line_error(workspace, tmp_path, capsys, case):
         "unwritable": train_args(ws, blocker / "sub"),
         "no routers": ["eval", "--routers", tmp_path / "nothing-here"],
         "bad routers": ["eval", "--routers", existing],
+        "budget and range": train_args(ws, tmp_path / "o", "--budget", "0.6", "--budget-range", "0.5,0.9"),
+        "split without experts": train_args(ws, tmp_path / "o", "--expert-split", "cluster"),
+        "resume overwrite": train_args(ws, tmp_path / "o", "--resume", "--overwrite"),
     }[case]
     expected = {
         "missing data": "nope.txt", "empty data": "empty", "budget 0": "(0, 1]", "budget 1.5": "(0, 1]",
         "eval budget 1.5": "(0, 1]", "unknown key": "unknown keys ['learning_rate']", "unknown model": "not-a-model",
         "output exists": "--overwrite", "unwritable": "writable", "no routers": "no router folder",
-        "bad routers": "no elastic_config.json",
+        "bad routers": "no elastic_config.json", "budget and range": "pass one of them",
+        "split without experts": "--mlp-experts", "resume overwrite": "pass one of them",
     }[case]
     code, out, err = run(args, capsys)
     assert code == 2, (out, err)
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert expected in err
     assert "Traceback" not in err
-    assert not (tmp_path / "o" / "routers").exists()  # nothing half-written
+    assert not (tmp_path / "o").exists()  # nothing half-written, and no empty output folder left behind
 
 
 @pytest.mark.parametrize("args, expected, where", [
@@ -194,4 +199,84 @@ def test_debug_flag_shows_the_traceback(workspace, tmp_path):
 def test_help_on_every_command(capsys):
     for command in ([], ["train"], ["eval"], ["info"], ["demo"]):
         code, out, _ = run([*command, "--help"], capsys)
-        assert code == 0 and "Usage" in out
+        assert code == 0 and "Usage" in out and "<bool>" not in out  # flags read as flags
+    code, out, _ = run(["train", "--help"], capsys)
+    flat = " ".join(out.split())
+    for shown in ("[default: (200)]", "[default: (smollm2-135m)]", "[default: (runs/train)]", "[default: (0.002)]",
+                  "--allocation / --no-allocation"):
+        assert shown in flat, shown
+    code, out, _ = run(["flextron", "sort", "--help"], capsys)
+    assert code == 0 and "[default: (runs/flextron/sorted)]" in " ".join(out.split())
+
+
+def test_exit_codes_version_and_a_bare_command(capsys, monkeypatch):
+    code, out, err = run(["--version"], capsys)
+    assert code == 0 and out.strip() == f"elastiformer {ef.__version__}"
+    code, out, err = run([], capsys)  # the help, not "error:  (see ...)"
+    assert code == 2 and "Usage" in out and "train" in out and "error" not in err
+
+    def interrupted(o):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_train", interrupted)
+    code, out, err = run(["train", "--steps", "1"], capsys)  # Ctrl-C: 130 and one line, never 0
+    assert code == 130 and err.count("\n") == 1 and "--resume" in err
+
+    def broken(o):
+        raise RuntimeError("something inside went wrong\nsecond line")
+
+    monkeypatch.setattr(cli, "run_train", broken)
+    code, out, err = run(["train", "--steps", "1"], capsys)  # a bug: 1 and one line, the traceback with --debug
+    assert code == 1 and err.count("\n") == 1 and "RuntimeError: something inside went wrong" in err
+    assert "--debug" in err and "Traceback" not in err
+    with pytest.raises(RuntimeError):
+        run(["--debug", "train", "--steps", "1"], capsys)
+
+
+def test_outputs_follow_the_umask_and_options_holding_paths_are_written(tmp_path):
+    from elastiformer.cache import atomic_dir, atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "r.json", {"output": tmp_path / "x.json"})
+        with atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "a").write_text("")
+    finally:
+        os.umask(old)
+    assert json.loads((tmp_path / "r.json").read_text()) == {"output": str(tmp_path / "x.json")}
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755
+    with pytest.raises(TypeError):
+        atomic_write_json(tmp_path / "bad.json", {"x": object()})
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_readme_sections_are_written_to_the_clones_readme_only(tmp_path, monkeypatch):
+    from elastiformer import validation
+
+    assert validation.project_readme() == Path(__file__).resolve().parents[1] / "README.md"
+    monkeypatch.setattr(validation, "__file__", str(tmp_path / "site-packages" / "elastiformer" / "validation.py"))
+    with pytest.raises(ef.ConfigError, match="pip install -e"):  # a wheel install: no README of its own to edit
+        validation.project_readme()
+
+
+@pytest.mark.parametrize("yaml_text, expected", [
+    ("overwrite: 'maybe'\n", "pass true or false"),
+    ("dense_layers: [0, 'a']\n", "numbers only"),
+    ("output: 5\n", "name or path"),
+    ("data: [a.txt, b.txt]\n", "one name or path"),
+    ("steps: true\n", "not true / false"),
+    ("stepz: 3\n", "(did you mean steps?)"),
+])
+def test_yaml_values_are_checked_like_command_line_values(tmp_path, capsys, yaml_text, expected):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    code, out, err = run(["train", "--config", cfg, "--output", tmp_path / "o"], capsys)
+    assert code == 2 and expected in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_yaml_false_strings_are_false(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("overwrite: 'false'\nbudgets: [0.5, 0.8]\ndense_layers: 0\n")
+    merged = cli._merge(cfg, {}, {"overwrite": True, "budgets": "0.9", "dense_layers": ""})
+    assert merged == {"overwrite": False, "budgets": "0.5,0.8", "dense_layers": "0"}

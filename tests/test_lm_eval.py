@@ -66,7 +66,7 @@ def test_registered_model_loads_routers_from_a_folder(setup, tmp_path):
     from lm_eval.api.registry import get_model
 
     cls = get_model("elastiformer")
-    lm = cls.create_from_arg_string(f"pretrained={root / 'model'},routers={tmp_path / 'routers'},budget=0.5",
+    lm = cls.create_from_arg_string(f"routers={tmp_path / 'routers'},budget=0.5",  # base model: the routers'
                                     {"batch_size": 2})
     assert lm.elastic.get_budget() == {"attn_heads": 0.5}
     loaded = integration.evaluate_last_word(lm, task, limit=4)
@@ -82,6 +82,8 @@ def test_registered_model_loads_routers_from_a_folder(setup, tmp_path):
     assert loaded["perplexity"] != pytest.approx(teacher["perplexity"], rel=1e-4)
     with pytest.raises(ef.errors.ConfigError, match="routers"):
         cls.create_from_arg_string(f"pretrained={root / 'model'},budget=0.5", {})
+    with pytest.raises(ef.errors.ConfigError, match=r"mlp_token \(did you mean mlp_tokens\?\)"):  # not ignored
+        cls.create_from_arg_string(f"pretrained={root / 'model'},routers={tmp_path / 'routers'},mlp_token=0.8", {})
 
 
 def test_lm_eval_command_line_runs_the_elastiformer_model(setup, tmp_path):

@@ -44,8 +44,9 @@ BENCH_DEFAULTS = dict(
     model="smollm2-135m",
     components="mlp_tokens,mlp_tokens_paper,mlp_tokens_sensitivity,mlp_tokens_student,attn_tokens,attn_heads,"
                "mlp_experts,mlp_experts_cluster,combined",
-    budgets="0.6,0.75,0.8,0.9", dense_layers="", steps=60, allocation_batches=1, batch_size=4, seq_len=128, train_sequences=2000,
-    eval_sequences=8, eval_seq_len=256, prefill_batch=4, prefill_len=512, decode_tokens=64, timing_reps=2,
+    budgets="0.6,0.75,0.8,0.9", dense_layers="", steps=60, allocation_batches=1, batch_size=4, seq_len=128,
+    train_sequences=2000, eval_sequences=8, eval_seq_len=256, prefill_batch=4, prefill_len=512, decode_tokens=64,
+    timing_reps=2,
     lm_eval_docs=200, output="bench/results/lm.json", seed=0, lora_rank=0, append=False, overwrite=False,
 )
 
@@ -169,7 +170,7 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
         echo(f"[{comp}] evaluating at budgets {budgets} beside {', '.join(baselines)} at matched block FLOPs...")
         ev = evaluate(em, held, budgets=budgets, baselines=baselines, calibration_data=calib, timing_reps=0)
         timing = {}
-        if not ablation:
+        if not ablation and int(o["timing_reps"]):  # (timing_reps 0: quality only, e.g. on a busy machine)
             echo(f"[{comp}] timing prefill ({tuple(prefill.shape)}) and generation ({o['decode_tokens']} tokens)...")
             for b in tqdm(budgets, desc="timing"):
                 em.set_budget(b)
@@ -270,9 +271,9 @@ def plot_allocation(result: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("budget")
         ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=axes.ravel().tolist(), label="capacity (fraction of the layer's work)")
-    fig.suptitle(f"{result['model']}: where each budget is spent (learned allocation)")
+    fig.suptitle(f"{result['model']}: where each budget is spent (learned allocation)", y=1.04)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")  # (the layer axis and titles stay in)
     plt.close(fig)
 
 

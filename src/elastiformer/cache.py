@@ -29,6 +29,13 @@ def cache_dir() -> Path:
     return path
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back: the only portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block finishes without error."""
@@ -37,6 +44,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    tmp.chmod(0o666 & ~_umask())  # mkstemp's 0600 would hide results from teammates: the umask decides, as for open()
     try:
         yield tmp
         _fsync(tmp)
@@ -52,6 +60,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())  # (mkdtemp's 0700, likewise)
     try:
         yield tmp
         for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
@@ -102,7 +111,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """`obj` as indented JSON; paths are written as strings (options often hold them)."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"  # (fails before any file exists)
+    atomic_write_text(path, text)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:

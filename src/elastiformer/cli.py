@@ -18,7 +18,7 @@ from typing import Any, Optional
 import typer
 
 from .errors import ConfigError, ElastiformerError
-from .validation import parse_floats as _floats, parse_ints as _ints
+from .validation import parse_floats as _floats, parse_ints as _ints, project_readme
 
 app = typer.Typer(
     help="Make a pretrained Transformer elastic: train tiny routers by self-distillation, then pick the compute "
@@ -26,12 +26,23 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: flags read as flags (rich shows every flag as taking a <bool>)
 )
 _DEBUG = False
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"elastiformer {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors.")):
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+          version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")):
     global _DEBUG
     _DEBUG = debug
 
@@ -53,17 +64,67 @@ def _merge(config: Optional[Path], given: dict[str, Any], defaults: dict[str, An
         loaded = {str(k).replace("-", "_"): v for k, v in loaded.items()}
         unknown = sorted(set(loaded) - set(defaults))
         if unknown:
-            raise ConfigError(f"{config} has unknown keys {unknown}: the options here are "
+            import difflib
+
+            hints = [f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, list(defaults), n=1)) else ""
+                     for k in unknown]
+            raise ConfigError(f"{config} has unknown keys {unknown}{''.join(hints)}: the options here are "
                               f"{', '.join(sorted(defaults))}")
-        merged.update(loaded)
+        merged.update({k: _yaml_value(config, k, v, defaults[k]) for k, v in loaded.items()})
     merged.update({k: v for k, v in given.items() if v is not None})
     return merged
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+_PATH_KEYS = ("output", "model", "data", "routers", "plot", "calibration_data", "checkpoint", "sorted_checkpoint")
+
+
+def _yaml_value(config: Path, key: str, value: Any, default: Any) -> Any:
+    """A YAML value checked against its option's kind (the kind of its default) as the command line would check it:
+    `overwrite: "false"` is false, not a truthy string; a list is a comma-separated option (`budgets: [0.5, 0.8]`)."""
+    where = f"{config}: {key}"
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(f"{where} is {value!r}: pass true or false")
+    if isinstance(value, bool):
+        kind = type(default).__name__ if default is not None else "value"
+        raise ConfigError(f"{where} is {value!r}: this option takes a {kind}, not true / false")
+    if isinstance(value, dict):
+        raise ConfigError(f"{where} is a mapping: pass a single value")
+    if isinstance(value, list) and key in _PATH_KEYS:
+        raise ConfigError(f"{where} is a list: pass one name or path")
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{where} is {value!r}: a list here holds numbers only, e.g. [0.5, 0.8]")
+        return ",".join(str(v) for v in value)
+    if key in _PATH_KEYS and not isinstance(value, str):
+        raise ConfigError(f"{where} is {value!r}: pass a name or path (text)")
+    if isinstance(default, str) and not isinstance(value, str):
+        return str(value)  # (e.g. dense_layers: 0)
+    return value
+
+
+_CREATED: list[Path] = []  # output folders this command created: removed again if it fails and they stay empty
 
 
 def _check_output(path: Path, overwrite: bool, what: str) -> None:
     from .validation import check_output_dir
 
+    missing = [p for p in (Path(path), *Path(path).parents) if not p.exists()]
     check_output_dir(path, overwrite, what, flag="--overwrite")
+    _CREATED.extend(missing)  # (deepest first)
+
+
+def _remove_empty_outputs() -> None:
+    for folder in _CREATED:
+        try:
+            folder.rmdir()  # only if empty: a failed run's partial checkpoint stays, for --resume
+        except OSError:
+            pass
+    _CREATED.clear()
 
 
 def _check_numbers(o: dict[str, Any], ints: dict[str, int], floats: tuple[str, ...] = ()) -> None:
@@ -94,7 +155,7 @@ TRAIN_DEFAULTS = dict(
     model="smollm2-135m", data="gutenberg", output="runs/train", mlp_tokens=None, attn_tokens=None, attn_heads=None,
     mlp_experts=None, mlp_experts_active=None, expert_split="contiguous", router="linear", dense_layers="", lora_rank=0, steps=200, batch_size=4,
     seq_len=128, max_sequences=None, lr=2e-3, schedule="cosine", warmup=10, grad_accum=1, seed=0, temperature=1.0,
-    budget=None, budget_range="0.5,0.95", checkpoint_every=50, resume=False, device=None, overwrite=False,
+    budget=None, budget_range=None, checkpoint_every=50, resume=False, device=None, overwrite=False,
     router_targets="teacher", router_inputs="teacher", target_steps=None, target_repeats=4, allocation=True,
     allocation_floor=0.5,
 )
@@ -145,7 +206,16 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
     cfg = _elastic_config(o)
     if o["budget"] is not None:
         check_fraction("budget", o["budget"])
-    budget_range = None if o["budget"] is not None else tuple(_floats(o["budget_range"], "budget_range"))
+    if o["budget"] is not None and o["budget_range"] is not None:
+        raise ConfigError(f"--budget {o['budget']} trains at one budget and --budget-range {o['budget_range']} samples "
+                          "one per step: pass one of them")
+    if o["expert_split"] not in (None, "contiguous") and not o["mlp_experts"]:
+        raise ConfigError(f"--expert-split {o['expert_split']} splits MLP experts, and none are routed: add "
+                          "--mlp-experts N, or leave --expert-split out")
+    if o["resume"] and o["overwrite"]:
+        raise ConfigError("--resume continues the run in OUTPUT and --overwrite deletes it: pass one of them")
+    budget_range = None if o["budget"] is not None else tuple(_floats(o["budget_range"] or "0.5,0.95",
+                                                                      "budget_range"))
     if budget_range is not None and len(budget_range) != 2:
         raise ConfigError(f"--budget-range {o['budget_range']!r}: pass two numbers low,high, e.g. 0.5,0.95")
     check_train_options(o["steps"], o["batch_size"], o["lr"], o["grad_accum"], o["temperature"], o["budget"],
@@ -230,7 +300,7 @@ def train(
     given["overwrite"] = overwrite or None
     o = _merge(config, given, TRAIN_DEFAULTS)
     if not any(o[k] is not None for k in ("mlp_tokens", "attn_tokens", "attn_heads", "mlp_experts")):
-        o["mlp_tokens"] = 0.8  # the component that pays best on small models (DESIGN.md section 7)
+        o["mlp_tokens"] = 0.8  # the component that pays best on small models (see the README results)
     report = run_train(o)
     typer.echo(f"trained {report['steps']} steps on {report['tokens']:,} tokens in {report['seconds']:.0f}s; "
                f"final KL {report['final_kl']:.4f}; routers in {report['routers']}")
@@ -238,7 +308,7 @@ def train(
 
 # ---------------------------------------------------------------------- eval
 EVAL_DEFAULTS = dict(
-    model="smollm2-135m", routers=None, data="gutenberg", split="heldout", budgets="0.7,0.8,0.9", seq_len=256,
+    model=None, routers=None, data="gutenberg", split="heldout", budgets="0.7,0.8,0.9", seq_len=256,
     max_sequences=16, batch_size=4, timing_reps=3, output=None, plot=None, seed=0, overwrite=False,
     baselines="random", calibration_data=None, match="flops",
 )
@@ -270,9 +340,11 @@ def run_eval(o: dict[str, Any], em=None) -> dict[str, Any]:
     if em is None:
         if not o["routers"]:
             raise ConfigError("eval needs --routers FOLDER (the routers/ folder that `elastiformer train` wrote)")
-        from .model import read_router_config
+        from .model import base_model_source, read_router_config
 
-        read_router_config(o["routers"])  # fail fast, before loading the model
+        saved = read_router_config(o["routers"])  # fail fast, before loading the model
+        if o["model"] is None:  # the base model the routers were trained on, as the routers folder records it
+            o["model"] = base_model_source(saved, o["routers"])
     texts = load_texts(None if o["data"] == "gutenberg" else o["data"], split=o["split"])
     if em is None:
         em = ElasticModel.from_pretrained(load_model(o["model"]), o["routers"])
@@ -381,7 +453,8 @@ def plot_curve(result: dict[str, Any], path: Path) -> None:
 @app.command("eval")
 def eval_(
     routers: Optional[Path] = typer.Option(None, help="Router folder written by `elastiformer train` (OUTPUT/routers)."),
-    model: Optional[str] = typer.Option(None, help="The base model the routers were trained for."),
+    model: Optional[str] = typer.Option(None, help="The base model the routers were trained for (default: the one "
+                                        "the routers folder records)."),
     data: Optional[str] = typer.Option(None, help="'gutenberg' (its held-out books) or your own text source."),
     split: Optional[str] = typer.Option(None, help="heldout (default) or train."),
     budgets: Optional[str] = typer.Option(None, help="Budgets to evaluate, e.g. 0.5,0.7,0.9."),
@@ -556,7 +629,7 @@ def bench(
             raise ConfigError(f"no results at {path}: run `elastiformer bench --task {task}` first")
         from .benchmark import update_readme
 
-        update_readme(json.loads(path.read_text()), Path("README.md"), str(path.with_suffix(".png")),
+        update_readme(json.loads(path.read_text()), project_readme(), str(path.with_suffix(".png")),
                       marker=t["marker"], render=t["render"])
         typer.echo(f"README.md {task} results section rewritten from {path}")
         return
@@ -564,7 +637,8 @@ def bench(
 
     if task == "lm":
         _check_numbers(o, dict(steps=1, batch_size=1, seq_len=2, train_sequences=1, eval_sequences=1, eval_seq_len=2,
-                               prefill_batch=1, prefill_len=1, decode_tokens=1, timing_reps=1, seed=0, lora_rank=0))
+                               prefill_batch=1, prefill_len=1, decode_tokens=1, timing_reps=0, seed=0, lora_rank=0,
+                               lm_eval_docs=0))
     check_output_file(o["output"], bool(o["overwrite"] or o["append"]), flag="--overwrite (or --append)")
     result = t["run"](o, plot=t["plot"], echo=typer.echo)
     typer.echo(f"{len(result['records'])} records in {o['output']} (plot: {Path(o['output']).with_suffix('.png')})")
@@ -607,7 +681,7 @@ def bench_vision(
         path = Path(o["output"])
         if not path.is_file():
             raise ConfigError(f"no results at {path}: run `elastiformer bench-vision` first")
-        update_vision_readme(json.loads(path.read_text()), Path("README.md"), str(path.with_suffix(".png")))
+        update_vision_readme(json.loads(path.read_text()), project_readme(), str(path.with_suffix(".png")))
         typer.echo(f"README.md vision results subsection rewritten from {path}")
         return
     result = run_vision_bench(o, plot=plot_vision_bench, echo=typer.echo)
@@ -695,30 +769,82 @@ def _cli_exceptions() -> tuple[tuple, tuple, tuple]:
     return tuple(exits), tuple(aborts), tuple(usage)
 
 
+def _command_with_defaults():
+    """The click command of `app`, its options' defaults shown in --help. Options default to None in their
+    signatures (so a YAML config can tell what the command line gave); the real defaults live in each command's
+    *_DEFAULTS dict, and are shown from there."""
+    from .flextron.cli import LATENCY_DEFAULTS, SORT_DEFAULTS, TRAIN_DEFAULTS as FLEXTRON_TRAIN_DEFAULTS
+    from .flextron.route_cli import FLEXTRON_EVAL_DEFAULTS, ROUTE_DEFAULTS
+
+    root = typer.main.get_command(app)
+    defaults = {("train",): TRAIN_DEFAULTS | {"budget_range": "0.5,0.95"}, ("eval",): EVAL_DEFAULTS,
+                ("flextron", "sort"): SORT_DEFAULTS, ("flextron", "train"): FLEXTRON_TRAIN_DEFAULTS,
+                ("flextron", "latency"): LATENCY_DEFAULTS, ("flextron", "route"): ROUTE_DEFAULTS,
+                ("flextron", "eval"): FLEXTRON_EVAL_DEFAULTS}
+    for path, values in defaults.items():
+        command = root
+        for name in path:
+            command = getattr(command, "commands", {}).get(name)
+        for param in getattr(command, "params", []):
+            value = values.get(param.name)
+            if param.default is None and value is not None and value != "" and not isinstance(value, bool):
+                param.show_default = str(value)
+    return root
+
+
 def main() -> None:
-    """Console entry point: one-line errors for what the user can fix, tracebacks for bugs (and with --debug)."""
+    """Console entry point (see `_run` for the exit codes); an output folder a failed run created stays only if
+    something was written into it."""
+    code = 1
+    try:
+        code = _run()
+    finally:
+        _remove_empty_outputs() if code else _CREATED.clear()
+    sys.exit(code)
+
+
+def _run() -> int:
+    """The command line. Exit codes: 0 success, 2 a usage or input error (one line naming the fix), 130 Ctrl-C
+    (one line: what was kept), 1 an internal error (one line; --debug shows the traceback)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars are noise around our own progress bars
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    global _DEBUG
+    _DEBUG = False  # (set by --debug for this call only: main() may run more than once in one process)
     exits, aborts, usage = _cli_exceptions()
+    debug = "--debug" in sys.argv
     try:
-        app(standalone_mode=False, prog_name="elastiformer")
+        code = _command_with_defaults().main(standalone_mode=False, prog_name="elastiformer")
     except exits as e:
-        sys.exit(getattr(e, "exit_code", 0))
-    except aborts:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
+        code = getattr(e, "exit_code", 0)
+    except (KeyboardInterrupt, *aborts):
+        code = 130
     except usage as e:  # a bad option value or a typo: one line, and where to look
         message = e.format_message() if hasattr(e, "format_message") else str(e)
         command = getattr(getattr(e, "ctx", None), "command_path", None) or "elastiformer"
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError" or not message.strip():  # a bare command: its help, not "error:"
+            typer.echo(ctx.get_help() if ctx is not None else message)
+            return getattr(e, "exit_code", 2)
         typer.echo(f"error: {message} (see `{command} --help`)", err=True)
-        sys.exit(getattr(e, "exit_code", 2))
+        return getattr(e, "exit_code", 2)
     except ElastiformerError as e:
-        if _DEBUG or "--debug" in sys.argv:
+        if debug:
             raise
         typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        return 2
+    except Exception as e:  # noqa: BLE001  (a bug: one line, the traceback on request)
+        if debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        typer.echo(f"internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback, and "
+                   "please report it)", err=True)
+        return 1
+    if code == 130:  # typer's standalone_mode=False *returns* 130 on Ctrl-C instead of raising
+        typer.echo("interrupted: finished files are kept (a training run's last checkpoint: continue it with "
+                   "--resume; a bench keeps every finished setting: continue it with --append)", err=True)
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -321,7 +321,7 @@ def _read_datasets_folder(folder: Path, split: str, text_field: str) -> list[str
         import datasets  # optional: only needed for this kind of source
     except ImportError:
         raise DataError(f"{str(folder)!r} is a Hugging Face datasets folder, and reading it needs the datasets "
-                        "package: pip install datasets") from None
+                        "package: pip install datasets (or elastiformer[datasets])") from None
     try:
         loaded = datasets.load_from_disk(str(folder))
     except Exception as exc:  # datasets raises many kinds; all mean the same thing to the user

@@ -892,6 +892,16 @@ class ElasticModel(WrappedModel):
         return em
 
 
+def base_model_source(meta: dict[str, Any], path: str | Path) -> str:
+    """Where the base model of a routers folder (its `elastic_config.json`, as `read_router_config` returns it) came
+    from: the short name, folder or .gguf file that `load_model` takes."""
+    base = meta.get("base_model") or {}
+    name, gguf = base.get("name_or_path"), base.get("gguf_file")
+    if not name:
+        raise RouterFileError(f"{path} does not record its base model: pass the model explicitly (--model)")
+    return str(Path(name) / gguf) if gguf and Path(name).is_dir() else str(name)
+
+
 def read_router_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():

@@ -12,6 +12,7 @@ last one and ends where an uninterrupted run with the same seed ends: data order
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from torch import nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -174,6 +176,7 @@ def train_routers(
     overwrite: bool = False,
     allocation: bool = True,
     allocation_floor: float = 0.5,
+    allocation_levels: tuple[float, ...] | None = None,
     target_steps: int | None = None,
     target_repeats: int = 4,
 ) -> TrainReport:
@@ -204,7 +207,8 @@ def train_routers(
     router_targets="self", which has no targets); 0 turns the phase off.
     allocation: when training ends, fit the per-layer allocation of the budget on the calibration batches
     (`ElasticModel.fit_allocation`, down to `allocation_floor` of the routed FLOPs, or the lowest training budget if
-    lower) before calibrating; False keeps every routed layer at the same capacity.
+    lower) before calibrating; False keeps every routed layer at the same capacity. allocation_levels: the capacities
+    each unit's cost curve is measured at (default `allocation.LEVELS`; fewer levels, fewer forwards).
 
     A NaN / inf loss or gradient stops the run with an `ElastiformerError` naming the step; the last checkpoint
     (written before it) is kept, so `resume=True` with a lower learning rate continues from there.
@@ -390,6 +394,7 @@ def train_routers(
     if allocation:  # where each budget is spent: fitted on calibration batches with the trained routers
         lowest = min(fixed.values()) if fixed else budget_range[0]
         core.fit_allocation(cal, min_budget=min(allocation_floor, max(0.05, lowest - 0.05)),
+                            **({"levels": tuple(allocation_levels)} if allocation_levels else {}),
                             progress=progress and accelerator.is_main_process)
     core.set_budget(**(fixed or em.elastic_config.capacities()))
     core.calibrate(cal)
@@ -414,6 +419,7 @@ def fit_router_targets(core: ElasticModel, data, steps: int, repeats: int, *, ba
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sampler = torch.Generator(device=device).manual_seed(seed + 5)
     history = []
+    stop_layer = _last_routed_layer(core) if router_targets == "teacher" else None
     core.train()
     bar = tqdm(range(steps), desc="routers on the teacher's targets", disable=not progress)
     for step in bar:
@@ -422,7 +428,7 @@ def fit_router_targets(core: ElasticModel, data, steps: int, repeats: int, *, ba
             if router_targets == "sensitivity":
                 core.teacher_sensitivities(batch, generator=sampler)
             else:
-                with torch.no_grad(), core.disable_routers(), core.teacher_targets(True):
+                with torch.no_grad(), core.disable_routers(), core.teacher_targets(True), _stop_after(stop_layer):
                     _distill_target(core, core, batch, loss_kind, pooling)
             records = list(core.state.target_records or [])  # (one list, shared by every layer stack's state)
         if not records:
@@ -449,6 +455,39 @@ def fit_router_targets(core: ElasticModel, data, steps: int, repeats: int, *, ba
         bar.set_postfix({k: f"{v:.3f}" for k, v in history[-1].items() if k not in ("step", "tokens")})
     bar.close()
     return history
+
+
+class _TargetsMeasured(Exception):
+    """Raised after the last routed layer of a target-phase teacher pass: what follows (later dense layers, the LM
+    head: a fifth of SmolLM2's FLOPs) would only compute logits nobody reads."""
+
+
+def _last_routed_layer(core: ElasticModel) -> nn.Module | None:
+    """The block after which no router measures anything (None where towers route too: their order is the model's)."""
+    if core._towers:
+        return None
+    st = core.state
+    routed = [i for i in range(st.n_layers) if any(i not in st.dense_layers.get(c, ()) for c in st.budget)]
+    return core.spec.layers(core.base_model)[max(routed)] if routed else None
+
+
+@contextlib.contextmanager
+def _stop_after(layer: nn.Module | None):
+    """Stop the forward pass once `layer` has run (the targets are all recorded by then)."""
+    if layer is None:
+        yield
+        return
+
+    def stop(module, args, output):
+        raise _TargetsMeasured
+
+    handle = layer.register_forward_hook(stop)
+    try:
+        yield
+    except _TargetsMeasured:
+        pass
+    finally:
+        handle.remove()
 
 
 def finite_on_every_rank(accelerator, loss: torch.Tensor) -> bool:

@@ -171,3 +171,16 @@ def check_finite_tensors(tensors: dict[str, torch.Tensor], where: str, fix: str,
     for key, value in tensors.items():
         if value.is_floating_point() and "calib_" not in key and not torch.isfinite(value).all():
             raise error(f"{where} holds non-finite values in {key}: {fix}")
+
+
+def project_readme() -> Path:
+    """The README.md that `--readme` rewrites: the one of the elastiformer clone this package runs from (an editable
+    install), wherever the command is run; never a README.md of the current folder."""
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    if not (readme.is_file() and (readme.parent / "pyproject.toml").is_file()
+            and "<!-- results:" in readme.read_text(encoding="utf-8", errors="replace")):
+        raise ConfigError("--readme rewrites the results sections of the elastiformer repository's README.md, and "
+                          "this install has none (installed from a wheel?): run it from a clone installed with "
+                          "pip install -e .")
+    return readme
+

@@ -18,7 +18,7 @@ import typer
 
 app = typer.Typer(help="Flextron (arXiv 2406.10260): importance-sort a model, make every layer nested-elastic, "
                        "continue-train it by distillation into sub-networks, and measure its per-layer latency.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
 def _menus(o: dict[str, Any]):

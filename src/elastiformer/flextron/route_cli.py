@@ -233,6 +233,7 @@ def bench(
     continue-trains SmolLM2 first when the checkpoints are missing (about an hour on a 2-core CPU)."""
     from ..cli import _merge
     from ..errors import ConfigError
+    from ..validation import project_readme
     from .bench import FLEXTRON_BENCH_DEFAULTS, run_flextron_bench, update_readme
 
     given = {"checkpoint": checkpoint, "sorted_checkpoint": sorted_checkpoint, "budgets": budgets, "output": output,
@@ -242,7 +243,7 @@ def bench(
         path = Path(o["output"])
         if not path.is_file():
             raise ConfigError(f"no results at {path}: run `elastiformer flextron bench` first")
-        update_readme(json.loads(path.read_text()), Path("README.md"))
+        update_readme(json.loads(path.read_text()), project_readme())
         typer.echo(f"README.md Flextron results rewritten from {path}")
         return
     run_flextron_bench(o, echo=typer.echo)

@@ -38,22 +38,43 @@ TASK_FORMAT = 1  # bump when the passages change, so cached task folders are reb
 _WORD = re.compile(r"^[A-Za-z]{3,}$")
 
 
+def _refuse_unknown_args(kwargs: dict[str, Any]) -> None:
+    """HFLM takes **kwargs and ignores what it does not know, so `mlp_token=0.8` would silently run the full model:
+    anything that is neither ours nor a named HFLM argument is refused, with the nearest known name."""
+    import difflib
+    import inspect
+
+    named = {k for k, p in inspect.signature(HFLM.__init__).parameters.items()
+             if p.kind is not inspect.Parameter.VAR_KEYWORD} - {"self", "pretrained", "backend", "tokenizer"}
+    known = sorted(named | set(BUDGET_KEYS) | {"pretrained", "routers", "budget", "routing"})
+    unknown = sorted(k for k in kwargs if k not in named)
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, n=1)) else k
+                 for k in unknown]
+        raise ConfigError(f"unknown model_args {', '.join(hints)}: elastiformer's are pretrained, routers, budget, "
+                          f"routing and {', '.join(BUDGET_KEYS)}; the rest go to lm_eval's HFLM")
+
+
 @register_model("elastiformer")
 class ElastiformerLM(HFLM):
     """lm_eval's Hugging Face causal LM with elastiformer routers attached at a chosen budget.
 
-    model_args: `pretrained` (short name, folder or .gguf, as `elastiformer.load_model` takes), `routers` (a folder
+    model_args: `pretrained` (short name, folder or .gguf, as `elastiformer.load_model` takes; default: the base
+    model the routers folder records, else smollm2-135m), `routers` (a folder
     written by `save_pretrained` / `elastiformer train`; omitted: the plain base model, i.e. the teacher), `budget`
     (one fraction for every routed component) and / or per-component budgets (`mlp_tokens=0.8,...`), `routing`
     (learned | random). Everything else goes to `HFLM` (batch_size, max_length, ...).
     """
 
-    def __init__(self, pretrained: Any = "smollm2-135m", routers: str | None = None, budget: float | None = None,
+    def __init__(self, pretrained: Any = None, routers: str | None = None, budget: float | None = None,
                  routing: str = "learned", tokenizer: Any = None, elastic: Any = None, **kwargs):
-        from ..model import ElasticModel
+        from ..model import ElasticModel, base_model_source, read_router_config
         from ..models import load_model, load_tokenizer
 
         budgets = {k: kwargs.pop(k) for k in BUDGET_KEYS if k in kwargs}
+        _refuse_unknown_args(kwargs)
+        if elastic is None and pretrained is None:  # the routers' own base model, else the default one
+            pretrained = base_model_source(read_router_config(routers), routers) if routers else "smollm2-135m"
         if elastic is None:
             base = load_model(pretrained)
             elastic = ElasticModel.from_pretrained(base, routers) if routers else None
