@@ -1,8 +1,9 @@
 """`RoutingState`: what every wrapped sub-layer of one elastic model shares.
 
-The budget and mode (set by `ElasticModel`), the per-forward context that only the top-level model call sees
-(padding mask, positions of the current tokens in the sequence), and what each sub-layer reports back (FLOPs,
-auxiliary losses, calibration scores). One object per elastic model, referenced by each wrapper.
+The budget, the per-layer allocation and the mode (set by `ElasticModel`), the per-call context captured where a
+call enters (the model or its inner model) and cleared when it ends (padding mask, positions of the current tokens
+in the sequence), and what each sub-layer reports back (FLOPs, auxiliary losses, router targets, calibration
+scores). One object per elastic model, referenced by each wrapper.
 """
 
 from __future__ import annotations
