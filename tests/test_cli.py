@@ -81,8 +81,13 @@ def test_train_eval_info_end_to_end(workspace, tmp_path, capsys):
         (m, b) for m in ("learned", "random") for b in (0.5, 1.0)}
     assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
 
+    code, out, err = run(["eval", "--routers", routers, "--data", workspace / "held.txt", "--budgets", "0.3",
+                          "--seq-len", "16", "--timing-reps", "0", "--baselines", ""], capsys)
+    assert code == 0 and "below the range the routers were trained on (0.5-0.95)" in err, err
+
     code, out, _ = run(["info", routers], capsys)
     assert code == 0 and json.loads(out)["elastic_config"]["mlp_tokens"] == 0.5
+    assert json.loads(out)["trained_budgets"] == [0.5, 0.95]
     assert json.loads(out)["elastic_config"]["lora_rank"] == 1
     code, out, _ = run(["info", "--model", workspace / "model"], capsys)
     assert code == 0 and "4 layers" in out

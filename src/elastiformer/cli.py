@@ -349,6 +349,10 @@ def run_eval(o: dict[str, Any], em=None) -> dict[str, Any]:
     if em is None:
         em = ElasticModel.from_pretrained(load_model(o["model"]), o["routers"])
     _check_seq_len(o["seq_len"], em.base_model)
+    if em.trained_budgets is not None and min(budgets) < em.trained_budgets[0] - 1e-9:
+        low, high = em.trained_budgets
+        typer.echo(f"warning: budget {min(budgets)} is below the range the routers were trained on ({low:g}-{high:g}):"
+                   " expect them to do worse there (train with a lower --budget-range)", err=True)
     tokenizer = load_tokenizer(o["model"] if isinstance(o["model"], str) else em.base_model)
     data = pack_sequences(texts, tokenizer, int(o["seq_len"]), max_sequences=o["max_sequences"])
     baselines = [b.strip() for b in str(o["baselines"] or "").split(",") if b.strip()]
@@ -510,8 +514,8 @@ def info(
         from .model import read_router_config
 
         meta = read_router_config(routers)
-        shown = {k: meta[k] for k in ("format_version", "elastiformer_version", "elastic_config", "base_model")
-                 if k in meta}
+        shown = {k: meta[k] for k in ("format_version", "elastiformer_version", "elastic_config", "base_model",
+                                      "trained_budgets") if k in meta}
         shown["allocation"] = describe_allocation(meta, Path(routers)) if meta.get("allocation") else None
         typer.echo(json.dumps(shown, indent=2))
         return
@@ -597,9 +601,11 @@ def bench(
                              "encoder (default minilm-l6; cosine to the teacher's sentence embedding and "
                              "nearest-neighbour retrieval agreement on held-out sentences, cosine distillation), "
                              "results in bench/results/encoder.json."),
-    components: Optional[str] = typer.Option(None, help="Settings to run: mlp_tokens,attn_tokens,attn_heads,"
-                                             "mlp_experts,mlp_experts_cluster,combined (default: all)."),
-    budgets: Optional[str] = typer.Option(None, help="Budgets of the sweep (default 0.6,0.8,0.9; encoder "
+    components: Optional[str] = typer.Option(None, help="Settings to run: mlp_tokens, mlp_tokens_paper, "
+                                             "mlp_tokens_sensitivity, mlp_tokens_student (router objectives), "
+                                             "attn_tokens, attn_heads, mlp_experts, mlp_experts_cluster, combined "
+                                             "(default: all)."),
+    budgets: Optional[str] = typer.Option(None, help="Budgets of the sweep (default 0.6,0.75,0.8,0.9; encoder "
                                           "0.5,0.6,0.75,0.9)."),
     steps: Optional[int] = typer.Option(None, help="Training steps per setting (default 60; encoder 40)."),
     model: Optional[str] = typer.Option(None, help="The base model (default smollm2-135m; encoder minilm-l6)."),

@@ -96,6 +96,7 @@ class ElasticModel(WrappedModel):
         spec = get_arch_spec(model)
         self.base_model = model
         self.elastic_config = config
+        self.trained_budgets: tuple[float, float] | None = None  # (lowest, highest) budget train_routers sampled
         self.spec: ArchSpec = spec
         self.dims = spec.dims(spec.stack_config(model.config))
         L = self.dims["L"]
@@ -828,6 +829,8 @@ class ElasticModel(WrappedModel):
         }
         if self.state.allocation is not None:
             meta["allocation"] = self.state.allocation.to_dict()
+        if self.trained_budgets is not None:
+            meta["trained_budgets"] = list(self.trained_budgets)
         try:
             with atomic_dir(path) as tmp:
                 save_file({k: v.cpu() for k, v in self.router_state_dict().items()}, str(tmp / WEIGHTS_NAME),
@@ -889,6 +892,9 @@ class ElasticModel(WrappedModel):
         if meta.get("allocation") is not None:
             em.state.set_allocation(Allocation.from_dict(meta["allocation"], em.state.n_layers, config.components(),
                                                          where=str(path / CONFIG_NAME)))
+        trained = meta.get("trained_budgets")
+        if isinstance(trained, list) and len(trained) == 2 and all(isinstance(b, (int, float)) for b in trained):
+            em.trained_budgets = (float(trained[0]), float(trained[1]))
         return em
 
 

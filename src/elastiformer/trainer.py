@@ -396,6 +396,8 @@ def train_routers(
         core.fit_allocation(cal, min_budget=min(allocation_floor, max(0.05, lowest - 0.05)),
                             **({"levels": tuple(allocation_levels)} if allocation_levels else {}),
                             progress=progress and accelerator.is_main_process)
+    core.trained_budgets = ((min(fixed.values()), max(fixed.values())) if fixed
+                            else (float(budget_range[0]), float(budget_range[1])))
     core.set_budget(**(fixed or em.elastic_config.capacities()))
     core.calibrate(cal)
     core.eval()
