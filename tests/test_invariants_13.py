@@ -241,3 +241,27 @@ def test_dense_flops_of_cached_decoding_count_the_dense_models_cache():
     attn = [s for s in em.last_stats()["per_layer"] if s["sublayer"] == "attn"]
     expected = dense_attention_flops(2, 1, 21, d["C"], d["H"], d["KVH"], d["D"])  # 20 seen + this token
     assert [s["dense_flops"] for s in attn] == [expected] * d["L"]
+
+
+def test_last_stats_after_generate_totals_every_forward_of_the_generation():
+    from conftest import make_elastic
+
+    em = make_elastic("llama", "mlp_tokens")
+    em.calibrate(tokens(4, 16, seed=3))
+    em.set_budget(0.5)
+    prompt = tokens(1, 8, seed=4)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        em.generate(prompt, **kw)
+    stats = em.last_stats()
+    total = stats["generation"]
+    assert total["forwards"] == 5  # the prefill and four decode steps
+    assert total["dense_flops"] > 2 * stats["dense_flops"]  # more than the last step alone
+    assert total["elastic_flops"] < total["dense_flops"] and 0 < total["flops_ratio"] < 1
+    assert total["model_elastic_flops"] < total["model_dense_flops"]
+    with torch.no_grad(), em.disable_routers():
+        em.generate(prompt, **kw)
+    assert em.last_stats()["generation"]["flops_ratio"] == 1.0  # routing off: everything ran
+    with torch.no_grad():
+        em(prompt)
+    assert "generation" not in em.last_stats()  # a plain forward describes itself alone

@@ -57,6 +57,9 @@ def _resolve_layers(indices: Iterable[int], n_layers: int) -> frozenset[int]:
     return frozenset(out)
 
 
+GENERATION_TOTALS = ("dense_flops", "elastic_flops", "router_flops", "model_dense_flops", "model_elastic_flops")
+
+
 class WrappedModel(nn.Module):
     """A wrapper around a Hugging Face model (`self.base_model`, its sub-layers replaced in place) that is called,
     generates and answers attribute lookups (`config`, `device`, ...) as the model it wraps."""
@@ -126,6 +129,8 @@ class ElasticModel(WrappedModel):
         self._towers: list[ElasticModel] = [ElasticModel(model.get_submodule(path), config) for path in spec.towers]
         self.set_budget(**config.capacities())
         self._call_entry: nn.Module | None = None  # the entry point whose running call captured the context
+        self._generation: dict[str, float] | None = None  # FLOP totals while generate() runs
+        self._last_generation: dict[str, float] | None = None  # ... of the last generate(), until the next forward
         self._hook = self._hook_entry_points(model)
         self._backbone_output = None  # the backbone's output of the last forward (encoders: see `embed`)
         self._backbone_hook = None if spec.causal else \
@@ -423,6 +428,11 @@ class ElasticModel(WrappedModel):
 
     def _end_call(self, module, args, output):
         if module is self._call_entry:
+            if self._generation is not None:  # one forward of a generation (the prefill, or one decode step)
+                stats = self.last_stats()
+                self._generation["forwards"] += 1
+                for key in GENERATION_TOTALS:
+                    self._generation[key] += stats.get(key, 0.0)
             self._call_entry = None
             self.state.in_call = False  # a layer run outside a call refuses to route: no stale mask is read
             self.state.pad_mask = None
@@ -433,6 +443,8 @@ class ElasticModel(WrappedModel):
         positions."""
         st = self.state
         st.in_call = False
+        if self._generation is None:  # a plain forward: last_stats() describes it alone
+            self._last_generation = None
         for each in self._states():  # a text-only call never reaches the towers: clear their last stats too
             each.reset_forward()
         main = getattr(module, "main_input_name", "input_ids")  # "pixel_values" for vision models
@@ -798,6 +810,23 @@ class ElasticModel(WrappedModel):
         elif stats:  # encoders: the blocks are the model (embeddings, pooler and a classifier are negligible)
             out["model_dense_flops"], out["model_elastic_flops"] = dense, executed
             out["model_flops_ratio"] = out["flops_ratio"]
+        if self._last_generation is not None:
+            out["generation"] = dict(self._last_generation)
+        return out
+
+    def generate(self, *args, **kwargs):
+        """Generation through the wrapped sub-layers. Afterwards `last_stats()` describes the last forward (one decode
+        step) and, under "generation", the totals over every forward of the generation (prefill and decode steps):
+        forwards, dense / elastic FLOPs of the blocks and of the whole model, and their ratios."""
+        self._generation = {"forwards": 0, **{key: 0.0 for key in GENERATION_TOTALS}}
+        try:
+            out = self.base_model.generate(*args, **kwargs)
+        finally:
+            totals, self._generation = self._generation, None
+        totals["flops_ratio"] = totals["elastic_flops"] / totals["dense_flops"] if totals["dense_flops"] else 1.0
+        if totals["model_dense_flops"]:
+            totals["model_flops_ratio"] = totals["model_elastic_flops"] / totals["model_dense_flops"]
+        self._last_generation = totals
         return out
 
     # ------------------------------------------------------------------ artifacts
