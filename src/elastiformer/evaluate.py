@@ -201,8 +201,8 @@ def evaluate(
     sums = {(m, i): {"n": 0, "nll_teacher": 0.0, "nll": 0.0, "kl": 0.0, "agree": 0.0, "dense": 0, "exec": 0,
                      "model_dense": 0, "model_exec": 0} for m in methods for i in range(len(settings))}
     teacher_sum = {"n": 0, "nll": 0.0}
-    total = len(batches) * (1 + len(methods) * len(settings))
-    bar = tqdm(total=total, desc="evaluating", disable=not progress)
+    total = len(batches) * (1 + len(methods) * len(settings)) + (len(methods) * len(settings) if timing_reps else 0)
+    bar = tqdm(total=total, desc="evaluating", disable=not progress)  # (timing included: one step per run timed)
     try:
         with torch.no_grad(), em._override("generator", generator):
             # what each method runs at: the same budget, or the budget at which it executes the learned routers'
@@ -246,6 +246,7 @@ def evaluate(
                         budgets_used = em.get_budget()
                         if timing_reps:
                             ratio, _, _ = _time_ratio(em, batches[0], contexts[m], timing_reps)
+                            bar.update()
                     records.append({
                         "method": m,
                         "budget": nominal(setting),

@@ -508,7 +508,7 @@ class ElasticModel(WrappedModel):
     # ------------------------------------------------------------------ calibration
     @torch.no_grad()
     def calibrate(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 2,
-                  n_budgets: int = 12, method: str = "learned") -> "ElasticModel":
+                  n_budgets: int = 12, method: str = "learned", progress: bool = False) -> "ElasticModel":
         """Fit the token routers' inference thresholds on `data`, so `set_budget` takes effect at once for any budget.
 
         For each of `n_budgets` budgets spread over the usable range, the data runs with routing on, and each routed
@@ -534,6 +534,10 @@ class ElasticModel(WrappedModel):
         self._calibrating = True
         points: dict[int, list[tuple[float, float]]] = {id(r): [] for r in token_routers}
 
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="calibrating thresholds", unit="fwd", disable=not progress)
+
         def run(set_caps) -> None:
             for b in grid:
                 set_caps(b)
@@ -541,6 +545,7 @@ class ElasticModel(WrappedModel):
                     r.calibration_log = []
                 for batch in batches:
                     self.base_model(**batch)
+                    bar.update()
                 for r in token_routers:
                     if r.calibration_log:  # one capacity per layer and budget; none where it ran dense / skipped
                         cap = r.calibration_log[0][0]
@@ -558,6 +563,7 @@ class ElasticModel(WrappedModel):
                 run(uniform)
                 points.update(keep)
         finally:
+            bar.close()
             self._calibrating = False
             st.capacity_override = None
             st.budget, st.method = saved[0], saved[1]

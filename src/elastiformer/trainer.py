@@ -399,7 +399,7 @@ def train_routers(
     core.trained_budgets = ((min(fixed.values()), max(fixed.values())) if fixed
                             else (float(budget_range[0]), float(budget_range[1])))
     core.set_budget(**(fixed or em.elastic_config.capacities()))
-    core.calibrate(cal)
+    core.calibrate(cal, progress=progress and accelerator.is_main_process)
     core.eval()
     report = TrainReport(steps=len(history), tokens=sum(h.get("tokens", 0) for h in history),
                          seconds=time.perf_counter() - t0, resumed_from=resumed_from, history=history, loss=loss_kind,
