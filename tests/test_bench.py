@@ -56,3 +56,22 @@ def test_bench_append_keeps_other_settings(workspace, tmp_path):  # noqa: F811
     records = json.loads(out.read_text())["records"]
     assert sorted({r["lora_rank"] for r in records}) == [0, 1]
     assert len(records) == 2 * 5  # learned, random, static, norm, norm_allocated at one budget, with and without LoRA
+
+
+def test_bench_resume_runs_only_unfinished_settings(workspace, tmp_path):  # noqa: F811
+    out = tmp_path / "lm.json"
+    o = dict(BENCH_DEFAULTS) | dict(model=str(workspace / "model"), components="mlp_tokens", budgets="0.8",
+                                    dense_layers="", steps=1, train_sequences=8, eval_sequences=2, eval_seq_len=32,
+                                    seq_len=16, prefill_len=16, decode_tokens=2, timing_reps=0, lm_eval_docs=0,
+                                    output=str(out))
+    run_lm_bench(o, echo=lambda *_: None)  # (as if a longer run had been interrupted after its first setting)
+    first = json.loads(out.read_text())
+    said = []
+    run_lm_bench(o | dict(components="mlp_tokens,attn_tokens", resume=True), echo=said.append)
+    saved = json.loads(out.read_text())
+    assert any("mlp_tokens already finished" in line for line in said), said
+    assert not any(line.startswith("[mlp_tokens] training") for line in said), said  # not run again
+    assert set(saved["components"]) == {"mlp_tokens", "attn_tokens"}
+    mlp = [r for r in saved["records"] if r["setting"] == "mlp_tokens"]
+    assert mlp == first["records"]  # kept as measured
+    assert {r["setting"] for r in saved["records"]} == {"mlp_tokens", "attn_tokens"}

@@ -85,10 +85,13 @@ def test_train_eval_info_end_to_end(workspace, tmp_path, capsys):
                           "--seq-len", "16", "--timing-reps", "0", "--baselines", ""], capsys)
     assert code == 0 and "below the range the routers were trained on (0.5-0.95)" in err, err
 
-    code, out, _ = run(["info", routers], capsys)
+    code, out, _ = run(["info", routers, "--json"], capsys)
     assert code == 0 and json.loads(out)["elastic_config"]["mlp_tokens"] == 0.5
     assert json.loads(out)["trained_budgets"] == [0.5, 0.95]
     assert json.loads(out)["elastic_config"]["lora_rank"] == 1
+    code, out, _ = run(["info", routers], capsys)  # the readable summary (no JSON)
+    assert code == 0 and "budgets 0.5-0.95" in out and "LoRA rank 1" in out and "mlp_tokens 0.5" in out, out
+    assert not out.lstrip().startswith("{")
     code, out, _ = run(["info", "--model", workspace / "model"], capsys)
     assert code == 0 and "4 layers" in out
     code, out, _ = run(["info"], capsys)
@@ -102,12 +105,14 @@ def test_train_objective_and_allocation_options(workspace, tmp_path, capsys):
     assert code == 0, err
     log = json.loads((tmp_path / "run" / "train_log.json").read_text())
     assert len(log["target_history"]) == 2 and "token_importance" in log["history"][0]
-    code, out, _ = run(["info", tmp_path / "run" / "routers"], capsys)
+    code, out, _ = run(["info", tmp_path / "run" / "routers", "--json"], capsys)
     assert code == 0 and json.loads(out).get("allocation") in (None, {})  # --no-allocation: uniform capacities
     code, out, err = run(train_args(workspace, tmp_path / "run2", "--allocation-floor", "0.3"), capsys)
     assert code == 0, err
-    code, out, _ = run(["info", tmp_path / "run2" / "routers"], capsys)
+    code, out, _ = run(["info", tmp_path / "run2" / "routers", "--json"], capsys)
     assert code == 0 and json.loads(out)["allocation"]
+    code, out, _ = run(["info", tmp_path / "run2" / "routers"], capsys)
+    assert code == 0 and "per-layer capacities" in out and "budget 0.80" in out, out
     for bad, message in ((["--router-targets", "self", "--target-steps", "2"], "--target-steps"),
                          (["--allocation-floor", "1.5"], "--allocation-floor"),
                          (["--router-inputs", "future"], "--router-inputs")):
@@ -136,7 +141,8 @@ def test_resume_from_the_command_line(workspace, tmp_path, capsys):
 
 @pytest.mark.parametrize("case", ["missing data", "empty data", "budget 0", "budget 1.5", "eval budget 1.5",
                                   "unknown key", "unknown model", "output exists", "unwritable", "no routers",
-                                  "bad routers", "budget and range", "split without experts", "resume overwrite"])
+                                  "bad routers", "budget and range", "split without experts", "resume overwrite",
+                                  "bench resume overwrite"])
 def test_bad_input_gives_one_line_error(workspace, tmp_path, capsys, case):
     ws = workspace
     blocker = tmp_path / "blocker"
@@ -161,6 +167,7 @@ def test_bad_input_gives_one_line_error(workspace, tmp_path, capsys, case):
         "budget and range": train_args(ws, tmp_path / "o", "--budget", "0.6", "--budget-range", "0.5,0.9"),
         "split without experts": train_args(ws, tmp_path / "o", "--expert-split", "cluster"),
         "resume overwrite": train_args(ws, tmp_path / "o", "--resume", "--overwrite"),
+        "bench resume overwrite": ["bench", "--resume", "--overwrite", "--output", tmp_path / "o" / "lm.json"],
     }[case]
     expected = {
         "missing data": "nope.txt", "empty data": "empty", "budget 0": "(0, 1]", "budget 1.5": "(0, 1]",
@@ -168,6 +175,7 @@ def test_bad_input_gives_one_line_error(workspace, tmp_path, capsys, case):
         "output exists": "--overwrite", "unwritable": "writable", "no routers": "no router folder",
         "bad routers": "no elastic_config.json", "budget and range": "pass one of them",
         "split without experts": "--mlp-experts", "resume overwrite": "pass one of them",
+        "bench resume overwrite": "pass one",
     }[case]
     code, out, err = run(args, capsys)
     assert code == 2, (out, err)

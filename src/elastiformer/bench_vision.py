@@ -43,7 +43,7 @@ VISION_BENCH_DEFAULTS = dict(
     model="vit-fashion-mnist", components="mlp_tokens,attn_tokens,attn_heads,mlp_experts,combined",
     budgets="0.6,0.7,0.8,0.9", steps=150, batch_size=64, lr=1e-2, train_images=6000, test_images=2000,
     domain_component="combined", domain_budgets="0.7,0.8", domain_steps=150, dense_layers="",
-    output="bench/results/vision.json", seed=0, timing_reps=3, append=False,
+    output="bench/results/vision.json", seed=0, timing_reps=3, append=False, resume=False,
 )
 
 
@@ -171,17 +171,20 @@ def run_vision_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]
         "domain": {"component": o["domain_component"], "steps": int(o["domain_steps"]), "records": []},
     }
 
-    if o["append"] and out.is_file():  # keep the other settings' records (and the domain runs, if not redone)
-        import json
+    if (o["append"] or o.get("resume")) and out.is_file():  # keep the other settings' records (and the domain runs,
+        import json                                               # if not redone)
 
         from .benchmark import keep_previous
 
         previous = json.loads(out.read_text())
-        keep_previous(result, out, components, 0, same=("model", "test_images", "train_images"))
+        components = keep_previous(result, out, components, 0, same=("model", "test_images", "train_images"),
+                                   resume=bool(o.get("resume")), echo=echo)
         result.pop("train_tokens", None)
         result["teacher_accuracy"] = previous.get("teacher_accuracy")
         if not o["domain_component"] and previous.get("domain"):
             result["domain"] = previous["domain"]
+        elif o.get("resume") and (previous.get("domain") or {}).get("component") == o["domain_component"]:
+            result["domain"] = previous["domain"]  # its finished domains are kept and not run again
 
     def fresh(setting: dict[str, Any]) -> ElasticModel:
         return get_elastic_model(load_model(o["model"]), ElasticConfig(**setting, dense_layers=dense))
@@ -219,7 +222,11 @@ def run_vision_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]
     if o["domain_component"]:
         comp = o["domain_component"]
         halves = {"0-4": parse_classes("0-4"), "5-9": parse_classes("5-9")}
+        finished = {r["train_classes"] for r in result["domain"]["records"]}
         for domain in DOMAINS:
+            if domain in finished:
+                echo(f"[domain {domain}] already in {out} (--resume)")
+                continue
             t0 = time.perf_counter()
             classes = parse_classes(domain)
             keep = torch.ones(len(train), dtype=torch.bool) if classes is None else \

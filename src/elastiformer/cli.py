@@ -501,10 +501,44 @@ def eval_(
 
 
 # ---------------------------------------------------------------------- info
+def router_summary(shown: dict[str, Any], folder: Path) -> str:
+    """`info ROUTERS` for people: what the routers were trained on and for, and where each budget's work goes."""
+    cfg, base = shown["elastic_config"], shown.get("base_model") or {}
+    dims = base.get("dims") or {}
+    routed = [f"{k} {cfg[k]}" for k in ("mlp_tokens", "attn_tokens", "attn_heads") if cfg.get(k) is not None]
+    if cfg.get("mlp_experts"):
+        routed.append(f"mlp_experts {cfg['mlp_experts']} ({cfg['expert_split']} split, "
+                      f"{cfg.get('mlp_experts_active') or 'budget-set'} active)")
+    lines = [
+        f"routers:        {folder}",
+        f"base model:     {base.get('name_or_path', '?')} ({base.get('model_type', '?')}, {dims.get('L', '?')} layers, "
+        f"hidden {dims.get('C', '?')}, {dims.get('H', '?')} heads, MLP {dims.get('I', '?')})",
+        f"routed:         {', '.join(routed) or 'nothing'}; router {cfg.get('router')}; LoRA rank {cfg.get('lora_rank', 0)}"
+        + (f"; dense layers {cfg['dense_layers']}" if cfg.get("dense_layers") else ""),
+        f"trained on:     budgets " + ("-".join(str(b) for b in shown["trained_budgets"])
+                                       if shown.get("trained_budgets") else "(not recorded)"),
+        f"format:         router format {shown.get('format_version')}, elastiformer "
+        f"{shown.get('elastiformer_version', '?')}",
+    ]
+    alloc = shown.get("allocation")
+    if not alloc:
+        lines.append("allocation:     none fitted: every routed layer gets the same capacity")
+        return "\n".join(lines)
+    lines.append(f"allocation:     fitted on {alloc['calibration_tokens']} tokens, {alloc['moves']} moves; the "
+                 f"cheapest end of the path runs {alloc['path_end_routed_flops']:.2f} of the routed FLOPs")
+    lines.append("per-layer capacities (fraction of each layer's work kept; 0 = skipped for every token):")
+    for b, entry in alloc["per_budget"].items():
+        for comp, caps in entry["capacities"].items():
+            lines.append(f"  budget {float(b):.2f} {comp:<12} ({entry['budgets'][comp]:.3f}) "
+                         + " ".join(f"{c:.2f}" for c in caps))
+    return "\n".join(lines)
+
+
 @app.command()
 def info(
     routers: Optional[Path] = typer.Argument(None, help="A router folder to describe."),
     model: Optional[str] = typer.Option(None, help="Describe this model's routable structure."),
+    as_json: bool = typer.Option(False, "--json", help="Print a router folder's description as JSON (for scripts)."),
 ):
     """Describe a router folder, a model, or (with no argument) what elastiformer supports."""
     from .arch import supported_model_types
@@ -517,7 +551,7 @@ def info(
         shown = {k: meta[k] for k in ("format_version", "elastiformer_version", "elastic_config", "base_model",
                                       "trained_budgets") if k in meta}
         shown["allocation"] = describe_allocation(meta, Path(routers)) if meta.get("allocation") else None
-        typer.echo(json.dumps(shown, indent=2))
+        typer.echo(json.dumps(shown, indent=2) if as_json else router_summary(shown, Path(routers)))
         return
     if model is not None:
         from .arch import get_arch_spec
@@ -613,6 +647,8 @@ def bench(
                                           "beside it)."),
     lora_rank: Optional[int] = typer.Option(None, help="Train rank-r LoRA on the attention projections too."),
     append: bool = typer.Option(False, "--append", help="Keep the other settings' records in OUTPUT."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted bench: keep every setting OUTPUT "
+                                "already holds (each is written as it finishes) and run only the others."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT (and its PNG)."),
     readme: bool = typer.Option(False, "--readme", help="Do not run: rewrite the task's results section of "
                                 "README.md from the result JSON."),
@@ -627,8 +663,11 @@ def bench(
     t = tasks[task]
     given = {k: v for k, v in locals().items() if k not in ("config", "readme", "task", "tasks", "t")}
     given["append"] = append or None
+    given["resume"] = resume or None
     given["overwrite"] = overwrite or None
     o = _merge(config, given, t["defaults"] | {"overwrite": False})
+    if o["resume"] and o["overwrite"]:
+        raise ConfigError("--resume keeps OUTPUT's finished settings and --overwrite replaces them: pass one")
     if readme:
         path = Path(o["output"])
         if not path.is_file():
@@ -645,7 +684,8 @@ def bench(
         _check_numbers(o, dict(steps=1, batch_size=1, seq_len=2, train_sequences=1, eval_sequences=1, eval_seq_len=2,
                                prefill_batch=1, prefill_len=1, decode_tokens=1, timing_reps=0, seed=0, lora_rank=0,
                                lm_eval_docs=0))
-    check_output_file(o["output"], bool(o["overwrite"] or o["append"]), flag="--overwrite (or --append)")
+    check_output_file(o["output"], bool(o["overwrite"] or o["append"] or o["resume"]),
+                      flag="--overwrite (or --append, --resume)")
     result = t["run"](o, plot=t["plot"], echo=typer.echo)
     typer.echo(f"{len(result['records'])} records in {o['output']} (plot: {Path(o['output']).with_suffix('.png')})")
 
@@ -670,6 +710,8 @@ def bench_vision(
     output: Optional[Path] = typer.Option(None, help="Result JSON (default bench/results/vision.json; PNG beside)."),
     append: bool = typer.Option(False, "--append", help="Keep the other settings' records in OUTPUT (and its "
                                 "domain runs when --domain-component '' skips them)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: keep the settings and domain "
+                                "runs OUTPUT already holds and run only the others."),
     readme: bool = typer.Option(False, "--readme", help="Do not run: rewrite README.md's vision results subsection "
                                 "from the result JSON."),
     config: Optional[Path] = typer.Option(None, help="YAML file of options (see bench_vision.VISION_BENCH_DEFAULTS)."),
@@ -682,6 +724,7 @@ def bench_vision(
     given = {k: v for k, v in locals().items() if k not in ("config", "readme") and not k[0].isupper()
              and not callable(v)}
     given["append"] = append or None
+    given["resume"] = resume or None
     o = _merge(config, given, VISION_BENCH_DEFAULTS)
     if readme:
         path = Path(o["output"])
@@ -849,7 +892,7 @@ def _run() -> int:
         return 1
     if code == 130:  # typer's standalone_mode=False *returns* 130 on Ctrl-C instead of raising
         typer.echo("interrupted: finished files are kept (a training run's last checkpoint: continue it with "
-                   "--resume; a bench keeps every finished setting: continue it with --append)", err=True)
+                   "--resume; a bench keeps every finished setting: continue it with --resume)", err=True)
     return code if isinstance(code, int) else 0
 
 
