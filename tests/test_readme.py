@@ -15,6 +15,7 @@ from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, ViTConf
 import elastiformer as ef
 import elastiformer.data as ef_data
 import elastiformer.data_images as ef_images
+import elastiformer.evaluate as ef_evaluate
 import elastiformer.flextron as ef_flextron
 import elastiformer.flextron.route as ef_route
 import elastiformer.integrations.lm_eval as ef_lm_eval
@@ -88,7 +89,8 @@ def stand_ins(workspace, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setattr(ef_flextron, "train_flextron", _capped(ef_flextron.train_flextron, steps=2))
     monkeypatch.setattr(ef_route, "build_router", _capped(ef_route.build_router, n_configs=16, router_steps=10,
                                                           joint_steps=2, calibration_sequences=8))
-    monkeypatch.setattr(ef_lm_eval, "write_last_word_task", _capped(ef_lm_eval.write_last_word_task, n_docs=8))
+    monkeypatch.setattr(ef_evaluate, "evaluate", _capped(ef_evaluate.evaluate, timing_reps=0))
+    monkeypatch.setattr(ef_lm_eval, "write_last_word_task", _capped(ef_lm_eval.write_last_word_task, n_docs=2))
     monkeypatch.setattr(ef_images, "load_fashion_mnist", fake_fashion_mnist)
     monkeypatch.chdir(tmp_path)
     return tmp_path
