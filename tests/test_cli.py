@@ -280,6 +280,9 @@ def test_readme_sections_are_written_to_the_clones_readme_only(tmp_path, monkeyp
     ("data: [a.txt, b.txt]\n", "one name or path"),
     ("steps: true\n", "not true / false"),
     ("stepz: 3\n", "(did you mean steps?)"),
+    ("steps: abc\n", "steps is 'abc': pass an integer, as --steps takes"),  # the option's declared type
+    ("lr: fast\n", "lr is 'fast': pass a number"),
+    ("batch_size: 2.5\n", "batch_size is 2.5: pass an integer"),
 ])
 def test_yaml_values_are_checked_like_command_line_values(tmp_path, capsys, yaml_text, expected):
     cfg = tmp_path / "c.yaml"
@@ -293,3 +296,13 @@ def test_yaml_false_strings_are_false(tmp_path):
     cfg.write_text("overwrite: 'false'\nbudgets: [0.5, 0.8]\ndense_layers: 0\n")
     merged = cli._merge(cfg, {}, {"overwrite": True, "budgets": "0.9", "dense_layers": ""})
     assert merged == {"overwrite": False, "budgets": "0.5,0.8", "dense_layers": "0"}
+
+
+def test_yaml_values_take_the_options_declared_types(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("steps: '7'\nlr: '0.01'\nbatch_size: 2.0\ndense_layers: 0\n")
+    merged = cli._merge(cfg, {}, dict(cli.TRAIN_DEFAULTS), command=cli.train)
+    assert (merged["steps"], merged["lr"], merged["batch_size"], merged["dense_layers"]) == (7, 0.01, 2, "0")
+    assert type(merged["steps"]) is int and type(merged["lr"]) is float
+    kinds = cli.declared_option_types(cli.train)
+    assert kinds["steps"] is int and kinds["lr"] is float and kinds["overwrite"] is bool

@@ -48,7 +48,9 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 # ---------------------------------------------------------------------- option merging (CLI > YAML > defaults)
-def _merge(config: Optional[Path], given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+def _merge(config: Optional[Path], given: dict[str, Any], defaults: dict[str, Any], command=None) -> dict[str, Any]:
+    """CLI options over YAML values over defaults. `command`: the typer function whose annotated option types the
+    YAML values are converted to."""
     merged = dict(defaults)
     if config is not None:
         import yaml
@@ -70,9 +72,42 @@ def _merge(config: Optional[Path], given: dict[str, Any], defaults: dict[str, An
                      for k in unknown]
             raise ConfigError(f"{config} has unknown keys {unknown}{''.join(hints)}: the options here are "
                               f"{', '.join(sorted(defaults))}")
-        merged.update({k: _yaml_value(config, k, v, defaults[k]) for k, v in loaded.items()})
+        kinds = declared_option_types(command) if command is not None else {}
+        merged.update({k: _declared_type(config, k, _yaml_value(config, k, v, defaults[k]), kinds)
+                       for k, v in loaded.items()})
     merged.update({k: v for k, v in given.items() if v is not None})
     return merged
+
+
+def _declared_type(config: Path, key: str, value: Any, kinds: dict[str, type]) -> Any:
+    """A YAML value converted to the type its command-line option declares (the command's signature is the one
+    declaration of each option: `steps: abc` fails as `--steps abc` would); keys with no option of their own (e.g. a
+    bench's inner settings) keep the structural checks of `_yaml_value`."""
+    kind = kinds.get(key)
+    if kind not in (int, float) or value is None:
+        return value
+    name = "an integer" if kind is int else "a number"
+    try:
+        converted = kind(value)
+        if kind is int and isinstance(value, float) and converted != value:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{config}: {key} is {value!r}: pass {name}, as --{key.replace('_', '-')} takes") from None
+    return converted
+
+
+def declared_option_types(command) -> dict[str, type]:
+    """{option name: int / float / str / bool / Path} from a typer command function's annotations (Optional[...]
+    unwrapped)."""
+    import types
+    import typing
+
+    kinds = {}
+    for name, hint in typing.get_type_hints(command).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kinds[name] = args[0] if optional and args else hint
+    return kinds
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -298,7 +333,7 @@ def train(
     given = {k: v for k, v in locals().items() if k != "config"}
     given["resume"] = resume or None
     given["overwrite"] = overwrite or None
-    o = _merge(config, given, TRAIN_DEFAULTS)
+    o = _merge(config, given, TRAIN_DEFAULTS, command=train)
     if not any(o[k] is not None for k in ("mlp_tokens", "attn_tokens", "attn_heads", "mlp_experts")):
         o["mlp_tokens"] = 0.8  # the component that pays best on small models (see the README results)
     report = run_train(o)
@@ -482,7 +517,7 @@ def eval_(
     the per-layer capacities each budget runs at."""
     given = {k: v for k, v in locals().items() if k != "config"}
     given["overwrite"] = overwrite or None
-    o = _merge(config, given, EVAL_DEFAULTS)
+    o = _merge(config, given, EVAL_DEFAULTS, command=eval_)
     from .validation import check_output_file
 
     for key in ("output", "plot"):
@@ -665,7 +700,7 @@ def bench(
     given["append"] = append or None
     given["resume"] = resume or None
     given["overwrite"] = overwrite or None
-    o = _merge(config, given, t["defaults"] | {"overwrite": False})
+    o = _merge(config, given, t["defaults"] | {"overwrite": False}, command=bench)
     if o["resume"] and o["overwrite"]:
         raise ConfigError("--resume keeps OUTPUT's finished settings and --overwrite replaces them: pass one")
     if readme:
@@ -725,7 +760,7 @@ def bench_vision(
              and not callable(v)}
     given["append"] = append or None
     given["resume"] = resume or None
-    o = _merge(config, given, VISION_BENCH_DEFAULTS)
+    o = _merge(config, given, VISION_BENCH_DEFAULTS, command=bench_vision)
     if readme:
         path = Path(o["output"])
         if not path.is_file():

@@ -113,7 +113,7 @@ def sort(
 
     given = {k: v for k, v in locals().items() if k != "config"}
     given["overwrite"] = overwrite or None
-    report = run_sort(_merge(config, given, SORT_DEFAULTS))
+    report = run_sort(_merge(config, given, SORT_DEFAULTS, command=sort))
     typer.echo(f"sorted on {report['calibration_tokens']:,} tokens in {report['seconds']:.0f}s (max logit change "
                f"{report['max_abs_logit_change']:.2e}); MLP widths {report['mlp_sizes']}, heads "
                f"{report['head_counts']}; checkpoint in {report['output']}")
@@ -207,7 +207,7 @@ def train(
     given = {k: v for k, v in locals().items() if k != "config"}
     given["resume"] = resume or None
     given["overwrite"] = overwrite or None
-    r = run_train(_merge(config, given, TRAIN_DEFAULTS))
+    r = run_train(_merge(config, given, TRAIN_DEFAULTS, command=train))
     line = f"trained {r['steps']} steps on {r['tokens']:,} tokens in {r['seconds']:.0f}s; checkpoint in {r['output']}"
     if "heldout_kl_to_start" in r:
         b, a = r["heldout_kl_to_start"]["before"], r["heldout_kl_to_start"]["after"]
@@ -261,7 +261,7 @@ def latency(
     given = {k: v for k, v in locals().items() if k != "config"}
     given["check"] = check or None
     given["overwrite"] = overwrite or None
-    t = run_latency(_merge(config, given, LATENCY_DEFAULTS))
+    t = run_latency(_merge(config, given, LATENCY_DEFAULTS, command=latency))
     typer.echo(f"{len(t['mlp_ms'])} layers x ({len(t['mlp_ms'][0])} MLP + {len(t['attn_ms'][0])} attention widths) "
                f"at {t['batch_size']}x{t['seq_len']} tokens on {t['machine']['cpu_model']} "
                f"({t['machine']['torch_threads']} threads): full forward {t['full_ms']:.1f} ms, overhead "

@@ -94,7 +94,7 @@ def route(
     given = {k: v for k, v in locals().items() if k != "config"}
     for flag in ("measure_latency", "adaptive", "overwrite"):
         given[flag] = given[flag] or None
-    r = run_route(_merge(config, given, ROUTE_DEFAULTS))
+    r = run_route(_merge(config, given, ROUTE_DEFAULTS, command=route))
     s = r["surrogate"]
     typer.echo(f"surrogate: held-out MSE {s['heldout_mse']:.4f} against {s['constant_heldout_mse']:.4f} for a "
                f"constant (R^2 {s['heldout_r2']:.2f}) on {s['n_heldout']} configurations")
@@ -195,7 +195,7 @@ def eval_(
 
     given = {k: v for k, v in locals().items() if k != "config"}
     given["overwrite"] = overwrite or None
-    o = _merge(config, given, FLEXTRON_EVAL_DEFAULTS)
+    o = _merge(config, given, FLEXTRON_EVAL_DEFAULTS, command=eval_)
     if o["output"] and Path(o["output"]).exists() and not o["overwrite"]:
         raise ConfigError(f"{o['output']} already exists: pass --overwrite to replace it")
     result = run_flextron_eval(o)
@@ -238,7 +238,7 @@ def bench(
 
     given = {"checkpoint": checkpoint, "sorted_checkpoint": sorted_checkpoint, "budgets": budgets, "output": output,
              "allow_untrained": allow_untrained or None}
-    o = _merge(config, given, FLEXTRON_BENCH_DEFAULTS)
+    o = _merge(config, given, FLEXTRON_BENCH_DEFAULTS, command=bench)
     if readme:
         path = Path(o["output"])
         if not path.is_file():
