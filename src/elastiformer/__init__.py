@@ -5,7 +5,7 @@ attention / MLP sub-layer processes, which heads are active and which MLP expert
 arXiv:2411.15281). The user picks the compute budget at inference time with `set_budget`, without retraining.
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402,F401
 
 from .config import BUDGET_KEYS, ElasticConfig  # noqa: E402
 from .errors import (  # noqa: E402

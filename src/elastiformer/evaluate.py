@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from .config import check_fraction
 from .errors import ConfigError, DataError
-from .model import ElasticModel, _as_batches
+from .batches import as_batches
+from .model import ElasticModel
 from .validation import check_int
 
 
@@ -185,7 +186,7 @@ def evaluate(
         if data.dim() != 2 or data.shape[0] == 0:
             raise DataError(f"evaluation data of shape {tuple(data.shape)}: pass token ids [N sequences, T tokens]")
         data = [{"input_ids": data[i:i + batch_size]} for i in range(0, data.shape[0], batch_size)]
-    batches = list(_as_batches(data))
+    batches = list(as_batches(data))
     if not batches:
         raise DataError("evaluation data is empty: pass held-out sequences")
     device = next(em.base_model.parameters()).device

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError
 from .evaluate import _time_ratio, apply_budget, budget_settings, match_flops, nominal, prepare_baselines, probe_flops
-from .model import ElasticModel, _as_batches
+from .batches import as_batches
+from .model import ElasticModel
 
 
 def nearest_other(emb: torch.Tensor) -> torch.Tensor:
@@ -40,7 +41,7 @@ def _split_labels(data) -> list[tuple[dict[str, torch.Tensor], torch.Tensor | No
     out = []
     for item in items:
         labels = item.get("labels") if isinstance(item, dict) else None
-        for batch in _as_batches([item]):
+        for batch in as_batches([item]):
             out.append((batch, labels))
     return out
 

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from .allocation import LEVELS, Allocation, fit_path
 from .arch import ArchSpec, get_arch_spec, get_dotted, set_dotted
+from .batches import as_batches
 from .cache import atomic_dir
 from .config import BUDGET_KEYS, TOKEN_COMPONENTS, ElasticConfig, check_fraction
 from .errors import BudgetError, ConfigError, DataError, ElastiformerError, NotCalibratedError, RouterFileError
@@ -580,7 +581,7 @@ class ElasticModel(WrappedModel):
         return self
 
     def _collect_batches(self, data, max_batches: int | None, what: str) -> list[dict[str, torch.Tensor]]:
-        batches = [b for _, b in zip(range(max_batches or 10**9), _as_batches(data))]
+        batches = [b for _, b in zip(range(max_batches or 10**9), as_batches(data))]
         if not batches:
             raise ElastiformerError(f"{what} got no data: pass an iterable of dicts holding input_ids")
         device = next(self.base_model.parameters()).device
@@ -663,7 +664,7 @@ class ElasticModel(WrappedModel):
         if self.elastic_config.expert_split != "cluster":
             raise ConfigError("split_experts() needs ElasticConfig(expert_split='cluster'); the contiguous split "
                               "has nothing to fit")
-        batches = [b for _, b in zip(range(max_batches or 10**9), _as_batches(data))]
+        batches = [b for _, b in zip(range(max_batches or 10**9), as_batches(data))]
         if not batches:
             raise DataError("split_experts() got no data: pass an iterable of dicts holding input_ids")
         device = next(self.base_model.parameters()).device
@@ -694,7 +695,7 @@ class ElasticModel(WrappedModel):
         removal alone changes the output least (KL to the base model on `data`, one forward per routed layer); for
         heads / experts, those with the smallest mean output norm on `data`. Encoders measure the cost of dropping
         a sub-layer as the cosine distance of their pooled embedding (`embed`) instead of the KL of logits."""
-        batches = [b for _, b in zip(range(max_batches or 10**9), _as_batches(data))]
+        batches = [b for _, b in zip(range(max_batches or 10**9), as_batches(data))]
         if not batches:
             raise ElastiformerError("fit_static() got no data: pass an iterable of dicts holding input_ids")
         device = next(self.base_model.parameters()).device
@@ -989,41 +990,6 @@ def _flops_summary(stats) -> dict[str, float]:
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 1.0
-
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")  # what batches pass to the model
-
-
-def _tensor_batch(t: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A bare tensor: token ids [T] / [B, T], or images [C, H, W] / [B, C, H, W] (floating point)."""
-    return {"pixel_values" if t.is_floating_point() and t.dim() >= 3 else "input_ids": t}
-
-
-def _as_batches(data) -> Iterator[dict[str, torch.Tensor]]:
-    """Accept a tensor ([N, T] / [T] token ids, or [N, C, H, W] images), a dict, or an iterable of dicts holding
-    input_ids ([T] or [B, T]) or pixel_values ([C, H, W] or [B, C, H, W]); other keys but the model inputs
-    (attention_mask, token_type_ids) are dropped, e.g. labels."""
-    if isinstance(data, torch.Tensor):
-        data = [_tensor_batch(data)]
-    elif isinstance(data, dict):
-        data = [data]
-    for batch in data:
-        if isinstance(batch, torch.Tensor):
-            batch = _tensor_batch(batch)
-        if not isinstance(batch, dict) or not ("input_ids" in batch or "pixel_values" in batch):
-            raise DataError("data items must be dicts holding input_ids (one sequence [T] or a batch [B, T]) or "
-                            "pixel_values ([C, H, W] or [B, C, H, W])")
-        batch = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
-        if "input_ids" in batch:
-            check_token_ids(batch["input_ids"])
-            mask = batch.get("attention_mask")
-            if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != batch["input_ids"].shape):
-                raise DataError(f"attention_mask of shape {tuple(getattr(mask, 'shape', ()))} does not match "
-                                f"input_ids {tuple(batch['input_ids'].shape)}: pass a 0/1 mask of the same shape")
-        single = batch["input_ids"].dim() == 1 if "input_ids" in batch else batch["pixel_values"].dim() == 3
-        if single:
-            batch = {k: v[None] for k, v in batch.items()}
-        yield batch
 
 
 def get_elastic_model(model: nn.Module, config: ElasticConfig) -> ElasticModel:

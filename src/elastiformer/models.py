@@ -144,6 +144,7 @@ def load_model(
     loaded = _load_from_source(source, torch_dtype or torch.float32)
     loaded.config._name_or_path = source.label
     loaded.elastiformer_source = source.record
+    loaded.elastiformer_folder = source.path if Path(source.path).is_dir() else None  # (its processor configs)
     loaded.eval()
     return _move(loaded, None, device)
 

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from .cache import atomic_dir, atomic_write_json, committed_dir, ensure_writable_dir
 from .distill import DEFAULT_AUX_WEIGHTS, LOSSES, POOLINGS, embedding_distance, kl_teacher_student
 from .errors import ConfigError, DataError, ElastiformerError
-from .model import ElasticModel, _as_batches, _tensor_batch
+from .batches import as_batches, tensor_batch
+from .model import ElasticModel
 from .validation import check_device, check_int, check_token_ids
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def as_tensor_data(data) -> torch.Tensor | list[dict[str, torch.Tensor]]:
             raise DataError(f"training data of shape {tuple(data.shape)}: pass token ids [N sequences, T >= 2 tokens] "
                             "or images [N, C, H, W]")
         return data
-    items = list(_as_batches(data))
+    items = list(as_batches(data))
     if not items:
         raise DataError("training data is empty: pass at least one sequence of input_ids")
     return items
@@ -93,7 +94,7 @@ def batch_at(data, step: int, micro: int, batch_size: int, seed: int, stride: in
         idx = order[pos * batch_size:(pos + 1) * batch_size]
         if idx.numel() < batch_size:  # fewer sequences than a batch: repeat them
             idx = order[torch.arange(batch_size) % n]
-        return _tensor_batch(data[idx])
+        return tensor_batch(data[idx])
     return data[(step * stride + micro) % len(data)]
 
 
@@ -553,8 +554,8 @@ def _batch_tokens(batch: dict[str, torch.Tensor], core: ElasticModel) -> int:
 def _split_batches(data) -> list[dict[str, torch.Tensor]]:
     """Token ids [N, T] (or images [N, C, H, W]) -> batches of 8; an iterable of batches passes through."""
     if isinstance(data, torch.Tensor):
-        return [_tensor_batch(data[i:i + 8]) for i in range(0, data.shape[0], 8)]
-    return [b if isinstance(b, dict) else _tensor_batch(b) for b in data]
+        return [tensor_batch(data[i:i + 8]) for i in range(0, data.shape[0], 8)]
+    return [b if isinstance(b, dict) else tensor_batch(b) for b in data]
 
 
 # ---------------------------------------------------------------------- checkpoints (no pickle)

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from ..benchmark import machine
 from ..cache import atomic_write_json, atomic_write_text, cache_dir
 from ..errors import ConfigError
+from ..timing import machine
 
 LATENCY_TOLERANCE = 0.10  # the target: measured latency within 10% of the budget
 FLEXTRON_BENCH_DEFAULTS = dict(

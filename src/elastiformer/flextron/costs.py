@@ -57,3 +57,9 @@ class CostModel:
     def from_dict(cls, d: dict[str, Any]) -> "CostModel":
         return cls(kind=d["kind"], mlp=torch.tensor(d["mlp"], dtype=torch.float64),
                    attn=torch.tensor(d["attn"], dtype=torch.float64), overhead=float(d["overhead"]))
+
+
+def latency_tensors(table: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(mlp_ms (L, n_mlp), attn_ms (L, n_attn), overhead_ms) of a latency table: for a router's expected,
+    differentiable latency."""
+    return torch.tensor(table["mlp_ms"]), torch.tensor(table["attn_ms"]), float(table["overhead_ms"])

@@ -22,9 +22,10 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..benchmark import machine
 from ..cache import atomic_write_json
+from ..timing import machine
 from ..errors import ConfigError, DataError
+from .costs import latency_tensors  # noqa: F401  (re-exported: part of this module's API)
 from .model import FlextronModel
 from .nested import NestedMLP
 
@@ -190,11 +191,6 @@ def load_latency_table(path: str | Path) -> dict[str, Any]:
     if not isinstance(table, dict) or not {"mlp_ms", "attn_ms", "overhead_ms"} <= set(table):
         raise DataError(f"{path} is not a latency table: measure one with `elastiformer flextron latency`")
     return table
-
-
-def latency_tensors(table: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(mlp_ms (L, n_mlp), attn_ms (L, n_attn), overhead_ms): for a router's expected, differentiable latency."""
-    return torch.tensor(table["mlp_ms"]), torch.tensor(table["attn_ms"]), float(table["overhead_ms"])
 
 
 def predict_latency(table: dict[str, Any], choices: dict[str, Sequence[Any]]) -> float:

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from ..arch import ArchSpec, get_arch_spec
 from ..cache import atomic_dir
 from ..errors import ConfigError, ElastiformerError, RouterFileError

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import __version__
+from ..version import __version__
 from ..cache import atomic_dir
 from ..distill import kl_teacher_student
 from ..errors import ConfigError, RouterFileError

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .costs import Choices, CostModel
+from .costs import Choices, CostModel, latency_tensors
 
 
 def flextron_config(fm):
@@ -77,8 +77,6 @@ def compute_cost_model(fm, seq_len: int = 128) -> CostModel:
 def latency_cost_model(table: dict[str, Any]) -> CostModel:
     """Milliseconds of a configuration on the machine, batch size and sequence length the table was measured for
     (`latency.measure_latency_table`): the table's overhead plus its chosen cells, as `predict_latency` sums."""
-    from .latency import latency_tensors
-
     mlp_ms, attn_ms, overhead = latency_tensors(table)
     return CostModel("latency_ms", mlp_ms.double(), attn_ms.double(), overhead)
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..arch import get_arch_spec
 from ..errors import ConfigError, DataError
-from ..model import _as_batches
+from ..batches import as_batches
 
 
 def _base_sublayers(model) -> tuple[Any, list[tuple[Any, Any]]]:
@@ -53,7 +53,7 @@ def compute_importance(model, data: Iterable[dict[str, torch.Tensor]] | torch.Te
     H, D = d["H"], d["D"]
     if isinstance(data, torch.Tensor) and data.dim() == 2:
         data = [{"input_ids": data[i:i + 8]} for i in range(0, data.shape[0], 8)]  # (<=8, T) batches
-    batches = [b for _, b in zip(range(max_batches or 10**9), _as_batches(data))]
+    batches = [b for _, b in zip(range(max_batches or 10**9), as_batches(data))]
     if not batches:
         raise DataError("compute_importance got no data: pass calibration token ids [N, T] or batches of input_ids")
     mlp_sum = [torch.zeros(d["I"], dtype=torch.float64) for _ in pairs]

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
-from ..model import _as_batches
+from ..batches import as_batches
 from .costs import Choices
 
 
@@ -109,7 +109,7 @@ def measure_configurations(fm, data: Iterable[dict[str, torch.Tensor]] | torch.T
     """
     from .routing import full_choices, menu_sizes, set_index_choices
 
-    batches = list(_as_batches(data))
+    batches = list(as_batches(data))
     if not batches:
         raise DataError("calibration data for the surrogate is empty: pass training sequences")
     if n_configs < 8:

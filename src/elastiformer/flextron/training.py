@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from ..cache import atomic_write_json, ensure_writable_dir
 from ..distill import kl_teacher_student
 from ..errors import ConfigError, ElastiformerError
-from ..model import _as_batches, weight_fingerprint
+from ..batches import as_batches
+from ..model import weight_fingerprint
 from ..trainer import CHECKPOINT, TrainReport, as_tensor_data, batch_at, check_train_options, finite_on_every_rank, \
     load_checkpoint, loss_failure, lr_factor, save_checkpoint, sequence_length
 from .model import FlextronModel
@@ -100,7 +101,7 @@ def subnet_kl(fm: FlextronModel, data, choices: dict[str, Any], teacher: torch.n
     device = next(fm.parameters()).device
     if isinstance(data, torch.Tensor):
         data = [{"input_ids": data[i:i + 8]} for i in range(0, data.shape[0], 8)]  # (<=8, T) batches
-    for i, batch in enumerate(_as_batches(data)):
+    for i, batch in enumerate(as_batches(data)):
         if max_batches is not None and i >= max_batches:
             break
         batch = {k: v.to(device) for k, v in batch.items()}
