@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import elastiformer as ef
 from elastiformer import cli
+from elastiformer.cli import commands as cli_app, options as cli_options
 
 WORDS = ("the a cat dog sat ran on under mat house far away and then came back home big small red blue green "
          "tree river walked slept quickly slowly over with without night day sun moon").split()
@@ -200,7 +201,7 @@ def test_option_type_errors_are_one_line(capsys, args, expected, where):
 
 
 def test_debug_flag_shows_the_traceback(workspace, tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(Path(cli.__file__).parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(ef.__file__).parents[1]))
     proc = subprocess.run([sys.executable, "-m", "elastiformer", "--debug", "eval", "--routers", tmp_path / "x"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "RouterFileError" in proc.stderr
@@ -231,14 +232,14 @@ def test_exit_codes_version_and_a_bare_command(capsys, monkeypatch):
     def interrupted(o):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "run_train", interrupted)
+    monkeypatch.setattr(cli_app, "run_train", interrupted)
     code, out, err = run(["train", "--steps", "1"], capsys)  # Ctrl-C: 130 and one line, never 0
     assert code == 130 and err.count("\n") == 1 and "--resume" in err
 
     def broken(o):
         raise RuntimeError("something inside went wrong\nsecond line")
 
-    monkeypatch.setattr(cli, "run_train", broken)
+    monkeypatch.setattr(cli_app, "run_train", broken)
     code, out, err = run(["train", "--steps", "1"], capsys)  # a bug: 1 and one line, the traceback with --debug
     assert code == 1 and err.count("\n") == 1 and "RuntimeError: something inside went wrong" in err
     assert "--debug" in err and "Traceback" not in err
@@ -294,15 +295,15 @@ def test_yaml_values_are_checked_like_command_line_values(tmp_path, capsys, yaml
 def test_yaml_false_strings_are_false(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("overwrite: 'false'\nbudgets: [0.5, 0.8]\ndense_layers: 0\n")
-    merged = cli._merge(cfg, {}, {"overwrite": True, "budgets": "0.9", "dense_layers": ""})
+    merged = cli_options.merge_options(cfg, {}, {"overwrite": True, "budgets": "0.9", "dense_layers": ""})
     assert merged == {"overwrite": False, "budgets": "0.5,0.8", "dense_layers": "0"}
 
 
 def test_yaml_values_take_the_options_declared_types(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("steps: '7'\nlr: '0.01'\nbatch_size: 2.0\ndense_layers: 0\n")
-    merged = cli._merge(cfg, {}, dict(cli.TRAIN_DEFAULTS), command=cli.train)
+    merged = cli_options.merge_options(cfg, {}, dict(cli_app.TRAIN_DEFAULTS), command=cli_app.train)
     assert (merged["steps"], merged["lr"], merged["batch_size"], merged["dense_layers"]) == (7, 0.01, 2, "0")
     assert type(merged["steps"]) is int and type(merged["lr"]) is float
-    kinds = cli.declared_option_types(cli.train)
+    kinds = cli_options.declared_option_types(cli_app.train)
     assert kinds["steps"] is int and kinds["lr"] is float and kinds["overwrite"] is bool

@@ -126,7 +126,24 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool, what: str = "its 
         raise ConfigError(f"{path} already exists: pass {flag} to replace {what}, or another output")
     if path.is_file():
         raise ConfigError(f"{path} is a file, not a folder: pass a folder for {what}")
-    return ensure_writable_dir(path)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    checked = ensure_writable_dir(path)
+    _CREATED_OUTPUTS.extend(missing)  # (deepest first)
+    return checked
+
+
+_CREATED_OUTPUTS: list[Path] = []  # output folders check_output_dir created (for a command that fails to remove)
+
+
+def remove_empty_created_outputs(failed: bool = True) -> None:
+    """After a command: if it `failed`, remove the output folders `check_output_dir` created that stayed empty (a
+    failed run's partial checkpoint stays, for --resume); either way start a fresh record."""
+    for folder in _CREATED_OUTPUTS if failed else ():
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            pass
+    _CREATED_OUTPUTS.clear()
 
 
 def check_output_file(path: str | os.PathLike, overwrite: bool, flag: str = "--overwrite") -> Path:

@@ -62,7 +62,7 @@ def prepare_checkpoints(o, echo) -> None:
     """What `make bench-flextron` needs and a fresh machine lacks: the sorted checkpoint (`flextron sort` with its
     defaults) and the continued-trained one (`flextron train`, `continued_training_steps` steps, checkpointed
     every 10 and resumed if a run was cut short), written where the bench looks for them."""
-    from .cli import SORT_DEFAULTS, TRAIN_DEFAULTS, run_sort, run_train
+    from .pipeline import SORT_DEFAULTS, TRAIN_DEFAULTS, run_sort, run_train
     from .model import CONFIG_NAME
 
     sorted_path = Path(o["sorted_checkpoint"] or default_checkpoints()["sorted"])

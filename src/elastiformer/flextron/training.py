@@ -62,7 +62,7 @@ def sample_subnet(fm: FlextronModel, kind: str, generator: torch.Generator) -> d
     raise ConfigError(f"unknown sub-network kind {kind!r}: pass any of {', '.join(SUBNET_KINDS)}")
 
 
-def _check_subnets(subnets) -> tuple[str, ...]:
+def check_subnets(subnets) -> tuple[str, ...]:
     if isinstance(subnets, str):
         subnets = tuple(s.strip() for s in subnets.split(",") if s.strip())
     subnets = tuple(subnets)
@@ -156,7 +156,7 @@ def train_flextron(
     if not isinstance(fm, FlextronModel):
         raise ConfigError(f"train_flextron needs a FlextronModel (get_flextron_model), got {type(fm).__name__}")
     check_train_options(steps, batch_size, lr, grad_accum, temperature, None, None, checkpoint_every)
-    subnets = _check_subnets(subnets)
+    subnets = check_subnets(subnets)
     if teacher not in ("frozen", "self"):
         raise ConfigError(f"teacher={teacher!r}: pass 'frozen' (a frozen copy of the starting weights) or 'self' "
                           "(the same weights at full width, no copy)")

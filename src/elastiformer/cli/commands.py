@@ -1,5 +1,5 @@
 """The `elastiformer` command: train | eval | info | demo | bench | lm-eval | vit-teacher | bench-vision, and
-`flextron ...` (flextron/cli.py).
+`flextron ...` (cli/flextron.py).
 
 Every subcommand takes `--config FILE.yaml` whose keys are the subcommand's option names (dashes or underscores);
 options given on the command line win over the file. Errors a user can fix print one line and exit 2; `--debug`
@@ -17,8 +17,9 @@ from typing import Any, Optional
 
 import typer
 
-from .errors import ConfigError, ElastiformerError
-from .validation import parse_floats as _floats, parse_ints as _ints, project_readme
+from ..errors import ConfigError, ElastiformerError
+from ..validation import parse_floats as _floats, parse_ints as _ints, project_readme, remove_empty_created_outputs
+from .options import check_numbers, check_output, merge_options
 
 app = typer.Typer(
     help="Make a pretrained Transformer elastic: train tiny routers by self-distillation, then pick the compute "
@@ -33,7 +34,7 @@ _DEBUG = False
 
 def _print_version(value: bool) -> None:
     if value:
-        from .version import __version__
+        from ..version import __version__
 
         typer.echo(f"elastiformer {__version__}")
         raise typer.Exit()
@@ -45,144 +46,6 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
                                        help="Print the version and exit.")):
     global _DEBUG
     _DEBUG = debug
-
-
-# ---------------------------------------------------------------------- option merging (CLI > YAML > defaults)
-def _merge(config: Optional[Path], given: dict[str, Any], defaults: dict[str, Any], command=None) -> dict[str, Any]:
-    """CLI options over YAML values over defaults. `command`: the typer function whose annotated option types the
-    YAML values are converted to."""
-    merged = dict(defaults)
-    if config is not None:
-        import yaml
-
-        if not config.is_file():
-            raise ConfigError(f"no config file at {config}: pass a YAML file of option: value lines")
-        try:
-            loaded = yaml.safe_load(config.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{config} is not valid YAML ({str(err).splitlines()[0]}): fix the file") from err
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{config} must hold a mapping of option: value, not a {type(loaded).__name__}")
-        loaded = {str(k).replace("-", "_"): v for k, v in loaded.items()}
-        unknown = sorted(set(loaded) - set(defaults))
-        if unknown:
-            import difflib
-
-            hints = [f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, list(defaults), n=1)) else ""
-                     for k in unknown]
-            raise ConfigError(f"{config} has unknown keys {unknown}{''.join(hints)}: the options here are "
-                              f"{', '.join(sorted(defaults))}")
-        kinds = declared_option_types(command) if command is not None else {}
-        merged.update({k: _declared_type(config, k, _yaml_value(config, k, v, defaults[k]), kinds)
-                       for k, v in loaded.items()})
-    merged.update({k: v for k, v in given.items() if v is not None})
-    return merged
-
-
-def _declared_type(config: Path, key: str, value: Any, kinds: dict[str, type]) -> Any:
-    """A YAML value converted to the type its command-line option declares (the command's signature is the one
-    declaration of each option: `steps: abc` fails as `--steps abc` would); keys with no option of their own (e.g. a
-    bench's inner settings) keep the structural checks of `_yaml_value`."""
-    kind = kinds.get(key)
-    if kind not in (int, float) or value is None:
-        return value
-    name = "an integer" if kind is int else "a number"
-    try:
-        converted = kind(value)
-        if kind is int and isinstance(value, float) and converted != value:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ConfigError(f"{config}: {key} is {value!r}: pass {name}, as --{key.replace('_', '-')} takes") from None
-    return converted
-
-
-def declared_option_types(command) -> dict[str, type]:
-    """{option name: int / float / str / bool / Path} from a typer command function's annotations (Optional[...]
-    unwrapped)."""
-    import types
-    import typing
-
-    kinds = {}
-    for name, hint in typing.get_type_hints(command).items():
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
-        kinds[name] = args[0] if optional and args else hint
-    return kinds
-
-
-_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-_PATH_KEYS = ("output", "model", "data", "routers", "plot", "calibration_data", "checkpoint", "sorted_checkpoint")
-
-
-def _yaml_value(config: Path, key: str, value: Any, default: Any) -> Any:
-    """A YAML value checked against its option's kind (the kind of its default) as the command line would check it:
-    `overwrite: "false"` is false, not a truthy string; a list is a comma-separated option (`budgets: [0.5, 0.8]`)."""
-    where = f"{config}: {key}"
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-        raise ConfigError(f"{where} is {value!r}: pass true or false")
-    if isinstance(value, bool):
-        kind = type(default).__name__ if default is not None else "value"
-        raise ConfigError(f"{where} is {value!r}: this option takes a {kind}, not true / false")
-    if isinstance(value, dict):
-        raise ConfigError(f"{where} is a mapping: pass a single value")
-    if isinstance(value, list) and key in _PATH_KEYS:
-        raise ConfigError(f"{where} is a list: pass one name or path")
-    if isinstance(value, list):
-        if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            raise ConfigError(f"{where} is {value!r}: a list here holds numbers only, e.g. [0.5, 0.8]")
-        return ",".join(str(v) for v in value)
-    if key in _PATH_KEYS and not isinstance(value, str):
-        raise ConfigError(f"{where} is {value!r}: pass a name or path (text)")
-    if isinstance(default, str) and not isinstance(value, str):
-        return str(value)  # (e.g. dense_layers: 0)
-    return value
-
-
-_CREATED: list[Path] = []  # output folders this command created: removed again if it fails and they stay empty
-
-
-def _check_output(path: Path, overwrite: bool, what: str) -> None:
-    from .validation import check_output_dir
-
-    missing = [p for p in (Path(path), *Path(path).parents) if not p.exists()]
-    check_output_dir(path, overwrite, what, flag="--overwrite")
-    _CREATED.extend(missing)  # (deepest first)
-
-
-def _remove_empty_outputs() -> None:
-    for folder in _CREATED:
-        try:
-            folder.rmdir()  # only if empty: a failed run's partial checkpoint stays, for --resume
-        except OSError:
-            pass
-    _CREATED.clear()
-
-
-def _check_numbers(o: dict[str, Any], ints: dict[str, int], floats: tuple[str, ...] = ()) -> None:
-    """Integer options (name -> minimum; None values skipped) and positive float options, checked and converted in
-    place before any model is loaded (a YAML file may give them as strings)."""
-    from .validation import check_int, check_positive
-
-    for key, minimum in ints.items():
-        value = o.get(key)
-        if value is None:
-            continue
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value)
-        o[key] = check_int(f"--{key.replace('_', '-')}", value, minimum)
-    for key in floats:
-        value = o.get(key)
-        if value is None:
-            continue
-        try:
-            value = float(value) if isinstance(value, str) else value
-        except ValueError:
-            pass
-        o[key] = check_positive(f"--{key.replace('_', '-')}", value)
 
 
 # ---------------------------------------------------------------------- train
@@ -197,7 +60,7 @@ TRAIN_DEFAULTS = dict(
 
 
 def _elastic_config(o: dict[str, Any]):
-    from .config import ElasticConfig
+    from ..config import ElasticConfig
 
     return ElasticConfig(
         mlp_tokens=o["mlp_tokens"], attn_tokens=o["attn_tokens"], attn_heads=o["attn_heads"],
@@ -211,20 +74,20 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
     """Train routers as `o` says; returns the report dict (also written to OUTPUT/train_log.json)."""
     from accelerate import PartialState
 
-    from .config import check_fraction
-    from .data import load_texts, pack_sequences
-    from .model import get_elastic_model
-    from .models import load_model, load_tokenizer
-    from .trainer import train_routers
+    from ..config import check_fraction
+    from ..data import load_texts, pack_sequences
+    from ..model import get_elastic_model
+    from ..models import load_model, load_tokenizer
+    from ..trainer import train_routers
 
     # validate everything cheap before any heavy work (loading the model, tokenizing)
-    from .trainer import check_train_options, lr_factor
-    from .validation import check_device
+    from ..trainer import check_train_options, lr_factor
+    from ..validation import check_device
 
-    _check_numbers(o, dict(steps=1, batch_size=1, seq_len=2, max_sequences=1, warmup=0, grad_accum=1, seed=0,
+    check_numbers(o, dict(steps=1, batch_size=1, seq_len=2, max_sequences=1, warmup=0, grad_accum=1, seed=0,
                            checkpoint_every=1, lora_rank=0, mlp_experts=2, target_steps=0, target_repeats=1),
                    ("lr", "temperature"))
-    from .trainer import ROUTER_TARGETS
+    from ..trainer import ROUTER_TARGETS
 
     if o["router_targets"] not in ROUTER_TARGETS:
         raise ConfigError(f"--router-targets {o['router_targets']!r}: pass one of {', '.join(ROUTER_TARGETS)}")
@@ -260,7 +123,7 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
 
     cpu = o["device"] == "cpu" or (o["device"] is None and not torch.cuda.is_available())
     if not o["resume"] and PartialState(cpu=cpu).is_main_process:  # under `accelerate launch`, one process checks
-        _check_output(out, o["overwrite"], "its routers")
+        check_output(out, o["overwrite"], "its routers")
     texts = load_texts(None if o["data"] == "gutenberg" else o["data"], split="train")
     model = load_model(o["model"])
     _check_seq_len(o["seq_len"], model)
@@ -333,7 +196,7 @@ def train(
     given = {k: v for k, v in locals().items() if k != "config"}
     given["resume"] = resume or None
     given["overwrite"] = overwrite or None
-    o = _merge(config, given, TRAIN_DEFAULTS, command=train)
+    o = merge_options(config, given, TRAIN_DEFAULTS, command=train)
     if not any(o[k] is not None for k in ("mlp_tokens", "attn_tokens", "attn_heads", "mlp_experts")):
         o["mlp_tokens"] = 0.8  # the component that pays best on small models (see the README results)
     report = run_train(o)
@@ -351,7 +214,7 @@ EVAL_DEFAULTS = dict(
 
 def _check_seq_len(seq_len: int, model) -> None:
     """--seq-len must fit the model's context: refused here, before the text is tokenized, not deep in a forward."""
-    from .validation import model_context
+    from ..validation import model_context
 
     context = model_context(model.config)
     if context is not None and int(seq_len) > context:
@@ -360,22 +223,22 @@ def _check_seq_len(seq_len: int, model) -> None:
 
 
 def run_eval(o: dict[str, Any], em=None) -> dict[str, Any]:
-    from .config import check_fraction
-    from .data import load_texts, pack_sequences
-    from .evaluate import evaluate
-    from .model import ElasticModel
-    from .models import load_model, load_tokenizer
+    from ..config import check_fraction
+    from ..data import load_texts, pack_sequences
+    from ..evaluate import evaluate
+    from ..model import ElasticModel
+    from ..models import load_model, load_tokenizer
 
     budgets = _floats(o["budgets"], "budgets")
     if not budgets:
         raise ConfigError(f"--budgets {o['budgets']!r}: pass at least one budget, e.g. 0.5,0.7,0.9")
     for b in budgets:
         check_fraction("budget", b)
-    _check_numbers(o, dict(seq_len=2, max_sequences=1, batch_size=1, timing_reps=0, seed=0))
+    check_numbers(o, dict(seq_len=2, max_sequences=1, batch_size=1, timing_reps=0, seed=0))
     if em is None:
         if not o["routers"]:
             raise ConfigError("eval needs --routers FOLDER (the routers/ folder that `elastiformer train` wrote)")
-        from .model import base_model_source, read_router_config
+        from ..model import base_model_source, read_router_config
 
         saved = read_router_config(o["routers"])  # fail fast, before loading the model
         if o["model"] is None:  # the base model the routers were trained on, as the routers folder records it
@@ -420,8 +283,8 @@ def allocation_table(em, budgets) -> dict[str, Any]:
 
 def describe_allocation(meta: dict[str, Any], folder: Path, budgets=(0.9, 0.8, 0.7, 0.6, 0.5)) -> dict[str, Any]:
     """What `info` shows of a saved allocation: how it was fitted, and each budget's per-layer capacities."""
-    from .allocation import Allocation
-    from .config import ElasticConfig
+    from ..allocation import Allocation
+    from ..config import ElasticConfig
 
     components = ElasticConfig.from_dict(meta["elastic_config"]).components()
     alloc = Allocation.from_dict(meta["allocation"], int(meta["base_model"]["dims"]["L"]), components,
@@ -472,7 +335,7 @@ def plot_curve(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .cache import atomic_path
+    from ..cache import atomic_path
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(r["method"] for r in result["records"]):
@@ -517,8 +380,8 @@ def eval_(
     the per-layer capacities each budget runs at."""
     given = {k: v for k, v in locals().items() if k != "config"}
     given["overwrite"] = overwrite or None
-    o = _merge(config, given, EVAL_DEFAULTS, command=eval_)
-    from .validation import check_output_file
+    o = merge_options(config, given, EVAL_DEFAULTS, command=eval_)
+    from ..validation import check_output_file
 
     for key in ("output", "plot"):
         if o[key] is not None:
@@ -526,7 +389,7 @@ def eval_(
     result = run_eval(o)
     print_table(result)
     if o["output"]:
-        from .cache import atomic_write_json
+        from ..cache import atomic_write_json
 
         atomic_write_json(o["output"], result)
         typer.echo(f"results: {o['output']}")
@@ -576,11 +439,11 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print a router folder's description as JSON (for scripts)."),
 ):
     """Describe a router folder, a model, or (with no argument) what elastiformer supports."""
-    from .arch import supported_model_types
-    from .models import available_models
+    from ..arch import supported_model_types
+    from ..models import available_models
 
     if routers is not None:
-        from .model import read_router_config
+        from ..model import read_router_config
 
         meta = read_router_config(routers)
         shown = {k: meta[k] for k in ("format_version", "elastiformer_version", "elastic_config", "base_model",
@@ -589,8 +452,8 @@ def info(
         typer.echo(json.dumps(shown, indent=2) if as_json else router_summary(shown, Path(routers)))
         return
     if model is not None:
-        from .arch import get_arch_spec
-        from .models import load_model
+        from ..arch import get_arch_spec
+        from ..models import load_model
 
         m = load_model(model)
         spec = get_arch_spec(m)
@@ -628,8 +491,8 @@ def vit_teacher(
 ):
     """Train the small ViT teacher on Fashion-MNIST and cache it. No pretrained ViT installs here (no hub access),
     so the vision path trains its own; any other local HF ViT folder works the same way afterwards."""
-    from .cache import cache_dir
-    from .vit_teacher import VIT_TEACHER_NAME, teacher_report, train_vit_teacher
+    from ..cache import cache_dir
+    from ..vit_teacher import VIT_TEACHER_NAME, teacher_report, train_vit_teacher
 
     out = output or cache_dir() / "models" / VIT_TEACHER_NAME
     done = teacher_report(out)
@@ -637,7 +500,7 @@ def vit_teacher(
         typer.echo(f"a ViT teacher is already in {out} (test accuracy {done['test_accuracy']:.4f}); pass "
                    "--overwrite to train again")
         return
-    _check_output(out, overwrite, "the teacher")
+    check_output(out, overwrite, "the teacher")
     typer.echo("No pretrained ViT installs here, so elastiformer trains its own ViT teacher on Fashion-MNIST "
                "(Debian package dataset-fashion-mnist).")
     options = dict(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, hidden_size=hidden_size, layers=layers,
@@ -651,8 +514,8 @@ def vit_teacher(
 # ---------------------------------------------------------------------- bench
 def bench_tasks() -> dict[str, dict[str, Any]]:
     """What `elastiformer bench --task T` runs: defaults, runner, plot, README renderer and README marker."""
-    from .benchmark import BENCH_DEFAULTS, plot_lm_bench, results_markdown, run_lm_bench
-    from .benchmark_encoder import (ENCODER_BENCH_DEFAULTS, encoder_results_markdown, plot_encoder_bench,
+    from ..benchmark import BENCH_DEFAULTS, plot_lm_bench, results_markdown, run_lm_bench
+    from ..benchmark_encoder import (ENCODER_BENCH_DEFAULTS, encoder_results_markdown, plot_encoder_bench,
                                     run_encoder_bench)
 
     return {
@@ -700,23 +563,23 @@ def bench(
     given["append"] = append or None
     given["resume"] = resume or None
     given["overwrite"] = overwrite or None
-    o = _merge(config, given, t["defaults"] | {"overwrite": False}, command=bench)
+    o = merge_options(config, given, t["defaults"] | {"overwrite": False}, command=bench)
     if o["resume"] and o["overwrite"]:
         raise ConfigError("--resume keeps OUTPUT's finished settings and --overwrite replaces them: pass one")
     if readme:
         path = Path(o["output"])
         if not path.is_file():
             raise ConfigError(f"no results at {path}: run `elastiformer bench --task {task}` first")
-        from .benchmark import update_readme
+        from ..benchmark import update_readme
 
         update_readme(json.loads(path.read_text()), project_readme(), str(path.with_suffix(".png")),
                       marker=t["marker"], render=t["render"])
         typer.echo(f"README.md {task} results section rewritten from {path}")
         return
-    from .validation import check_output_file
+    from ..validation import check_output_file
 
     if task == "lm":
-        _check_numbers(o, dict(steps=1, batch_size=1, seq_len=2, train_sequences=1, eval_sequences=1, eval_seq_len=2,
+        check_numbers(o, dict(steps=1, batch_size=1, seq_len=2, train_sequences=1, eval_sequences=1, eval_seq_len=2,
                                prefill_batch=1, prefill_len=1, decode_tokens=1, timing_reps=0, seed=0, lora_rank=0,
                                lm_eval_docs=0))
     check_output_file(o["output"], bool(o["overwrite"] or o["append"] or o["resume"]),
@@ -754,13 +617,13 @@ def bench_vision(
     """Benchmark the elastic ViT on Fashion-MNIST: test accuracy of teacher and elastic model against executed
     FLOPs for each routed component (tokens = patches, heads, experts) and their combination, beside random,
     training-free (norm) and static baselines; then robustness to the classes the routers were trained on."""
-    from .bench_vision import VISION_BENCH_DEFAULTS, plot_vision_bench, run_vision_bench, update_vision_readme
+    from ..bench_vision import VISION_BENCH_DEFAULTS, plot_vision_bench, run_vision_bench, update_vision_readme
 
     given = {k: v for k, v in locals().items() if k not in ("config", "readme") and not k[0].isupper()
              and not callable(v)}
     given["append"] = append or None
     given["resume"] = resume or None
-    o = _merge(config, given, VISION_BENCH_DEFAULTS, command=bench_vision)
+    o = merge_options(config, given, VISION_BENCH_DEFAULTS, command=bench_vision)
     if readme:
         path = Path(o["output"])
         if not path.is_file():
@@ -780,7 +643,7 @@ def lm_eval_(ctx: typer.Context):
     `elastiformer lm-eval --model elastiformer --model_args pretrained=smollm2-135m,routers=runs/x/routers,budget=0.8
     --tasks elastiformer_last_word` (the local last-word task from held-out books; hub tasks need hub access).
     Every argument goes to lm_eval (`elastiformer lm-eval --help` shows its options)."""
-    from .integrations.lm_eval import main as lm_eval_main
+    from ..integrations.lm_eval import main as lm_eval_main
 
     lm_eval_main(list(ctx.args))
 
@@ -795,7 +658,7 @@ def demo(
 ):
     """The main job end to end: make SmolLM2-135M's MLPs token-elastic on Gutenberg books and show the trade-off."""
     t0 = time.perf_counter()
-    _check_output(output, overwrite, "the earlier demo's results")
+    check_output(output, overwrite, "the earlier demo's results")
     typer.echo("elastiformer demo: SmolLM2-135M, MLP token routing (Mixture-of-Depths style), trained by "
                "self-distillation on Gutenberg books, evaluated on held-out books.\n")
     opts = dict(TRAIN_DEFAULTS) | dict(output=str(output), mlp_tokens=0.8, dense_layers="", steps=steps,
@@ -812,7 +675,7 @@ def demo(
                                     max_sequences=max_sequences, baselines="random,static")
     result = run_eval(ev)
     result["train"] = {k: report[k] for k in ("steps", "tokens", "seconds", "final_kl")}
-    from .cache import atomic_write_json
+    from ..cache import atomic_write_json
 
     atomic_write_json(output / "demo.json", result)
     plot_curve(result, output / "demo.png")
@@ -825,13 +688,13 @@ def demo(
 
 def plot_allocation_heatmap(table: dict[str, Any], path: Path, model: str = "") -> None:
     """Layer x budget heat map of the capacities in `allocation_table`'s output (one panel per component)."""
-    from .benchmark import plot_allocation
+    from ..benchmark import plot_allocation
 
     plot_allocation({"model": model, "components": {"learned": {"allocation": table}}}, path)
 
 
 # ---------------------------------------------------------------------- flextron (its own sub-app)
-from .flextron.cli import app as _flextron_app  # noqa: E402
+from .flextron import app as _flextron_app  # noqa: E402
 
 app.add_typer(_flextron_app, name="flextron")
 
@@ -857,8 +720,8 @@ def _command_with_defaults():
     """The click command of `app`, its options' defaults shown in --help. Options default to None in their
     signatures (so a YAML config can tell what the command line gave); the real defaults live in each command's
     *_DEFAULTS dict, and are shown from there."""
-    from .flextron.cli import LATENCY_DEFAULTS, SORT_DEFAULTS, TRAIN_DEFAULTS as FLEXTRON_TRAIN_DEFAULTS
-    from .flextron.route_cli import FLEXTRON_EVAL_DEFAULTS, ROUTE_DEFAULTS
+    from ..flextron.pipeline import (FLEXTRON_EVAL_DEFAULTS, LATENCY_DEFAULTS, ROUTE_DEFAULTS, SORT_DEFAULTS,
+                                     TRAIN_DEFAULTS as FLEXTRON_TRAIN_DEFAULTS)
 
     root = typer.main.get_command(app)
     defaults = {("train",): TRAIN_DEFAULTS | {"budget_range": "0.5,0.95"}, ("eval",): EVAL_DEFAULTS,
@@ -880,10 +743,11 @@ def main() -> None:
     """Console entry point (see `_run` for the exit codes); an output folder a failed run created stays only if
     something was written into it."""
     code = 1
+    remove_empty_created_outputs(failed=False)  # (folders an earlier library call in this process created)
     try:
         code = _run()
     finally:
-        _remove_empty_outputs() if code else _CREATED.clear()
+        remove_empty_created_outputs(failed=bool(code))
     sys.exit(code)
 
 
