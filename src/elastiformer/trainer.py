@@ -32,6 +32,7 @@ from .distill import DEFAULT_AUX_WEIGHTS, LOSSES, POOLINGS, embedding_distance, 
 from .errors import ConfigError, DataError, ElastiformerError
 from .batches import as_batches, tensor_batch
 from .model import ElasticModel
+from .training_loop import TrainingLoop, lr_factor  # noqa: F401  (lr_factor: part of this module's API)
 from .validation import check_device, check_int, check_token_ids
 
 logger = logging.getLogger(__name__)
@@ -132,19 +133,6 @@ def check_train_options(steps, batch_size, lr, grad_accum, temperature, budget, 
         lo, hi = budget_range
         if not (0 < lo <= hi < 1):
             raise ConfigError(f"budget_range={budget_range}: pass (low, high) with 0 < low <= high < 1")
-
-
-def lr_factor(schedule: str, step: int, steps: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, steps - warmup)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    raise ConfigError(f"schedule={schedule!r}: pass 'cosine', 'linear' or 'constant'")
 
 
 def train_routers(
@@ -302,9 +290,8 @@ def train_routers(
         em.split_experts(_split_batches([batch_at(data, 0, i, batch_size, seed + 2) for i in range(2)]), seed=seed)
         logger.info("experts split by co-activation on 2 batches")
     params = em.router_parameters()
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(schedule, s, steps, warmup))
-    model, optimizer, scheduler = accelerator.prepare(em, optimizer, scheduler)
+    loop = TrainingLoop(accelerator, em, params, lr=lr, schedule=schedule, steps=steps, warmup=warmup)
+    model, optimizer, scheduler = loop.model, loop.optimizer, loop.scheduler
     core: ElasticModel = accelerator.unwrap_model(model)
 
     start, history = 0, []
@@ -323,70 +310,65 @@ def train_routers(
                                             progress=progress and accelerator.is_main_process)
     student_targets = {} if router_inputs == "student" else None  # filled by each teacher pass, read by the student
     sampler = torch.Generator(device=accelerator.device).manual_seed(seed)  # the sensitivity targets' Fisher samples
+    step_budget: dict[str, float] = {}
+
+    def before_step(step: int) -> None:  # one budget per step, the same for every micro-batch
+        step_budget.clear()
+        step_budget.update(fixed or sample_budget(components, budget_range, step, seed,
+                                                  {k: core.state.min_budget(k) for k in components}))
+        core.set_budget(**step_budget)
+
+    def micro_step(step: int, micro: int, sync: bool) -> dict[str, float]:
+        batch = batch_at(data, step, micro * world + rank, batch_size, seed, stride=grad_accum * world)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with loop.no_sync(sync), core._override("student_targets", student_targets):
+            if router_targets == "sensitivity":  # the teacher's forward and one backward (of a Fisher sample)
+                teacher, teacher_aux = core.teacher_sensitivities(batch, generator=sampler)
+                if loss_kind == "cosine":
+                    with torch.no_grad(), core.disable_routers():
+                        teacher = _distill_target(core, model, batch, loss_kind, pooling)
+            else:
+                with torch.no_grad(), core.disable_routers(), core.teacher_targets(router_targets == "teacher"):
+                    teacher = _distill_target(core, model, batch, loss_kind, pooling)
+                teacher_aux = core.aux_losses()  # importance targets measured on the teacher (grad to routers)
+            student = _distill_target(core, model, batch, loss_kind, pooling)
+            if loss_kind == "kl":
+                distill = kl_teacher_student(teacher, student, batch.get("attention_mask"), temperature)
+            else:
+                distill = embedding_distance(teacher, student, token_weight)
+            aux = core.aux_losses()
+            if router_targets != "self":  # the teacher's importance targets replace self-consistency
+                aux.pop("token_bce", None)
+            aux |= teacher_aux
+            total = distill + sum(weights.get(k, 0.0) * v for k, v in aux.items())
+            if not finite_on_every_rank(accelerator, total):
+                _stop_diverged(f"{loss_failure(total, {loss_kind: distill, **aux})} at step {step + 1}",
+                               out_dir if accelerator.is_main_process else None, history)
+            accelerator.backward(total)  # (accelerate divides by grad_accum)
+        return {"distill": distill.item() / grad_accum, "loss": total.item() / grad_accum,
+                **{k: v.item() / grad_accum for k, v in aux.items()}, "tokens": _batch_tokens(batch, core) * world}
+
+    def step_entry(step: int, logs: dict[str, float]) -> dict[str, Any]:
+        return {"kl" if loss_kind == "kl" else "cosine_distance": logs["distill"],
+                "flops_ratio": core.last_stats()["flops_ratio"], "tokens": int(logs["tokens"]),
+                **{f"budget_{k}": v for k, v in step_budget.items()}}
+
+    def nonfinite_grad(step: int) -> None:
+        _stop_diverged(f"a router gradient became NaN / inf at step {step + 1}",
+                       out_dir if accelerator.is_main_process else None, history)
+
+    def save(done: int) -> None:
+        save_checkpoint(core, optimizer, scheduler, done, history, out_dir / CHECKPOINT, options)
+        atomic_write_json(out_dir / "train_log.json", {"steps": done, "history": history, "finished": False})
+
     core.train()
     t0 = time.perf_counter()
     last = min(steps, stop_after) if stop_after is not None else steps
-    bar = tqdm(range(start, last), desc="training routers", disable=not (progress and accelerator.is_main_process),
-               initial=start, total=last)
-    for step in bar:
-        step_budget = fixed or sample_budget(components, budget_range, step, seed,
-                                             {k: core.state.min_budget(k) for k in components})
-        core.set_budget(**step_budget)
-        logs = {"distill": 0.0, "loss": 0.0}
-        step_tokens = 0
-        for micro in range(grad_accum):
-            batch = batch_at(data, step, micro * world + rank, batch_size, seed, stride=grad_accum * world)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.accumulate(model), core._override("student_targets", student_targets):
-                if router_targets == "sensitivity":  # the teacher's forward and one backward (of a Fisher sample)
-                    teacher, teacher_aux = core.teacher_sensitivities(batch, generator=sampler)
-                    if loss_kind == "cosine":
-                        with torch.no_grad(), core.disable_routers():
-                            teacher = _distill_target(core, model, batch, loss_kind, pooling)
-                else:
-                    with torch.no_grad(), core.disable_routers(), core.teacher_targets(router_targets == "teacher"):
-                        teacher = _distill_target(core, model, batch, loss_kind, pooling)
-                    teacher_aux = core.aux_losses()  # importance targets measured on the teacher (grad to routers)
-                student = _distill_target(core, model, batch, loss_kind, pooling)
-                if loss_kind == "kl":
-                    distill = kl_teacher_student(teacher, student, batch.get("attention_mask"), temperature)
-                else:
-                    distill = embedding_distance(teacher, student, token_weight)
-                aux = core.aux_losses()
-                if router_targets != "self":  # the teacher's importance targets replace self-consistency
-                    aux.pop("token_bce", None)
-                aux |= teacher_aux
-                total = distill + sum(weights.get(k, 0.0) * v for k, v in aux.items())
-                if not finite_on_every_rank(accelerator, total):
-                    _stop_diverged(f"{loss_failure(total, {loss_kind: distill, **aux})} at step {step + 1}",
-                                   out_dir if accelerator.is_main_process else None, history)
-                accelerator.backward(total)
-                if accelerator.sync_gradients and not all(
-                        torch.isfinite(p.grad).all() for p in params if p.grad is not None):
-                    _stop_diverged(f"a router gradient became NaN / inf at step {step + 1}",
-                                   out_dir if accelerator.is_main_process else None, history)
-                optimizer.step()
-                scheduler.step() if accelerator.sync_gradients else None
-                optimizer.zero_grad()
-            logs["distill"] += distill.item() / grad_accum
-            logs["loss"] += total.item() / grad_accum
-            step_tokens += _batch_tokens(batch, core) * world
-            for k, v in aux.items():
-                logs[k] = logs.get(k, 0.0) + v.item() / grad_accum
-        stats = core.last_stats()
-        logs["kl" if loss_kind == "kl" else "cosine_distance"] = logs["distill"]
-        entry = {"step": step + 1, **logs, "flops_ratio": stats["flops_ratio"], "lr": scheduler.get_last_lr()[0],
-                 "tokens": step_tokens, **{f"budget_{k}": v for k, v in step_budget.items()}}
-        history.append(entry)
-        bar.set_postfix(loss=f"{logs['loss']:.3f}", **{loss_kind: f"{logs['distill']:.4f}"},
-                        compute=f"{stats['flops_ratio']:.2f}")
-        done = step + 1
-        if out_dir is not None and checkpoint_every and (done % checkpoint_every == 0 or done == last):
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(core, optimizer, scheduler, done, history, out_dir / CHECKPOINT, options)
-                atomic_write_json(out_dir / "train_log.json", {"steps": done, "history": history, "finished": False})
-    bar.close()
+    loop.run(start, last, history, grad_accum=grad_accum, micro_step=micro_step, before_step=before_step,
+             step_entry=step_entry, on_nonfinite_grad=nonfinite_grad, save=save if out_dir is not None else None,
+             checkpoint_every=checkpoint_every, desc="training routers", progress=progress,
+             postfix=lambda e: {"loss": f"{e['loss']:.3f}", loss_kind: f"{e['distill']:.4f}",
+                                "compute": f"{e['flops_ratio']:.2f}"})
     accelerator.wait_for_everyone()
 
     cal = calibration_data if calibration_data is not None else [batch_at(data, 0, i, batch_size, seed + 1)

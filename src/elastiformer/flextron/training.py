@@ -12,13 +12,13 @@ weights in memory, 0.5 GB for SmolLM2-135M). It is needed because the student's 
 nothing anchors the full model while the shared weights move to serve the narrow ones, and the target drifts with
 them. "self" is there for models too large to copy; add `lm_weight` (cross-entropy on the real next tokens) with it.
 
-Batching (`batch_at`), option checks, the learning-rate schedule, `TrainReport` and the atomic checkpoints
-(`checkpoint/`: weights + optimizer + schedule + step) come from `elastiformer.trainer`.
+The optimisation loop (AdamW, schedule, accumulation, clipping, progress, checkpoints) is the one
+`elastiformer.training_loop` runs for the routers too; batching (`batch_at`), option checks, `TrainReport` and the
+atomic checkpoints (`checkpoint/`: weights + optimizer + schedule + step) come from `elastiformer.trainer`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -28,7 +28,6 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..cache import atomic_write_json, ensure_writable_dir
 from ..distill import kl_teacher_student
@@ -36,7 +35,8 @@ from ..errors import ConfigError, ElastiformerError
 from ..batches import as_batches
 from ..model import weight_fingerprint
 from ..trainer import CHECKPOINT, TrainReport, as_tensor_data, batch_at, check_train_options, finite_on_every_rank, \
-    load_checkpoint, loss_failure, lr_factor, save_checkpoint, sequence_length
+    load_checkpoint, loss_failure, save_checkpoint, sequence_length
+from ..training_loop import TrainingLoop
 from .model import FlextronModel
 
 logger = logging.getLogger(__name__)
@@ -183,9 +183,9 @@ def train_flextron(
     if not params:
         raise ConfigError("the model has no trainable weights: Flextron's continued training updates the base "
                           "weights, so do not freeze them (requires_grad_(True))")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(schedule, s, steps, warmup))
-    model, optimizer, scheduler = accelerator.prepare(fm, optimizer, scheduler)
+    loop = TrainingLoop(accelerator, fm, params, lr=lr, schedule=schedule, steps=steps, warmup=warmup,
+                        weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+    model, optimizer, scheduler = loop.model, loop.optimizer, loop.scheduler
     core: FlextronModel = accelerator.unwrap_model(model)
 
     start, history = 0, []
@@ -196,68 +196,57 @@ def train_flextron(
         atomic_write_json(out_dir / START_NAME, start_identity)
 
     rank, world = accelerator.process_index, accelerator.num_processes
+    n_backward = grad_accum * len(subnets)
+    per_kind = {kind: grad_accum * subnets.count(kind) for kind in subnets}  # a kind's KL: mean over its runs
+    configs: list[tuple[str, dict[str, list[int]]]] = []
+
+    def before_step(step: int) -> None:  # the step's sub-networks, the same for every micro-batch
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        configs[:] = [(kind, sample_subnet(core, kind, g)) for kind in subnets]
+
+    def micro_step(step: int, micro: int, sync: bool) -> dict[str, float]:
+        batch = batch_at(data, step, micro * world + rank, batch_size, seed, stride=grad_accum * world)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        mask = batch.get("attention_mask")
+        with torch.no_grad():
+            if teacher_model is not None:
+                target = teacher_model(**batch).logits
+            else:
+                with core.full():
+                    target = model(**batch).logits
+        logs: dict[str, float] = {"loss": 0.0, "kl": 0.0}
+        for j, (kind, choices) in enumerate(configs):
+            core.set_choices(**choices)
+            with loop.no_sync(sync and j == len(configs) - 1):  # DDP: all-reduce once, after the last backward
+                student = model(**batch).logits
+                kl = kl_teacher_student(target, student, mask, temperature)
+                loss = kl
+                if lm_weight:
+                    loss = loss + lm_weight * _next_token_ce(student, batch["input_ids"], mask)
+                if not finite_on_every_rank(accelerator, loss):
+                    raise ElastiformerError(f"{loss_failure(loss)} at step {step} ({kind} sub-network): "
+                                            "lower the learning rate; the last checkpoint is kept")
+                accelerator.backward(loss / n_backward)
+            logs["loss"] += loss.item() / n_backward
+            logs["kl"] += kl.item() / n_backward
+            logs[f"kl_{kind}"] = logs.get(f"kl_{kind}", 0.0) + kl.item() / per_kind[kind]
+        return logs
+
+    def save(done: int) -> None:
+        save_checkpoint(_WeightsView(core), optimizer, scheduler, done, history, out_dir / CHECKPOINT)
+        atomic_write_json(out_dir / "train_log.json", {"steps": done, "history": history, "finished": False})
+
     core.train()
     t0 = time.perf_counter()
     last = min(steps, stop_after) if stop_after is not None else steps
-    n_backward = grad_accum * len(subnets)
-    bar = tqdm(range(start, last), desc="elastic training", disable=not (progress and accelerator.is_main_process),
-               initial=start, total=last)
     saved_choices = core.get_choices()
     try:
-        for step in bar:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            configs = [(kind, sample_subnet(core, kind, g)) for kind in subnets]
-            logs: dict[str, float] = {"loss": 0.0, "kl": 0.0}
-            counts: dict[str, int] = {}
-            done_backward = 0
-            for micro in range(grad_accum):
-                batch = batch_at(data, step, micro * world + rank, batch_size, seed, stride=grad_accum * world)
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                mask = batch.get("attention_mask")
-                with torch.no_grad():
-                    if teacher_model is not None:
-                        target = teacher_model(**batch).logits
-                    else:
-                        with core.full():
-                            target = model(**batch).logits
-                for kind, choices in configs:
-                    core.set_choices(**choices)
-                    done_backward += 1
-                    sync = done_backward == n_backward  # DDP: all-reduce once, after the last backward
-                    with (accelerator.no_sync(model) if not sync else contextlib.nullcontext()):
-                        student = model(**batch).logits
-                        kl = kl_teacher_student(target, student, mask, temperature)
-                        loss = kl
-                        if lm_weight:
-                            loss = loss + lm_weight * _next_token_ce(student, batch["input_ids"], mask)
-                        if not finite_on_every_rank(accelerator, loss):
-                            raise ElastiformerError(f"{loss_failure(loss)} at step {step} ({kind} sub-network): "
-                                                    "lower the learning rate; the last checkpoint is kept")
-                        accelerator.backward(loss / n_backward)
-                    logs["loss"] += loss.item() / n_backward
-                    logs["kl"] += kl.item() / n_backward
-                    logs[f"kl_{kind}"] = logs.get(f"kl_{kind}", 0.0) + kl.item()
-                    counts[kind] = counts.get(kind, 0) + 1
-            if max_grad_norm is not None:
-                logs["grad_norm"] = float(accelerator.clip_grad_norm_(params, max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            for kind, n in counts.items():
-                logs[f"kl_{kind}"] /= n
-            entry = {"step": step + 1, **logs, "lr": scheduler.get_last_lr()[0]}
-            history.append(entry)
-            bar.set_postfix(loss=f"{logs['loss']:.3f}", **{k: f"{v:.3f}" for k, v in logs.items()
-                                                           if k in ("kl_full", "kl_smallest")})
-            done = step + 1
-            if out_dir is not None and checkpoint_every and (done % checkpoint_every == 0 or done == last):
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    save_checkpoint(_WeightsView(core), optimizer, scheduler, done, history, out_dir / CHECKPOINT)
-                    atomic_write_json(out_dir / "train_log.json", {"steps": done, "history": history,
-                                                                   "finished": False})
+        loop.run(start, last, history, grad_accum=grad_accum, micro_step=micro_step, before_step=before_step,
+                 save=save if out_dir is not None else None, checkpoint_every=checkpoint_every,
+                 desc="elastic training", progress=progress,
+                 postfix=lambda e: {"loss": f"{e['loss']:.3f}", **{k: f"{v:.3f}" for k, v in e.items()
+                                                                  if k in ("kl_full", "kl_smallest")}})
     finally:
-        bar.close()
         core.set_choices(**saved_choices)
         core.eval()
     accelerator.wait_for_everyone()
