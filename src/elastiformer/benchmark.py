@@ -391,12 +391,6 @@ def summary_line(summary: dict[str, Any]) -> str:
 def update_readme(result: dict[str, Any], readme: Path, image: str, marker: str = "lm",
                   render=results_markdown) -> None:
     """Replace the text between the `results:<marker>` markers of the README with `render(result)` and the plot."""
-    from .cache import atomic_write_text
-    from .errors import ConfigError
+    from .readme_section import replace_readme_section
 
-    start, end = f"<!-- results:{marker} -->", f"<!-- /results:{marker} -->"
-    text = readme.read_text()
-    if start not in text or end not in text:
-        raise ConfigError(f"{readme} has no '{start}' ... '{end}' markers: add them where the results go")
-    body = f"{start}\n{render(result)}\n![quality against compute]({image})\n{end}"
-    atomic_write_text(readme, text[: text.index(start)] + body + text[text.index(end) + len(end):])
+    replace_readme_section(readme, marker, f"{render(result)}\n![quality against compute]({image})")

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..cache import atomic_write_json, atomic_write_text, cache_dir
+from ..cache import atomic_write_json, cache_dir
 from ..errors import ConfigError
 from ..timing import machine
 
@@ -421,9 +421,7 @@ def target_lines(records: list[dict[str, Any]]) -> list[str]:
 
 
 def update_readme(result: dict[str, Any], readme: Path) -> None:
-    start, end = "<!-- results:flextron -->", "<!-- /results:flextron -->"
-    text = readme.read_text()
-    if start not in text or end not in text:
-        raise ConfigError(f"{readme} has no '{start}' ... '{end}' markers: add them where the Flextron results go")
-    body = f"{start}\n{results_markdown(result)}{end}"
-    atomic_write_text(readme, text[: text.index(start)] + body + text[text.index(end) + len(end):])
+    """Rewrite the README's `results:flextron` section from the bench's result."""
+    from ..readme_section import replace_readme_section
+
+    replace_readme_section(readme, "flextron", results_markdown(result))
