@@ -2,6 +2,11 @@
 into `E` experts, each a contiguous slice of the hidden neurons or, with `expert_split="cluster"`, a cluster of
 neurons that fire together; each token runs only its chosen experts).
 
+A clustered split only regroups hidden neurons, which leaves the MLP's function unchanged: the base MLP's weights are
+permuted once into the router's `neuron_order` (up / gate rows, down columns), so every expert is a contiguous slice
+at run time, as in the contiguous split, and no step gathers scattered weight rows. `weight_order` records the order
+the base weights hold now; `ElasticModel` undoes it for its weight fingerprint and on `unload()`.
+
 With every expert active the sum over experts is the dense MLP: down(act(gate(x)) * up(x)) splits over hidden
 neurons because the activation is elementwise and `down` is linear. A post-LN MLP (BERT) returns
 LayerNorm(x + MLP(x)): the experts' sum is normalized the same way, and a skipped token comes out unchanged.
@@ -26,6 +31,50 @@ class ElasticMLP(ElasticSubLayer):
         self.token_router = token_router
         self.expert_router = expert_router
         self.gated = spec.mlp_weights(base_layer).gate_w is not None  # SwiGLU-style: 3 matmuls, else 2
+        # (I,) the hidden-neuron order the base weights hold now, in the original numbering (None: the original)
+        self.register_buffer("weight_order", None, persistent=False)
+        self._order_applied: tuple[int, int] | None = None  # (storage, version) of the neuron_order last applied
+
+    # ---- clustered experts: the base weights permuted into the split's order, once ----
+    def align_weights(self) -> None:
+        """Permute the base weights into the expert router's `neuron_order` if it changed since the last call (a
+        split fitted, routers loaded, a checkpoint resumed): checked by the order tensor's version counter, so the
+        per-call cost is a tuple comparison."""
+        order = None if self.expert_router is None else self.expert_router.neuron_order
+        if order is None:
+            return
+        key = (order.data_ptr(), order._version)
+        if key != self._order_applied:
+            self.set_weight_order(order)
+            self._order_applied = key
+
+    @torch.no_grad()
+    def set_weight_order(self, order: torch.Tensor | None) -> None:
+        """Put the base MLP's hidden neurons in `order` ((I,) original neuron indices; None: the original order).
+        The function is unchanged: the activation is elementwise and the down projection sums over the neurons."""
+        current = self.weight_order
+        if order is None or current is None:
+            if order is None and current is None:
+                return
+            identity = torch.arange(self.dims["I"], device=(order if current is None else current).device)
+            order = identity if order is None else order
+            current = identity if current is None else current
+        if torch.equal(order, current):
+            return
+        # row r of the new weights is row `perm[r]` of the current ones: current[perm] == order
+        perm = torch.argsort(current)[order]  # (I,)
+        w = self.spec.mlp_weights(self.base_layer)
+        for rows in (w.up_w, w.up_b, w.gate_w, w.gate_b):  # views of the base tensors: written in place
+            if rows is not None:
+                rows.copy_(rows[perm])
+        w.down_w.copy_(w.down_w[:, perm])
+        self.weight_order = order.clone()
+
+    def expert_slice(self, e: int) -> slice:
+        """Expert e's hidden neurons in the weights as they are now: a contiguous slice (call `align_weights` first
+        for a clustered split)."""
+        width = self.dims["I"] // self.expert_router.n_experts
+        return slice(e * width, (e + 1) * width)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         st = self.state
@@ -114,11 +163,11 @@ class ElasticMLP(ElasticSubLayer):
 
     def _expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's output for every token (no down-projection bias). x: (N, C) -> (E, N, C)."""
+        self.align_weights()
         w = self.spec.mlp_weights(self.base_layer)
-        router = self.expert_router
         h = self.hidden_activations(x)  # (N, I)
-        return torch.stack([F.linear(h[:, router.expert_neurons(e)], w.down_w[:, router.expert_neurons(e)])
-                            for e in range(router.n_experts)])
+        return torch.stack([F.linear(h[:, self.expert_slice(e)], w.down_w[:, self.expert_slice(e)])
+                            for e in range(self.expert_router.n_experts)])
 
     def hidden_activations(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP's hidden units before the down projection. x: (N, C) -> (N, I)."""
@@ -142,22 +191,37 @@ class ElasticMLP(ElasticSubLayer):
                                  generator=self.state.generator, positions=positions, layer=self.layer_idx)
         if sel.aux_loss is not None:
             self.state.aux_losses["expert_balance"].append(sel.aux_loss)
-        flops = 0
-        for e in range(E):  # loop over experts (a handful), never over tokens
-            token_idx, slot = (sel.chosen == e).nonzero(as_tuple=True)  # tokens that chose e, and in which slot
-            if token_idx.numel() == 0:
+        self.align_weights()
+        token_idx, slot, counts = dispatch_by_expert(sel.chosen, E)
+        flops, begin = 0, 0
+        for e, count in enumerate(counts):  # loop over experts (a handful), never over tokens
+            if count == 0:
                 continue
-            s = self.expert_router.expert_neurons(e)  # a slice, or a cluster's neuron indices (weights gathered)
-            xe = x.index_select(0, token_idx)  # (n_e, C)
+            t, k = token_idx[begin:begin + count], slot[begin:begin + count]  # (n_e,) tokens that chose e, slot
+            begin += count
+            s = self.expert_slice(e)  # contiguous rows of the (permuted) weights
+            xe = x.index_select(0, t)  # (n_e, C)
             h = F.linear(xe, w.up_w[s], None if w.up_b is None else w.up_b[s])  # (n_e, I/E)
             if w.gate_w is not None:
                 h = w.act(F.linear(xe, w.gate_w[s], None if w.gate_b is None else w.gate_b[s])) * h
             else:
                 h = w.act(h)
             ye = F.linear(h, w.down_w[:, s])  # (n_e, C); the down bias is added once below
-            ye = ye * sel.gate[token_idx, slot][:, None]
-            out.index_add_(0, token_idx, ye)
-            flops += mlp_flops(token_idx.numel(), C, width, w.gate_w is not None)
+            ye = ye * sel.gate[t, k][:, None]
+            out.index_add_(0, t, ye)
+            flops += mlp_flops(count, C, width, w.gate_w is not None)
         if w.down_b is not None:
             out = out + w.down_b
-        return out, flops, float((sel.chosen >= 0).sum()) / (n * E)
+        return out, flops, sum(counts) / (n * E)
+
+
+def dispatch_by_expert(chosen: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Group a router's choices by expert with one sort (and one read of the counts on the host, instead of one
+    `nonzero` per expert). chosen: (n, k) expert per token and slot, -1 unused -> token index (u,), slot (u,), both
+    ordered by expert (tokens in order within one), and the number of entries of each expert (E ints)."""
+    k = chosen.shape[1]
+    flat = chosen.flatten()  # (n*k,)
+    used = (flat >= 0).nonzero().squeeze(1)  # (u,) entries that run an expert
+    order = used[torch.argsort(flat[used], stable=True)]  # (u,) by expert, then by token
+    counts = torch.bincount(flat[used], minlength=n_experts).tolist()
+    return order // k, order % k, counts

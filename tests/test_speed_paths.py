@@ -1,0 +1,101 @@
+"""Issue 15: the faster execution paths compute what the straightforward ones did (same function, less work)."""
+
+import torch
+import torch.nn.functional as F
+
+import elastiformer as ef
+from elastiformer.layers import ElasticMLP
+from elastiformer.layers.mlp import dispatch_by_expert
+from elastiformer.model import weight_fingerprint
+from conftest import MODELS, tokens
+
+
+def _clustered(arch: str = "llama") -> ef.ElasticModel:
+    em = ef.get_elastic_model(MODELS[arch](), ef.ElasticConfig(mlp_experts=4, mlp_experts_active=0.5,
+                                                               expert_split="cluster"))
+    return em
+
+
+def _mlps(em):
+    return [m for m in em.base_model.modules() if isinstance(m, ElasticMLP)]
+
+
+def _gathered_experts(m: ElasticMLP, original, x: torch.Tensor, chosen: torch.Tensor, gate: torch.Tensor):
+    """The pre-issue-15 computation: each expert gathers its cluster's rows of the original (unpermuted) weights."""
+    up_w, up_b, gate_w, gate_b, down_w, down_b = original
+    act = m.spec.mlp_weights(m.base_layer).act
+    out = torch.zeros_like(x)
+    for e in range(m.expert_router.n_experts):
+        t, k = (chosen == e).nonzero(as_tuple=True)
+        s = m.expert_router.expert_neurons(e)  # (I/E,) neuron indices in the original numbering
+        h = F.linear(x[t], up_w[s], None if up_b is None else up_b[s])
+        h = act(F.linear(x[t], gate_w[s], None if gate_b is None else gate_b[s])) * h if gate_w is not None else act(h)
+        out.index_add_(0, t, F.linear(h, down_w[:, s]) * gate[t, k][:, None])
+    return out if down_b is None else out + down_b
+
+
+def _weights(m: ElasticMLP):
+    w = m.spec.mlp_weights(m.base_layer)
+    return [None if t is None else t.detach().clone() for t in (w.up_w, w.up_b, w.gate_w, w.gate_b, w.down_w, w.down_b)]
+
+
+def test_clustered_experts_run_on_permuted_contiguous_weights_with_the_same_outputs():
+    for arch in sorted(MODELS):
+        em = _clustered(arch)
+        originals = [_weights(m) for m in _mlps(em)]
+        fingerprint = weight_fingerprint(em.base_model)
+        ids = tokens(2, 24)
+        em.split_experts([{"input_ids": ids}])
+        for m, original in zip(_mlps(em), originals):
+            order = m.expert_router.neuron_order
+            assert m.expert_router.is_split and torch.equal(m.weight_order, order)
+            up_now = m.spec.mlp_weights(m.base_layer).up_w
+            assert torch.equal(up_now, original[0][order])  # permuted once, in place: experts are contiguous slices
+            x = torch.randn(7, em.dims["C"])
+            sel = m.expert_router(x, 0.5, with_aux=False, positions=torch.arange(7), layer=m.layer_idx)
+            y, _, _ = m._run_experts(x, 0.5, torch.arange(7))
+            torch.testing.assert_close(y, _gathered_experts(m, original, x, sel.chosen, sel.gate), atol=1e-5,
+                                       rtol=1e-4)
+        assert em.base_identity()["fingerprint"] == fingerprint  # the artifact still names the original weights
+        assert weight_fingerprint(em.base_model) != fingerprint  # (while the model holds them permuted)
+        fresh = MODELS[arch]().state_dict()
+        base = em.unload()
+        assert all(torch.equal(v, fresh[k]) for k, v in base.state_dict().items())  # unload: the original tensors
+
+
+def test_clustered_artifact_loads_back_permuted_with_identical_logits(tmp_path):
+    em = _clustered()
+    ids = tokens(2, 16)
+    em.split_experts([{"input_ids": ids}])
+    em.set_budget(0.5)
+    ref = em(input_ids=ids).logits
+    em.save_pretrained(tmp_path / "r")
+    em2 = ef.ElasticModel.from_pretrained(MODELS["llama"](), tmp_path / "r")  # fingerprint checked: must match
+    em2.set_budget(0.5)
+    torch.testing.assert_close(em2(input_ids=ids).logits, ref, atol=1e-5, rtol=1e-4)
+    assert all(torch.equal(m.weight_order, m.expert_router.neuron_order) for m in _mlps(em2))
+    with em2.disable_routers():  # dense: the permuted MLPs are the same function
+        dense = em2(input_ids=ids).logits
+    torch.testing.assert_close(dense, MODELS["llama"]()(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_refitting_the_split_maps_back_to_the_original_numbering():
+    em = _clustered()
+    ids = tokens(2, 24)
+    em.split_experts([{"input_ids": ids}])
+    first = [m.expert_router.neuron_order.clone() for m in _mlps(em)]
+    em.split_experts([{"input_ids": ids}])  # same data, now on permuted weights: the same split
+    assert all(torch.equal(m.expert_router.neuron_order, order) for m, order in zip(_mlps(em), first))
+
+
+def test_dispatch_by_expert_matches_one_nonzero_per_expert():
+    g = torch.Generator().manual_seed(0)
+    chosen = torch.randint(-1, 5, (30, 3), generator=g)
+    token_idx, slot, counts = dispatch_by_expert(chosen, 5)
+    begin = 0
+    for e in range(5):
+        t, k = (chosen == e).nonzero(as_tuple=True)
+        assert counts[e] == t.numel()
+        assert torch.equal(token_idx[begin:begin + counts[e]], t) and torch.equal(slot[begin:begin + counts[e]], k)
+        begin += counts[e]
+    assert begin == int((chosen >= 0).sum())
