@@ -99,3 +99,52 @@ def test_dispatch_by_expert_matches_one_nonzero_per_expert():
         assert torch.equal(token_idx[begin:begin + counts[e]], t) and torch.equal(slot[begin:begin + counts[e]], k)
         begin += counts[e]
     assert begin == int((chosen >= 0).sum())
+
+
+def _randomized(em: ef.ElasticModel, seed: int = 3) -> ef.ElasticModel:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in em.router_parameters():
+            p.normal_(0, 0.5)
+    return em
+
+
+def test_batched_head_routing_equals_dense_attention_with_inactive_heads_zeroed():
+    """The reference is the unmodified attention, run dense, with each token's inactive heads zeroed (times its
+    gate) at the input of the output projection: what head routing means, computed without it."""
+    from elastiformer.arch import get_dotted
+    from elastiformer.layers import ElasticAttention
+
+    for arch in sorted(MODELS):
+        em = _randomized(ef.get_elastic_model(MODELS[arch](), ef.ElasticConfig(attn_heads=0.5)))
+        em.set_budget(0.5)
+        ids = tokens(3, 20)
+        routed = em(input_ids=ids).logits
+        assert em.last_stats()["flops_ratio"] < 0.95  # (the block FLOPs of what ran)
+        hooks, H, D = [], em.dims["H"], em.dims["D"]
+        for a in (m for m in em.base_model.modules() if isinstance(m, ElasticAttention)):
+            cap = em.state.budget_capacity("attn_heads", a.layer_idx)
+            if a.head_router is None or cap >= 1.0:
+                continue
+            chosen = {}
+
+            def pick(module, args, kwargs, cap=cap, chosen=chosen):
+                x = args[0] if args else kwargs["hidden_states"]
+                B, T, _ = x.shape
+                sel = module.head_router(x, cap, positions=torch.arange(T).expand(B, T), layer=module.layer_idx)
+                chosen["heads"] = (sel.active.float() * sel.gate).repeat_interleave(D, dim=-1)  # (B, T, H*D)
+
+            def zero_inactive(module, args, chosen=chosen):
+                return (args[0] * chosen["heads"],)
+
+            hooks.append(a.register_forward_pre_hook(pick, with_kwargs=True))
+            hooks.append(get_dotted(a.base_layer, em.spec.o_proj_name).register_forward_pre_hook(zero_inactive))
+        assert hooks
+        try:
+            with em.disable_routers():
+                reference = em(input_ids=ids).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        torch.testing.assert_close(routed, reference, atol=2e-5, rtol=1e-4)
+        assert not torch.allclose(routed, MODELS[arch]()(input_ids=ids).logits, atol=1e-3)  # heads really skipped
