@@ -148,3 +148,55 @@ def test_batched_head_routing_equals_dense_attention_with_inactive_heads_zeroed(
                 h.remove()
         torch.testing.assert_close(routed, reference, atol=2e-5, rtol=1e-4)
         assert not torch.allclose(routed, MODELS[arch]()(input_ids=ids).logits, atol=1e-3)  # heads really skipped
+
+
+def test_contiguous_runs():
+    from elastiformer.layers.mlp import contiguous_runs
+
+    assert contiguous_runs([0, 1, 2, 5, 6, 9]) == [(0, 2), (5, 6), (9, 9)]
+    assert contiguous_runs([]) == []
+
+
+def test_one_token_expert_runs_equal_the_per_expert_dispatch():
+    for arch in sorted(MODELS):
+        em = _randomized(ef.get_elastic_model(MODELS[arch](), ef.ElasticConfig(mlp_experts=4, mlp_experts_active=0.5)))
+        for m in (m for m in _mlps(em) if m.expert_router is not None):
+            for seed in range(4):
+                x = torch.randn(1, em.dims["C"], generator=torch.Generator().manual_seed(seed))
+                for cap in (0.3, 0.5, 0.8):
+                    with torch.no_grad():  # decoding: the runs of adjacent experts
+                        fast, fast_flops, fast_frac = m._run_experts(x, cap, torch.tensor([seed]))
+                    with torch.enable_grad():  # training: one matmul per expert, gated
+                        ref, ref_flops, ref_frac = m._run_experts(x, cap, torch.tensor([seed]))
+                    torch.testing.assert_close(fast, ref.detach(), atol=1e-5, rtol=1e-4)
+                    assert (fast_flops, fast_frac) == (ref_flops, ref_frac)
+
+
+def test_token_thresholds_are_cached_until_the_calibration_changes():
+    em = _randomized(ef.get_elastic_model(MODELS["llama"](), ef.ElasticConfig(mlp_tokens=0.5)))
+    em.calibrate([{"input_ids": tokens(4, 24)}], progress=False)
+    r = next(r for r in em.routers() if isinstance(r, ef.routers.TokenRouter))
+    first = r.threshold(0.5)
+    assert isinstance(first, float) and first == float(r._lookup_threshold(0.5, "learned"))
+    with torch.no_grad():
+        r.calib_threshold.add_(1.0)  # what loading routers (copy_) or a new calibration does to the buffer
+    assert r.threshold(0.5) == float(r._lookup_threshold(0.5, "learned")) != first
+    em.calibrate([{"input_ids": tokens(4, 24, seed=5)}], progress=False)
+    assert r.threshold(0.5) == float(r._lookup_threshold(0.5, "learned"))
+
+
+def test_per_call_values_follow_the_padding_of_each_call():
+    em = _randomized(ef.get_elastic_model(MODELS["llama"](), ef.ElasticConfig(mlp_tokens=0.5)))
+    em.calibrate([{"input_ids": tokens(4, 24)}], progress=False)
+    em.set_budget(0.5)
+    ids = tokens(2, 12)
+    padded = torch.ones_like(ids)
+    padded[0, :4] = 0
+    seen = []
+    mlp = _mlps(em)[1]
+    hook = mlp.register_forward_pre_hook(lambda m, a: seen.append(em.state.token_valid(2, 12, ids.device).clone()))
+    with torch.no_grad():
+        em(input_ids=ids, attention_mask=padded)
+        em(input_ids=ids)
+    hook.remove()
+    assert not seen[0][0, :4].any() and seen[1].all()  # the second call did not reuse the first call's mask

@@ -253,7 +253,8 @@ class ElasticAttention(ElasticSubLayer):
         rows = bk.idx.reshape(B, U * L)  # (B, U*L) every slot's token: one gather of the mask rows for all U heads
         mask_u = mask[:, 0].gather(1, rows[..., None].expand(B, U * L, kv_len)).view(B, U, L, kv_len)
         o = F.scaled_dot_product_attention(q, k_u, v_u, attn_mask=mask_u, scale=scaling)  # (B, U, L, D)
-        o = o * bk.gather(gate)[..., None]  # each head's straight-through gate (forward value 1)
+        if torch.is_grad_enabled():  # each head's straight-through gate: forward value 1, the router's gradient
+            o = o * bk.gather(gate)[..., None]
         o = o.transpose(0, 1).reshape(U, B * L, D)  # (B, U, L, D) -> (U, B*L, D)
         contrib = torch.bmm(o, used_heads(w.o_w, bk.heads, H, 1).transpose(1, 2))  # (U, B*L, D) @ (U, D, C)
         keep = bk.valid.transpose(0, 1).reshape(-1)  # (U*B*L,) real slots, not bucket padding

@@ -102,7 +102,10 @@ class ElasticMLP(ElasticSubLayer):
         xf = x.reshape(B * T, C)  # (B, T, C) -> (N, C)
         router_flops = 0
         idx = None
-        positions = st.real_positions(st.current_positions(T, x.device).expand(B, T)).reshape(B * T)  # (N,)
+        positions = None  # (N,) each token's place among its row's real tokens: what expert routing keys on
+        if exp_cap < 1.0:
+            positions = st.per_call(("real_positions", B, T, x.device), lambda: st.real_positions(
+                st.current_positions(T, x.device).expand(B, T)).reshape(B * T))
         if tok_cap < 1.0:
             valid = st.token_valid(B, T, x.device)
             forced = st.forced_tokens(B, T, x.device)
@@ -113,9 +116,11 @@ class ElasticMLP(ElasticSubLayer):
                 st.aux_losses["token_bce"].append(sel.aux_loss)
             idx = sel.selected.flatten().nonzero().squeeze(1)  # (n,) flat indices of processed tokens
             x_in = xf.index_select(0, idx)  # (n, C)
-            positions = positions.index_select(0, idx)  # (n,)
-            gate = sel.gate.flatten().index_select(0, idx)[:, None]  # (n, 1)
-            token_fraction = idx.numel() / max(1, int(valid.sum()))
+            if positions is not None:
+                positions = positions.index_select(0, idx)  # (n,)
+            # the straight-through gate's forward value is 1: it only matters where a gradient flows
+            gate = sel.gate.flatten().index_select(0, idx)[:, None] if torch.is_grad_enabled() else None  # (n, 1)
+            token_fraction = idx.numel() / max(1, st.n_valid(B, T, x.device))
         else:
             x_in, gate, token_fraction = xf, None, 1.0
 
@@ -129,7 +134,7 @@ class ElasticMLP(ElasticSubLayer):
             exp_flops, unit_fraction = mlp_flops(n, C, I, self.gated), 1.0
 
         if idx is not None:  # scatter back; skipped tokens leave the residual stream alone
-            y = self.scatter(xf, idx, self.apply_gate(y, x_in, gate))
+            y = self.scatter(xf, idx, y if gate is None else self.apply_gate(y, x_in, gate))
         st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, exp_flops + router_flops, router_flops,
                                       token_fraction, unit_fraction))
         return y.view(B, T, C)
@@ -192,6 +197,12 @@ class ElasticMLP(ElasticSubLayer):
         if sel.aux_loss is not None:
             self.state.aux_losses["expert_balance"].append(sel.aux_loss)
         self.align_weights()
+        if n == 1 and not torch.is_grad_enabled():  # decoding one token: its experts' rows, in contiguous runs
+            experts = sorted(e for e in sel.chosen[0].tolist() if e >= 0)
+            out, flops = self._one_token_experts(x, w, experts, out)
+            if w.down_b is not None:
+                out = out + w.down_b
+            return out, flops, len(experts) / E
         token_idx, slot, counts = dispatch_by_expert(sel.chosen, E)
         flops, begin = 0, 0
         for e, count in enumerate(counts):  # loop over experts (a handful), never over tokens
@@ -207,12 +218,42 @@ class ElasticMLP(ElasticSubLayer):
             else:
                 h = w.act(h)
             ye = F.linear(h, w.down_w[:, s])  # (n_e, C); the down bias is added once below
-            ye = ye * sel.gate[t, k][:, None]
+            if torch.is_grad_enabled():  # the straight-through gate (forward value 1) carries the router's gradient
+                ye = ye * sel.gate[t, k][:, None]
             out.index_add_(0, t, ye)
             flops += mlp_flops(count, C, width, w.gate_w is not None)
         if w.down_b is not None:
             out = out + w.down_b
         return out, flops, sum(counts) / (n * E)
+
+    def _one_token_experts(self, x: torch.Tensor, w, experts: list[int], out: torch.Tensor
+                           ) -> tuple[torch.Tensor, int]:
+        """One token through `experts` (sorted): adjacent experts are one contiguous slice of the (permuted) weights,
+        so each run of them is a single up / gate / down matmul, reading exactly the chosen rows. x: (1, C)."""
+        C, I = self.dims["C"], self.dims["I"]
+        width = I // self.expert_router.n_experts
+        flops = 0
+        for first, last in contiguous_runs(experts):
+            s = slice(first * width, (last + 1) * width)  # neurons of experts first..last
+            h = F.linear(x, w.up_w[s], None if w.up_b is None else w.up_b[s])  # (1, run width)
+            if w.gate_w is not None:
+                h = w.act(F.linear(x, w.gate_w[s], None if w.gate_b is None else w.gate_b[s])) * h
+            else:
+                h = w.act(h)
+            out = out + F.linear(h, w.down_w[:, s])  # (1, C)
+            flops += mlp_flops(1, C, s.stop - s.start, w.gate_w is not None)
+        return out, flops
+
+
+def contiguous_runs(sorted_ids: list[int]) -> list[tuple[int, int]]:
+    """[0, 1, 2, 5, 6] -> [(0, 2), (5, 6)]: maximal runs of consecutive ids, as (first, last)."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted_ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
 
 
 def dispatch_by_expert(chosen: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
