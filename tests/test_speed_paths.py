@@ -200,3 +200,21 @@ def test_per_call_values_follow_the_padding_of_each_call():
         em(input_ids=ids)
     hook.remove()
     assert not seen[0][0, :4].any() and seen[1].all()  # the second call did not reuse the first call's mask
+
+
+def test_attention_layer_that_selects_no_token_runs_only_its_router():
+    from elastiformer.layers import ElasticAttention
+
+    em = _randomized(ef.get_elastic_model(MODELS["llama"](), ef.ElasticConfig(attn_tokens=0.5)))
+    em.calibrate([{"input_ids": tokens(4, 24)}], progress=False)
+    em.set_budget(0.5)
+    layer = next(a for a in em.base_model.modules() if isinstance(a, ElasticAttention) and a.token_router is not None)
+    with torch.no_grad():
+        layer.token_router.calib_threshold.add_(1e6)  # this layer now keeps only the forced first token
+        ids = tokens(1, 10)
+        out = em(input_ids=ids[:, :9], use_cache=True)
+        step = em(input_ids=ids[:, 9:], past_key_values=out.past_key_values, use_cache=True)  # one skipped token
+        stats = [s for s in em.last_stats()["per_layer"] if s["layer"] == layer.layer_idx and s["sublayer"] == "attn"]
+        assert stats[0]["token_fraction"] == 0.0 and stats[0]["executed_flops"] == stats[0]["router_flops"] > 0
+        full = em(input_ids=ids).logits  # the same tokens without a cache: the same decision, the same logits
+    torch.testing.assert_close(step.logits[:, -1], full[:, -1], atol=1e-5, rtol=1e-4)

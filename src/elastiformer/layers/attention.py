@@ -122,12 +122,14 @@ class ElasticAttention(ElasticSubLayer):
             idx, slot_valid = compact(sel.selected)  # (B, m)
             x_sub = gather_rows(x, idx)  # (B, m, C)
             gate = gather_rows(sel.gate, idx)[..., None]  # (B, m, 1)
-            token_fraction = float(slot_valid.sum()) / max(1, int(valid.sum()))
+            token_fraction = float(slot_valid.sum()) / max(1, st.n_valid(B, T, x.device))
         else:
             idx = torch.arange(T, device=x.device).expand(B, T)
             slot_valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
             x_sub, gate, token_fraction = x, None, 1.0
         m = idx.shape[1]
+        if m == 0:  # no token chose this layer (e.g. a skipped decode step): nothing attends, nothing is cached
+            return self._none_selected(x, cache, past, dense, router_flops)
         q_pos = torch.where(slot_valid, positions.gather(1, idx), -1)  # (B, m), -1 marks batch padding
         kv_pos = torch.cat([past, q_pos], dim=1)  # (B, P + m)
         mask = self._additive_mask(q_pos, kv_pos, x.dtype)  # (B, 1, m, P + m)
@@ -163,6 +165,13 @@ class ElasticAttention(ElasticSubLayer):
         st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, flops + router_flops, router_flops,
                                       token_fraction, unit_fraction))
         return out, None
+
+    def _none_selected(self, x, cache, past, dense: int, router_flops: int):
+        """Token routing chose no token of the batch: only the router ran; no mask, rotary or projection is built."""
+        if cache is not None:
+            self._remember_index(cache, past, past[:, :0], routed=True)
+        self.state.stats.append(SubLayerStats(self.layer_idx, "attn", dense, router_flops, router_flops, 0.0, 1.0))
+        return self.skipped_output(x), None
 
     # ---- training targets, measured on the teacher ----
     def _teacher_with_targets(self, x, args, kwargs):
