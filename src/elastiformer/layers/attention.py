@@ -233,9 +233,10 @@ class ElasticAttention(ElasticSubLayer):
             k, v = cache.update(k, v, self.layer_idx)  # (B, KVH, P + m, D)
         active = heads.active & slot_valid[..., None]  # (B, m, H)
         flops = attention_projection_flops(0, B * m, C, H, KVH, D)
-        out = x.new_zeros(B * m, C)
+        out = x.new_zeros(B * m + 1, C)  # (B*m + 1, C): the last row takes the bucket padding, then is dropped
         for bk in head_buckets(active):  # a few groups of heads with similar token counts, never one per token
             flops += self._run_head_bucket(bk, x, w, lora, k, v, mask, cos_sin, heads.gate, scaling, out)
+        out = out[:-1]
         out = lora.finish_output(out)
         flops += lora.flops
         if w.o_b is not None:
@@ -246,7 +247,7 @@ class ElasticAttention(ElasticSubLayer):
     def _run_head_bucket(self, bk: "HeadBuckets", x, w, lora, k, v, mask, cos_sin, gate, scaling, out) -> int:
         """Heads `bk.heads` on their tokens: q projection, attention, gate and output projection as batched matmuls
         over the heads, accumulated into `out` (B*m, C). x: (B, m, C), k / v: (B, KVH, kv, D), mask: (B, 1, m, kv),
-        gate: (B, m, H). -> the FLOPs that ran (bucket padding included)."""
+        gate: (B, m, H), out: (B*m + 1, C). -> the FLOPs that ran (bucket padding included)."""
         B, m, C = x.shape
         H, KVH, D = self.dims["H"], self.dims["KVH"], self.dims["D"]
         U, L, kv_len = bk.n_heads, bk.length, k.shape[2]
@@ -260,14 +261,16 @@ class ElasticAttention(ElasticSubLayer):
         groups = bk.heads // (H // KVH)  # (U,) the KV group of each head
         k_u, v_u = k.index_select(1, groups), v.index_select(1, groups)  # (B, U, kv, D)
         rows = bk.idx.reshape(B, U * L)  # (B, U*L) every slot's token: one gather of the mask rows for all U heads
-        mask_u = mask[:, 0].gather(1, rows[..., None].expand(B, U * L, kv_len)).view(B, U, L, kv_len)
+        batch = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+        mask_u = mask[:, 0][batch, rows].view(B, U, L, kv_len)  # whole rows copied (faster than an element gather)
         o = F.scaled_dot_product_attention(q, k_u, v_u, attn_mask=mask_u, scale=scaling)  # (B, U, L, D)
         if torch.is_grad_enabled():  # each head's straight-through gate: forward value 1, the router's gradient
             o = o * bk.gather(gate)[..., None]
         o = o.transpose(0, 1).reshape(U, B * L, D)  # (B, U, L, D) -> (U, B*L, D)
         contrib = torch.bmm(o, used_heads(w.o_w, bk.heads, H, 1).transpose(1, 2))  # (U, B*L, D) @ (U, D, C)
         keep = bk.valid.transpose(0, 1).reshape(-1)  # (U*B*L,) real slots, not bucket padding
-        out.index_add_(0, flat[keep], contrib.reshape(U * B * L, C)[keep].to(out.dtype))
+        # bucket padding adds into the spare last row of `out` (no copy of the real slots' rows to leave it out)
+        out.index_add_(0, torch.where(keep, flat, B * m), contrib.reshape(U * B * L, C).to(out.dtype))
         lora.add_heads_output(o, bk.heads, flat[keep], keep)
         n_slots = B * U * L  # what ran, bucket padding included
         return 2 * n_slots * C * D * 2 + attention_score_flops(n_slots, kv_len, 1, D)
