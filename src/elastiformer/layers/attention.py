@@ -31,6 +31,7 @@ from ..arch import ArchSpec, get_dotted
 from ..flops import attention_projection_flops, attention_score_flops, dense_attention_flops
 from ..lora import HeadPathLoRA, adapter_flops
 from ..routers import HeadRouter, TokenRouter
+from .mlp import contiguous_runs
 from .state import ElasticSubLayer, RoutingState, SubLayerStats
 
 _CACHE_INDEX_ATTR = "_elastiformer_kv_index"  # {layer_idx: (B, P) long} sequence index of each cached entry
@@ -233,16 +234,51 @@ class ElasticAttention(ElasticSubLayer):
             k, v = cache.update(k, v, self.layer_idx)  # (B, KVH, P + m, D)
         active = heads.active & slot_valid[..., None]  # (B, m, H)
         flops = attention_projection_flops(0, B * m, C, H, KVH, D)
-        out = x.new_zeros(B * m + 1, C)  # (B*m + 1, C): the last row takes the bucket padding, then is dropped
-        for bk in head_buckets(active):  # a few groups of heads with similar token counts, never one per token
-            flops += self._run_head_bucket(bk, x, w, lora, k, v, mask, cos_sin, heads.gate, scaling, out)
-        out = out[:-1]
+        if m == 1 and not torch.is_grad_enabled() and w.q_lora is None and w.o_lora is None:  # decoding
+            out, head_flops = self._one_token_heads(x, w, k, v, mask, cos_sin, active, scaling)
+            flops += head_flops
+        else:
+            out = x.new_zeros(B * m + 1, C)  # (B*m + 1, C): the last row takes the bucket padding, then is dropped
+            for bk in head_buckets(active):  # a few groups of heads with similar token counts, never one per token
+                flops += self._run_head_bucket(bk, x, w, lora, k, v, mask, cos_sin, heads.gate, scaling, out)
+            out = out[:-1]
         out = lora.finish_output(out)
         flops += lora.flops
         if w.o_b is not None:
             out = out + w.o_b
         unit_fraction = float(active.sum()) / max(1, int(slot_valid.sum()) * H)
         return out.view(B, m, C), flops, unit_fraction
+
+    def _one_token_heads(self, x, w, k, v, mask, cos_sin, active, scaling) -> tuple[torch.Tensor, int]:
+        """Decoding, one token per row: the heads some row chose, taken in runs of adjacent heads, each a contiguous
+        slice of the q rows and o columns (views: no weight is copied); a row's heads it did not choose are zeroed
+        before the output projection. x: (B, 1, C), k / v: (B, KVH, kv, D), mask: (B, 1, 1, kv), active: (B, 1, H).
+        -> (B, C) what the heads add (no bias), FLOPs."""
+        B, _, C = x.shape
+        H, KVH, D = self.dims["H"], self.dims["KVH"], self.dims["D"]
+        heads = active[:, 0].any(dim=0).nonzero().squeeze(1).tolist()  # the used heads: one read per layer
+        if not heads:
+            return x.new_zeros(B, C), 0
+        U, kv_len = len(heads), k.shape[2]
+        runs = [slice(first * D, (last + 1) * D) for first, last in contiguous_runs(heads)]  # q rows / o columns of each run
+        xf = x.view(B, C)  # (B, 1, C) -> (B, C)
+        q = torch.cat([F.linear(xf, w.q_w[r], None if w.q_b is None else w.q_b[r]) for r in runs], dim=1)  # (B, U*D)
+        q = q.view(B, U, 1, D)  # (B, U*D) -> (B, U, 1, D)
+        if cos_sin is not None:
+            q = rotate(q, *cos_sin)
+        groups = torch.tensor([h // (H // KVH) for h in heads], device=x.device)  # (U,) the KV group of each head
+        o = F.scaled_dot_product_attention(q, k.index_select(1, groups), v.index_select(1, groups), attn_mask=mask,
+                                           scale=scaling)  # (B, U, 1, D)
+        if B > 1:  # a head another row chose runs here too: its output is dropped
+            o = o * active[:, 0, heads].to(o.dtype)[:, :, None, None]
+        o = o.view(B, U * D)  # (B, U, 1, D) -> (B, U*D)
+        out, start = None, 0
+        for r in runs:
+            width = r.stop - r.start
+            part = F.linear(o[:, start:start + width], w.o_w[:, r])  # (B, C)
+            out = part if out is None else out + part
+            start += width
+        return out, 2 * B * U * C * D * 2 + attention_score_flops(B * U, kv_len, 1, D)
 
     def _run_head_bucket(self, bk: "HeadBuckets", x, w, lora, k, v, mask, cos_sin, gate, scaling, out) -> int:
         """Heads `bk.heads` on their tokens: q projection, attention, gate and output projection as batched matmuls
