@@ -136,24 +136,6 @@ class HeadPathLoRA:
         update = getattr(self.w, f"{name}_lora")
         return y if update is None else y + self._up(self._x_a(update), update)
 
-    def add_query_rows(self, q: torch.Tensor, idx: torch.Tensor, rows) -> torch.Tensor:
-        """`q` (B, mh, D) = query rows `rows` of the tokens `idx` (B, mh), plus their update."""
-        update = self.w.q_lora
-        if update is None:
-            return q
-        xa = self._x_a(update)  # (B, m, r)
-        return q + self._up(xa.gather(1, idx[..., None].expand(-1, -1, xa.shape[-1])), update.out_rows(rows))
-
-    def add_head_output(self, o: torch.Tensor, cols, flat: torch.Tensor, valid: torch.Tensor) -> None:
-        """One head's output `o` (B, mh, D), entering the output projection at columns `cols`: its share of the
-        update's low-rank input, added at the flat token indices `flat` of the `valid` (B, mh) slots."""
-        update = self.w.o_lora
-        if update is None:
-            return
-        a = F.linear(o, update.A[:, cols])  # (B, mh, r)
-        self.flops += 2 * o.shape[:-1].numel() * o.shape[-1] * update.A.shape[0]
-        self._o_down.index_add_(0, flat, a[valid].to(self._o_down.dtype))
-
     def add_query_heads(self, q: torch.Tensor, flat: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         """`q` (U, n, D) = the queries of heads `heads` (U,) for the tokens at `flat` (U*n,) among the B*m processed
         ones (head-major, as ElasticAttention's head buckets), plus their update."""

@@ -260,7 +260,7 @@ class ElasticAttention(ElasticSubLayer):
         if not heads:
             return x.new_zeros(B, C), 0
         U, kv_len = len(heads), k.shape[2]
-        runs = [slice(first * D, (last + 1) * D) for first, last in contiguous_runs(heads)]  # q rows / o columns of each run
+        runs = [slice(a * D, (b + 1) * D) for a, b in contiguous_runs(heads)]  # q rows / o columns of each run
         xf = x.view(B, C)  # (B, 1, C) -> (B, C)
         q = torch.cat([F.linear(xf, w.q_w[r], None if w.q_b is None else w.q_b[r]) for r in runs], dim=1)  # (B, U*D)
         q = q.view(B, U, 1, D)  # (B, U*D) -> (B, U, 1, D)
@@ -271,7 +271,7 @@ class ElasticAttention(ElasticSubLayer):
                                            scale=scaling)  # (B, U, 1, D)
         if B > 1:  # a head another row chose runs here too: its output is dropped
             o = o * active[:, 0, heads].to(o.dtype)[:, :, None, None]
-        o = o.view(B, U * D)  # (B, U, 1, D) -> (B, U*D)
+        o = o.reshape(B, U * D)  # (B, U, 1, D) -> (B, U*D)
         out, start = None, 0
         for r in runs:
             width = r.stop - r.start
@@ -282,8 +282,8 @@ class ElasticAttention(ElasticSubLayer):
 
     def _run_head_bucket(self, bk: "HeadBuckets", x, w, lora, k, v, mask, cos_sin, gate, scaling, out) -> int:
         """Heads `bk.heads` on their tokens: q projection, attention, gate and output projection as batched matmuls
-        over the heads, accumulated into `out` (B*m, C). x: (B, m, C), k / v: (B, KVH, kv, D), mask: (B, 1, m, kv),
-        gate: (B, m, H), out: (B*m + 1, C). -> the FLOPs that ran (bucket padding included)."""
+        over the heads, added into `out` (B*m + 1, C; its last row takes the bucket padding). x: (B, m, C), k / v:
+        (B, KVH, kv, D), mask: (B, 1, m, kv), gate: (B, m, H). -> the FLOPs that ran (bucket padding included)."""
         B, m, C = x.shape
         H, KVH, D = self.dims["H"], self.dims["KVH"], self.dims["D"]
         U, L, kv_len = bk.n_heads, bk.length, k.shape[2]
