@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench bench-flextron bench-encoder clean
+.PHONY: demo test install bench bench-speed bench-flextron bench-encoder clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/elastiformer bench --overwrite
+
+# wall-clock against executed FLOPs, per component and budget (prefill, decode at batch 1 and 8): a quiet machine
+bench-speed: $(STAMP)
+	$(BIN)/elastiformer bench-speed --overwrite
 
 # Flextron routers on SmolLM2 (needs the sorted + continued-trained checkpoints of `elastiformer flextron sort|train`)
 bench-flextron: $(STAMP)

@@ -136,25 +136,38 @@ class HeadPathLoRA:
         update = getattr(self.w, f"{name}_lora")
         return y if update is None else y + self._up(self._x_a(update), update)
 
-    def add_query_rows(self, q: torch.Tensor, idx: torch.Tensor, rows) -> torch.Tensor:
-        """`q` (B, mh, D) = query rows `rows` of the tokens `idx` (B, mh), plus their update."""
+    def add_query_heads(self, q: torch.Tensor, flat: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """`q` (U, n, D) = the queries of heads `heads` (U,) for the tokens at `flat` (U*n,) among the B*m processed
+        ones (head-major, as ElasticAttention's head buckets), plus their update."""
         update = self.w.q_lora
         if update is None:
             return q
-        xa = self._x_a(update)  # (B, m, r)
-        return q + self._up(xa.gather(1, idx[..., None].expand(-1, -1, xa.shape[-1])), update.out_rows(rows))
+        U, n, D = q.shape
+        r = update.A.shape[0]
+        xa = self._x_a(update).reshape(-1, r).index_select(0, flat).view(U, n, r)  # (U, n, r)
+        b = _per_head(update.B, heads, 0, D)  # (out, r) -> (U, D, r)
+        self.flops += 2 * U * n * D * r
+        return q + torch.bmm(xa, b.transpose(1, 2)) * update.scale  # (U, n, r) @ (U, r, D)
 
-    def add_head_output(self, o: torch.Tensor, cols, flat: torch.Tensor, valid: torch.Tensor) -> None:
-        """One head's output `o` (B, mh, D), entering the output projection at columns `cols`: its share of the
-        update's low-rank input, added at the flat token indices `flat` of the `valid` (B, mh) slots."""
+    def add_heads_output(self, o: torch.Tensor, heads: torch.Tensor, flat: torch.Tensor, keep: torch.Tensor) -> None:
+        """The used heads' outputs `o` (U, n, D), entering the output projection at their columns: their share of the
+        update's low-rank input, added at the flat token indices `flat` of the slots `keep` (U*n,) bool."""
         update = self.w.o_lora
         if update is None:
             return
-        a = F.linear(o, update.A[:, cols])  # (B, mh, r)
-        self.flops += 2 * o.shape[:-1].numel() * o.shape[-1] * update.A.shape[0]
-        self._o_down.index_add_(0, flat, a[valid].to(self._o_down.dtype))
+        U, n, D = o.shape
+        r = update.A.shape[0]
+        a = torch.bmm(o, _per_head(update.A, heads, 1, D).transpose(1, 2))  # (U, n, D) @ (U, D, r) -> (U, n, r)
+        self.flops += 2 * U * n * D * r
+        self._o_down.index_add_(0, flat, a.reshape(U * n, r)[keep].to(self._o_down.dtype))
 
     def finish_output(self, out: torch.Tensor) -> torch.Tensor:
         """`out` (B*m, C): the heads' output projection, plus the update's `(sum_h o_h A_h^T) B^T`."""
         update = self.w.o_lora
         return out if update is None else out + self._up(self._o_down, update).to(out.dtype)
+
+
+def _per_head(weight: torch.Tensor, heads: torch.Tensor, dim: int, D: int) -> torch.Tensor:
+    """The `D`-wide slices of `weight` along `dim` that belong to `heads` (U,), stacked first: (U, ...)."""
+    parts = weight.unflatten(dim, (-1, D)).movedim(dim, 0)  # (H, ...) a view
+    return parts if heads.numel() == parts.shape[0] else parts.index_select(0, heads)

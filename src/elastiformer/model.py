@@ -187,6 +187,8 @@ class ElasticModel(WrappedModel):
         parameter's `requires_grad` as it was before wrapping. LoRA adapters are dropped: the model returned is the
         base model (what `disable_routers()` runs), not the adapted one."""
         for block in self.spec.layers(self.base_model):
+            if isinstance(self.spec.get_mlp(block), ElasticMLP):  # a clustered split permuted its neurons: undo
+                self.spec.get_mlp(block).set_weight_order(None)
             if isinstance(getattr(block, self.spec.attn_name), ElasticAttention):
                 setattr(block, self.spec.attn_name, getattr(block, self.spec.attn_name).base_layer)
             if isinstance(self.spec.get_mlp(block), ElasticMLP):
@@ -678,7 +680,8 @@ class ElasticModel(WrappedModel):
 
         hooks = [m.register_forward_pre_hook(grab) for m in mlps]
         try:
-            with torch.no_grad(), self.disable_routers():
+            # in the original neuron order, so a refit finds what a first fit would (k-means starts by index)
+            with torch.no_grad(), self.disable_routers(), self.original_weight_order():
                 for b in batches:
                     self.base_model(**{k: v.to(device) for k, v in b.items()})
         finally:
@@ -687,7 +690,22 @@ class ElasticModel(WrappedModel):
         for m in mlps:
             order = cluster_neurons(torch.cat(acts[id(m)]), m.expert_router.n_experts, seed=seed)
             m.expert_router.neuron_order.copy_(order.to(m.expert_router.neuron_order.device))
+            m.align_weights()  # permute the MLP's weights once: each expert becomes a contiguous slice
         return self
+
+    @contextlib.contextmanager
+    def original_weight_order(self) -> Iterator[None]:
+        """The base MLPs in their original neuron order for the duration (a clustered split permutes them: same
+        function, other tensors), e.g. for the weight fingerprint, which must match a freshly loaded base model."""
+        mlps = [m for m in self.base_model.modules() if isinstance(m, ElasticMLP) and m.weight_order is not None]
+        held = [m.weight_order for m in mlps]
+        for m in mlps:
+            m.set_weight_order(None)
+        try:
+            yield
+        finally:
+            for m, order in zip(mlps, held):
+                m.set_weight_order(order)
 
     @torch.no_grad()
     def fit_static(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 1) -> "ElasticModel":
@@ -844,10 +862,14 @@ class ElasticModel(WrappedModel):
             "model_type": cfg.model_type,
             "architectures": list(getattr(cfg, "architectures", None) or [type(self.base_model).__name__]),
             "dims": self.dims,
-            "fingerprint": weight_fingerprint(self.base_model),
+            "fingerprint": self._original_fingerprint(),
             "name_or_path": source.get("name_or_path") or getattr(cfg, "_name_or_path", "") or "",
             "gguf_file": source.get("gguf_file"),
         }
+
+    def _original_fingerprint(self) -> str:
+        with self.original_weight_order():
+            return weight_fingerprint(self.base_model)
 
     def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write `elastic_config.json` and `routers.safetensors` (routers and calibration only), atomically.

@@ -588,6 +588,45 @@ def bench(
     typer.echo(f"{len(result['records'])} records in {o['output']} (plot: {Path(o['output']).with_suffix('.png')})")
 
 
+@app.command("bench-speed")
+def bench_speed(
+    components: Optional[str] = typer.Option(None, help="ElastiFormer settings to time: mlp_tokens, attn_tokens, "
+                                             "attn_heads, mlp_experts, mlp_experts_cluster, combined (default: all; "
+                                             "'' for none)."),
+    budgets: Optional[str] = typer.Option(None, help="Budgets (default 0.6,0.75,0.9), for Flextron too."),
+    steps: Optional[int] = typer.Option(None, help="Router training steps per setting (default 30: the routes "
+                                        "matter for speed, not their quality)."),
+    model: Optional[str] = typer.Option(None, help="The base model (default smollm2-135m)."),
+    prefill_batch: Optional[int] = typer.Option(None, help="Sequences of the timed prefill (default 4)."),
+    prefill_len: Optional[int] = typer.Option(None, help="Tokens per sequence of the timed prefill (default 512)."),
+    decode_tokens: Optional[int] = typer.Option(None, help="Tokens generated per timed generation (default 64)."),
+    decode_batches: Optional[str] = typer.Option(None, help="Batch sizes of the timed generations (default 1,8)."),
+    reps: Optional[int] = typer.Option(None, help="Interleaved repetitions per measurement (median; default 3)."),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default 0: torch's own choice)."),
+    flextron: Optional[bool] = typer.Option(None, "--flextron/--no-flextron", help="Time Flextron's sub-networks "
+                                            "at the same budgets too (default on)."),
+    flextron_checkpoint: Optional[Path] = typer.Option(None, help="A sorted, trained Flextron checkpoint with its "
+                                                       "router/ (routed sub-networks); without, the same width in "
+                                                       "every layer."),
+    output: Optional[Path] = typer.Option(None, help="Result JSON (default bench/results/speed.json; PNG beside)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT (and its PNG)."),
+    config: Optional[Path] = typer.Option(None, help="YAML file of options (see bench_speed.SPEED_DEFAULTS)."),
+):
+    """Does skipped compute show up in wall-clock time? Per component and budget (and Flextron's sub-networks):
+    prefill and generation time ratios, elastic / dense (interleaved, median), and tokens/s, beside the executed
+    model-FLOPs ratio; a PNG of time ratio against FLOPs ratio with the line y = x. Run it on a quiet machine."""
+    from .bench_speed import SPEED_DEFAULTS, run_speed_bench
+    from .validation import check_output_file
+
+    given = {k: v for k, v in locals().items() if k != "config"}
+    given["overwrite"] = overwrite or None
+    o = _merge(config, given, SPEED_DEFAULTS)
+    _check_numbers(o, dict(steps=0, prefill_batch=1, prefill_len=1, decode_tokens=1, reps=1, threads=0))
+    check_output_file(o["output"], bool(o["overwrite"]), flag="--overwrite")
+    result = run_speed_bench(o, echo=typer.echo)
+    typer.echo(f"{len(result['records'])} records in {o['output']} (plot: {Path(o['output']).with_suffix('.png')})")
+
+
 @app.command("bench-vision")
 def bench_vision(
     components: Optional[str] = typer.Option(None, help="Settings to run: mlp_tokens,attn_tokens,attn_heads,"

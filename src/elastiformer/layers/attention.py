@@ -20,6 +20,8 @@ unchanged, and the head-routed path applies that LayerNorm to what the active he
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,7 @@ from ..arch import ArchSpec, get_dotted
 from ..flops import attention_projection_flops, attention_score_flops, dense_attention_flops
 from ..lora import HeadPathLoRA, adapter_flops
 from ..routers import HeadRouter, TokenRouter
+from .mlp import contiguous_runs
 from .state import ElasticSubLayer, RoutingState, SubLayerStats
 
 _CACHE_INDEX_ATTR = "_elastiformer_kv_index"  # {layer_idx: (B, P) long} sequence index of each cached entry
@@ -120,12 +123,14 @@ class ElasticAttention(ElasticSubLayer):
             idx, slot_valid = compact(sel.selected)  # (B, m)
             x_sub = gather_rows(x, idx)  # (B, m, C)
             gate = gather_rows(sel.gate, idx)[..., None]  # (B, m, 1)
-            token_fraction = float(slot_valid.sum()) / max(1, int(valid.sum()))
+            token_fraction = float(slot_valid.sum()) / max(1, st.n_valid(B, T, x.device))
         else:
             idx = torch.arange(T, device=x.device).expand(B, T)
             slot_valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
             x_sub, gate, token_fraction = x, None, 1.0
         m = idx.shape[1]
+        if m == 0:  # no token chose this layer (e.g. a skipped decode step): nothing attends, nothing is cached
+            return self._none_selected(x, cache, past, dense, router_flops)
         q_pos = torch.where(slot_valid, positions.gather(1, idx), -1)  # (B, m), -1 marks batch padding
         kv_pos = torch.cat([past, q_pos], dim=1)  # (B, P + m)
         mask = self._additive_mask(q_pos, kv_pos, x.dtype)  # (B, 1, m, P + m)
@@ -161,6 +166,13 @@ class ElasticAttention(ElasticSubLayer):
         st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, flops + router_flops, router_flops,
                                       token_fraction, unit_fraction))
         return out, None
+
+    def _none_selected(self, x, cache, past, dense: int, router_flops: int):
+        """Token routing chose no token of the batch: only the router ran; no mask, rotary or projection is built."""
+        if cache is not None:
+            self._remember_index(cache, past, past[:, :0], routed=True)
+        self.state.stats.append(SubLayerStats(self.layer_idx, "attn", dense, router_flops, router_flops, 0.0, 1.0))
+        return self.skipped_output(x), None
 
     # ---- training targets, measured on the teacher ----
     def _teacher_with_targets(self, x, args, kwargs):
@@ -200,11 +212,14 @@ class ElasticAttention(ElasticSubLayer):
 
     # ---- head routing: each query head runs only on the tokens that chose it ----
     def _head_routed(self, x, slot_valid, mask, kw, cache, capacity, q_pos):
-        """What the active heads add (output projection with its bias), before any post-LN. -> (B, m, C)"""
+        """What the active heads add (output projection with its bias), before any post-LN. -> (B, m, C)
+
+        The heads run together, not one by one: the tokens that chose each used head are packed into buckets, heads
+        whose buckets have about the same length share one batched q projection, attention and output projection
+        (see `head_buckets`), so the mask rows are gathered once per group of heads, not per head."""
         d = self.dims
         B, m, C = x.shape
         H, KVH, D = d["H"], d["KVH"], d["D"]
-        n_rep = H // KVH
         w = self.spec.attention_weights(self.base_layer)
         scaling = getattr(self.base_layer, "scaling", None) or D**-0.5  # BERT keeps it on its inner `self`
         heads = self.head_router(x, capacity, method=self.state.method, generator=self.state.generator,
@@ -217,37 +232,84 @@ class ElasticAttention(ElasticSubLayer):
             k = rotate(k, *cos_sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, KVH, P + m, D)
-        kv_len = k.shape[2]
-        flops = attention_projection_flops(0, B * m, C, H, KVH, D)
-        out = x.new_zeros(B * m, C)
         active = heads.active & slot_valid[..., None]  # (B, m, H)
-        for h in range(H):  # loop over heads, never over tokens
-            hidx, hvalid = compact(active[..., h])  # (B, mh): the tokens that chose head h
-            mh = hidx.shape[1]
-            if mh == 0:
-                continue
-            xh = gather_rows(x, hidx)  # (B, mh, C)
-            rows = slice(h * D, (h + 1) * D)
-            q = lora.add_query_rows(F.linear(xh, w.q_w[rows], None if w.q_b is None else w.q_b[rows]), hidx,
-                                    rows)[:, None]  # (B, 1, mh, D)
-            if cos_sin is not None:
-                q = rotate(q, gather_rows(cos_sin[0], hidx), gather_rows(cos_sin[1], hidx))
-            mask_h = mask[:, 0].gather(1, hidx[..., None].expand(B, mh, kv_len))[:, None]  # (B, 1, mh, kv)
-            g = h // n_rep
-            o = F.scaled_dot_product_attention(q, k[:, g:g + 1], v[:, g:g + 1], attn_mask=mask_h,
-                                               scale=scaling)  # (B, 1, mh, D)
-            o = o[:, 0] * gather_rows(heads.gate[..., h], hidx)[..., None]  # (B, mh, D)
-            contrib = F.linear(o, w.o_w[:, rows])  # (B, mh, C): this head's share of the output projection
-            flat = (hidx + torch.arange(B, device=x.device)[:, None] * m)[hvalid]
-            out.index_add_(0, flat, contrib[hvalid].to(out.dtype))
-            lora.add_head_output(o, rows, flat, hvalid)
-            flops += 2 * B * mh * C * D * 2 + attention_score_flops(B * mh, kv_len, 1, D)
+        flops = attention_projection_flops(0, B * m, C, H, KVH, D)
+        if m == 1 and not torch.is_grad_enabled() and w.q_lora is None and w.o_lora is None:  # decoding
+            out, head_flops = self._one_token_heads(x, w, k, v, mask, cos_sin, active, scaling)
+            flops += head_flops
+        else:
+            out = x.new_zeros(B * m + 1, C)  # (B*m + 1, C): the last row takes the bucket padding, then is dropped
+            for bk in head_buckets(active):  # a few groups of heads with similar token counts, never one per token
+                flops += self._run_head_bucket(bk, x, w, lora, k, v, mask, cos_sin, heads.gate, scaling, out)
+            out = out[:-1]
         out = lora.finish_output(out)
         flops += lora.flops
         if w.o_b is not None:
             out = out + w.o_b
         unit_fraction = float(active.sum()) / max(1, int(slot_valid.sum()) * H)
         return out.view(B, m, C), flops, unit_fraction
+
+    def _one_token_heads(self, x, w, k, v, mask, cos_sin, active, scaling) -> tuple[torch.Tensor, int]:
+        """Decoding, one token per row: the heads some row chose, taken in runs of adjacent heads, each a contiguous
+        slice of the q rows and o columns (views: no weight is copied); a row's heads it did not choose are zeroed
+        before the output projection. x: (B, 1, C), k / v: (B, KVH, kv, D), mask: (B, 1, 1, kv), active: (B, 1, H).
+        -> (B, C) what the heads add (no bias), FLOPs."""
+        B, _, C = x.shape
+        H, KVH, D = self.dims["H"], self.dims["KVH"], self.dims["D"]
+        heads = active[:, 0].any(dim=0).nonzero().squeeze(1).tolist()  # the used heads: one read per layer
+        if not heads:
+            return x.new_zeros(B, C), 0
+        U, kv_len = len(heads), k.shape[2]
+        runs = [slice(a * D, (b + 1) * D) for a, b in contiguous_runs(heads)]  # q rows / o columns of each run
+        xf = x.view(B, C)  # (B, 1, C) -> (B, C)
+        q = torch.cat([F.linear(xf, w.q_w[r], None if w.q_b is None else w.q_b[r]) for r in runs], dim=1)  # (B, U*D)
+        q = q.view(B, U, 1, D)  # (B, U*D) -> (B, U, 1, D)
+        if cos_sin is not None:
+            q = rotate(q, *cos_sin)
+        groups = torch.tensor([h // (H // KVH) for h in heads], device=x.device)  # (U,) the KV group of each head
+        o = F.scaled_dot_product_attention(q, k.index_select(1, groups), v.index_select(1, groups), attn_mask=mask,
+                                           scale=scaling)  # (B, U, 1, D)
+        if B > 1:  # a head another row chose runs here too: its output is dropped
+            o = o * active[:, 0, heads].to(o.dtype)[:, :, None, None]
+        o = o.reshape(B, U * D)  # (B, U, 1, D) -> (B, U*D)
+        out, start = None, 0
+        for r in runs:
+            width = r.stop - r.start
+            part = F.linear(o[:, start:start + width], w.o_w[:, r])  # (B, C)
+            out = part if out is None else out + part
+            start += width
+        return out, 2 * B * U * C * D * 2 + attention_score_flops(B * U, kv_len, 1, D)
+
+    def _run_head_bucket(self, bk: "HeadBuckets", x, w, lora, k, v, mask, cos_sin, gate, scaling, out) -> int:
+        """Heads `bk.heads` on their tokens: q projection, attention, gate and output projection as batched matmuls
+        over the heads, added into `out` (B*m + 1, C; its last row takes the bucket padding). x: (B, m, C), k / v:
+        (B, KVH, kv, D), mask: (B, 1, m, kv), gate: (B, m, H). -> the FLOPs that ran (bucket padding included)."""
+        B, m, C = x.shape
+        H, KVH, D = self.dims["H"], self.dims["KVH"], self.dims["D"]
+        U, L, kv_len = bk.n_heads, bk.length, k.shape[2]
+        flat = bk.flat_tokens()  # (U*B*L,) into (B*m), head-major
+        q = head_query(x.reshape(B * m, C).index_select(0, flat).view(U, B * L, C), w, bk.heads, D)  # (U, B*L, D)
+        q = lora.add_query_heads(q, flat, bk.heads)
+        if cos_sin is not None:
+            cos, sin = (t.expand(B, -1, -1).reshape(B * m, D).index_select(0, flat).view(U, B * L, D) for t in cos_sin)
+            q = q * cos + rotate_half(q) * sin
+        q = q.view(U, B, L, D).transpose(0, 1)  # (U, B*L, D) -> (B, U, L, D)
+        groups = bk.heads // (H // KVH)  # (U,) the KV group of each head
+        k_u, v_u = k.index_select(1, groups), v.index_select(1, groups)  # (B, U, kv, D)
+        rows = bk.idx.reshape(B, U * L)  # (B, U*L) every slot's token: one gather of the mask rows for all U heads
+        batch = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+        mask_u = mask[:, 0][batch, rows].view(B, U, L, kv_len)  # whole rows copied (faster than an element gather)
+        o = F.scaled_dot_product_attention(q, k_u, v_u, attn_mask=mask_u, scale=scaling)  # (B, U, L, D)
+        if torch.is_grad_enabled():  # each head's straight-through gate: forward value 1, the router's gradient
+            o = o * bk.gather(gate)[..., None]
+        o = o.transpose(0, 1).reshape(U, B * L, D)  # (B, U, L, D) -> (U, B*L, D)
+        contrib = torch.bmm(o, used_heads(w.o_w, bk.heads, H, 1).transpose(1, 2))  # (U, B*L, D) @ (U, D, C)
+        keep = bk.valid.transpose(0, 1).reshape(-1)  # (U*B*L,) real slots, not bucket padding
+        # bucket padding adds into the spare last row of `out` (no copy of the real slots' rows to leave it out)
+        out.index_add_(0, torch.where(keep, flat, B * m), contrib.reshape(U * B * L, C).to(out.dtype))
+        lora.add_heads_output(o, bk.heads, flat[keep], keep)
+        n_slots = B * U * L  # what ran, bucket padding included
+        return 2 * n_slots * C * D * 2 + attention_score_flops(n_slots, kv_len, 1, D)
 
     # ---- bookkeeping for the KV cache ----
     def _cached_index(self, cache, B: int, device) -> torch.Tensor:
@@ -288,3 +350,76 @@ class ElasticAttention(ElasticSubLayer):
             allowed = allowed & real[:, None, :]
         zero = torch.zeros((), dtype=dtype, device=q_pos.device)
         return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
+
+
+# heads share a bucket length when theirs is at least this fraction of the longest: fewer, larger matmuls for
+# at most ~3% padding (exact lengths would give a group per head in a long prefill)
+BUCKET_LENGTH_SHARE = 1 - 1 / 32
+
+
+def head_buckets(active: torch.Tensor) -> list["HeadBuckets"]:
+    """Group the used heads by how many tokens chose them. active: (B, m, H) bool.
+
+    A head's bucket in row b holds the tokens of row b that chose it, in order; every bucket of a group is padded to
+    the group's longest. Heads no token chose are left out (at batch 1 decoding only the active heads run); heads
+    whose longest bucket is within `BUCKET_LENGTH_SHARE` of the group's longest join it, so a balanced routing runs
+    as one group and an unbalanced one (some heads chosen by nearly every token, others by few) as a few groups
+    rather than all heads padded to the most popular one."""
+    B, m, H = active.shape
+    per_row = active.sum(dim=1)  # (B, H) tokens of each row that chose each head
+    longest = per_row.amax(dim=0).tolist() if B else [0] * H  # (H,) one read on the host per layer
+    groups: list[list[int]] = []
+    for h in sorted((h for h in range(H) if longest[h] > 0), key=lambda h: -longest[h]):
+        if groups and longest[h] >= BUCKET_LENGTH_SHARE * longest[groups[-1][0]]:
+            groups[-1].append(h)
+        else:
+            groups.append([h])
+    order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)  # (B, m, H) per head: its tokens first
+    out = []
+    for group in groups:
+        heads = torch.tensor(sorted(group), device=active.device)  # (U,)
+        L = longest[group[0]]
+        idx = order.index_select(2, heads)[:, :L].transpose(1, 2)  # (B, L, U) -> (B, U, L)
+        valid = torch.arange(L, device=active.device) < per_row.index_select(1, heads)[..., None]  # (B, U, L)
+        out.append(HeadBuckets(heads, idx, valid, m))
+    return out
+
+
+class HeadBuckets(NamedTuple):
+    """A group of heads and, per row and head, the tokens that chose it (padded to the group's longest list)."""
+    heads: torch.Tensor  # (U,) long, the heads some token chose
+    idx: torch.Tensor  # (B, U, L) long, token index within the row (padding slots point at some token)
+    valid: torch.Tensor  # (B, U, L) bool, False for bucket padding
+    row_len: int  # m, the tokens of each row
+
+    @property
+    def n_heads(self) -> int:
+        return self.heads.numel()
+
+    @property
+    def length(self) -> int:
+        return self.idx.shape[2]
+
+    def flat_tokens(self) -> torch.Tensor:
+        """(U*B*L,) index of each slot's token among the B*m tokens, head-major (the layout of the batched matmuls)."""
+        row_start = torch.arange(self.idx.shape[0], device=self.idx.device)[:, None, None] * self.row_len  # (B,1,1)
+        return (self.idx + row_start).transpose(0, 1).reshape(-1)  # (B, U, L) -> (U, B, L) -> (U*B*L,)
+
+    def gather(self, per_head: torch.Tensor) -> torch.Tensor:
+        """per_head: (B, m, H) -> (B, U, L), the value of each slot's token for its head."""
+        chosen = per_head.index_select(2, self.heads).transpose(1, 2)  # (B, U, m)
+        return chosen.gather(2, self.idx)
+
+
+def used_heads(weight: torch.Tensor, heads: torch.Tensor, n_heads: int, dim: int) -> torch.Tensor:
+    """The slices of a projection weight that belong to `heads` (U,): `weight` split into `n_heads` equal parts along
+    `dim` -> those parts stacked first, (U, ...). No copy when every head is used."""
+    parts = weight.unflatten(dim, (n_heads, -1)).movedim(dim, 0)  # (H, ...) a view
+    return parts if heads.numel() == n_heads else parts.index_select(0, heads)
+
+
+def head_query(x: torch.Tensor, w, heads: torch.Tensor, D: int) -> torch.Tensor:
+    """Query projection of each used head on its own tokens. x: (U, n, C) -> (U, n, D)."""
+    H = w.q_w.shape[0] // D
+    q = torch.bmm(x, used_heads(w.q_w, heads, H, 0).transpose(1, 2))  # (U, n, C) @ (U, C, D)
+    return q if w.q_b is None else q + used_heads(w.q_b, heads, H, 0)[:, None]

@@ -2,6 +2,11 @@
 into `E` experts, each a contiguous slice of the hidden neurons or, with `expert_split="cluster"`, a cluster of
 neurons that fire together; each token runs only its chosen experts).
 
+A clustered split only regroups hidden neurons, which leaves the MLP's function unchanged: the base MLP's weights are
+permuted once into the router's `neuron_order` (up / gate rows, down columns), so every expert is a contiguous slice
+at run time, as in the contiguous split, and no step gathers scattered weight rows. `weight_order` records the order
+the base weights hold now; `ElasticModel` undoes it for its weight fingerprint and on `unload()`.
+
 With every expert active the sum over experts is the dense MLP: down(act(gate(x)) * up(x)) splits over hidden
 neurons because the activation is elementwise and `down` is linear. A post-LN MLP (BERT) returns
 LayerNorm(x + MLP(x)): the experts' sum is normalized the same way, and a skipped token comes out unchanged.
@@ -26,6 +31,50 @@ class ElasticMLP(ElasticSubLayer):
         self.token_router = token_router
         self.expert_router = expert_router
         self.gated = spec.mlp_weights(base_layer).gate_w is not None  # SwiGLU-style: 3 matmuls, else 2
+        # (I,) the hidden-neuron order the base weights hold now, in the original numbering (None: the original)
+        self.register_buffer("weight_order", None, persistent=False)
+        self._order_applied: tuple[int, int] | None = None  # (storage, version) of the neuron_order last applied
+
+    # ---- clustered experts: the base weights permuted into the split's order, once ----
+    def align_weights(self) -> None:
+        """Permute the base weights into the expert router's `neuron_order` if it changed since the last call (a
+        split fitted, routers loaded, a checkpoint resumed): checked by the order tensor's version counter, so the
+        per-call cost is a tuple comparison."""
+        order = None if self.expert_router is None else self.expert_router.neuron_order
+        if order is None:
+            return
+        key = (order.data_ptr(), order._version)
+        if key != self._order_applied:
+            self.set_weight_order(order)
+            self._order_applied = key
+
+    @torch.no_grad()
+    def set_weight_order(self, order: torch.Tensor | None) -> None:
+        """Put the base MLP's hidden neurons in `order` ((I,) original neuron indices; None: the original order).
+        The function is unchanged: the activation is elementwise and the down projection sums over the neurons."""
+        current = self.weight_order
+        if order is None or current is None:
+            if order is None and current is None:
+                return
+            identity = torch.arange(self.dims["I"], device=(order if current is None else current).device)
+            order = identity if order is None else order
+            current = identity if current is None else current
+        if torch.equal(order, current):
+            return
+        # row r of the new weights is row `perm[r]` of the current ones: current[perm] == order
+        perm = torch.argsort(current)[order]  # (I,)
+        w = self.spec.mlp_weights(self.base_layer)
+        for rows in (w.up_w, w.up_b, w.gate_w, w.gate_b):  # views of the base tensors: written in place
+            if rows is not None:
+                rows.copy_(rows[perm])
+        w.down_w.copy_(w.down_w[:, perm])
+        self.weight_order = order.clone()
+
+    def expert_slice(self, e: int) -> slice:
+        """Expert e's hidden neurons in the weights as they are now: a contiguous slice (call `align_weights` first
+        for a clustered split)."""
+        width = self.dims["I"] // self.expert_router.n_experts
+        return slice(e * width, (e + 1) * width)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         st = self.state
@@ -53,7 +102,10 @@ class ElasticMLP(ElasticSubLayer):
         xf = x.reshape(B * T, C)  # (B, T, C) -> (N, C)
         router_flops = 0
         idx = None
-        positions = st.real_positions(st.current_positions(T, x.device).expand(B, T)).reshape(B * T)  # (N,)
+        positions = None  # (N,) each token's place among its row's real tokens: what expert routing keys on
+        if exp_cap < 1.0:
+            positions = st.per_call(("real_positions", B, T, x.device), lambda: st.real_positions(
+                st.current_positions(T, x.device).expand(B, T)).reshape(B * T))
         if tok_cap < 1.0:
             valid = st.token_valid(B, T, x.device)
             forced = st.forced_tokens(B, T, x.device)
@@ -64,9 +116,11 @@ class ElasticMLP(ElasticSubLayer):
                 st.aux_losses["token_bce"].append(sel.aux_loss)
             idx = sel.selected.flatten().nonzero().squeeze(1)  # (n,) flat indices of processed tokens
             x_in = xf.index_select(0, idx)  # (n, C)
-            positions = positions.index_select(0, idx)  # (n,)
-            gate = sel.gate.flatten().index_select(0, idx)[:, None]  # (n, 1)
-            token_fraction = idx.numel() / max(1, int(valid.sum()))
+            if positions is not None:
+                positions = positions.index_select(0, idx)  # (n,)
+            # the straight-through gate's forward value is 1: it only matters where a gradient flows
+            gate = sel.gate.flatten().index_select(0, idx)[:, None] if torch.is_grad_enabled() else None  # (n, 1)
+            token_fraction = idx.numel() / max(1, st.n_valid(B, T, x.device))
         else:
             x_in, gate, token_fraction = xf, None, 1.0
 
@@ -80,7 +134,7 @@ class ElasticMLP(ElasticSubLayer):
             exp_flops, unit_fraction = mlp_flops(n, C, I, self.gated), 1.0
 
         if idx is not None:  # scatter back; skipped tokens leave the residual stream alone
-            y = self.scatter(xf, idx, self.apply_gate(y, x_in, gate))
+            y = self.scatter(xf, idx, y if gate is None else self.apply_gate(y, x_in, gate))
         st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, exp_flops + router_flops, router_flops,
                                       token_fraction, unit_fraction))
         return y.view(B, T, C)
@@ -114,11 +168,11 @@ class ElasticMLP(ElasticSubLayer):
 
     def _expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's output for every token (no down-projection bias). x: (N, C) -> (E, N, C)."""
+        self.align_weights()
         w = self.spec.mlp_weights(self.base_layer)
-        router = self.expert_router
         h = self.hidden_activations(x)  # (N, I)
-        return torch.stack([F.linear(h[:, router.expert_neurons(e)], w.down_w[:, router.expert_neurons(e)])
-                            for e in range(router.n_experts)])
+        return torch.stack([F.linear(h[:, self.expert_slice(e)], w.down_w[:, self.expert_slice(e)])
+                            for e in range(self.expert_router.n_experts)])
 
     def hidden_activations(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP's hidden units before the down projection. x: (N, C) -> (N, I)."""
@@ -142,22 +196,73 @@ class ElasticMLP(ElasticSubLayer):
                                  generator=self.state.generator, positions=positions, layer=self.layer_idx)
         if sel.aux_loss is not None:
             self.state.aux_losses["expert_balance"].append(sel.aux_loss)
-        flops = 0
-        for e in range(E):  # loop over experts (a handful), never over tokens
-            token_idx, slot = (sel.chosen == e).nonzero(as_tuple=True)  # tokens that chose e, and in which slot
-            if token_idx.numel() == 0:
+        self.align_weights()
+        if n == 1 and not torch.is_grad_enabled():  # decoding one token: its experts' rows, in contiguous runs
+            experts = sorted(e for e in sel.chosen[0].tolist() if e >= 0)
+            out, flops = self._one_token_experts(x, w, experts, out)
+            if w.down_b is not None:
+                out = out + w.down_b
+            return out, flops, len(experts) / E
+        token_idx, slot, counts = dispatch_by_expert(sel.chosen, E)
+        flops, begin = 0, 0
+        for e, count in enumerate(counts):  # loop over experts (a handful), never over tokens
+            if count == 0:
                 continue
-            s = self.expert_router.expert_neurons(e)  # a slice, or a cluster's neuron indices (weights gathered)
-            xe = x.index_select(0, token_idx)  # (n_e, C)
+            t, k = token_idx[begin:begin + count], slot[begin:begin + count]  # (n_e,) tokens that chose e, slot
+            begin += count
+            s = self.expert_slice(e)  # contiguous rows of the (permuted) weights
+            xe = x.index_select(0, t)  # (n_e, C)
             h = F.linear(xe, w.up_w[s], None if w.up_b is None else w.up_b[s])  # (n_e, I/E)
             if w.gate_w is not None:
                 h = w.act(F.linear(xe, w.gate_w[s], None if w.gate_b is None else w.gate_b[s])) * h
             else:
                 h = w.act(h)
             ye = F.linear(h, w.down_w[:, s])  # (n_e, C); the down bias is added once below
-            ye = ye * sel.gate[token_idx, slot][:, None]
-            out.index_add_(0, token_idx, ye)
-            flops += mlp_flops(token_idx.numel(), C, width, w.gate_w is not None)
+            if torch.is_grad_enabled():  # the straight-through gate (forward value 1) carries the router's gradient
+                ye = ye * sel.gate[t, k][:, None]
+            out.index_add_(0, t, ye)
+            flops += mlp_flops(count, C, width, w.gate_w is not None)
         if w.down_b is not None:
             out = out + w.down_b
-        return out, flops, float((sel.chosen >= 0).sum()) / (n * E)
+        return out, flops, sum(counts) / (n * E)
+
+    def _one_token_experts(self, x: torch.Tensor, w, experts: list[int], out: torch.Tensor
+                           ) -> tuple[torch.Tensor, int]:
+        """One token through `experts` (sorted): adjacent experts are one contiguous slice of the (permuted) weights,
+        so each run of them is a single up / gate / down matmul, reading exactly the chosen rows. x: (1, C)."""
+        C, I = self.dims["C"], self.dims["I"]
+        width = I // self.expert_router.n_experts
+        flops = 0
+        for first, last in contiguous_runs(experts):
+            s = slice(first * width, (last + 1) * width)  # neurons of experts first..last
+            h = F.linear(x, w.up_w[s], None if w.up_b is None else w.up_b[s])  # (1, run width)
+            if w.gate_w is not None:
+                h = w.act(F.linear(x, w.gate_w[s], None if w.gate_b is None else w.gate_b[s])) * h
+            else:
+                h = w.act(h)
+            out = out + F.linear(h, w.down_w[:, s])  # (1, C)
+            flops += mlp_flops(1, C, s.stop - s.start, w.gate_w is not None)
+        return out, flops
+
+
+def contiguous_runs(sorted_ids: list[int]) -> list[tuple[int, int]]:
+    """[0, 1, 2, 5, 6] -> [(0, 2), (5, 6)]: maximal runs of consecutive ids, as (first, last)."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted_ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+def dispatch_by_expert(chosen: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Group a router's choices by expert with one sort (and one read of the counts on the host, instead of one
+    `nonzero` per expert). chosen: (n, k) expert per token and slot, -1 unused -> token index (u,), slot (u,), both
+    ordered by expert (tokens in order within one), and the number of entries of each expert (E ints)."""
+    k = chosen.shape[1]
+    flat = chosen.flatten()  # (n*k,)
+    used = (flat >= 0).nonzero().squeeze(1)  # (u,) entries that run an expert
+    order = used[torch.argsort(flat[used], stable=True)]  # (u,) by expert, then by token
+    counts = torch.bincount(flat[used], minlength=n_experts).tolist()
+    return order // k, order % k, counts

@@ -75,6 +75,9 @@ class RoutingState:
     # sub-layer fills it in, for inputs whose token count the model call does not show, e.g. pixel_values)
     past_len: int = 0
     batch_size: int = 0
+    # values every layer of one call would compute alike (see `per_call`), and the context they belong to
+    _per_call: dict = field(default_factory=dict)
+    _per_call_owner: tuple = (None, None)
     # ---- reported back by the sub-layers during a forward ----
     stats: list[SubLayerStats] = field(default_factory=list)
     aux_losses: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
@@ -140,12 +143,30 @@ class RoutingState:
                               "positions are unknown: call the model or its inner model (e.g. em.base_model.model), "
                               "not one of its layers on its own")
 
+    def per_call(self, key: tuple, make: Callable[[], object]):
+        """`make()`, computed once per model call and reused by every layer (a decode step runs each routed layer on
+        the same padding mask and positions: recomputing these per layer costs more small ops than the routers).
+        Dropped as soon as the call's context (padding mask, positions) is another one."""
+        owner = self._per_call_owner
+        if owner[0] is not self.pad_mask or owner[1] is not self.positions:
+            self._per_call, self._per_call_owner = {}, (self.pad_mask, self.positions)
+        if key not in self._per_call:
+            self._per_call[key] = make()
+        return self._per_call[key]
+
     def token_valid(self, B: int, T: int, device) -> torch.Tensor:
         """(B, T) bool: current tokens that are not padding."""
         self.check_in_call()
+        return self.per_call(("valid", B, T, device), lambda: self._token_valid(B, T, device))
+
+    def _token_valid(self, B: int, T: int, device) -> torch.Tensor:
         if self.pad_mask is None or self.pad_mask.shape[0] != B or self.pad_mask.shape[1] < T:
             return torch.ones(B, T, dtype=torch.bool, device=device)
         return self.pad_mask[:, -T:]
+
+    def n_valid(self, B: int, T: int, device) -> int:
+        """How many of the current tokens are not padding (read on the host once per call)."""
+        return self.per_call(("n_valid", B, T, device), lambda: int(self.token_valid(B, T, device).sum()))
 
     def forced_tokens(self, B: int, T: int, device) -> torch.Tensor:
         """(B, T) bool: tokens that token routing always processes (each sequence's first real token).
@@ -154,6 +175,10 @@ class RoutingState:
         sequence anyway; a threshold (inference) could keep none, so there the first token is still processed: a
         rule that depends on position only, so routing stays causal and no sequence has an empty selection."""
         self.check_in_call()
+        return self.per_call(("forced", B, T, device, self.keep_first_token, self.topk),
+                             lambda: self._forced_tokens(B, T, device))
+
+    def _forced_tokens(self, B: int, T: int, device) -> torch.Tensor:
         if not self.keep_first_token and self.topk:
             return torch.zeros(B, T, dtype=torch.bool, device=device)
         positions = self.current_positions(T, device)

@@ -39,7 +39,9 @@ class ExpertRouter(nn.Module):
         return order is not None and not torch.equal(order, torch.arange(order.numel(), device=order.device))
 
     def expert_neurons(self, e: int) -> slice | torch.Tensor:
-        """The hidden neurons of expert e: a contiguous slice, or the indices of the e-th cluster."""
+        """The hidden neurons of expert e in the base model's original numbering: a contiguous slice, or the indices
+        of the e-th cluster (at run time `ElasticMLP` holds its weights permuted into this order, so each expert is a
+        contiguous slice there)."""
         if self.neuron_order is None:
             return slice(e * self.width, (e + 1) * self.width)
         return self.neuron_order[e * self.width:(e + 1) * self.width]

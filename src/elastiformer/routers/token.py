@@ -83,14 +83,29 @@ class TokenRouter(nn.Module):
         return not torch.isnan(self.calib_threshold).any().item()
 
     def set_calibration(self, method: str, caps: torch.Tensor, thrs: torch.Tensor) -> None:
+        self.__dict__.pop("_threshold_cache", None)
         if method == "learned":
             self.calib_capacity.copy_(caps)
             self.calib_threshold.copy_(thrs)
         else:  # baselines' thresholds are not part of the artifact
             self.baseline_calibration[method] = (caps.to(self.calib_capacity), thrs.to(self.calib_threshold))
 
-    def threshold(self, capacity: float, method: str = "learned") -> torch.Tensor:
-        """Score above which a token is processed so that `capacity` of calibration tokens would be."""
+    def threshold(self, capacity: float, method: str = "learned") -> torch.Tensor | float:
+        """Score above which a token is processed so that `capacity` of calibration tokens would be: a float, looked
+        up once per (capacity, method, calibration) and then reused, so decoding reads no tensor on the host for it
+        (the lookup costs a dozen small tensor ops and a sync, in every layer of every step otherwise)."""
+        caps, thrs = (self.calib_capacity, self.calib_threshold) if method == "learned" else \
+            self.baseline_calibration.get(method, (None, None))
+        key = (capacity, method, None if caps is None else (caps.data_ptr(), caps._version, thrs.data_ptr(),
+                                                             thrs._version))
+        cached = self.__dict__.get("_threshold_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        value = float(self._lookup_threshold(capacity, method))
+        self.__dict__["_threshold_cache"] = (key, value)
+        return value
+
+    def _lookup_threshold(self, capacity: float, method: str) -> torch.Tensor:
         if method == "learned" and not self.is_calibrated or method != "learned" and method not in self.baseline_calibration:
             raise NotCalibratedError(
                 f"token routers have no inference thresholds for {method!r} scores yet: call "
@@ -127,7 +142,6 @@ class TokenRouter(nn.Module):
             scores = x.float().norm(dim=-1)
         else:
             scores = self.score(x)  # (B, T)
-        p = torch.sigmoid(scores)
         aux = None
         if topk:
             selected = topk_mask(scores, capacity, valid, forced)
@@ -141,7 +155,10 @@ class TokenRouter(nn.Module):
             selected = ((scores >= thr) | forced) & valid
         else:
             selected = ((scores >= self.threshold(capacity, method)) | forced) & valid
-        gate = straight_through_gate(p) if method == "learned" else torch.ones_like(p)
+        if method == "learned" and torch.is_grad_enabled():
+            gate = straight_through_gate(torch.sigmoid(scores))
+        else:  # forward value 1 either way: without a gradient to carry, no sigmoid
+            gate = scores.new_ones(()).expand_as(scores)
         return TokenSelection(selected, gate, aux, scores)
 
 

@@ -1,0 +1,279 @@
+"""`elastiformer bench-speed`: does skipped compute show up in wall-clock time?
+
+Per routed component (and their combination) and budget, and for Flextron's sub-networks at the same budgets:
+prefill of `prefill_batch` x `prefill_len` tokens, and greedy generation of `decode_tokens` tokens at each batch
+size of `decode_batches`, each as the elastic / dense time ratio (median of `reps` interleaved runs: dense,
+elastic, dense, ...) and tokens/s, beside the executed model-FLOPs ratio of the same run (blocks, routers and LM
+head). The physical limit is a time ratio equal to the FLOPs ratio: the PNG plots one against the other with the
+line y = x. The JSON records the machine and the torch threads, since ratios measured on a busy machine mean little.
+
+ElastiFormer's routers are trained briefly here (`steps`; what the routes look like matters for speed, not their
+quality), their allocation fitted and thresholds calibrated. Flextron runs the base model's nested widths: with
+`flextron_checkpoint` (a sorted, trained checkpoint holding `router/`), the routed sub-network its router picks at
+each budget (`set_budget(relative_compute=b)`); without, the same width in every layer, the widest whose block
+FLOPs fit the budget (the speed of a sub-network depends on its widths, not on how they were chosen).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .benchmark import SETTINGS, machine, parse_components
+from .config import ElasticConfig
+
+SPEED_SETTINGS = {k: SETTINGS[k] for k in ("mlp_tokens", "attn_tokens", "attn_heads", "mlp_experts",
+                                           "mlp_experts_cluster", "combined")}
+SPEED_DEFAULTS = dict(
+    model="smollm2-135m", components=",".join(SPEED_SETTINGS), budgets="0.6,0.75,0.9", steps=30, batch_size=4,
+    seq_len=128, train_sequences=400, prefill_batch=4, prefill_len=512, decode_tokens=64, decode_batches="1,8",
+    prompt_len=32, reps=3, flextron=True, flextron_checkpoint=None, threads=0, seed=0,
+    output="bench/results/speed.json", overwrite=False,
+)
+FLEXTRON_MENUS = dict(mlp_widths=(1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25), head_widths=(1.0, 0.75, 0.5, 0.25))
+
+
+# ---------------------------------------------------------------- timing
+def interleaved(dense: Callable[[], Any], elastic: Callable[[], Any], reps: int) -> tuple[float, float]:
+    """Median seconds of `dense()` and `elastic()`, each warmed up once, then run alternately `reps` times (so a
+    machine that slows down or speeds up meanwhile weighs on both alike)."""
+    dense(), elastic()
+    d, e = [], []
+    for _ in range(reps):
+        for run, times in ((dense, d), (elastic, e)):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(d), statistics.median(e)
+
+
+def timing_record(kind: str, tokens: int, dense_s: float, elastic_s: float, flops_ratio: float) -> dict[str, Any]:
+    """One measurement: `tokens` processed (prefill) or generated (decode) per run."""
+    return {"kind": kind, "time_ratio": elastic_s / dense_s, "model_flops_ratio": flops_ratio,
+            "dense_s": dense_s, "elastic_s": elastic_s,
+            "dense_tokens_per_s": tokens / dense_s, "elastic_tokens_per_s": tokens / elastic_s}
+
+
+class Subject:
+    """What the bench times, ElastiFormer or Flextron alike: the model in its elastic setting (`elastic()`, a
+    context) and in its dense one (`dense()`), and the executed / dense model FLOPs of the last call."""
+
+    def __init__(self, model, dense: Callable[[], Any], elastic: Callable[[], Any],
+                 flops: Callable[[bool], float]):
+        self.model, self.dense, self.elastic, self.flops = model, dense, elastic, flops
+
+
+def measure(subject: Subject, prefill: torch.Tensor, prompts: dict[int, torch.Tensor], new_tokens: int,
+            reps: int) -> list[dict[str, Any]]:
+    """Prefill and decode records of one subject at its current budget."""
+    m = subject.model
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+               pad_token_id=m.base_model.config.eos_token_id)
+
+    def run(context, fn):
+        def go():
+            with torch.no_grad(), context():
+                fn()
+        return go
+
+    forward = lambda: m(input_ids=prefill)  # noqa: E731
+    d, e = interleaved(run(subject.dense, forward), run(subject.elastic, forward), reps)
+    with torch.no_grad(), subject.elastic():
+        forward()
+    records = [timing_record("prefill", int(prefill.numel()), d, e, subject.flops(False)) |
+               {"batch": int(prefill.shape[0]), "tokens": int(prefill.shape[1])}]
+    for batch, prompt in prompts.items():
+        generate = lambda p=prompt: m.generate(p, **gen)  # noqa: E731
+        d, e = interleaved(run(subject.dense, generate), run(subject.elastic, generate), reps)
+        with torch.no_grad(), subject.elastic():
+            generate()
+        records.append(timing_record("decode", batch * new_tokens, d, e, subject.flops(True)) |
+                       {"batch": batch, "tokens": new_tokens})
+    return records
+
+
+# ---------------------------------------------------------------- the two kinds of elastic model
+def elastic_subject(em) -> Subject:
+    """An ElasticModel at its current budget; generation FLOPs are its totals over every forward of generate()."""
+    def flops(generation: bool) -> float:
+        stats = em.last_stats()
+        return (stats["generation"] if generation else stats)["model_flops_ratio"]
+    return Subject(em, em.disable_routers, contextlib.nullcontext, flops)
+
+
+class _FlopsTotals:
+    """Executed and dense model FLOPs of a Flextron model summed over the forwards of a call (e.g. generate)."""
+
+    def __init__(self, fm):
+        self.fm, self.dense, self.executed = fm, 0.0, 0.0
+        fm.base_model.register_forward_hook(self._add)
+
+    def _add(self, module, args, output) -> None:
+        stats = self.fm.last_stats()
+        self.dense += stats.get("model_dense_flops", 0.0)
+        self.executed += stats.get("model_elastic_flops", 0.0)
+
+    @contextlib.contextmanager
+    def counting(self):
+        self.dense = self.executed = 0.0
+        yield
+
+    def ratio(self) -> float:
+        return self.executed / self.dense if self.dense else 1.0
+
+
+def flextron_subject(fm, totals: _FlopsTotals, choices: dict[str, Any] | None) -> Subject:
+    """A FlextronModel at fixed `choices`, or (None) at what its attached router picks for the budget set with
+    `set_budget` (a static router once, an input-adaptive one in each forward)."""
+    @contextlib.contextmanager
+    def elastic():
+        with (fm.using(**choices) if choices is not None else contextlib.nullcontext()), totals.counting():
+            yield
+
+    return Subject(fm, fm.full, elastic, lambda generation: totals.ratio())
+
+
+def uniform_widths(fm, budget: float, seq_len: int) -> dict[str, int]:
+    """The same menu index in every layer, the combination of MLP and head widths with the most block FLOPs within
+    `budget` (the smallest one if none fits)."""
+    cfg = fm.flextron_config
+    pairs = itertools.product(range(cfg.n_mlp_choices), range(cfg.n_attn_choices))
+    cost = {(m, a): fm.choices_flops(m, a, seq_len=seq_len) for m, a in pairs}
+    within = [p for p, c in cost.items() if c <= budget + 1e-9] or [min(cost, key=cost.get)]
+    mlp, attn = max(within, key=cost.get)
+    return {"mlp": mlp, "attn": attn}
+
+
+# ---------------------------------------------------------------- the bench
+def run_speed_bench(o: dict[str, Any], echo=print, new_model: Callable[[], Any] | None = None,
+                    data: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Run the bench described by options `o` (see SPEED_DEFAULTS) and write its JSON and PNG.
+
+    new_model: () -> a fresh base model (default: loads `o["model"]`); data: training and held-out token ids, each
+    (N, T) (default: the bundled books, tokenized for the model). Tests pass a tiny model and random tokens."""
+    from .flextron import FlextronConfig, FlextronModel, get_flextron_model
+    from .model import get_elastic_model
+    from .trainer import train_routers
+    from .validation import parse_floats, parse_ints
+
+    if int(o["threads"]):
+        torch.set_num_threads(int(o["threads"]))
+    components = parse_components(o["components"], SPEED_SETTINGS) if str(o["components"]).strip() else []
+    budgets = parse_floats(o["budgets"], "budgets")
+    new_model = new_model or (lambda: _load_model(o["model"]))
+    train, held = data if data is not None else _load_books(o)
+    torch.manual_seed(int(o["seed"]))
+    prefill = held[:int(o["prefill_batch"]), :int(o["prefill_len"])]
+    prompts = {b: held[:b, :int(o["prompt_len"])] for b in parse_ints(o["decode_batches"], "decode_batches")}
+    calib = [{"input_ids": train[-4:]}]
+    result: dict[str, Any] = {"model": o["model"], "machine": machine() | {"torch_threads": torch.get_num_threads()},
+                              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in o.items()},
+                              "records": []}
+    timing = dict(prefill=prefill, prompts=prompts, new_tokens=int(o["decode_tokens"]), reps=int(o["reps"]))
+    for comp in components:
+        spec = {k: v for k, v in SPEED_SETTINGS[comp].items() if k != "train"}
+        echo(f"[{comp}] training routers ({o['steps']} steps), allocation, thresholds...")
+        em = get_elastic_model(new_model(), ElasticConfig(**spec))
+        train_routers(em, train, steps=int(o["steps"]), batch_size=int(o["batch_size"]), seed=int(o["seed"]),
+                      budget_range=(min(budgets) - 0.05, 0.95), calibration_data=calib, allocation=False,
+                      progress=False, checkpoint_every=None)
+        em.fit_allocation(calib, max_batches=1, min_budget=min(0.5, min(budgets) - 0.05))
+        em.calibrate(calib, progress=False)
+        for b in budgets:
+            em.set_budget(b)
+            echo(f"[{comp}] timing at budget {b}...")
+            for r in measure(elastic_subject(em), **timing):
+                result["records"].append({"system": "elastiformer", "component": comp, "budget": b} | r)
+        em.unload()
+    if o["flextron"]:
+        checkpoint = o.get("flextron_checkpoint")
+        fm = (FlextronModel.from_pretrained(checkpoint) if checkpoint else
+              get_flextron_model(new_model(), FlextronConfig(**FLEXTRON_MENUS)))
+        totals = _FlopsTotals(fm)
+        if checkpoint:
+            fm.load_router(Path(checkpoint) / "router")
+        name = "flextron (routed)" if checkpoint else "flextron (uniform widths)"
+        for b in budgets:
+            echo(f"[{name}] timing at budget {b}...")
+            if checkpoint:
+                fm.set_budget(relative_compute=b)
+                choices = None
+            else:
+                choices = uniform_widths(fm, b, int(o["prefill_len"]))
+            for r in measure(flextron_subject(fm, totals, choices), **timing):
+                result["records"].append({"system": "flextron", "component": name, "budget": b} | r)
+    out = Path(o["output"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot_speed(result, out.with_suffix(".png"))
+    for line in summary_lines(result):
+        echo(line)
+    return result
+
+
+def _load_model(name: str):
+    from .models import load_model
+
+    return load_model(name)
+
+
+def _load_books(o: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training text (routers) and held-out text (timed), as token ids of the bench model's tokenizer."""
+    from .data import load_texts, pack_sequences
+    from .models import load_tokenizer
+    from .validation import parse_ints
+
+    tokenizer = load_tokenizer(o["model"])
+    train = pack_sequences(load_texts(None, split="train"), tokenizer, int(o["seq_len"]),
+                           max_sequences=int(o["train_sequences"]))
+    rows = max(int(o["prefill_batch"]), *parse_ints(o["decode_batches"], "decode_batches"))
+    held = pack_sequences(load_texts(None, split="heldout"), tokenizer, int(o["prefill_len"]), max_sequences=rows)
+    return train, held
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """One line per record: time ratio against FLOPs ratio, and the throughput."""
+    lines = []
+    for r in result["records"]:
+        where = f"{r['kind']} b{r['batch']}"
+        lines.append(f"{r['component']:<26} {r['budget']:<5} {where:<11} time {r['time_ratio']:.3f}  "
+                     f"FLOPs {r['model_flops_ratio']:.3f}  {r['elastic_tokens_per_s']:.1f} tok/s "
+                     f"(dense {r['dense_tokens_per_s']:.1f})")
+    return lines
+
+
+def plot_speed(result: dict[str, Any], path: Path) -> None:
+    """One panel per measurement (prefill, decode at each batch): time ratio against model-FLOPs ratio, a series per
+    component, and the line y = x (time falling exactly as the work does)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r["kind"], r["batch"]) for r in result["records"]))
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.6 * max(1, len(panels)), 4.2), squeeze=False)
+    for ax, (kind, batch) in zip(axes[0], panels):
+        rows = [r for r in result["records"] if (r["kind"], r["batch"]) == (kind, batch)]
+        for comp in dict.fromkeys(r["component"] for r in rows):
+            mine = sorted((r for r in rows if r["component"] == comp), key=lambda r: r["model_flops_ratio"])
+            ax.plot([r["model_flops_ratio"] for r in mine], [r["time_ratio"] for r in mine], "o-", label=comp)
+        values = [v for r in rows for v in (r["model_flops_ratio"], r["time_ratio"])]
+        lo, hi = min(values + [1.0]) - 0.05, max(values + [1.0]) + 0.05
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
+        ax.set_xlabel("executed model FLOPs / dense")
+        ax.set_ylabel("wall-clock time / dense")
+        ax.set_title(f"{kind}, batch {batch}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    m = result["machine"]
+    fig.suptitle(f"{result['model']}: {m.get('processor')}, {m.get('torch_threads')} threads", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
