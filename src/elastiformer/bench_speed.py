@@ -26,8 +26,9 @@ from typing import Any, Callable
 
 import torch
 
-from .benchmark import SETTINGS, machine, parse_components
+from .benchmark import SETTINGS, parse_components
 from .config import ElasticConfig
+from .timing import machine
 
 SPEED_SETTINGS = {k: SETTINGS[k] for k in ("mlp_tokens", "attn_tokens", "attn_heads", "mlp_experts",
                                            "mlp_experts_cluster", "combined")}

@@ -615,13 +615,13 @@ def bench_speed(
     """Does skipped compute show up in wall-clock time? Per component and budget (and Flextron's sub-networks):
     prefill and generation time ratios, elastic / dense (interleaved, median), and tokens/s, beside the executed
     model-FLOPs ratio; a PNG of time ratio against FLOPs ratio with the line y = x. Run it on a quiet machine."""
-    from .bench_speed import SPEED_DEFAULTS, run_speed_bench
-    from .validation import check_output_file
+    from ..bench_speed import SPEED_DEFAULTS, run_speed_bench
+    from ..validation import check_output_file
 
     given = {k: v for k, v in locals().items() if k != "config"}
     given["overwrite"] = overwrite or None
-    o = _merge(config, given, SPEED_DEFAULTS)
-    _check_numbers(o, dict(steps=0, prefill_batch=1, prefill_len=1, decode_tokens=1, reps=1, threads=0))
+    o = merge_options(config, given, SPEED_DEFAULTS, command=bench_speed)
+    check_numbers(o, dict(steps=0, prefill_batch=1, prefill_len=1, decode_tokens=1, reps=1, threads=0))
     check_output_file(o["output"], bool(o["overwrite"]), flag="--overwrite")
     result = run_speed_bench(o, echo=typer.echo)
     typer.echo(f"{len(result['records'])} records in {o['output']} (plot: {Path(o['output']).with_suffix('.png')})")
