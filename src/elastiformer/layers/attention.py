@@ -54,8 +54,31 @@ def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (transformers' `rotate_half` convention). x: (B, heads, m, D), cos/sin: (B, m, D)."""
+    """Rotary embedding (transformers' `rotate_half` convention). x: (B, heads, m, D), cos/sin: (B, m, R).
+
+    Partial rotary (Phi, StableLM, GPT-NeoX): cos / sin cover the first R < D features, the rest pass unchanged."""
+    R = cos.shape[-1]
+    if R < x.shape[-1]:
+        return torch.cat([rotate(x[..., :R], cos, sin), x[..., R:]], dim=-1)
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def norm_heads(x: torch.Tensor, D: int, norm: nn.Module | None, per_head: bool) -> torch.Tensor:
+    """Projected q or k, x: (B, m, heads*D) -> (B, m, heads, D), QK-normed as the family's attention does it: each
+    head's D features (Qwen3, Gemma 3), or the whole projection before the split into heads (OLMo 2)."""
+    if norm is not None and not per_head:
+        x = norm(x)
+    x = x.unflatten(-1, (-1, D))  # (B, m, heads, D)
+    return norm(x) if norm is not None and per_head else x
+
+
+def attend(q, k, v, mask, scaling: float, softcap: float | None) -> torch.Tensor:
+    """softmax(q k^T * scaling [soft-capped] + mask) v. q: (B, h, m, D), k / v: (B, h, kv, D), mask: (B, 1, m, kv)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    logits = q @ k.transpose(-1, -2) * scaling  # (B, h, m, kv)
+    logits = torch.tanh(logits / softcap) * softcap + mask  # Gemma 2 caps the logits before the mask
+    return logits.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 class ElasticAttention(ElasticSubLayer):
@@ -64,6 +87,8 @@ class ElasticAttention(ElasticSubLayer):
         super().__init__(base_layer, layer_idx, spec, dims, state)
         self.token_router = token_router
         self.head_router = head_router
+        # this layer's window (sliding-window layers, alone or mixed with global ones): the masks built here apply it
+        self.sliding_window = spec.attention_weights(base_layer).sliding_window
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, *args, **kwargs):
         # BERT and ViT pass the mask positionally, Llama and GPT-2 by name: from here on it is a keyword
@@ -72,7 +97,7 @@ class ElasticAttention(ElasticSubLayer):
         d = self.dims
         x = hidden_states  # (B, T, C)
         B, T, C = x.shape
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = next((kwargs[k] for k in ("cache", "past_key_values", "layer_past") if kwargs.get(k) is not None), None)
         cache = getattr(cache, "self_attention_cache", cache)  # GPT-2 may wrap it in an EncoderDecoderCache
         past = self._cached_index(cache, B, x.device)  # (B, P)
         if self._cache_routed(cache):  # the unmodified sub-layer too must attend through the cached indices
@@ -206,19 +231,24 @@ class ElasticAttention(ElasticSubLayer):
         H, KVH, D = d["H"], d["KVH"], d["D"]
         n_rep = H // KVH
         w = self.spec.attention_weights(self.base_layer)
-        scaling = getattr(self.base_layer, "scaling", None) or D**-0.5  # BERT keeps it on its inner `self`
+        scaling = w.scaling or getattr(self.base_layer, "scaling", None) or D**-0.5  # BERT keeps it on its inner `self`
         heads = self.head_router(x, capacity, method=self.state.method, generator=self.state.generator,
                                  positions=self.state.real_positions(q_pos), layer=self.layer_idx)  # (B, m, H)
         lora = HeadPathLoRA(w, x)  # the adapters' updates (if any), as thin matmuls, and their FLOPs
-        k = lora.add(F.linear(x, w.k_w, w.k_b), "k").view(B, m, KVH, D).transpose(1, 2)  # (B, KVH, m, D)
+        k = norm_heads(lora.add(F.linear(x, w.k_w, w.k_b), "k"), D, w.k_norm, w.qk_norm_per_head).transpose(1, 2)
+        # k: (B, KVH, m, D), QK-normed where the family does
         v = lora.add(F.linear(x, w.v_w, w.v_b), "v").view(B, m, KVH, D).transpose(1, 2)  # (B, KVH, m, D)
-        cos_sin = kw.get("position_embeddings") if self.spec.rotary else None
+        cos_sin = kw.get("position_embeddings") if self.spec.rotary and w.rotary else None
         if cos_sin is not None:
             k = rotate(k, *cos_sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, KVH, P + m, D)
         kv_len = k.shape[2]
         flops = attention_projection_flops(0, B * m, C, H, KVH, D)
+        q_all = None  # a norm over the whole q projection (OLMo 2) needs every head's query of the token
+        if w.q_norm is not None and not w.qk_norm_per_head:
+            q_all = norm_heads(lora.add(F.linear(x, w.q_w, w.q_b), "q"), D, w.q_norm, False)  # (B, m, H, D)
+            flops += 2 * B * m * C * H * D
         out = x.new_zeros(B * m, C)
         active = heads.active & slot_valid[..., None]  # (B, m, H)
         for h in range(H):  # loop over heads, never over tokens
@@ -228,20 +258,24 @@ class ElasticAttention(ElasticSubLayer):
                 continue
             xh = gather_rows(x, hidx)  # (B, mh, C)
             rows = slice(h * D, (h + 1) * D)
-            q = lora.add_query_rows(F.linear(xh, w.q_w[rows], None if w.q_b is None else w.q_b[rows]), hidx,
-                                    rows)[:, None]  # (B, 1, mh, D)
+            if q_all is None:
+                q = lora.add_query_rows(F.linear(xh, w.q_w[rows], None if w.q_b is None else w.q_b[rows]), hidx,
+                                        rows)[:, None]  # (B, 1, mh, D)
+                q = q if w.q_norm is None else w.q_norm(q)
+            else:
+                q = gather_rows(q_all[:, :, h], hidx)[:, None]  # (B, 1, mh, D)
             if cos_sin is not None:
                 q = rotate(q, gather_rows(cos_sin[0], hidx), gather_rows(cos_sin[1], hidx))
             mask_h = mask[:, 0].gather(1, hidx[..., None].expand(B, mh, kv_len))[:, None]  # (B, 1, mh, kv)
             g = h // n_rep
-            o = F.scaled_dot_product_attention(q, k[:, g:g + 1], v[:, g:g + 1], attn_mask=mask_h,
-                                               scale=scaling)  # (B, 1, mh, D)
+            o = attend(q, k[:, g:g + 1], v[:, g:g + 1], mask_h, scaling, w.softcap)  # (B, 1, mh, D)
             o = o[:, 0] * gather_rows(heads.gate[..., h], hidx)[..., None]  # (B, mh, D)
             contrib = F.linear(o, w.o_w[:, rows])  # (B, mh, C): this head's share of the output projection
             flat = (hidx + torch.arange(B, device=x.device)[:, None] * m)[hvalid]
             out.index_add_(0, flat, contrib[hvalid].to(out.dtype))
             lora.add_head_output(o, rows, flat, hvalid)
-            flops += 2 * B * mh * C * D * 2 + attention_score_flops(B * mh, kv_len, 1, D)
+            flops += 2 * B * mh * C * D * (1 if q_all is not None else 2) + \
+                attention_score_flops(B * mh, kv_len, 1, D)
         out = lora.finish_output(out)
         flops += lora.flops
         if w.o_b is not None:
@@ -255,10 +289,21 @@ class ElasticAttention(ElasticSubLayer):
         if cache is None:
             return torch.zeros(B, 0, dtype=torch.long, device=device)
         index = getattr(cache, _CACHE_INDEX_ATTR, {}).get(self.layer_idx)
+        layers = getattr(cache, "layers", [])
+        layer = layers[self.layer_idx] if self.layer_idx < len(layers) else None
         if index is not None:
+            if getattr(layer, "is_sliding", False):  # a sliding-window cache keeps only its latest entries
+                return index[:, index.shape[1] - self._held(layer):]
             return index
-        P = cache.get_seq_length(self.layer_idx) if self.layer_idx < len(getattr(cache, "layers", [])) else 0
-        return torch.arange(P, device=device).expand(B, P)  # filled before routing was on: every token is there
+        P = cache.get_seq_length(self.layer_idx) if layer is not None else 0  # tokens seen
+        held = self._held(layer) if getattr(layer, "is_sliding", False) else P
+        return torch.arange(P - held, P, device=device).expand(B, held)  # filled before routing was on: in order
+
+    @staticmethod
+    def _held(layer) -> int:
+        """Entries a cache layer holds now (a sliding-window layer: at most its window, not every token seen)."""
+        keys = getattr(layer, "keys", None)
+        return 0 if not getattr(layer, "is_initialized", False) or keys is None or keys.numel() == 0 else keys.shape[-2]
 
     def _remember_index(self, cache, past: torch.Tensor, new: torch.Tensor, routed: bool = False) -> None:
         """Append the sequence indices of the entries this call added to the layer's cache. `routed` (token routing
@@ -283,6 +328,8 @@ class ElasticAttention(ElasticSubLayer):
         allowed = (kv_pos[:, None, :] >= 0).expand(-1, q_pos.shape[1], -1)  # (B, m, kv)
         if st.causal:
             allowed = allowed & (kv_pos[:, None, :] <= q_pos[:, :, None])
+        if self.sliding_window is not None:  # transformers' sliding-window overlay: kv > q - window
+            allowed = allowed & (kv_pos[:, None, :] > q_pos[:, :, None] - self.sliding_window)
         if st.pad_mask is not None and st.pad_mask.shape[0] == kv_pos.shape[0]:
             real = st.pad_mask.gather(1, kv_pos.clamp(min=0).clamp(max=st.pad_mask.shape[1] - 1))  # (B, kv)
             allowed = allowed & real[:, None, :]

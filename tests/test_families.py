@@ -1,0 +1,242 @@
+"""Issue 16: the decoder LM families people use, each on a tiny random config (2 layers, hidden 64, 4 heads, 2 KV
+heads where the family has them), through the contract of every ElastiFormer component and of Flextron:
+
+- full budget (and routers off) == the base model's logits; the routed path with everything selected == the base;
+- executed FLOPs fall with the budget and equal what torch's FLOP counter sees the forward multiply;
+- prefix logits unchanged when tokens are appended; cached == uncached generation, left padding included;
+- save / load round trip; LoRA through the routed path;
+- Flextron: importance sorting leaves the logits unchanged, nested widths shrink FLOPs, routing runs.
+
+Family configs exercise each variant where it matters: short sliding windows (Mistral, StarCoder 2, and Gemma 2 / 3
+mixed with global layers) so windows bite within the test sequences, Gemma 2's logit soft-capping set low enough to
+change the result, QK-norm (Qwen3, Gemma 3, OLMo 2 over the whole projection), partial rotary (Phi, StableLM,
+GPT-NeoX), parallel blocks (GPT-NeoX, Phi), post-sub-layer norms (Gemma 2 / 3, OLMo 2), Granite's multipliers,
+SmolLM3's layers without rotary, and biases (Qwen2, Phi, StarCoder 2).
+"""
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+import elastiformer as ef
+from elastiformer.flextron import FlextronConfig, compute_importance, get_flextron_model, sort_by_importance_
+
+VOCAB = 128
+HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, MLP_WIDTH = 64, 2, 4, 2, 16, 96
+WINDOW = 6  # shorter than the test sequences, so sliding-window layers really drop keys
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+              num_key_value_heads=KV_HEADS, intermediate_size=MLP_WIDTH, max_position_embeddings=256,
+              head_dim=HEAD_DIM, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+FAMILIES = {
+    "llama": {},
+    "mistral": dict(sliding_window=WINDOW),
+    "qwen2": {},
+    "qwen3": {},
+    "gemma": {},
+    "gemma2": dict(sliding_window=WINDOW, attn_logit_softcapping=0.5, final_logit_softcapping=3.0,
+                   query_pre_attn_scalar=HEAD_DIM // 2),
+    "gemma3_text": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
+    "phi3": {},
+    "phi": {},
+    "olmo2": {},
+    "smollm3": dict(no_rope_layers=[1, 0]),
+    "granite": dict(attention_multiplier=0.2, residual_multiplier=0.5, embedding_multiplier=2.0, logits_scaling=2.0),
+    "starcoder2": dict(sliding_window=WINDOW),
+    "gpt_neox": dict(num_key_value_heads=None, use_parallel_residual=True),
+    "stablelm": {},
+    "gpt2": None,  # its own config names (below)
+}
+COMPONENTS = {
+    "attn_tokens": dict(attn_tokens=0.6),
+    "attn_heads": dict(attn_heads=0.5),
+    "mlp_tokens": dict(mlp_tokens=0.5),
+    "mlp_experts": dict(mlp_experts=4, mlp_experts_active=0.5),
+}
+
+
+def tiny(family: str, seed: int = 0):
+    if family == "gpt2":
+        config = CONFIG_MAPPING["gpt2"](vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=MLP_WIDTH,
+                                        n_positions=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    else:
+        kw = {k: v for k, v in (COMMON | FAMILIES[family]).items() if v is not None}
+        config = CONFIG_MAPPING[family](**kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # random norm weights and biases, so a mistake in any of them shows in the logits
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def tokens(B: int = 2, T: int = 20, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (B, T), generator=g)
+
+
+def elastic(family: str, component: str, **overrides) -> ef.ElasticModel:
+    return ef.get_elastic_model(tiny(family), ef.ElasticConfig(**(COMPONENTS[component] | overrides)))
+
+
+def calibrated(family: str, component: str) -> ef.ElasticModel:
+    em = elastic(family, component)
+    em.calibrate({"input_ids": tokens(B=4, T=24, seed=7)})
+    return em
+
+
+family = pytest.mark.parametrize("family", sorted(FAMILIES))
+component = pytest.mark.parametrize("component", sorted(COMPONENTS))
+
+
+# ------------------------------------------------------------------------------------------------ ElastiFormer
+@family
+@component
+def test_full_budget_and_everything_selected_are_the_base_model(family, component):
+    ids = tokens()
+    ref = tiny(family)(ids).logits
+    em = elastic(family, component, dense_layers=())
+    with torch.no_grad():
+        with em.disable_routers():
+            torch.testing.assert_close(em(ids).logits, ref, atol=1e-5, rtol=1e-5)
+        em.set_budget(1.0)
+        torch.testing.assert_close(em(ids).logits, ref, atol=1e-5, rtol=1e-5)
+        assert em.last_stats()["elastic_flops"] == em.last_stats()["dense_flops"]
+        em.train()  # top-k: k = round(0.999 n) = n, through gather, per-head attention and expert dispatch
+        em.set_budget(0.999)
+        torch.testing.assert_close(em(ids).logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def counted_flops(model, ids) -> int:
+    """Matmul / attention FLOPs torch's counter sees in one forward (attention through the math backend, which the
+    counter sees as matmuls; it does not count the CPU's fused attention kernel)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(ids)
+    return counter.get_total_flops()
+
+
+@family
+@component
+def test_flops_fall_with_the_budget_and_match_the_flop_counter(family, component):
+    em = elastic(family, component, dense_layers=())
+    ids = tokens(B=1, T=24)
+    em.train()
+    flops = []
+    with torch.no_grad():
+        key = "mlp_experts_active" if component == "mlp_experts" else component
+        floor = em.state.min_budget(key)  # a causal LM's layer 0 always attends to every token
+        for capacity in (1.0, 0.75, 0.5, 0.3):  # 4 heads / 4 experts: 4, 3, 2, 1 active
+            budget = floor + (1.0 - floor) * capacity  # the routed layers run at `capacity`
+            em.set_budget(budget)
+            counted = counted_flops(em, ids)
+            stats = em.last_stats()
+            assert counted == stats["model_elastic_flops"], (capacity, counted, stats["model_elastic_flops"])
+            flops.append(stats["elastic_flops"])
+    assert all(a > b for a, b in zip(flops, flops[1:])), flops
+
+
+@family
+@component
+def test_prefix_logits_do_not_change_when_tokens_are_appended(family, component):
+    em = calibrated(family, component)
+    ids = tokens(B=2, T=24)
+    with torch.no_grad():
+        full = em(ids).logits
+        prefix = em(ids[:, :10]).logits
+    torch.testing.assert_close(full[:, :10], prefix, atol=1e-5, rtol=1e-5)
+    assert em.last_stats()["elastic_flops"] < em.last_stats()["dense_flops"]
+
+
+@family
+@component
+def test_cached_generation_equals_uncached_with_left_padding(family, component):
+    em = calibrated(family, component)
+    prompt = tokens(B=2, T=8)
+    prompt[0, :3] = 0
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0  # the first row is left-padded
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = em.generate(prompt, use_cache=True, **kw)
+        uncached = em.generate(prompt, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    assert cached.shape == (2, 18)
+
+
+@family
+def test_left_padding_gives_the_same_logits_as_no_padding(family):
+    em = calibrated(family, "attn_tokens")
+    ids = tokens(B=1, T=12)
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], dim=1)
+    mask = torch.ones_like(padded)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        alone = em(ids).logits
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        together = em(padded, attention_mask=mask, position_ids=positions).logits
+    torch.testing.assert_close(together[0, 4:], alone[0], atol=1e-4, rtol=1e-4)
+
+
+@family
+def test_save_load_round_trip_with_lora(family, tmp_path):
+    cfg = ef.ElasticConfig(attn_tokens=0.6, attn_heads=0.5, mlp_tokens=0.5, mlp_experts=4, mlp_experts_active=0.5,
+                           lora_rank=2)
+    em = ef.get_elastic_model(tiny(family), cfg)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _, adapter in em.named_adapters():  # "trained" adapters
+            adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=g) * 0.05)
+    em.calibrate({"input_ids": tokens(B=4, T=24, seed=7)})
+    ids = tokens(B=2, T=16)
+    with torch.no_grad():
+        before = em(ids).logits
+        em.save_pretrained(tmp_path / "routers")
+        back = ef.ElasticModel.from_pretrained(tiny(family), tmp_path / "routers")
+        after = back(ids).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    assert back.last_stats()["elastic_flops"] < back.last_stats()["dense_flops"]
+
+
+def test_a_model_that_cannot_be_understood_gets_one_line_naming_what_is_missing():
+    model = tiny("mistral")
+    for block in model.model.layers:
+        del block.mlp.up_proj  # a gated MLP without its up projection: neither gated nor plain
+    with pytest.raises(ef.UnsupportedArchitectureError) as err:
+        ef.get_elastic_model(model, ef.ElasticConfig(mlp_tokens=0.5))
+    message = str(err.value)
+    assert "\n" not in message and "'mistral'" in message and "the MLP MistralMLP has none of" in message
+
+
+def test_supported_model_types_name_every_tested_family():
+    assert set(FAMILIES) <= set(ef.arch.supported_model_types())
+
+
+# ------------------------------------------------------------------------------------------------ Flextron
+@family
+def test_flextron_sorting_nested_widths_and_routing(family):
+    model = tiny(family)
+    ids = tokens(B=2, T=12)
+    with torch.no_grad():
+        ref = model(ids).logits
+        sort_by_importance_(model, compute_importance(model, tokens(4, 16, seed=5), progress=False))
+        torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=1e-4)
+        fm = get_flextron_model(model, FlextronConfig())
+        torch.testing.assert_close(fm(ids).logits, ref, atol=1e-4, rtol=1e-4)
+        ratios = []
+        for c in range(len(fm.mlp_sizes)):
+            fm.set_choices(mlp=c, attn=c)
+            out = fm(ids).logits
+            assert torch.isfinite(out).all()
+            ratios.append(fm.last_stats()["flops_ratio"])
+        assert ratios == sorted(ratios, reverse=True) and ratios[-1] < ratios[0]
+        # per-sequence choices (what a router gives): the row at index 0 runs the sliced path at full width, which
+        # must be the base model (QK-norm, soft-capping, windows and partial rotary on the sliced path)
+        both = [torch.tensor([0, 1])] * fm.n_layers
+        fm.set_choices(mlp=both, attn=both)
+        torch.testing.assert_close(fm(ids).logits[0], ref[0], atol=1e-4, rtol=1e-4)
+        fm.set_choices(mlp=1, attn=[torch.tensor([1, 2])] * fm.n_layers)
+        kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(fm.generate(ids[:, :6], use_cache=True, **kw), fm.generate(ids[:, :6], use_cache=False, **kw))
