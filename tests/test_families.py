@@ -214,6 +214,79 @@ def test_supported_model_types_name_every_tested_family():
     assert set(FAMILIES) <= set(ef.arch.supported_model_types())
 
 
+# post-sub-layer norms: the norm each family applies to a sub-layer's output before the residual add; a skipped
+# sub-layer adds nothing, so the block must act as if sub-layer and norm were both absent (their RMSNorm of zero is
+# zero: the routed model gets this for free, the reference below removes both explicitly)
+POST_NORMS = {
+    "gemma2": {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
+    "gemma3_text": {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
+    "olmo2": {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
+}
+
+
+class Absent(torch.nn.Module):
+    """A sub-layer that is not there: adds nothing (attention modules also return no weights)."""
+
+    def __init__(self, attention: bool):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, hidden_states, *args, **kwargs):
+        zero = torch.zeros_like(hidden_states)
+        return (zero, None) if self.attention else zero
+
+
+@family
+@pytest.mark.parametrize("sublayer", ["attn", "mlp"])
+def test_skipping_a_sub_layer_is_the_block_without_it(family, sublayer):
+    """Every token skips the routed sub-layers (capacity 0): the model equals the base model with those sub-layers
+    (and any norm around their output) removed, whatever the block's residual structure (pre-norm, post-norm,
+    parallel attention + MLP, Granite's residual multiplier)."""
+    component = {"attn": "attn_tokens", "mlp": "mlp_tokens"}[sublayer]
+    em = elastic(family, component, dense_layers=())
+    routed = [i for i in range(LAYERS) if i not in em.state.dense_layers[component]]
+    em.state.capacity_override = {component: [0.0] * LAYERS}
+    em.train()  # top-k (no thresholds to calibrate); the tiny configs have no dropout
+    reference = tiny(family)
+    spec = em.spec
+    for i in routed:
+        block = spec.layers(reference)[i]
+        name = spec.attn_name if sublayer == "attn" else spec.mlp_name
+        setattr(block, name, Absent(attention=sublayer == "attn"))
+        post = POST_NORMS.get(family, {}).get(sublayer)
+        if post is not None:
+            setattr(block, post, torch.nn.Identity())
+    ids = tokens(B=2, T=12)
+    with torch.no_grad():
+        torch.testing.assert_close(em(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+    assert em.last_stats()[sublayer]["elastic_flops"] < em.last_stats()[sublayer]["dense_flops"]
+
+
+# ------------------------------------------------------------------------------------------------ GGUF
+GGUF_FAMILIES = {"llama": {}, "qwen2": dict(qkv_bias=True), "qwen3": dict(qk_norm=True, head_dim=128)}
+
+
+@pytest.mark.parametrize("family", sorted(GGUF_FAMILIES))
+def test_gguf_files_load_and_route(family, tmp_path):
+    from test_models import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / f"{family}.gguf", arch=family, **GGUF_FAMILIES[family])
+    base = ef.load_model(str(path))
+    assert base.config.model_type == family
+    cfg = ef.ElasticConfig(attn_tokens=0.6, attn_heads=0.5, mlp_tokens=0.5, mlp_experts=4, mlp_experts_active=0.5)
+    em = ef.get_elastic_model(ef.load_model(str(path)), cfg)
+    vocab = base.config.vocab_size
+    ids = torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        em.set_budget(1.0)
+        torch.testing.assert_close(em(ids).logits, base(ids).logits, atol=1e-5, rtol=1e-5)
+        em.set_budget(0.6)
+        em.calibrate({"input_ids": torch.randint(3, vocab, (4, 16), generator=torch.Generator().manual_seed(2))})
+        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(em.generate(ids[:, :6], use_cache=True, **kw), em.generate(ids[:, :6], use_cache=False, **kw))
+    assert em.last_stats()["elastic_flops"] < em.last_stats()["dense_flops"]
+
+
 # ------------------------------------------------------------------------------------------------ Flextron
 @family
 def test_flextron_sorting_nested_widths_and_routing(family):
