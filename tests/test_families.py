@@ -14,6 +14,9 @@ GPT-NeoX), parallel blocks (GPT-NeoX, Phi), post-sub-layer norms (Gemma 2 / 3, O
 SmolLM3's layers without rotary, and biases (Qwen2, Phi, StarCoder 2).
 """
 
+import copy
+import functools
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -58,6 +61,14 @@ COMPONENTS = {
 
 
 def tiny(family: str, seed: int = 0):
+    """A fresh copy of the family's tiny random model (built once per family and seed: most tests need several)."""
+    model = copy.deepcopy(_built(family, seed))
+    torch.manual_seed(seed)  # routers built next start from the same draws whichever test asks
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def _built(family: str, seed: int):
     if family == "gpt2":
         config = CONFIG_MAPPING["gpt2"](vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=MLP_WIDTH,
                                         n_positions=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -145,9 +156,10 @@ def test_prefix_logits_do_not_change_when_tokens_are_appended(family, component)
     ids = tokens(B=2, T=24)
     with torch.no_grad():
         full = em(ids).logits
+        stats = em.last_stats()
         prefix = em(ids[:, :10]).logits
     torch.testing.assert_close(full[:, :10], prefix, atol=1e-5, rtol=1e-5)
-    assert em.last_stats()["elastic_flops"] < em.last_stats()["dense_flops"]
+    assert any(s["token_fraction"] < 1.0 or s["unit_fraction"] < 1.0 for s in stats["per_layer"])  # routing ran
 
 
 @family
@@ -212,6 +224,33 @@ def test_a_model_that_cannot_be_understood_gets_one_line_naming_what_is_missing(
 
 def test_supported_model_types_name_every_tested_family():
     assert set(FAMILIES) <= set(ef.arch.supported_model_types())
+
+
+@family
+@pytest.mark.parametrize("component", ["attn_heads", "attn_tokens"])
+def test_lora_through_the_routed_paths_equals_the_folded_adapters(family, component):
+    """Trained adapters (fused q / k / v projections included, their update split like the weight) applied on the
+    per-head and the token path equal the base model with the adapters folded into its weights, under the same
+    random routing."""
+    cfg = dict(COMPONENTS[component], dense_layers=())
+    em = ef.get_elastic_model(tiny(family), ef.ElasticConfig(**cfg, lora_rank=2))
+    folded = tiny(family)
+    modules = dict(folded.named_modules())
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, adapter in em.named_adapters():
+            adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=g) * 0.05)
+            delta = (adapter.lora_B @ adapter.lora_A) * adapter.scale  # (out, in)
+            modules[name.replace(".base_layer", "")].weight += delta.T if adapter.conv1d else delta
+    folded = ef.get_elastic_model(folded, ef.ElasticConfig(**cfg))
+    ids = tokens(B=2, T=16)
+    out = []
+    for model in (em, folded):
+        model.train()  # top-k: no calibration
+        model.state.generator = torch.Generator().manual_seed(3)
+        with torch.no_grad(), model.routing_method("random"):
+            out.append(model(ids).logits)
+    torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=1e-5)
 
 
 # post-sub-layer norms: the norm each family applies to a sub-layer's output before the residual add; a skipped
