@@ -25,6 +25,9 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 import elastiformer as ef
 from elastiformer.flextron import FlextronConfig, compute_importance, get_flextron_model, sort_by_importance_
+from elastiformer.flextron.routers import FlextronRouter, WidthRouter, joint_finetune
+from elastiformer.flextron.routing import compute_cost_model, set_index_choices
+from elastiformer.flextron.soft import soft_widths
 
 VOCAB = 128
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, MLP_WIDTH = 64, 2, 4, 2, 16, 96
@@ -352,3 +355,32 @@ def test_flextron_sorting_nested_widths_and_routing(family):
         fm.set_choices(mlp=1, attn=[torch.tensor([1, 2])] * fm.n_layers)
         kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
         assert torch.equal(fm.generate(ids[:, :6], use_cache=True, **kw), fm.generate(ids[:, :6], use_cache=False, **kw))
+
+
+@family
+def test_flextron_narrow_slices_equal_masked_units_and_a_router_runs(family):
+    """Each narrow slice (the sliced q / k / v with their QK-norm, windows, soft-capping) equals the full-width layer
+    with the left-out heads and neurons masked at the output / down projection input (what the joint fine-tune's soft
+    widths compute); a width router picks per-sequence widths at a budget, and one joint fine-tune step runs."""
+    fm = get_flextron_model(tiny(family), FlextronConfig())
+    L, n_mlp, n_attn = fm.n_layers, len(fm.mlp_sizes), len(fm.head_counts)
+    ids = tokens(B=2, T=12)
+    g = torch.Generator().manual_seed(4)
+    choice = {"mlp": torch.randint(0, n_mlp, (2, L), generator=g), "attn": torch.randint(1, n_attn, (2, L), generator=g)}
+    with torch.no_grad():
+        set_index_choices(fm, choice)
+        hard = fm(input_ids=ids).logits
+        probs = {k: torch.nn.functional.one_hot(v, n).float() for (k, v), n in zip(choice.items(), (n_mlp, n_attn))}
+        with soft_widths(fm, probs):
+            soft = fm(input_ids=ids).logits
+        fm.set_choices()
+    torch.testing.assert_close(hard, soft, atol=1e-4, rtol=1e-4)
+    bundle = FlextronRouter(WidthRouter(L, n_mlp, n_attn, hidden=16),
+                            {"relative_compute": compute_cost_model(fm, 12)}, "relative_compute")
+    fm.attach_router(bundle)
+    fm.set_budget(relative_compute=0.6)
+    with torch.no_grad():
+        assert torch.isfinite(fm(input_ids=ids).logits).all()
+    assert fm.last_stats()["flops_ratio"] <= 1.0
+    report = joint_finetune(fm, bundle, tokens(B=4, T=12, seed=7), steps=1, batch_size=2, progress=False)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in report.history)
