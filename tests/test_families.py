@@ -98,7 +98,7 @@ def elastic(family: str, component: str, **overrides) -> ef.ElasticModel:
 
 def calibrated(family: str, component: str) -> ef.ElasticModel:
     em = elastic(family, component)
-    em.calibrate({"input_ids": tokens(B=4, T=24, seed=7)})
+    em.calibrate({"input_ids": tokens(B=4, T=16, seed=7)})
     return em
 
 
@@ -136,13 +136,13 @@ def counted_flops(model, ids) -> int:
 @component
 def test_flops_fall_with_the_budget_and_match_the_flop_counter(family, component):
     em = elastic(family, component, dense_layers=())
-    ids = tokens(B=1, T=24)
+    ids = tokens(B=1, T=16)
     em.train()
     flops = []
     with torch.no_grad():
         key = "mlp_experts_active" if component == "mlp_experts" else component
         floor = em.state.min_budget(key)  # a causal LM's layer 0 always attends to every token
-        for capacity in (1.0, 0.75, 0.5, 0.3):  # 4 heads / 4 experts: 4, 3, 2, 1 active
+        for capacity in (1.0, 0.5, 0.25):  # 4 heads / 4 experts: 4, 2, 1 active
             budget = floor + (1.0 - floor) * capacity  # the routed layers run at `capacity`
             em.set_budget(budget)
             counted = counted_flops(em, ids)
@@ -173,12 +173,12 @@ def test_cached_generation_equals_uncached_with_left_padding(family, component):
     prompt[0, :3] = 0
     mask = torch.ones_like(prompt)
     mask[0, :3] = 0  # the first row is left-padded
-    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         cached = em.generate(prompt, use_cache=True, **kw)
         uncached = em.generate(prompt, use_cache=False, **kw)
     assert torch.equal(cached, uncached)
-    assert cached.shape == (2, 18)
+    assert cached.shape == (2, 14)
 
 
 @family
@@ -256,6 +256,23 @@ def test_lora_through_the_routed_paths_equals_the_folded_adapters(family, compon
     torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gpt_neox", "olmo2", "phi3"])
+def test_router_training_steps_run(family):
+    """A few distillation steps with every component and LoRA on the families whose layout differs most from Llama
+    (soft-capping and post-norms, fused per-head qkv with parallel blocks, whole-projection QK-norm, fused qkv and
+    gate_up): the teacher's targets, the student's losses and the adapters' updates all go through."""
+    from elastiformer.trainer import train_routers
+
+    cfg = ef.ElasticConfig(attn_tokens=0.6, attn_heads=0.5, mlp_tokens=0.5, mlp_experts=4, mlp_experts_active=0.5,
+                           lora_rank=2)
+    em = ef.get_elastic_model(tiny(family), cfg)
+    before = [p.detach().clone() for p in em.router_parameters()]
+    train_routers(em, tokens(B=8, T=16), steps=2, batch_size=4, budget=0.6, progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(before, em.router_parameters()))
+    with torch.no_grad():
+        assert torch.isfinite(em(tokens(B=2, T=10)).logits).all()
+
+
 # post-sub-layer norms: the norm each family applies to a sub-layer's output before the residual add; a skipped
 # sub-layer adds nothing, so the block must act as if sub-layer and norm were both absent (their RMSNorm of zero is
 # zero: the routed model gets this for free, the reference below removes both explicitly)
@@ -305,14 +322,87 @@ def test_skipping_a_sub_layer_is_the_block_without_it(family, sublayer):
 
 
 # ------------------------------------------------------------------------------------------------ GGUF
-GGUF_FAMILIES = {"llama": {}, "qwen2": dict(qkv_bias=True), "qwen3": dict(qk_norm=True, head_dim=128)}
+GGUF_TOKENS = ["<unk>", "<s>", "</s>", *"abcdefghijklmnopqrstuvwxyz", "Ġ", "ab"]  # a byte-level BPE vocabulary
+
+
+def write_gguf_of(model, arch: str, path):
+    """The tiny model as a float32 GGUF file of llama.cpp architecture `arch`: tensors named by gguf-py's name map,
+    the metadata transformers' GGUF loader reads, and the inverse of what that loader does to a family's tensors
+    (Gemma's norms are stored as 1 + weight)."""
+    import gguf
+
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch),
+                                     config.num_hidden_layers)
+    head_dim = config.head_dim
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_layer_norm_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(config.sliding_window)
+    writer.add_vocab_size(len(GGUF_TOKENS))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(GGUF_TOKENS)
+    writer.add_token_types([3, 3, 3] + [1] * (len(GGUF_TOKENS) - 3))
+    writer.add_token_merges(["a b"])
+    for key, value in (("bos", 1), ("eos", 2), ("unk", 0), ("pad", 0)):
+        getattr(writer, f"add_{key}_token_id")(value)
+    for name, tensor in model.state_dict().items():
+        module, _, kind = name.rpartition(".")
+        array = tensor.float().numpy().copy()
+        if arch.startswith("gemma") and "norm" in module:
+            array = array + 1
+        writer.add_tensor(f"{names.get_name(module)}.{kind}", array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def llama_layout_gguf(family: str, **kw):
+    def write(path):
+        from test_models import write_tiny_gguf
+
+        return write_tiny_gguf(path, arch=family, **kw)
+    return write
+
+
+def converted_gguf(family: str, arch: str):
+    def write(path):
+        config = CONFIG_MAPPING[family](**{k: v for k, v in (COMMON | FAMILIES[family]).items() if v is not None}
+                                        | dict(vocab_size=len(GGUF_TOKENS)))
+        torch.manual_seed(0)
+        return write_gguf_of(AutoModelForCausalLM.from_config(config).eval(), arch, path)
+    return write
+
+
+# the families transformers loads from GGUF (mistral: llama.cpp writes it as llama; gpt2: not yet written here)
+GGUF_FAMILIES = {
+    "llama": llama_layout_gguf("llama"),
+    "qwen2": llama_layout_gguf("qwen2", qkv_bias=True),
+    "qwen3": llama_layout_gguf("qwen3", qk_norm=True, head_dim=128),  # transformers reads no head_dim from it
+    "phi3": converted_gguf("phi3", "phi3"),
+    "starcoder2": converted_gguf("starcoder2", "starcoder2"),
+    "stablelm": converted_gguf("stablelm", "stablelm"),
+    "gemma2": converted_gguf("gemma2", "gemma2"),
+    "gemma3_text": converted_gguf("gemma3_text", "gemma3"),
+}
 
 
 @pytest.mark.parametrize("family", sorted(GGUF_FAMILIES))
 def test_gguf_files_load_and_route(family, tmp_path):
-    from test_models import write_tiny_gguf
-
-    path = write_tiny_gguf(tmp_path / f"{family}.gguf", arch=family, **GGUF_FAMILIES[family])
+    path = GGUF_FAMILIES[family](tmp_path / f"{family}.gguf")
     base = ef.load_model(str(path))
     assert base.config.model_type == family
     cfg = ef.ElasticConfig(attn_tokens=0.6, attn_heads=0.5, mlp_tokens=0.5, mlp_experts=4, mlp_experts_active=0.5)
@@ -326,7 +416,7 @@ def test_gguf_files_load_and_route(family, tmp_path):
         em.calibrate({"input_ids": torch.randint(3, vocab, (4, 16), generator=torch.Generator().manual_seed(2))})
         kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert torch.equal(em.generate(ids[:, :6], use_cache=True, **kw), em.generate(ids[:, :6], use_cache=False, **kw))
-    assert em.last_stats()["elastic_flops"] < em.last_stats()["dense_flops"]
+    assert any(s["token_fraction"] < 1.0 or s["unit_fraction"] < 1.0 for s in em.last_stats()["per_layer"])
 
 
 # ------------------------------------------------------------------------------------------------ Flextron
