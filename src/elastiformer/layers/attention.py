@@ -13,6 +13,12 @@ only on the tokens that chose it: q projection, attention and its slice of the o
 
 Layer 0 always runs dense under token routing: transformers reads the cache length from layer 0.
 
+Attention variants (read from the module by the spec, `AttentionWeights`): a sliding-window layer's masks built here
+also drop keys `window` or more positions back, and its cache (which keeps only its latest entries) is indexed by the
+entries it still holds; the head-routed path applies the module's softmax scale, logit soft-capping, QK-norm (per
+head, or over the whole projection, for which every head's query of a token is computed), partial rotary and layers
+that take no rotary at all, as the module's own forward does. The token-routed path runs the module itself.
+
 Non-causal models (encoders, `spec.causal=False`) attend with the padding mask only, no causal mask. Post-LN
 sub-layers (`spec.post_norm`, BERT) return LayerNorm(input + attention) themselves: a skipped token comes out
 unchanged, and the head-routed path applies that LayerNorm to what the active heads add.
