@@ -325,26 +325,29 @@ def test_skipping_a_sub_layer_is_the_block_without_it(family, sublayer):
 GGUF_TOKENS = ["<unk>", "<s>", "</s>", *"abcdefghijklmnopqrstuvwxyz", "Ġ", "ab"]  # a byte-level BPE vocabulary
 
 
+GPT2_TRANSPOSED = ("attn_qkv", "attn_output", "ffn_up", "ffn_down")  # llama.cpp stores these Conv1D weights (out, in)
+
+
 def write_gguf_of(model, arch: str, path):
     """The tiny model as a float32 GGUF file of llama.cpp architecture `arch`: tensors named by gguf-py's name map,
     the metadata transformers' GGUF loader reads, and the inverse of what that loader does to a family's tensors
-    (Gemma's norms are stored as 1 + weight)."""
+    (Gemma's norms are stored as 1 + weight, GPT-2's Conv1D weights transposed)."""
     import gguf
 
     config = model.config
     writer = gguf.GGUFWriter(str(path), arch)
     names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch),
                                      config.num_hidden_layers)
-    head_dim = config.head_dim
-    writer.add_block_count(config.num_hidden_layers)
+    dims = ef.arch.get_arch_spec(model).dims(config)
+    writer.add_block_count(dims["L"])
     writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_embedding_length(dims["C"])
+    writer.add_feed_forward_length(dims["I"])
+    writer.add_head_count(dims["H"])
+    writer.add_head_count_kv(dims["KVH"])
+    writer.add_key_length(dims["D"])
+    writer.add_value_length(dims["D"])
+    writer.add_rope_dimension_count(dims["D"])
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_layer_norm_eps(1e-5)
     writer.add_rope_freq_base(10000.0)
@@ -360,9 +363,12 @@ def write_gguf_of(model, arch: str, path):
     for name, tensor in model.state_dict().items():
         module, _, kind = name.rpartition(".")
         array = tensor.float().numpy().copy()
+        name = names.get_name(module)
         if arch.startswith("gemma") and "norm" in module:
             array = array + 1
-        writer.add_tensor(f"{names.get_name(module)}.{kind}", array)
+        if arch == "gpt2" and kind == "weight" and name.rpartition(".")[2] in GPT2_TRANSPOSED:
+            array = array.T.copy()
+        writer.add_tensor(f"{name}.{kind}", array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -380,14 +386,18 @@ def llama_layout_gguf(family: str, **kw):
 
 def converted_gguf(family: str, arch: str):
     def write(path):
-        config = CONFIG_MAPPING[family](**{k: v for k, v in (COMMON | FAMILIES[family]).items() if v is not None}
-                                        | dict(vocab_size=len(GGUF_TOKENS)))
+        if family == "gpt2":  # transformers reads neither the MLP width nor the context of a GPT-2 GGUF: defaults
+            config = CONFIG_MAPPING["gpt2"](vocab_size=len(GGUF_TOKENS), n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+                                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        else:
+            config = CONFIG_MAPPING[family](**{k: v for k, v in (COMMON | FAMILIES[family]).items() if v is not None}
+                                            | dict(vocab_size=len(GGUF_TOKENS)))
         torch.manual_seed(0)
         return write_gguf_of(AutoModelForCausalLM.from_config(config).eval(), arch, path)
     return write
 
 
-# the families transformers loads from GGUF (mistral: llama.cpp writes it as llama; gpt2: not yet written here)
+# the families transformers loads from GGUF (gguf-py has no mistral architecture: such files say llama)
 GGUF_FAMILIES = {
     "llama": llama_layout_gguf("llama"),
     "qwen2": llama_layout_gguf("qwen2", qkv_bias=True),
@@ -397,6 +407,7 @@ GGUF_FAMILIES = {
     "stablelm": converted_gguf("stablelm", "stablelm"),
     "gemma2": converted_gguf("gemma2", "gemma2"),
     "gemma3_text": converted_gguf("gemma3_text", "gemma3"),
+    "gpt2": converted_gguf("gpt2", "gpt2"),
 }
 
 
