@@ -225,6 +225,19 @@ def test_a_model_that_cannot_be_understood_gets_one_line_naming_what_is_missing(
     assert "\n" not in message and "'mistral'" in message and "the MLP MistralMLP has none of" in message
 
 
+def test_a_post_norm_that_does_not_map_zero_to_zero_is_refused():
+    """Skipping a sub-layer wrapped by a post-norm leaves the residual alone only if norm(0) == 0 (RMSNorm): a
+    biased LayerNorm there is refused by name rather than routed wrongly."""
+    model = tiny("gemma2")
+    for block in model.model.layers:
+        norm = torch.nn.LayerNorm(HIDDEN)
+        torch.nn.init.normal_(norm.bias)
+        block.post_feedforward_layernorm = norm
+    with pytest.raises(ef.UnsupportedArchitectureError) as err:
+        ef.get_elastic_model(model, ef.ElasticConfig(mlp_tokens=0.5))
+    assert "post_feedforward_layernorm" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_supported_model_types_name_every_tested_family():
     assert set(FAMILIES) <= set(ef.arch.supported_model_types())
 

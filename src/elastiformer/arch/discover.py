@@ -130,6 +130,30 @@ class _Layout:
         self.I = getattr(mlp, self.mlp_names[-1]).weight.shape[1]
         # every layer windows its attention when the config says so and the module keeps no per-layer window
         self.config_window = getattr(config, "sliding_window", None)
+        self._check_post_norms(block, config.hidden_size)
+
+    @staticmethod
+    def _check_post_norms(block: nn.Module, hidden: int) -> None:
+        """A norm around a sub-layer's output (Gemma 2 / 3 and OLMo 2: residual + norm(sublayer(x))) must map the
+        zero a skipped sub-layer returns to zero, or skipping would not leave the residual stream alone. RMSNorm
+        does; a LayerNorm with a bias would not, and is refused rather than routed wrongly. `post_attention_layernorm`
+        is such a norm only where the block also has a pre-MLP norm of its own, or no input norm (in Llama-style
+        blocks it is the MLP's input norm)."""
+        names = ["post_feedforward_layernorm"]
+        if hasattr(block, "pre_feedforward_layernorm") or not hasattr(block, "input_layernorm"):
+            names.append("post_attention_layernorm")
+        for name in names:
+            norm = getattr(block, name, None)
+            if not isinstance(norm, nn.Module):
+                continue
+            weight = next(norm.parameters(), None)
+            probe = torch.zeros(1, hidden, dtype=weight.dtype if weight is not None else torch.float32,
+                                device=weight.device if weight is not None else "cpu")
+            with torch.no_grad():
+                if norm(probe).abs().max() > 0:
+                    raise UnsupportedArchitectureError(
+                        f"the block's {name} ({type(norm).__name__}) wraps a sub-layer's output but maps zero to "
+                        "nonzero, so a skipped sub-layer would still change the residual stream")
 
     # ---- weights, as views of the base tensors ----
     def attention_weights(self, attn: nn.Module) -> AttentionWeights:
