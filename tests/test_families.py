@@ -238,6 +238,13 @@ def test_a_post_norm_that_does_not_map_zero_to_zero_is_refused():
     assert "post_feedforward_layernorm" in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "gpt_neox"])
+def test_a_copy_of_a_wrapped_model_is_understood_through_its_wrappers(family):
+    em = ef.get_elastic_model(tiny(family), ef.ElasticConfig(attn_heads=0.5, mlp_tokens=0.5, lora_rank=2))
+    copied = copy.deepcopy(em.base_model)  # a new object: its layout is discovered again, wrappers and adapters on
+    assert ef.arch.get_arch_spec(copied).dims(copied.config) == em.dims
+
+
 def test_supported_model_types_name_every_tested_family():
     assert set(FAMILIES) <= set(ef.arch.supported_model_types())
 

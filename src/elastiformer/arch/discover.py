@@ -52,8 +52,15 @@ def _child(module: nn.Module, names) -> tuple[str, nn.Module] | None:
     return None
 
 
+def _weight(module) -> torch.Tensor | None:
+    """A linear's weight, through a LoRA wrapper (`base_layer`) if there is one."""
+    weight = getattr(getattr(module, "base_layer", module), "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
 def _is_linear(module) -> bool:
-    return isinstance(getattr(module, "weight", None), torch.Tensor) and getattr(module, "weight").dim() == 2
+    weight = _weight(module)
+    return weight is not None and weight.dim() == 2
 
 
 def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -77,12 +84,14 @@ class _Layout:
         block = layers[0]
         self.attn_name, attn = _child(block, ATTENTION_NAMES)
         self.mlp_name, mlp = _child(block, MLP_NAMES)
+        # a copy of a model already wrapped (ElastiFormer / Flextron) is read through the wrappers
+        attn, mlp = getattr(attn, "base_layer", attn), getattr(mlp, "base_layer", mlp)
         where = f"the attention {type(attn).__name__}"
         self.H = config.num_attention_heads
         # ---- attention projections ----
         if all(_is_linear(getattr(attn, n, None)) for n in ("q_proj", "k_proj", "v_proj")):
             self.qkv, self.qkv_layout = ("q_proj", "k_proj", "v_proj"), "separate"
-            q_rows, k_rows = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
+            q_rows, k_rows = _weight(attn.q_proj).shape[0], _weight(attn.k_proj).shape[0]
         else:
             fused = next((n for n in FUSED_QKV if _is_linear(getattr(attn, n, None))), None)
             if fused is None:
@@ -98,7 +107,7 @@ class _Layout:
                 raise UnsupportedArchitectureError(f"{where}: q_proj has {q_rows} rows, not heads x head_dim = "
                                                    f"{self.H} x {self.D}")
         elif self.qkv_layout == "blocks":
-            rows = getattr(attn, self.qkv[0]).weight.shape[0]
+            rows = _weight(getattr(attn, self.qkv[0])).shape[0]
             self.KVH = (rows - self.H * self.D) // (2 * self.D)
         else:  # per-head [q_h, k_h, v_h]: every head has its own K and V
             self.KVH = self.H
@@ -127,7 +136,7 @@ class _Layout:
         if act is None and not callable(getattr(mlp, "act_fn", None)):
             raise UnsupportedArchitectureError(f"{where} has no activation named {' / '.join(ACTIVATION_NAMES)}")
         self.act_name = act[0] if act is not None else "act_fn"
-        self.I = getattr(mlp, self.mlp_names[-1]).weight.shape[1]
+        self.I = _weight(getattr(mlp, self.mlp_names[-1])).shape[1]
         # every layer windows its attention when the config says so and the module keeps no per-layer window
         self.config_window = getattr(config, "sliding_window", None)
         self._check_post_norms(block, config.hidden_size)
@@ -226,13 +235,15 @@ class _Layout:
         is its own KV group) and the output projection's columns, in place."""
         H, D = self.H, self.D
         fused, o = getattr(attn, self.qkv[0]), getattr(attn, self.o_name)
-        order = head_order.to(fused.weight.device)
-        weight = linear_weight(fused).view(H, 3 * D, -1)  # (H, 3D, C)
+        weight = linear_weight(fused)
+        order = head_order.to(weight.device)
+        weight = weight.view(H, 3 * D, -1)  # (H, 3D, C)
         weight.copy_(weight.index_select(0, order))
         if fused.bias is not None:
             bias = fused.bias.view(H, 3 * D)
             bias.copy_(bias.index_select(0, order))
-        o_w = linear_weight(o).view(o.weight.shape[0], H, D)  # (C, H, D)
+        o_w = linear_weight(o)
+        o_w = o_w.view(o_w.shape[0], H, D)  # (C, H, D)
         o_w.copy_(o_w.index_select(1, order))
 
 
