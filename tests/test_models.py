@@ -48,8 +48,11 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama") -> Path:
-    """A 2-layer float32 GGUF with a byte-level BPE vocabulary, the shape transformers' GGUF loader expects."""
+def write_tiny_gguf(path: Path, arch: str = "llama", qk_norm: bool = False, qkv_bias: bool = False,
+                    head_dim: int | None = None) -> Path:
+    """A 2-layer float32 GGUF with a byte-level BPE vocabulary, the shape transformers' GGUF loader expects, of a
+    Llama-layout family `arch` (llama; qwen2 with `qkv_bias`; qwen3 with `qk_norm` and the head_dim its config
+    defaults to, since transformers reads none from a qwen3 GGUF)."""
     import gguf
 
     layers, hidden, ffn, heads, kv = 2, 16, 32, 4, 2
@@ -61,7 +64,8 @@ def write_tiny_gguf(path: Path, arch: str = "llama") -> Path:
     writer.add_feed_forward_length(ffn)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv)
-    writer.add_rope_dimension_count(hidden // heads)
+    head_dim = head_dim or hidden // heads
+    writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(len(tokens))
@@ -79,17 +83,23 @@ def write_tiny_gguf(path: Path, arch: str = "llama") -> Path:
 
     add("token_embd.weight", len(tokens), hidden)
     writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
-    head_dim = hidden // heads
     for i in range(layers):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
-        add(f"blk.{i}.attn_q.weight", hidden, hidden)
+        add(f"blk.{i}.attn_q.weight", heads * head_dim, hidden)
         add(f"blk.{i}.attn_k.weight", kv * head_dim, hidden)
         add(f"blk.{i}.attn_v.weight", kv * head_dim, hidden)
-        add(f"blk.{i}.attn_output.weight", hidden, hidden)
+        add(f"blk.{i}.attn_output.weight", hidden, heads * head_dim)
         add(f"blk.{i}.ffn_gate.weight", ffn, hidden)
         add(f"blk.{i}.ffn_up.weight", ffn, hidden)
         add(f"blk.{i}.ffn_down.weight", hidden, ffn)
+        if qk_norm:
+            writer.add_tensor(f"blk.{i}.attn_q_norm.weight", np.ones(head_dim, np.float32))
+            writer.add_tensor(f"blk.{i}.attn_k_norm.weight", np.ones(head_dim, np.float32))
+        if qkv_bias:
+            add(f"blk.{i}.attn_q.bias", heads * head_dim)
+            add(f"blk.{i}.attn_k.bias", kv * head_dim)
+            add(f"blk.{i}.attn_v.bias", kv * head_dim)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -1,4 +1,4 @@
-"""Llama family (Llama, Mistral, Qwen2, SmolLM): `model.layers[i].self_attn` with q/k/v/o_proj and rotary
+"""Llama (and SmolLM / SmolLM2, which are Llama): `model.layers[i].self_attn` with q/k/v/o_proj and rotary
 embeddings; `model.layers[i].mlp` = down_proj(act(gate_proj(x)) * up_proj(x))."""
 
 from torch import nn
@@ -18,7 +18,7 @@ def _mlp_weights(mlp: nn.Module) -> MLPWeights:
 LLAMA = register_architecture(
     ArchSpec(
         name="llama",
-        model_types=("llama", "mistral", "qwen2"),
+        model_types=("llama",),
         layers_path="model.layers",
         attn_name="self_attn",
         mlp_name="mlp",

@@ -34,6 +34,14 @@ class AttentionWeights:
     k_lora: Any = None
     v_lora: Any = None
     o_lora: Any = None
+    # ---- attention variants, as the module's own forward applies them (None: the plain case) ----
+    q_norm: nn.Module | None = None  # QK-norm (Qwen3, Gemma 3, OLMo 2) applied to q / k before the rotary embedding
+    k_norm: nn.Module | None = None
+    qk_norm_per_head: bool = True  # the norms see each head's D features (else the whole projection: OLMo 2)
+    scaling: float | None = None  # softmax scale (None: head_dim ** -0.5)
+    softcap: float | None = None  # attention logits -> softcap * tanh(logits / softcap) (Gemma 2)
+    sliding_window: int | None = None  # a query sees keys less than this many positions back (None: all)
+    rotary: bool = True  # False: this layer ignores the rotary embedding it is given (SmolLM3's NoPE layers)
 
 
 @dataclass
@@ -123,6 +131,10 @@ class ArchSpec:
     config_attr: str = ""  # attribute of the model's config holding this stack's config ("text_config": LLaVA)
     take_mlp: Callable[[nn.Module], nn.Module] | None = None  # block -> the MLP as one module (default: mlp_name)
     put_mlp: Callable[[nn.Module, nn.Module], None] | None = None  # put an MLP (or its wrapper) back into a block
+    measured_dims: tuple[tuple[str, int], ...] = ()  # dims read from the weights' shapes, over the config's
+    # (attention, head order (H,), KV group order (KVH,)) -> None: reorder heads in place, for attentions whose q / k
+    # / v weights are not views `attention_weights` can permute through (GPT-NeoX's per-head fused rows)
+    permute_heads: Callable[[nn.Module, torch.Tensor, torch.Tensor], None] | None = None
 
     def find_layers_path(self, model: nn.Module) -> str:
         """The first of `layers_path`, `alt_layers_paths` that exists in `model` (AttributeError if none does)."""
@@ -158,12 +170,11 @@ class ArchSpec:
         """The config of this spec's layer stack (`config.text_config` for LLaVA's language model)."""
         return getattr(config, self.config_attr) if self.config_attr else config
 
-    @staticmethod
-    def dims(config) -> dict[str, int]:
+    def dims(self, config) -> dict[str, int]:
         """Hidden size C, heads H, KV heads KVH, head dim D, MLP width I, layers L, vocab V (0 without one: ViT)."""
         heads = config.num_attention_heads
         hidden = config.hidden_size
-        return {
+        return dict({
             "C": hidden,
             "H": heads,
             "KVH": getattr(config, "num_key_value_heads", None) or heads,
@@ -171,7 +182,7 @@ class ArchSpec:
             "I": getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden,
             "L": config.num_hidden_layers,
             "V": getattr(config, "vocab_size", None) or 0,
-        }
+        }, **dict(self.measured_dims))
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -184,16 +195,33 @@ def register_architecture(spec: ArchSpec) -> ArchSpec:
 
 
 def supported_model_types() -> list[str]:
-    return sorted(_REGISTRY)
+    """Model types with a registered spec, and the decoder families whose discovered layout is tested."""
+    from .discover import TESTED_FAMILIES
+
+    return sorted(set(_REGISTRY) | set(TESTED_FAMILIES))
 
 
 def get_arch_spec(model: nn.Module) -> ArchSpec:
+    """The registered spec of the model's type, else one discovered from its modules (decoder LMs)."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    if model_type not in _REGISTRY and config is not None:
+        from .discover import discover_spec, is_decoder_lm
+
+        if is_decoder_lm(config):
+            try:
+                return discover_spec(model)
+            except UnsupportedArchitectureError as err:  # one line: which part of the model was not understood
+                raise UnsupportedArchitectureError(
+                    f"model type {model_type!r} ({type(model).__name__}) is not supported: {err}; register a spec "
+                    "with elastiformer.arch.register_architecture"
+                ) from None
     if model_type not in _REGISTRY:
         raise UnsupportedArchitectureError(
-            f"model type {model_type!r} ({type(model).__name__}) is not supported: elastiformer knows "
-            f"{', '.join(supported_model_types())}; register a spec with elastiformer.arch.register_architecture"
+            f"model type {model_type!r} ({type(model).__name__}) is not supported: elastiformer has specs for "
+            f"{', '.join(supported_model_types())} and discovers the layout of decoder LMs (transformers' causal-LM "
+            "model types, e.g. mistral, qwen3, gemma3_text, phi3); register a spec with "
+            "elastiformer.arch.register_architecture"
         )
     spec = _REGISTRY[model_type]
     try:

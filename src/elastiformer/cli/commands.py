@@ -468,7 +468,8 @@ def info(
     typer.echo("bundled models (no hub needed):")
     for name, desc in available_models().items():
         typer.echo(f"  {name}: {desc}")
-    typer.echo(f"supported model types: {', '.join(supported_model_types())}")
+    typer.echo(f"supported model types: {', '.join(supported_model_types())} (tested; other decoder LMs are "
+               "understood from their modules where their layout is conventional)")
 
 
 # ---------------------------------------------------------------------- vit-teacher

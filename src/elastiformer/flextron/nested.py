@@ -25,12 +25,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import ConfigError
 from ..flops import attention_projection_flops, attention_score_flops, dense_attention_flops, mlp_flops
-from ..layers.attention import rotate
+from ..layers.attention import norm_heads, rotate
 from ..layers.state import SubLayerStats, SubLayerWrapper
 
 Choice = int | torch.Tensor  # a menu index for the whole batch, or a LongTensor (B,) of per-sequence indices
 _CACHE_GROUPS_ATTR = "_flextron_kv_groups"  # {layer_idx: (B,) long} KV groups every cached entry of a row holds
-_LAYER_KWARGS = ("hidden_states", "position_embeddings", "attention_mask", "cache", "past_key_values",
+_LAYER_KWARGS = ("hidden_states", "position_embeddings", "attention_mask", "cache", "past_key_values", "layer_past",
                  "position_ids", "use_cache", "output_attentions")
 
 
@@ -131,7 +131,7 @@ class NestedAttention(NestedSubLayer):
         B, T, C = x.shape
         d = self.dims
         groups = batch_groups(self.state.attn[self.layer_idx], B, f"attention of layer {self.layer_idx}")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = next((kwargs[k] for k in ("cache", "past_key_values", "layer_past") if kwargs.get(k) is not None), None)
         cache = getattr(cache, "self_attention_cache", cache)  # GPT-2 may wrap it in an EncoderDecoderCache
         past = cache.get_seq_length(self.layer_idx) if cache is not None and self._cached(cache) else 0
         dense = dense_attention_flops(B, T, past + T, C, d["H"], d["KVH"], d["D"])
@@ -152,9 +152,12 @@ class NestedAttention(NestedSubLayer):
         B, T, C = x.shape
         D, KVH = self.dims["D"], self.dims["KVH"]
         w = self.spec.attention_weights(self.base_layer)
-        cos_sin = kwargs.get("position_embeddings") if self.spec.rotary else None
-        mask = kwargs.get("attention_mask")
+        cos_sin = kwargs.get("position_embeddings") if self.spec.rotary and w.rotary else None
+        mask = kwargs.get("attention_mask")  # the model's own mask for this layer (its sliding window included)
         extra = {k: v for k, v in kwargs.items() if k not in _LAYER_KWARGS}
+        if w.softcap is not None:  # the family's attention function caps the logits (Gemma 2)
+            extra["softcap"] = w.softcap
+        whole_norm = w.q_norm is not None and not w.qk_norm_per_head  # OLMo 2: QK-norm spans every head
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.base_layer.config._attn_implementation, None)
         if attend is None:  # eager: the family's own function, as the base module would call it
             attend = self._eager()
@@ -164,11 +167,17 @@ class NestedAttention(NestedSubLayer):
         for rows, c in groups:
             xg = x if rows is None else x.index_select(0, rows)  # (b, T, C)
             b, nq, ng = xg.shape[0], self.head_counts[c], self.kv_counts[c]
-            q = F.linear(xg, w.q_w[:nq * D], None if w.q_b is None else w.q_b[:nq * D])
-            k = F.linear(xg, w.k_w[:ng * D], None if w.k_b is None else w.k_b[:ng * D])
+            if whole_norm:  # the norm needs the whole projection: computed in full, then sliced
+                q = norm_heads(F.linear(xg, w.q_w, w.q_b), D, w.q_norm, False)[:, :, :nq]  # (b, T, nq, D)
+                k = norm_heads(F.linear(xg, w.k_w, w.k_b), D, w.k_norm, False)[:, :, :ng]  # (b, T, ng, D)
+            else:
+                q = norm_heads(F.linear(xg, w.q_w[:nq * D], None if w.q_b is None else w.q_b[:nq * D]), D, w.q_norm,
+                               True)  # (b, T, nq, D)
+                k = norm_heads(F.linear(xg, w.k_w[:ng * D], None if w.k_b is None else w.k_b[:ng * D]), D, w.k_norm,
+                               True)  # (b, T, ng, D)
             v = F.linear(xg, w.v_w[:ng * D], None if w.v_b is None else w.v_b[:ng * D])
-            q = q.view(b, T, nq, D).transpose(1, 2)  # (b, nq, T, D)
-            k = k.view(b, T, ng, D).transpose(1, 2)  # (b, ng, T, D)
+            q = q.transpose(1, 2)  # (b, nq, T, D)
+            k = k.transpose(1, 2)  # (b, ng, T, D)
             v = v.view(b, T, ng, D).transpose(1, 2)
             if cos_sin is not None:
                 cos, sin = (_rows(t, rows, B) for t in cos_sin)  # (b or 1, T, D)
@@ -209,6 +218,8 @@ class NestedAttention(NestedSubLayer):
             out = y if rows is None else (x.new_zeros(B, T, C) if out is None else out).index_copy(0, rows, y)
             executed += attention_projection_flops(b * T, b * T, C, nq, ng, D) + \
                 attention_score_flops(b * T, k.shape[2], nq, D)
+            if whole_norm:  # the q / k rows of the heads left out, computed for the norm
+                executed += 2 * b * T * C * D * (self.head_counts[0] - nq + self.kv_counts[0] - ng)
             units += b * nq / self.head_counts[0]
         return out, executed, units
 

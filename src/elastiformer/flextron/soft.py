@@ -28,7 +28,9 @@ def _projection_inputs(fm) -> list[tuple[nn.Module, nn.Module]]:
     for nested_attn, nested_mlp in fm.nested_layers():
         mlp, attn = nested_mlp.base_layer, nested_attn.base_layer  # what menu index 0 (full width) runs
         down_w = spec.mlp_weights(mlp).down_w
-        down = next(m for m in mlp.modules() if getattr(m, "weight", None) is down_w)
+        # the module owning that weight (GPT-2's Conv1D weight is read transposed: the same storage, another view)
+        down = next(m for m in mlp.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
+                    and m.weight.data_ptr() == down_w.data_ptr())
         out.append((down, getattr(attn, spec.o_proj_name)))
     return out
 

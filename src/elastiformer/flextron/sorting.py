@@ -161,11 +161,17 @@ def sort_by_importance_(model, importance: dict[str, Any]) -> dict[str, Any]:
         head_order, group_order = head_permutation(importance["heads"][i].float(), KVH)
         rows_q, rows_kv = _expand(head_order, D).to(dev), _expand(group_order, D).to(dev)
         a = spec.attention_weights(attn)
-        for t, rows in ((a.q_w, rows_q), (a.q_b, rows_q), (a.k_w, rows_kv), (a.k_b, rows_kv), (a.v_w, rows_kv),
-                        (a.v_b, rows_kv)):
-            if t is not None:
-                t.copy_(t.index_select(0, rows))
-        a.o_w.copy_(a.o_w.index_select(1, rows_q))
+        if spec.permute_heads is not None:  # q / k / v are not views of the weights (GPT-NeoX): the spec reorders
+            spec.permute_heads(attn, head_order, group_order)
+        else:
+            for t, rows in ((a.q_w, rows_q), (a.q_b, rows_q), (a.k_w, rows_kv), (a.k_b, rows_kv), (a.v_w, rows_kv),
+                            (a.v_b, rows_kv)):
+                if t is not None:
+                    t.copy_(t.index_select(0, rows))
+            a.o_w.copy_(a.o_w.index_select(1, rows_q))
+        if a.q_norm is not None and not a.qk_norm_per_head:  # a norm over the whole projection (OLMo 2) has one
+            for norm, rows in ((a.q_norm, rows_q), (a.k_norm, rows_kv)):  # weight per row: it moves with the rows
+                norm.weight.copy_(norm.weight.index_select(0, rows))
         # ---- record, relative to the original weights ----
         if previous is not None:  # sorted before: this order indexes the previous order
             order = torch.tensor(previous["mlp_order"][i])[order]

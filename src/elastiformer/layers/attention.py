@@ -13,6 +13,12 @@ only on the tokens that chose it: q projection, attention and its slice of the o
 
 Layer 0 always runs dense under token routing: transformers reads the cache length from layer 0.
 
+Attention variants (read from the module by the spec, `AttentionWeights`): a sliding-window layer's masks built here
+also drop keys `window` or more positions back, and its cache (which keeps only its latest entries) is indexed by the
+entries it still holds; the head-routed path applies the module's softmax scale, logit soft-capping, QK-norm (per
+head, or over the whole projection, for which every head's query of a token is computed), partial rotary and layers
+that take no rotary at all, as the module's own forward does. The token-routed path runs the module itself.
+
 Non-causal models (encoders, `spec.causal=False`) attend with the padding mask only, no causal mask. Post-LN
 sub-layers (`spec.post_norm`, BERT) return LayerNorm(input + attention) themselves: a skipped token comes out
 unchanged, and the head-routed path applies that LayerNorm to what the active heads add.
@@ -57,8 +63,31 @@ def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (transformers' `rotate_half` convention). x: (B, heads, m, D), cos/sin: (B, m, D)."""
+    """Rotary embedding (transformers' `rotate_half` convention). x: (B, heads, m, D), cos/sin: (B, m, R).
+
+    Partial rotary (Phi, StableLM, GPT-NeoX): cos / sin cover the first R < D features, the rest pass unchanged."""
+    R = cos.shape[-1]
+    if R < x.shape[-1]:
+        return torch.cat([rotate(x[..., :R], cos, sin), x[..., R:]], dim=-1)
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def norm_heads(x: torch.Tensor, D: int, norm: nn.Module | None, per_head: bool) -> torch.Tensor:
+    """Projected q or k, x: (B, m, heads*D) -> (B, m, heads, D), QK-normed as the family's attention does it: each
+    head's D features (Qwen3, Gemma 3), or the whole projection before the split into heads (OLMo 2)."""
+    if norm is not None and not per_head:
+        x = norm(x)
+    x = x.unflatten(-1, (-1, D))  # (B, m, heads, D)
+    return norm(x) if norm is not None and per_head else x
+
+
+def attend(q, k, v, mask, scaling: float, softcap: float | None) -> torch.Tensor:
+    """softmax(q k^T * scaling [soft-capped] + mask) v. q: (B, h, m, D), k / v: (B, h, kv, D), mask: (B, 1, m, kv)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    logits = q @ k.transpose(-1, -2) * scaling  # (B, h, m, kv)
+    logits = torch.tanh(logits / softcap) * softcap + mask  # Gemma 2 caps the logits before the mask
+    return logits.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 class ElasticAttention(ElasticSubLayer):
@@ -67,6 +96,8 @@ class ElasticAttention(ElasticSubLayer):
         super().__init__(base_layer, layer_idx, spec, dims, state)
         self.token_router = token_router
         self.head_router = head_router
+        # this layer's window (sliding-window layers, alone or mixed with global ones): the masks built here apply it
+        self.sliding_window = spec.attention_weights(base_layer).sliding_window
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, *args, **kwargs):
         # BERT and ViT pass the mask positionally, Llama and GPT-2 by name: from here on it is a keyword
@@ -75,7 +106,7 @@ class ElasticAttention(ElasticSubLayer):
         d = self.dims
         x = hidden_states  # (B, T, C)
         B, T, C = x.shape
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = next((kwargs[k] for k in ("cache", "past_key_values", "layer_past") if kwargs.get(k) is not None), None)
         cache = getattr(cache, "self_attention_cache", cache)  # GPT-2 may wrap it in an EncoderDecoderCache
         past = self._cached_index(cache, B, x.device)  # (B, P)
         if self._cache_routed(cache):  # the unmodified sub-layer too must attend through the cached indices
@@ -221,26 +252,31 @@ class ElasticAttention(ElasticSubLayer):
         B, m, C = x.shape
         H, KVH, D = d["H"], d["KVH"], d["D"]
         w = self.spec.attention_weights(self.base_layer)
-        scaling = getattr(self.base_layer, "scaling", None) or D**-0.5  # BERT keeps it on its inner `self`
+        scaling = w.scaling or getattr(self.base_layer, "scaling", None) or D**-0.5  # BERT keeps it on its inner `self`
         heads = self.head_router(x, capacity, method=self.state.method, generator=self.state.generator,
                                  positions=self.state.real_positions(q_pos), layer=self.layer_idx)  # (B, m, H)
         lora = HeadPathLoRA(w, x)  # the adapters' updates (if any), as thin matmuls, and their FLOPs
-        k = lora.add(F.linear(x, w.k_w, w.k_b), "k").view(B, m, KVH, D).transpose(1, 2)  # (B, KVH, m, D)
+        k = norm_heads(lora.add(F.linear(x, w.k_w, w.k_b), "k"), D, w.k_norm, w.qk_norm_per_head).transpose(1, 2)
+        # k: (B, KVH, m, D), QK-normed where the family does
         v = lora.add(F.linear(x, w.v_w, w.v_b), "v").view(B, m, KVH, D).transpose(1, 2)  # (B, KVH, m, D)
-        cos_sin = kw.get("position_embeddings") if self.spec.rotary else None
+        cos_sin = kw.get("position_embeddings") if self.spec.rotary and w.rotary else None
         if cos_sin is not None:
             k = rotate(k, *cos_sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, KVH, P + m, D)
         active = heads.active & slot_valid[..., None]  # (B, m, H)
         flops = attention_projection_flops(0, B * m, C, H, KVH, D)
-        if m == 1 and not torch.is_grad_enabled() and w.q_lora is None and w.o_lora is None:  # decoding
-            out, head_flops = self._one_token_heads(x, w, k, v, mask, cos_sin, active, scaling)
+        q_all = None  # a norm over the whole q projection (OLMo 2) needs every head's query of the token
+        if w.q_norm is not None and not w.qk_norm_per_head:
+            q_all = norm_heads(lora.add(F.linear(x, w.q_w, w.q_b), "q"), D, w.q_norm, False)  # (B, m, H, D)
+            flops += 2 * B * m * C * H * D
+        if m == 1 and not torch.is_grad_enabled() and w.q_lora is None and w.o_lora is None and q_all is None:
+            out, head_flops = self._one_token_heads(x, w, k, v, mask, cos_sin, active, scaling)  # decoding
             flops += head_flops
         else:
             out = x.new_zeros(B * m + 1, C)  # (B*m + 1, C): the last row takes the bucket padding, then is dropped
             for bk in head_buckets(active):  # a few groups of heads with similar token counts, never one per token
-                flops += self._run_head_bucket(bk, x, w, lora, k, v, mask, cos_sin, heads.gate, scaling, out)
+                flops += self._run_head_bucket(bk, x, w, lora, k, v, mask, cos_sin, heads.gate, scaling, out, q_all)
             out = out[:-1]
         out = lora.finish_output(out)
         flops += lora.flops
@@ -264,11 +300,12 @@ class ElasticAttention(ElasticSubLayer):
         xf = x.view(B, C)  # (B, 1, C) -> (B, C)
         q = torch.cat([F.linear(xf, w.q_w[r], None if w.q_b is None else w.q_b[r]) for r in runs], dim=1)  # (B, U*D)
         q = q.view(B, U, 1, D)  # (B, U*D) -> (B, U, 1, D)
+        if w.q_norm is not None:  # (per head here: a whole-projection norm takes the bucket path)
+            q = w.q_norm(q)
         if cos_sin is not None:
             q = rotate(q, *cos_sin)
         groups = torch.tensor([h // (H // KVH) for h in heads], device=x.device)  # (U,) the KV group of each head
-        o = F.scaled_dot_product_attention(q, k.index_select(1, groups), v.index_select(1, groups), attn_mask=mask,
-                                           scale=scaling)  # (B, U, 1, D)
+        o = attend(q, k.index_select(1, groups), v.index_select(1, groups), mask, scaling, w.softcap)  # (B, U, 1, D)
         if B > 1:  # a head another row chose runs here too: its output is dropped
             o = o * active[:, 0, heads].to(o.dtype)[:, :, None, None]
         o = o.reshape(B, U * D)  # (B, U, 1, D) -> (B, U*D)
@@ -280,26 +317,35 @@ class ElasticAttention(ElasticSubLayer):
             start += width
         return out, 2 * B * U * C * D * 2 + attention_score_flops(B * U, kv_len, 1, D)
 
-    def _run_head_bucket(self, bk: "HeadBuckets", x, w, lora, k, v, mask, cos_sin, gate, scaling, out) -> int:
+    def _run_head_bucket(self, bk: "HeadBuckets", x, w, lora, k, v, mask, cos_sin, gate, scaling, out,
+                         q_all=None) -> int:
         """Heads `bk.heads` on their tokens: q projection, attention, gate and output projection as batched matmuls
         over the heads, added into `out` (B*m + 1, C; its last row takes the bucket padding). x: (B, m, C), k / v:
-        (B, KVH, kv, D), mask: (B, 1, m, kv), gate: (B, m, H). -> the FLOPs that ran (bucket padding included)."""
+        (B, KVH, kv, D), mask: (B, 1, m, kv), gate: (B, m, H); q_all: (B, m, H, D) every head's query when the
+        family normalises the whole q projection (else each head's q is projected here). -> the FLOPs that ran
+        (bucket padding included)."""
         B, m, C = x.shape
         H, KVH, D = self.dims["H"], self.dims["KVH"], self.dims["D"]
         U, L, kv_len = bk.n_heads, bk.length, k.shape[2]
         flat = bk.flat_tokens()  # (U*B*L,) into (B*m), head-major
-        q = head_query(x.reshape(B * m, C).index_select(0, flat).view(U, B * L, C), w, bk.heads, D)  # (U, B*L, D)
-        q = lora.add_query_heads(q, flat, bk.heads)
+        if q_all is None:
+            q = head_query(x.reshape(B * m, C).index_select(0, flat).view(U, B * L, C), w, bk.heads, D)  # (U, B*L, D)
+            q = lora.add_query_heads(q, flat, bk.heads)
+            q = q if w.q_norm is None else w.q_norm(q)  # per-head QK-norm (Qwen3, Gemma 3)
+        else:
+            head_of_slot = bk.heads.repeat_interleave(B * L)  # (U*B*L,) head-major, as `flat`
+            q = q_all.reshape(B * m, H, D)[flat, head_of_slot].view(U, B * L, D)
         if cos_sin is not None:
-            cos, sin = (t.expand(B, -1, -1).reshape(B * m, D).index_select(0, flat).view(U, B * L, D) for t in cos_sin)
-            q = q * cos + rotate_half(q) * sin
+            R = cos_sin[0].shape[-1]  # rotary features (R < D: partial rotary, the rest pass unchanged)
+            cos, sin = (t.expand(B, -1, -1).reshape(B * m, R).index_select(0, flat).view(U, B * L, R) for t in cos_sin)
+            q = torch.cat([q[..., :R] * cos + rotate_half(q[..., :R]) * sin, q[..., R:]], dim=-1)
         q = q.view(U, B, L, D).transpose(0, 1)  # (U, B*L, D) -> (B, U, L, D)
         groups = bk.heads // (H // KVH)  # (U,) the KV group of each head
         k_u, v_u = k.index_select(1, groups), v.index_select(1, groups)  # (B, U, kv, D)
         rows = bk.idx.reshape(B, U * L)  # (B, U*L) every slot's token: one gather of the mask rows for all U heads
         batch = torch.arange(B, device=x.device)[:, None]  # (B, 1)
         mask_u = mask[:, 0][batch, rows].view(B, U, L, kv_len)  # whole rows copied (faster than an element gather)
-        o = F.scaled_dot_product_attention(q, k_u, v_u, attn_mask=mask_u, scale=scaling)  # (B, U, L, D)
+        o = attend(q, k_u, v_u, mask_u, scaling, w.softcap)  # (B, U, L, D)
         if torch.is_grad_enabled():  # each head's straight-through gate: forward value 1, the router's gradient
             o = o * bk.gather(gate)[..., None]
         o = o.transpose(0, 1).reshape(U, B * L, D)  # (B, U, L, D) -> (U, B*L, D)
@@ -309,7 +355,8 @@ class ElasticAttention(ElasticSubLayer):
         out.index_add_(0, torch.where(keep, flat, B * m), contrib.reshape(U * B * L, C).to(out.dtype))
         lora.add_heads_output(o, bk.heads, flat[keep], keep)
         n_slots = B * U * L  # what ran, bucket padding included
-        return 2 * n_slots * C * D * 2 + attention_score_flops(n_slots, kv_len, 1, D)
+        projections = 1 if q_all is not None else 2  # (q_all's projection is counted by the caller)
+        return 2 * n_slots * C * D * projections + attention_score_flops(n_slots, kv_len, 1, D)
 
     # ---- bookkeeping for the KV cache ----
     def _cached_index(self, cache, B: int, device) -> torch.Tensor:
@@ -317,10 +364,21 @@ class ElasticAttention(ElasticSubLayer):
         if cache is None:
             return torch.zeros(B, 0, dtype=torch.long, device=device)
         index = getattr(cache, _CACHE_INDEX_ATTR, {}).get(self.layer_idx)
+        layers = getattr(cache, "layers", [])
+        layer = layers[self.layer_idx] if self.layer_idx < len(layers) else None
         if index is not None:
+            if getattr(layer, "is_sliding", False):  # a sliding-window cache keeps only its latest entries
+                return index[:, index.shape[1] - self._held(layer):]
             return index
-        P = cache.get_seq_length(self.layer_idx) if self.layer_idx < len(getattr(cache, "layers", [])) else 0
-        return torch.arange(P, device=device).expand(B, P)  # filled before routing was on: every token is there
+        P = cache.get_seq_length(self.layer_idx) if layer is not None else 0  # tokens seen
+        held = self._held(layer) if getattr(layer, "is_sliding", False) else P
+        return torch.arange(P - held, P, device=device).expand(B, held)  # filled before routing was on: in order
+
+    @staticmethod
+    def _held(layer) -> int:
+        """Entries a cache layer holds now (a sliding-window layer: at most its window, not every token seen)."""
+        keys = getattr(layer, "keys", None)
+        return 0 if not getattr(layer, "is_initialized", False) or keys is None or keys.numel() == 0 else keys.shape[-2]
 
     def _remember_index(self, cache, past: torch.Tensor, new: torch.Tensor, routed: bool = False) -> None:
         """Append the sequence indices of the entries this call added to the layer's cache. `routed` (token routing
@@ -345,6 +403,8 @@ class ElasticAttention(ElasticSubLayer):
         allowed = (kv_pos[:, None, :] >= 0).expand(-1, q_pos.shape[1], -1)  # (B, m, kv)
         if st.causal:
             allowed = allowed & (kv_pos[:, None, :] <= q_pos[:, :, None])
+        if self.sliding_window is not None:  # transformers' sliding-window overlay: kv > q - window
+            allowed = allowed & (kv_pos[:, None, :] > q_pos[:, :, None] - self.sliding_window)
         if st.pad_mask is not None and st.pad_mask.shape[0] == kv_pos.shape[0]:
             real = st.pad_mask.gather(1, kv_pos.clamp(min=0).clamp(max=st.pad_mask.shape[1] - 1))  # (B, kv)
             allowed = allowed & real[:, None, :]
