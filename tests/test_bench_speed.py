@@ -47,3 +47,19 @@ def test_uniform_flextron_widths_fit_the_budget():
         assert cost <= budget + 1e-9
         narrower = [fm.choices_flops(m, a, seq_len=16) for m in range(7) for a in range(4)]
         assert cost == pytest.approx(max(c for c in narrower if c <= budget + 1e-9))
+
+
+def test_speed_bench_keeps_finished_settings_when_a_later_one_fails(tmp_path, monkeypatch):
+    import elastiformer.flextron as flextron
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("flextron failed")
+
+    monkeypatch.setattr(flextron, "get_flextron_model", broken)
+    o = SPEED_DEFAULTS | dict(model="tiny-llama", components="mlp_tokens", budgets="0.8", steps=1, batch_size=2,
+                              prefill_batch=2, prefill_len=16, decode_tokens=2, decode_batches="1", prompt_len=4,
+                              reps=1, output=str(tmp_path / "speed.json"))
+    with pytest.raises(RuntimeError, match="flextron failed"):
+        run_speed_bench(o, echo=lambda *_: None, new_model=tiny_llama, data=(tokens(8, 16), tokens(4, 24, seed=2)))
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert {r["component"] for r in saved["records"]} == {"mlp_tokens"}  # the finished setting is on disk

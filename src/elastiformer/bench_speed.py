@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import statistics
 import time
 from pathlib import Path
@@ -27,13 +26,15 @@ from typing import Any, Callable
 import torch
 
 from .benchmark import SETTINGS, parse_components
+from .cache import atomic_write_json
 from .config import ElasticConfig
 from .timing import machine
 
 SPEED_SETTINGS = {k: SETTINGS[k] for k in ("mlp_tokens", "attn_tokens", "attn_heads", "mlp_experts",
                                            "mlp_experts_cluster", "combined")}
 SPEED_DEFAULTS = dict(
-    model="smollm2-135m", components=",".join(SPEED_SETTINGS), budgets="0.6,0.75,0.9", steps=30, batch_size=4,
+    model="smollm2-135m", components=",".join(SPEED_SETTINGS), budgets="0.6,0.75,0.9", steps=30, target_steps=0,
+    batch_size=4,
     seq_len=128, train_sequences=400, prefill_batch=4, prefill_len=512, decode_tokens=64, decode_batches="1,8",
     prompt_len=32, reps=3, flextron=True, flextron_checkpoint=None, threads=0, seed=0,
     output="bench/results/speed.json", overwrite=False,
@@ -178,13 +179,18 @@ def run_speed_bench(o: dict[str, Any], echo=print, new_model: Callable[[], Any] 
                               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in o.items()},
                               "records": []}
     timing = dict(prefill=prefill, prompts=prompts, new_tokens=int(o["decode_tokens"]), reps=int(o["reps"]))
+    out = Path(o["output"])
+
+    def save(result: dict[str, Any]) -> None:
+        atomic_write_json(out, result)
+        plot_speed(result, out.with_suffix(".png"))
     for comp in components:
         spec = {k: v for k, v in SPEED_SETTINGS[comp].items() if k != "train"}
         echo(f"[{comp}] training routers ({o['steps']} steps), allocation, thresholds...")
         em = get_elastic_model(new_model(), ElasticConfig(**spec))
         train_routers(em, train, steps=int(o["steps"]), batch_size=int(o["batch_size"]), seed=int(o["seed"]),
                       budget_range=(min(budgets) - 0.05, 0.95), calibration_data=calib, allocation=False,
-                      progress=False, checkpoint_every=None)
+                      target_steps=int(o["target_steps"]), progress=False, checkpoint_every=None)
         em.fit_allocation(calib, max_batches=1, min_budget=min(0.5, min(budgets) - 0.05))
         em.calibrate(calib, progress=False)
         for b in budgets:
@@ -193,6 +199,7 @@ def run_speed_bench(o: dict[str, Any], echo=print, new_model: Callable[[], Any] 
             for r in measure(elastic_subject(em), **timing):
                 result["records"].append({"system": "elastiformer", "component": comp, "budget": b} | r)
         em.unload()
+        save(result)  # each finished setting is kept, whatever happens to the next
     if o["flextron"]:
         checkpoint = o.get("flextron_checkpoint")
         fm = (FlextronModel.from_pretrained(checkpoint) if checkpoint else
@@ -210,10 +217,7 @@ def run_speed_bench(o: dict[str, Any], echo=print, new_model: Callable[[], Any] 
                 choices = uniform_widths(fm, b, int(o["prefill_len"]))
             for r in measure(flextron_subject(fm, totals, choices), **timing):
                 result["records"].append({"system": "flextron", "component": name, "budget": b} | r)
-    out = Path(o["output"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    plot_speed(result, out.with_suffix(".png"))
+    save(result)
     for line in summary_lines(result):
         echo(line)
     return result

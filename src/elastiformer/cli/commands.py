@@ -597,6 +597,8 @@ def bench_speed(
     budgets: Optional[str] = typer.Option(None, help="Budgets (default 0.6,0.75,0.9), for Flextron too."),
     steps: Optional[int] = typer.Option(None, help="Router training steps per setting (default 30: the routes "
                                         "matter for speed, not their quality)."),
+    target_steps: Optional[int] = typer.Option(None, help="Teacher forwards of the router-target phase before "
+                                               "training (default 0, for the same reason)."),
     model: Optional[str] = typer.Option(None, help="The base model (default smollm2-135m)."),
     prefill_batch: Optional[int] = typer.Option(None, help="Sequences of the timed prefill (default 4)."),
     prefill_len: Optional[int] = typer.Option(None, help="Tokens per sequence of the timed prefill (default 512)."),
@@ -622,7 +624,7 @@ def bench_speed(
     given = {k: v for k, v in locals().items() if k != "config"}
     given["overwrite"] = overwrite or None
     o = merge_options(config, given, SPEED_DEFAULTS, command=bench_speed)
-    check_numbers(o, dict(steps=0, prefill_batch=1, prefill_len=1, decode_tokens=1, reps=1, threads=0))
+    check_numbers(o, dict(steps=0, target_steps=0, prefill_batch=1, prefill_len=1, decode_tokens=1, reps=1, threads=0))
     check_output_file(o["output"], bool(o["overwrite"]), flag="--overwrite")
     result = run_speed_bench(o, echo=typer.echo)
     typer.echo(f"{len(result['records'])} records in {o['output']} (plot: {Path(o['output']).with_suffix('.png')})")
