@@ -148,7 +148,7 @@ def run_vision_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]
     from .data_images import ImageFormat, load_fashion_mnist, parse_classes, pixel_values_for
     from .model import get_elastic_model
     from .models import load_model
-    from .evaluate import _time_ratio
+    from .evaluate import time_ratio
 
     components = [c.strip() for c in str(o["components"]).split(",") if c.strip()]
     unknown = [c for c in components + [o["domain_component"]] if c and c not in VISION_SETTINGS]
@@ -203,7 +203,7 @@ def run_vision_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]
         timing = {}
         for b in budgets:
             em.set_budget(b)
-            timing[b] = _time_ratio(em, {"pixel_values": test_x[:256]}, lambda: em.routing_method("learned"),
+            timing[b] = time_ratio(em, {"pixel_values": test_x[:256]}, lambda: em.routing_method("learned"),
                                     int(o["timing_reps"]))[0] if int(o["timing_reps"]) else None
         for r in ev["records"]:
             result["records"].append(r | {"component": comp, "teacher_accuracy": ev["teacher_accuracy"],

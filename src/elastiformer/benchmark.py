@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .cache import atomic_write_json
 from .config import ElasticConfig
-from .evaluate import _time_ratio, evaluate
+from .evaluate import evaluate, time_ratio
 from .timing import machine
 
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -168,7 +168,7 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
             echo(f"[{comp}] timing prefill ({tuple(prefill.shape)}) and generation ({o['decode_tokens']} tokens)...")
             for b in tqdm(budgets, desc="timing"):
                 em.set_budget(b)
-                pre, _, _ = _time_ratio(em, {"input_ids": prefill}, lambda: em.routing_method("learned"),
+                pre, _, _ = time_ratio(em, {"input_ids": prefill}, lambda: em.routing_method("learned"),
                                         int(o["timing_reps"]))
                 timing[b] = (pre, _decode_ratio(em, prompt, int(o["decode_tokens"]), int(o["timing_reps"])))
         allocations = {}

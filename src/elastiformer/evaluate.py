@@ -19,7 +19,7 @@ from .model import ElasticModel
 from .validation import check_int
 
 
-def _lm_metrics(teacher: torch.Tensor, student: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> dict:
+def lm_metrics(teacher: torch.Tensor, student: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> dict:
     """Sums over next-token positions: teacher / student NLL on the real next tokens, KL(teacher || student),
     top-1 agreement. logits: (B, T, V), ids: (B, T)."""
     t = F.log_softmax(teacher[:, :-1].float(), dim=-1)  # (B, T-1, V)
@@ -34,7 +34,7 @@ def _lm_metrics(teacher: torch.Tensor, student: torch.Tensor, ids: torch.Tensor,
             "kl": float(kl[keep].sum()), "agree": float(agree[keep].sum())}
 
 
-def _time_ratio(em: ElasticModel, batch: dict, context, reps: int) -> tuple[float, float, float]:
+def time_ratio(em: ElasticModel, batch: dict, context, reps: int) -> tuple[float, float, float]:
     """Median wall-clock of elastic and dense forwards on `batch`, interleaved (dense, elastic, dense, ...)."""
     dense, elastic = [], []
     with torch.no_grad():
@@ -226,7 +226,7 @@ def evaluate(
                         with apply_budget(em, plan[(m, i)]), contexts[m]():
                             student = em(**batch).logits
                         stats = em.last_stats()
-                        r = _lm_metrics(teacher, student, batch["input_ids"], batch.get("attention_mask"))
+                        r = lm_metrics(teacher, student, batch["input_ids"], batch.get("attention_mask"))
                         acc = sums[(m, i)]
                         for k in ("n", "nll_teacher", "nll", "kl", "agree"):
                             acc[k] += r[k]
@@ -246,7 +246,7 @@ def evaluate(
                     with apply_budget(em, plan[(m, i)]):
                         budgets_used = em.get_budget()
                         if timing_reps:
-                            ratio, _, _ = _time_ratio(em, batches[0], contexts[m], timing_reps)
+                            ratio, _, _ = time_ratio(em, batches[0], contexts[m], timing_reps)
                             bar.update()
                     records.append({
                         "method": m,

@@ -10,7 +10,6 @@ the fraction of inputs whose neighbour is the same. With `labels` in the batches
 
 from __future__ import annotations
 
-import statistics
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError
-from .evaluate import _time_ratio, apply_budget, budget_settings, match_flops, nominal, prepare_baselines, probe_flops
+from .evaluate import apply_budget, budget_settings, match_flops, nominal, prepare_baselines, probe_flops, time_ratio
 from .batches import as_batches
 from .model import ElasticModel
 
@@ -124,7 +123,7 @@ def evaluate_encoder(
                             if labelled:
                                 correct += int((s.logits.argmax(-1) == labels).sum())
                             bar.update()
-                        ratio = _time_ratio(em, items[0][0], lambda: em.routing_method(m), timing_reps)[0] \
+                        ratio = time_ratio(em, items[0][0], lambda: em.routing_method(m), timing_reps)[0] \
                             if timing_reps else None
                     s_pooled = torch.cat(pooled)
                     cos = F.cosine_similarity(t_pooled.float(), s_pooled.float(), dim=-1)  # (N,)

@@ -291,18 +291,18 @@ def _load_from_source(source: _Source, dtype: torch.dtype) -> PreTrainedModel:
 
 def _encoder_spec(model_type: str | None):
     """The architecture spec of a non-causal model type (BERT, ViT), or None."""
-    from elastiformer.arch.spec import _REGISTRY
+    from .arch import registered_spec
 
-    spec = _REGISTRY.get(model_type)
+    spec = registered_spec(model_type)
     return spec if spec is not None and not spec.causal else None
 
 
 def _model_class(folder: Path):
     """Which transformers class loads this folder: AutoModelForCausalLM, unless its spec names classes (encoders,
     LLaVA), then the class its config names, or the spec's Auto class."""
-    from elastiformer.arch.spec import _REGISTRY
+    from .arch import registered_spec
 
-    spec = _REGISTRY.get(_read_model_type(folder))
+    spec = registered_spec(_read_model_type(folder))
     if spec is None or (spec.causal and not spec.model_classes):  # causal LMs; a LLaVA folder names its class
         return AutoModelForCausalLM
     try:

@@ -4,8 +4,8 @@ Routers attach to the unmodified transformers modules; a spec only says where th
 weights as plain `(out, in)` matrices. Add a family with `register_architecture(spec)`.
 """
 
-from .spec import (ArchSpec, AttentionWeights, MLPWeights, get_arch_spec, get_dotted, register_architecture, set_dotted,
-                   supported_model_types)
+from .registry import get_arch_spec, register_architecture, registered_spec, supported_model_types
+from .spec import ArchSpec, AttentionWeights, MLPWeights, get_dotted, set_dotted
 from . import bert, clip, gpt2, llama, llava, vit  # noqa: F401  (registers the built-in specs)
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "get_dotted",
     "set_dotted",
     "register_architecture",
+    "registered_spec",
     "supported_model_types",
 ]

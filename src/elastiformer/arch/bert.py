@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..lora import linear_weight, low_rank
-from .spec import ArchSpec, AttentionWeights, MLPWeights, register_architecture
+from .registry import register_architecture
+from .spec import ArchSpec, AttentionWeights, MLPWeights
 
 
 class PostNormFeedForward(nn.Module):

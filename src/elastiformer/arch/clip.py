@@ -4,7 +4,8 @@ fc2(act(fc1(x))). Bidirectional; tokens are the [CLS] token and the image patche
 
 from functools import partial
 
-from .spec import ArchSpec, fc_mlp_weights, qkvo_attention_weights, register_architecture
+from .registry import register_architecture
+from .spec import ArchSpec, fc_mlp_weights, qkvo_attention_weights
 
 
 CLIP_VISION = register_architecture(

@@ -4,7 +4,8 @@ Linear-convention weight is `W.T`), absolute position embeddings (no rotary), `m
 from torch import nn
 
 from ..lora import linear_weight, low_rank, out_rows
-from .spec import ArchSpec, AttentionWeights, MLPWeights, register_architecture
+from .registry import register_architecture
+from .spec import ArchSpec, AttentionWeights, MLPWeights
 
 
 def _attention_weights(attn: nn.Module) -> AttentionWeights:

@@ -3,7 +3,8 @@ embeddings; `model.layers[i].mlp` = down_proj(act(gate_proj(x)) * up_proj(x)).""
 
 from torch import nn
 
-from .spec import ArchSpec, MLPWeights, qkvo_attention_weights, register_architecture
+from .registry import register_architecture
+from .spec import ArchSpec, MLPWeights, qkvo_attention_weights
 
 
 def _mlp_weights(mlp: nn.Module) -> MLPWeights:

@@ -8,7 +8,7 @@ untouched."""
 import dataclasses
 
 from .llama import LLAMA
-from .spec import register_architecture
+from .registry import register_architecture
 
 LLAVA = register_architecture(
     dataclasses.replace(

@@ -1,4 +1,5 @@
-"""The `ArchSpec` contract and its registry (keyed by `config.model_type`, like PEFT's constants)."""
+"""The `ArchSpec` contract: where a family keeps its layers, attention, MLP and weights (the registry of specs is
+arch/registry.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-
-from ..errors import UnsupportedArchitectureError
 
 
 @dataclass
@@ -183,54 +182,3 @@ class ArchSpec:
             "L": config.num_hidden_layers,
             "V": getattr(config, "vocab_size", None) or 0,
         }, **dict(self.measured_dims))
-
-
-_REGISTRY: dict[str, ArchSpec] = {}
-
-
-def register_architecture(spec: ArchSpec) -> ArchSpec:
-    for model_type in spec.model_types:
-        _REGISTRY[model_type] = spec
-    return spec
-
-
-def supported_model_types() -> list[str]:
-    """Model types with a registered spec, and the decoder families whose discovered layout is tested."""
-    from .discover import TESTED_FAMILIES
-
-    return sorted(set(_REGISTRY) | set(TESTED_FAMILIES))
-
-
-def get_arch_spec(model: nn.Module) -> ArchSpec:
-    """The registered spec of the model's type, else one discovered from its modules (decoder LMs)."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _REGISTRY and config is not None:
-        from .discover import discover_spec, is_decoder_lm
-
-        if is_decoder_lm(config):
-            try:
-                return discover_spec(model)
-            except UnsupportedArchitectureError as err:  # one line: which part of the model was not understood
-                raise UnsupportedArchitectureError(
-                    f"model type {model_type!r} ({type(model).__name__}) is not supported: {err}; register a spec "
-                    "with elastiformer.arch.register_architecture"
-                ) from None
-    if model_type not in _REGISTRY:
-        raise UnsupportedArchitectureError(
-            f"model type {model_type!r} ({type(model).__name__}) is not supported: elastiformer has specs for "
-            f"{', '.join(supported_model_types())} and discovers the layout of decoder LMs (transformers' causal-LM "
-            "model types, e.g. mistral, qwen3, gemma3_text, phi3); register a spec with "
-            "elastiformer.arch.register_architecture"
-        )
-    spec = _REGISTRY[model_type]
-    try:
-        spec.layers(model)
-    except AttributeError as err:
-        wanted = "the *ForCausalLM model (e.g. AutoModelForCausalLM)" if spec.causal else \
-            f"a {' / '.join(spec.model_classes) or spec.auto_class} model"
-        raise UnsupportedArchitectureError(
-            f"{type(model).__name__} has no '{spec.layers_path}': elastiformer needs {wanted} for model type "
-            f"{model_type!r}"
-        ) from err
-    return spec

@@ -3,7 +3,8 @@
 MLP fc2(act(fc1(x))). Bidirectional; tokens are the [CLS] token and the image patches (inputs are
 `pixel_values`). The default embedding is the final [CLS] state, the classifier's input."""
 
-from .spec import ArchSpec, fc_mlp_weights, qkvo_attention_weights, register_architecture
+from .registry import register_architecture
+from .spec import ArchSpec, fc_mlp_weights, qkvo_attention_weights
 
 
 VIT = register_architecture(

@@ -413,7 +413,7 @@ def router_summary(shown: dict[str, Any], folder: Path) -> str:
         f"hidden {dims.get('C', '?')}, {dims.get('H', '?')} heads, MLP {dims.get('I', '?')})",
         f"routed:         {', '.join(routed) or 'nothing'}; router {cfg.get('router')}; LoRA rank {cfg.get('lora_rank', 0)}"
         + (f"; dense layers {cfg['dense_layers']}" if cfg.get("dense_layers") else ""),
-        f"trained on:     budgets " + ("-".join(str(b) for b in shown["trained_budgets"])
+        "trained on:     budgets " + ("-".join(str(b) for b in shown["trained_budgets"])
                                        if shown.get("trained_budgets") else "(not recorded)"),
         f"format:         router format {shown.get('format_version')}, elastiformer "
         f"{shown.get('elastiformer_version', '?')}",

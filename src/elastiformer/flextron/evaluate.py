@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..evaluate import _lm_metrics
+from ..evaluate import lm_metrics
 
 
 class TeacherCache:
@@ -41,7 +41,7 @@ def lm_quality(model: Callable[[dict], Any], teacher: TeacherCache, stats: Calla
     dense = executed = model_dense = model_exec = 0
     for batch, t in zip(teacher.batches, teacher.logits):
         s = model(batch).logits
-        r = _lm_metrics(t, s, batch["input_ids"], batch.get("attention_mask"))
+        r = lm_metrics(t, s, batch["input_ids"], batch.get("attention_mask"))
         for k in acc:
             acc[k] += r[k]
         if stats is not None:
