@@ -63,3 +63,17 @@ def test_speed_bench_keeps_finished_settings_when_a_later_one_fails(tmp_path, mo
         run_speed_bench(o, echo=lambda *_: None, new_model=tiny_llama, data=(tokens(8, 16), tokens(4, 24, seed=2)))
     saved = json.loads((tmp_path / "speed.json").read_text())
     assert {r["component"] for r in saved["records"]} == {"mlp_tokens"}  # the finished setting is on disk
+
+
+def test_speed_table_checks_the_targets():
+    from elastiformer.bench_speed import speed_markdown, target_check
+
+    row = dict(system="elastiformer", component="mlp_tokens", budget=0.8, kind="prefill", batch=4,
+               model_flops_ratio=0.85, time_ratio=0.88, elastic_tokens_per_s=10.0, dense_tokens_per_s=9.0)
+    assert target_check(row) == "met"
+    assert target_check(row | dict(time_ratio=0.95)) == "missed: > FLOPs + 0.05"
+    assert target_check(row | dict(time_ratio=1.2)) == "missed: slower than dense, > FLOPs + 0.05"
+    assert target_check(row | dict(kind="decode", batch=1, time_ratio=0.94)) == "met"
+    assert target_check(row | dict(kind="decode", batch=8, time_ratio=2.0)) == ""  # no target at batch 8
+    text = speed_markdown({"model": "m", "machine": {}, "settings": {}, "records": [row, row | dict(time_ratio=1.2)]})
+    assert "Targets met in 1 of 2 checked rows." in text and text.count("| elastiformer |") == 2

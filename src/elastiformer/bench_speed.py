@@ -282,3 +282,41 @@ def plot_speed(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# the targets a row is checked against (time ratio at most the model-FLOPs ratio plus this slack; and never slower
+# than dense below full budget): prefill, and decoding at batch 1
+SLACK = {("prefill", None): 0.05, ("decode", 1): 0.10}
+
+
+def target_check(r: dict[str, Any]) -> str:
+    """'met' / 'missed (...)' for the rows the targets cover, '' for the others (decode at batch > 1)."""
+    slack = SLACK.get((r["kind"], None if r["kind"] == "prefill" else r["batch"]))
+    if slack is None:
+        return ""
+    misses = []
+    if r["time_ratio"] > 1.0:
+        misses.append("slower than dense")
+    if r["time_ratio"] > r["model_flops_ratio"] + slack:
+        misses.append(f"> FLOPs + {slack:.2f}")
+    return "met" if not misses else "missed: " + ", ".join(misses)
+
+
+def speed_markdown(result: dict[str, Any]) -> str:
+    """The README's speed table: one row per system, component, budget and measurement."""
+    m, s = result["machine"], result["settings"]
+    lines = [f"Model `{result['model']}` on {m.get('processor')} ({m.get('cpu_count')} cores, {m.get('torch_threads')} "
+             f"torch threads, torch {m.get('torch')}). Prefill of {s.get('prefill_batch')} x {s.get('prefill_len')} "
+             f"tokens; generation of {s.get('decode_tokens')} tokens at batch {s.get('decode_batches')}; elastic and "
+             f"dense runs interleaved, median of {s.get('reps')}. Targets: prefill time ratio <= model-FLOPs ratio + "
+             "0.05 and decode at batch 1 <= FLOPs ratio + 0.10, never slower than dense. Regenerate: "
+             "`make bench-speed`, then `elastiformer bench-speed --readme`.", "",
+             "| system | setting | budget | run | batch | model FLOPs | time / dense | tokens/s (dense) | target |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["records"]:
+        lines.append(f"| {r['system']} | {r['component']} | {r['budget']:.2f} | {r['kind']} | {r['batch']} | "
+                     f"{r['model_flops_ratio']:.3f} | {r['time_ratio']:.3f} | {r['elastic_tokens_per_s']:.1f} "
+                     f"({r['dense_tokens_per_s']:.1f}) | {target_check(r)} |")
+    checked = [target_check(r) for r in result["records"] if target_check(r)]
+    lines += ["", f"Targets met in {sum(c == 'met' for c in checked)} of {len(checked)} checked rows."]
+    return "\n".join(lines)

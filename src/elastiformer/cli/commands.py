@@ -613,17 +613,29 @@ def bench_speed(
                                                        "every layer."),
     output: Optional[Path] = typer.Option(None, help="Result JSON (default bench/results/speed.json; PNG beside)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT (and its PNG)."),
+    readme: bool = typer.Option(False, "--readme", help="Do not run: rewrite README.md's speed results from the "
+                                "result JSON."),
     config: Optional[Path] = typer.Option(None, help="YAML file of options (see bench_speed.SPEED_DEFAULTS)."),
 ):
     """Does skipped compute show up in wall-clock time? Per component and budget (and Flextron's sub-networks):
     prefill and generation time ratios, elastic / dense (interleaved, median), and tokens/s, beside the executed
     model-FLOPs ratio; a PNG of time ratio against FLOPs ratio with the line y = x. Run it on a quiet machine."""
-    from ..bench_speed import SPEED_DEFAULTS, run_speed_bench
+    from ..bench_speed import SPEED_DEFAULTS, run_speed_bench, speed_markdown
     from ..validation import check_output_file
 
-    given = {k: v for k, v in locals().items() if k != "config"}
+    given = {k: v for k, v in locals().items() if k not in ("config", "readme")}
     given["overwrite"] = overwrite or None
     o = merge_options(config, given, SPEED_DEFAULTS, command=bench_speed)
+    if readme:
+        from ..readme_section import replace_readme_section
+
+        path = Path(o["output"])
+        if not path.is_file():
+            raise ConfigError(f"no results at {path}: run `elastiformer bench-speed` first")
+        replace_readme_section(project_readme(), "speed", speed_markdown(json.loads(path.read_text())) +
+                               f"\n\n![time against executed FLOPs]({path.with_suffix('.png')})")
+        typer.echo(f"README.md speed results rewritten from {path}")
+        return
     check_numbers(o, dict(steps=0, target_steps=0, prefill_batch=1, prefill_len=1, decode_tokens=1, reps=1, threads=0))
     check_output_file(o["output"], bool(o["overwrite"]), flag="--overwrite")
     result = run_speed_bench(o, echo=typer.echo)
