@@ -45,12 +45,17 @@ def test_bench_writes_the_result_schema_and_readme(workspace, tmp_path):  # noqa
     assert "old" not in text and text.endswith("after\n") and text.count("| mlp_tokens |") == 10
 
 
+def one_setting_bench(workspace, out, **overrides) -> dict:  # noqa: F811
+    """Options of a one-step, one-budget `mlp_tokens` bench on the tiny workspace model."""
+    return dict(BENCH_DEFAULTS) | dict(model=str(workspace / "model"), components="mlp_tokens", budgets="0.8",
+                                       dense_layers="", steps=1, train_sequences=8, eval_sequences=2, eval_seq_len=32,
+                                       seq_len=16, prefill_len=16, decode_tokens=2, timing_reps=1, lm_eval_docs=0,
+                                       output=str(out)) | overrides
+
+
 def test_bench_append_keeps_other_settings(workspace, tmp_path):  # noqa: F811
     out = tmp_path / "lm.json"
-    o = dict(BENCH_DEFAULTS) | dict(model=str(workspace / "model"), components="mlp_tokens", budgets="0.8",
-                                    dense_layers="", steps=1, train_sequences=8, eval_sequences=2, eval_seq_len=32,
-                                    seq_len=16, prefill_len=16, decode_tokens=2, timing_reps=1, lm_eval_docs=0,
-                                    output=str(out))
+    o = one_setting_bench(workspace, out)
     run_lm_bench(o, echo=lambda *_: None)
     run_lm_bench(o | dict(lora_rank=1, append=True), echo=lambda *_: None)
     records = json.loads(out.read_text())["records"]
@@ -60,10 +65,7 @@ def test_bench_append_keeps_other_settings(workspace, tmp_path):  # noqa: F811
 
 def test_bench_resume_runs_only_unfinished_settings(workspace, tmp_path):  # noqa: F811
     out = tmp_path / "lm.json"
-    o = dict(BENCH_DEFAULTS) | dict(model=str(workspace / "model"), components="mlp_tokens", budgets="0.8",
-                                    dense_layers="", steps=1, train_sequences=8, eval_sequences=2, eval_seq_len=32,
-                                    seq_len=16, prefill_len=16, decode_tokens=2, timing_reps=0, lm_eval_docs=0,
-                                    output=str(out))
+    o = one_setting_bench(workspace, out, timing_reps=0)
     run_lm_bench(o, echo=lambda *_: None)  # (as if a longer run had been interrupted after its first setting)
     first = json.loads(out.read_text())
     said = []
