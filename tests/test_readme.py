@@ -23,6 +23,7 @@ import elastiformer.models as ef_models
 import elastiformer.trainer as ef_trainer
 from elastiformer import cli
 from test_cli import workspace  # noqa: F401
+from test_models import write_tiny_gguf
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
@@ -51,6 +52,15 @@ def _vit_folder(root: Path) -> Path:
     return root / "vit"
 
 
+def _qwen3_folder(root: Path) -> Path:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=8, intermediate_size=48)).save_pretrained(root / "qwen3")
+    return root / "qwen3"
+
+
 def _capped(fn, **caps):
     """`fn` with some keyword arguments lowered to tiny values (steps, sample counts): the call stays as written."""
     def call(*args, **kwargs):
@@ -63,8 +73,13 @@ def _capped(fn, **caps):
 @pytest.fixture
 def stand_ins(workspace, tmp_path, monkeypatch):  # noqa: F811
     """Bundled names resolve to tiny random models; long loops get tiny step counts; outputs go to a temp folder."""
+    qwen3 = _qwen3_folder(tmp_path)
     folders = {"smollm2-135m": workspace / "model", "minilm-l6": _bert_folder(tmp_path),
-               "vit-fashion-mnist": _vit_folder(tmp_path)}
+               "vit-fashion-mnist": _vit_folder(tmp_path),
+               # "Use your own model": a folder, a GGUF file and a hub id
+               "path/to/folder": qwen3, "Qwen/Qwen3-0.6B": qwen3,
+               "path/to/model.Q8_0.gguf": write_tiny_gguf(tmp_path / "tiny.gguf", arch="qwen3", qk_norm=True,
+                                                          head_dim=128)}  # (transformers reads no head_dim from it)
     load_model, load_tokenizer = ef_models.load_model, ef_models.load_tokenizer
 
     def tiny_model(name, *args, **kwargs):
@@ -97,8 +112,8 @@ def stand_ins(workspace, tmp_path, monkeypatch):  # noqa: F811
 
 
 def test_every_python_block_runs_as_written(stand_ins):
-    assert len(PYTHON_BLOCKS) == 6, "a README Python block was added or removed: run it here too"
-    main_api, lm_eval_api, flextron_api, flextron_router, encoder_api, vit_api = PYTHON_BLOCKS
+    assert len(PYTHON_BLOCKS) == 7, "a README Python block was added or removed: run it here too"
+    main_api, lm_eval_api, flextron_api, flextron_router, own_model, encoder_api, vit_api = PYTHON_BLOCKS
     ns: dict = {}
     exec(compile(main_api, "README:main", "exec"), ns)  # noqa: S102
     assert ns["out"].logits.shape == ns["ref"].logits.shape and Path("runs/x/routers/elastic_config.json").is_file()
@@ -109,6 +124,9 @@ def test_every_python_block_runs_as_written(stand_ins):
     shutil.copytree("ckpt", "runs/flextron/trained/model")  # what `elastiformer flextron train` writes there
     exec(compile(flextron_router, "README:flextron-router", "exec"), ns)
     assert ns["out"].logits.shape[:2] == ns["ids"].shape
+    own: dict = {}
+    exec(compile(own_model, "README:own-model", "exec"), own)
+    assert own["em"].base_model.config.model_type == "qwen3"
     exec(compile(encoder_api, "README:encoder", "exec"), {})
     vit_ns: dict = {}
     exec(compile(vit_api, "README:vit", "exec"), vit_ns)
