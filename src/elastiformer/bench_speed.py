@@ -34,7 +34,7 @@ SPEED_SETTINGS = {k: SETTINGS[k] for k in ("mlp_tokens", "attn_tokens", "attn_he
                                            "mlp_experts_cluster", "combined")}
 SPEED_DEFAULTS = dict(
     model="smollm2-135m", components=",".join(SPEED_SETTINGS), budgets="0.6,0.75,0.9", steps=30, target_steps=0,
-    batch_size=4,
+    batch_size=4, allocation_sequences=4,
     seq_len=128, train_sequences=400, prefill_batch=4, prefill_len=512, decode_tokens=64, decode_batches="1,8",
     prompt_len=32, reps=3, flextron=True, flextron_checkpoint=None, threads=0, seed=0,
     output="bench/results/speed.json", overwrite=False,
@@ -174,7 +174,7 @@ def run_speed_bench(o: dict[str, Any], echo=print, new_model: Callable[[], Any] 
     torch.manual_seed(int(o["seed"]))
     prefill = held[:int(o["prefill_batch"]), :int(o["prefill_len"])]
     prompts = {b: held[:b, :int(o["prompt_len"])] for b in parse_ints(o["decode_batches"], "decode_batches")}
-    calib = [{"input_ids": train[-4:]}]
+    calib = [{"input_ids": train[-int(o["allocation_sequences"]):]}]  # allocation + thresholds
     result: dict[str, Any] = {"model": o["model"], "machine": machine() | {"torch_threads": torch.get_num_threads()},
                               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in o.items()},
                               "records": []}

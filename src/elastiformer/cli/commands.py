@@ -599,6 +599,8 @@ def bench_speed(
                                         "matter for speed, not their quality)."),
     target_steps: Optional[int] = typer.Option(None, help="Teacher forwards of the router-target phase before "
                                                "training (default 0, for the same reason)."),
+    allocation_sequences: Optional[int] = typer.Option(None, help="Training sequences the allocation and the "
+                                                       "thresholds are fitted on (default 4)."),
     model: Optional[str] = typer.Option(None, help="The base model (default smollm2-135m)."),
     prefill_batch: Optional[int] = typer.Option(None, help="Sequences of the timed prefill (default 4)."),
     prefill_len: Optional[int] = typer.Option(None, help="Tokens per sequence of the timed prefill (default 512)."),
@@ -636,7 +638,8 @@ def bench_speed(
                                f"\n\n![time against executed FLOPs]({path.with_suffix('.png')})")
         typer.echo(f"README.md speed results rewritten from {path}")
         return
-    check_numbers(o, dict(steps=0, target_steps=0, prefill_batch=1, prefill_len=1, decode_tokens=1, reps=1, threads=0))
+    check_numbers(o, dict(steps=0, target_steps=0, allocation_sequences=1, prefill_batch=1, prefill_len=1,
+                          decode_tokens=1, reps=1, threads=0))
     check_output_file(o["output"], bool(o["overwrite"]), flag="--overwrite")
     result = run_speed_bench(o, echo=typer.echo)
     typer.echo(f"{len(result['records'])} records in {o['output']} (plot: {Path(o['output']).with_suffix('.png')})")
