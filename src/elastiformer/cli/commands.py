@@ -625,7 +625,8 @@ def bench_speed(
     from ..bench_speed import SPEED_DEFAULTS, run_speed_bench, speed_markdown
     from ..validation import check_output_file
 
-    given = {k: v for k, v in locals().items() if k not in ("config", "readme")}
+    given = {k: v for k, v in locals().items() if k not in ("config", "readme") and not callable(v)
+             and k != "SPEED_DEFAULTS"}  # (the options only, not the names imported above)
     given["overwrite"] = overwrite or None
     o = merge_options(config, given, SPEED_DEFAULTS, command=bench_speed)
     if readme:
