@@ -273,24 +273,29 @@ def test_split_sentences():
         "Nobody could say why the old house felt so cold that night, not even Anne!"]
 
 
-@pytest.fixture(scope="module")
-def bert_workspace(tmp_path_factory):
-    """A tiny BERT + WordPiece-free word-level tokenizer as a Hugging Face folder, and sentence files."""
-    import random
-
+def word_level_bert_tokenizer(words: list[str]):
+    """A WordPiece-free BERT-style tokenizer: [PAD] [UNK] [CLS] [SEP], then one id per word of `words`."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]")
+
+
+@pytest.fixture(scope="module")
+def bert_workspace(tmp_path_factory):
+    """A tiny BERT + word-level tokenizer as a Hugging Face folder, and sentence files."""
+    import random
 
     root = tmp_path_factory.mktemp("enc")
     words = ("the a cat dog sat ran on under mat house far away and then came back home big small red blue green "
              "tree river walked slept quickly slowly over with night day sun moon").split()
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                  sep_token="[SEP]")
+    tok = word_level_bert_tokenizer(words)
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                          intermediate_size=48, max_position_embeddings=64, initializer_range=0.2)).save_pretrained(
         root / "model")
     tok.save_pretrained(root / "model")

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import typer
-from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
-from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, ViTConfig, ViTForImageClassification
+from transformers import BertConfig, BertModel, ViTConfig, ViTForImageClassification
 
 import elastiformer as ef
 import elastiformer.data as ef_data
@@ -23,6 +22,7 @@ import elastiformer.models as ef_models
 import elastiformer.trainer as ef_trainer
 from elastiformer import cli
 from test_cli import workspace  # noqa: F401
+from test_encoders import word_level_bert_tokenizer
 from test_models import write_tiny_gguf
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
@@ -31,14 +31,10 @@ BASH_BLOCKS = re.findall(r"```bash\n(.*?)```", README, re.S)
 
 
 def _bert_folder(root: Path) -> Path:
-    words = "the a cat dog sat ran on under mat house and then came back home big small red tree river".split()
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    backend = Tokenizer(tok_models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                  sep_token="[SEP]")
+    tok = word_level_bert_tokenizer(
+        "the a cat dog sat ran on under mat house and then came back home big small red tree river".split())
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=48, max_position_embeddings=160)).save_pretrained(root / "bert")
     tok.save_pretrained(root / "bert")
     return root / "bert"

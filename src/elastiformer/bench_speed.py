@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import statistics
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +26,7 @@ import torch
 from .benchmark import SETTINGS, parse_components
 from .cache import atomic_write_json
 from .config import ElasticConfig
-from .timing import machine
+from .timing import interleaved, machine
 
 SPEED_SETTINGS = {k: SETTINGS[k] for k in ("mlp_tokens", "attn_tokens", "attn_heads", "mlp_experts",
                                            "mlp_experts_cluster", "combined")}
@@ -43,19 +41,6 @@ FLEXTRON_MENUS = dict(mlp_widths=(1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25), he
 
 
 # ---------------------------------------------------------------- timing
-def interleaved(dense: Callable[[], Any], elastic: Callable[[], Any], reps: int) -> tuple[float, float]:
-    """Median seconds of `dense()` and `elastic()`, each warmed up once, then run alternately `reps` times (so a
-    machine that slows down or speeds up meanwhile weighs on both alike)."""
-    dense(), elastic()
-    d, e = [], []
-    for _ in range(reps):
-        for run, times in ((dense, d), (elastic, e)):
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(d), statistics.median(e)
-
-
 def timing_record(kind: str, tokens: int, dense_s: float, elastic_s: float, flops_ratio: float) -> dict[str, Any]:
     """One measurement: `tokens` processed (prefill) or generated (decode) per run."""
     return {"kind": kind, "time_ratio": elastic_s / dense_s, "model_flops_ratio": flops_ratio,

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .batches import as_batches
 from .config import check_fraction
 from .errors import ConfigError, DataError
-from .batches import as_batches
 from .model import ElasticModel
+from .timing import interleaved
 from .validation import check_int
 
 
@@ -35,23 +35,18 @@ def lm_metrics(teacher: torch.Tensor, student: torch.Tensor, ids: torch.Tensor, 
 
 
 def time_ratio(em: ElasticModel, batch: dict, context, reps: int) -> tuple[float, float, float]:
-    """Median wall-clock of elastic and dense forwards on `batch`, interleaved (dense, elastic, dense, ...)."""
-    dense, elastic = [], []
-    with torch.no_grad():
+    """Median wall-clock of elastic and dense forwards on `batch`, interleaved (dense, elastic, dense, ...).
+    -> (elastic / dense, dense seconds, elastic seconds)"""
+    def dense():
         with em.disable_routers():
-            em(**batch)  # warm-up
+            em(**batch)
+
+    def elastic():
         with context():
             em(**batch)
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            with em.disable_routers():
-                em(**batch)
-            dense.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            with context():
-                em(**batch)
-            elastic.append(time.perf_counter() - t0)
-    d, e = statistics.median(dense), statistics.median(elastic)
+
+    with torch.no_grad():
+        d, e = interleaved(dense, elastic, reps)
     return e / d, d, e
 
 

@@ -622,12 +622,11 @@ def bench_speed(
     """Does skipped compute show up in wall-clock time? Per component and budget (and Flextron's sub-networks):
     prefill and generation time ratios, elastic / dense (interleaved, median), and tokens/s, beside the executed
     model-FLOPs ratio; a PNG of time ratio against FLOPs ratio with the line y = x. Run it on a quiet machine."""
+    given = {k: v for k, v in locals().items() if k not in ("config", "readme")}  # (before any import below)
+    given["overwrite"] = overwrite or None
     from ..bench_speed import SPEED_DEFAULTS, run_speed_bench, speed_markdown
     from ..validation import check_output_file
 
-    given = {k: v for k, v in locals().items() if k not in ("config", "readme") and not callable(v)
-             and k != "SPEED_DEFAULTS"}  # (the options only, not the names imported above)
-    given["overwrite"] = overwrite or None
     o = merge_options(config, given, SPEED_DEFAULTS, command=bench_speed)
     if readme:
         from ..readme_section import replace_readme_section

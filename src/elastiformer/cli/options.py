@@ -46,7 +46,7 @@ def merge_options(config: Optional[Path], given: dict[str, Any], defaults: dict[
 def declared_type(config: Path, key: str, value: Any, kinds: dict[str, type]) -> Any:
     """A YAML value converted to the type its command-line option declares (the command's signature is the one
     declaration of each option: `steps: abc` fails as `--steps abc` would); keys with no option of their own (e.g. a
-    bench's inner settings) keep the structural checks of `_yaml_value`."""
+    bench's inner settings) keep the structural checks of `yaml_value`."""
     kind = kinds.get(key)
     if kind not in (int, float) or value is None:
         return value
