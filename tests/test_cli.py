@@ -307,3 +307,23 @@ def test_yaml_values_take_the_options_declared_types(tmp_path):
     assert type(merged["steps"]) is int and type(merged["lr"]) is float
     kinds = cli_options.declared_option_types(cli_app.train)
     assert kinds["steps"] is int and kinds["lr"] is float and kinds["overwrite"] is bool
+
+
+def test_bench_speed_through_the_command_line(workspace, tmp_path, capsys, monkeypatch):
+    """The whole CLI path of bench-speed on a tiny model (its options reach the JSON, which must serialise)."""
+    out = tmp_path / "speed.json"
+    cfg = tmp_path / "speed.yaml"
+    cfg.write_text("batch_size: 2\nseq_len: 16\ntrain_sequences: 8\n")  # (settings without an option of their own)
+    code, _, err = run(["bench-speed", "--model", workspace / "model", "--components", "mlp_tokens", "--budgets",
+                        "0.8", "--steps", "1", "--allocation-sequences", "2", "--prefill-batch", "1", "--prefill-len",
+                        "16", "--decode-tokens", "2", "--decode-batches", "1", "--reps", "1", "--no-flextron",
+                        "--output", out, "--config", cfg], capsys)
+    assert code == 0, err
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["steps"] == 1 and {r["component"] for r in saved["records"]} == {"mlp_tokens"}
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:speed -->\nold\n<!-- /results:speed -->\n")
+    monkeypatch.setattr(cli_app, "project_readme", lambda: readme)
+    code, _, err = run(["bench-speed", "--readme", "--output", out], capsys)
+    assert code == 0, err
+    assert "old" not in readme.read_text() and "| elastiformer | mlp_tokens | 0.80 |" in readme.read_text()
