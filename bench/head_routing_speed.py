@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 import elastiformer as ef
-from elastiformer.benchmark import machine
-from elastiformer.models import load_model
+from elastiformer.evaluation.timing import machine
+from elastiformer.loading.models import load_model
 
 BUDGETS = (0.8, 0.6)
 

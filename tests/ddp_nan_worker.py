@@ -3,7 +3,7 @@
 
 import os
 
-import elastiformer.trainer as trainer
+import elastiformer.training.routers as trainer
 
 _kl = trainer.kl_teacher_student
 _calls = {"n": 0}

@@ -13,8 +13,8 @@ import torch
 
 import elastiformer as ef
 from elastiformer.allocation import Allocation, Move, fit_path
-from elastiformer.evaluate import evaluate
-from elastiformer.trainer import train_routers
+from elastiformer.evaluation.lm import evaluate
+from elastiformer.training.routers import train_routers
 
 from conftest import make_elastic, tiny_llama, tokens
 
@@ -244,9 +244,9 @@ def test_sensitivity_is_the_first_order_change_of_the_sampled_log_likelihood():
         hook.remove()
         return torch.nn.functional.cross_entropy(lg.flatten(0, 1), drawn.squeeze(1), reduction="sum").item()
 
-    with em._override("sensitivity_probes", []), em.disable_routers(), em.teacher_targets(True), \
+    with em.override("sensitivity_probes", []), em.disable_routers(), em.teacher_targets(True), \
             torch.enable_grad():
-        out = em._distill_target({"input_ids": x})
+        out = em.distill_target({"input_ids": x})
         probes = list(st.sensitivity_probes)
         loss = torch.nn.functional.cross_entropy(out.flatten(0, 1), drawn.squeeze(1), reduction="sum")
         grads = torch.autograd.grad(loss, [p.probe for p in probes])
@@ -261,7 +261,7 @@ def test_sensitivity_is_the_first_order_change_of_the_sampled_log_likelihood():
 def test_the_target_phase_teaches_routers_to_rank_from_teacher_passes_alone(component, targets):
     """One teacher forward feeds several router updates: on the same batch (and the same Fisher samples: each call
     reseeds them) the rank loss after 30 updates is below the loss before any."""
-    from elastiformer.trainer import DEFAULT_AUX_WEIGHTS, fit_router_targets
+    from elastiformer.training.routers import DEFAULT_AUX_WEIGHTS, fit_router_targets
 
     em = make_elastic("llama", component)
     base = {k: v.clone() for k, v in em.base_model.state_dict().items() if "router" not in k}

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from elastiformer.benchmark import BENCH_DEFAULTS, plot_lm_bench, run_lm_bench, update_readme
+from elastiformer.benchmarks.lm import BENCH_DEFAULTS, plot_lm_bench, results_markdown, run_lm_bench
+from elastiformer.benchmarks.runner import update_readme
 from test_cli import workspace  # noqa: F401
 
 SCHEMA = {"method": str, "component": str, "budget": float, "lora_rank": int, "block_flops_ratio": float,
@@ -40,7 +41,7 @@ def test_bench_writes_the_result_schema_and_readme(workspace, tmp_path):  # noqa
 
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- results:lm -->\nold\n<!-- /results:lm -->\nafter\n")
-    update_readme(saved, readme, "lm.png")
+    update_readme(saved, readme, "lm.png", marker="lm", render=results_markdown)
     text = readme.read_text()
     assert "old" not in text and text.endswith("after\n") and text.count("| mlp_tokens |") == 10
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from elastiformer.bench_speed import SPEED_DEFAULTS, run_speed_bench, uniform_widths
+from elastiformer.benchmarks.speed import SPEED_DEFAULTS, run_speed_bench, uniform_widths
 from conftest import tiny_llama, tokens
 
 
@@ -38,7 +38,7 @@ def test_speed_bench_records_every_measurement_with_flops_and_machine(tmp_path):
 
 def test_uniform_flextron_widths_fit_the_budget():
     from elastiformer.flextron import FlextronConfig, get_flextron_model
-    from elastiformer.bench_speed import FLEXTRON_MENUS
+    from elastiformer.benchmarks.speed import FLEXTRON_MENUS
 
     fm = get_flextron_model(tiny_llama(), FlextronConfig(**FLEXTRON_MENUS))
     for budget in (0.5, 0.75, 0.9):
@@ -66,7 +66,7 @@ def test_speed_bench_keeps_finished_settings_when_a_later_one_fails(tmp_path, mo
 
 
 def test_speed_table_checks_the_targets():
-    from elastiformer.bench_speed import speed_markdown, target_check
+    from elastiformer.benchmarks.speed import speed_markdown, target_check
 
     row = dict(system="elastiformer", component="mlp_tokens", budget=0.8, kind="prefill", batch=4,
                model_flops_ratio=0.85, time_ratio=0.88, elastic_tokens_per_s=10.0, dense_tokens_per_s=9.0)

@@ -20,7 +20,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from elastiformer import data
+from elastiformer.data import text as data
 from elastiformer.errors import ConfigError, DataError
 
 WORDS = "the cat sat on mat a dog ran far away and then came back home".split()

@@ -7,7 +7,7 @@ from transformers import BertConfig, BertModel, ViTConfig, ViTForImageClassifica
 import elastiformer as ef
 from conftest import ALL_COMPONENTS, VOCAB, make_elastic, tokens
 from elastiformer.layers import ElasticMLP
-from elastiformer.trainer import train_routers
+from elastiformer.training.routers import train_routers
 
 
 def tiny_bert(seed: int = 0, init: float = 0.02) -> BertModel:
@@ -233,7 +233,7 @@ def test_static_baseline_and_random_routing_on_an_encoder():
 
 # ---------------------------------------------------------------------------------------------- evaluation, bench
 def test_evaluate_encoder_reports_cosine_retrieval_and_flops():
-    from elastiformer.evaluate_encoder import evaluate_encoder, retrieval_agreement
+    from elastiformer.evaluation.encoder import evaluate_encoder, retrieval_agreement
 
     emb = torch.randn(6, 4)
     assert retrieval_agreement(emb, emb) == 1.0 and retrieval_agreement(emb, emb * 3) == 1.0
@@ -264,7 +264,7 @@ def test_evaluate_encoder_reports_cosine_retrieval_and_flops():
 
 
 def test_split_sentences():
-    from elastiformer.data import split_sentences
+    from elastiformer.data.text import split_sentences
 
     text = ("It was late. Mr. Elliot came home at last,\nand the lamps were lit in every room. "
             "Why? Nobody could say why the old house felt so cold that night, not even Anne!")
@@ -309,8 +309,8 @@ def bert_workspace(tmp_path_factory):
 def test_encoder_bench_writes_the_result_schema_and_readme(bert_workspace, tmp_path):
     import json
 
-    from elastiformer.benchmark import update_readme
-    from elastiformer.benchmark_encoder import (ENCODER_BENCH_DEFAULTS, encoder_results_markdown,
+    from elastiformer.benchmarks.runner import update_readme
+    from elastiformer.benchmarks.encoder import (ENCODER_BENCH_DEFAULTS, encoder_results_markdown,
                                                 plot_encoder_bench, run_encoder_bench)
 
     out = tmp_path / "encoder.json"

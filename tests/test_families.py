@@ -25,9 +25,9 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 import elastiformer as ef
 from elastiformer.flextron import FlextronConfig, compute_importance, get_flextron_model, sort_by_importance_
-from elastiformer.flextron.routers import FlextronRouter, WidthRouter, joint_finetune
-from elastiformer.flextron.routing import compute_cost_model, set_index_choices
-from elastiformer.flextron.soft import soft_widths
+from elastiformer.flextron.routing.routers import FlextronRouter, WidthRouter, joint_finetune
+from elastiformer.flextron.routing.configurations import compute_cost_model, set_index_choices
+from elastiformer.flextron.routing.soft import soft_widths
 
 VOCAB = 128
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, MLP_WIDTH = 64, 2, 4, 2, 16, 96
@@ -281,7 +281,7 @@ def test_router_training_steps_run(family):
     """A few distillation steps with every component and LoRA on the families whose layout differs most from Llama
     (soft-capping and post-norms, fused per-head qkv with parallel blocks, whole-projection QK-norm, fused qkv and
     gate_up): the teacher's targets, the student's losses and the adapters' updates all go through."""
-    from elastiformer.trainer import train_routers
+    from elastiformer.training.routers import train_routers
 
     cfg = ef.ElasticConfig(attn_tokens=0.6, attn_heads=0.5, mlp_tokens=0.5, mlp_experts=4, mlp_experts_active=0.5,
                            lora_rank=2)

@@ -9,9 +9,9 @@ from conftest import tiny_gpt2, tiny_llama, tokens
 from transformers import DynamicCache
 
 from elastiformer.flextron import FlextronConfig, get_flextron_model
-from elastiformer.flextron.budget import clear_budget, current_choices
-from elastiformer.flextron.routers import FlextronRouter, WidthRouter
-from elastiformer.flextron.routing import compute_cost_model, pooled_features
+from elastiformer.flextron.routing.budget import clear_budget, current_choices
+from elastiformer.flextron.routing.routers import FlextronRouter, WidthRouter
+from elastiformer.flextron.routing.configurations import compute_cost_model, pooled_features
 
 L = 4
 BUDGET = 0.6

@@ -11,11 +11,11 @@ from test_cli import workspace  # noqa: F401  (the tiny model folder fixture)
 from elastiformer.errors import BudgetError, ConfigError, RouterFileError
 from elastiformer.flextron import FlextronConfig, get_flextron_model
 from elastiformer.flextron.latency import measure_latency_table, predict_latency
-from elastiformer.flextron.routers import FlextronRouter, WidthRouter, joint_finetune, train_router
-from elastiformer.flextron.routing import (compute_cost_model, latency_cost_model, pooled_features,
+from elastiformer.flextron.routing.routers import FlextronRouter, WidthRouter, joint_finetune, train_router
+from elastiformer.flextron.routing.configurations import (compute_cost_model, latency_cost_model, pooled_features,
                                            set_index_choices, unit_masks)
-from elastiformer.flextron.soft import soft_widths
-from elastiformer.flextron.surrogate import fit_surrogate, measure_configurations
+from elastiformer.flextron.routing.soft import soft_widths
+from elastiformer.flextron.routing.surrogate import fit_surrogate, measure_configurations
 
 L = 4
 
@@ -51,7 +51,7 @@ def test_surrogate_beats_constant_on_heldout_configurations(surrogate):
 def test_per_sequence_measurement_matches_one_configuration_per_forward(fm):
     ids = tokens(B=4, T=12, seed=5)
     samples = measure_configurations(fm, [{"input_ids": ids}], 8, per_sequence=True, seed=1, progress=False)
-    from elastiformer.flextron.surrogate import sequence_nll
+    from elastiformer.flextron.routing.surrogate import sequence_nll
 
     with torch.no_grad(), fm.full():
         full = sequence_nll(fm(input_ids=ids).logits, ids)
@@ -199,7 +199,7 @@ def test_adaptive_router_picks_per_sequence_and_meets_budget(tmp_path, fm, surro
     with torch.no_grad():  # generation keeps the prompt's configuration on decode steps
         out = fm.generate(ids[:2], max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 15)
-    from elastiformer.flextron.budget import detach_router
+    from elastiformer.flextron.routing.budget import detach_router
 
     detach_router(fm)
     fm.set_choices()
@@ -294,7 +294,7 @@ def test_cli_route_and_eval(workspace, tmp_path, capsys):
 
 
 def test_bench_readme_subsection_and_uniform_baseline(tmp_path, fm):
-    from elastiformer.flextron.bench import update_readme
+    from elastiformer.benchmarks.flextron import update_readme
     from elastiformer.flextron.evaluate import best_uniform
 
     cost = compute_cost_model(fm, 16)
@@ -325,7 +325,7 @@ def test_bench_end_to_end_on_a_tiny_model(workspace, tmp_path, monkeypatch):
     measures the latency table, trains both routers, times everything and writes the records the README reads."""
     import json
 
-    from elastiformer.flextron.bench import FLEXTRON_BENCH_DEFAULTS, results_markdown, run_flextron_bench
+    from elastiformer.benchmarks.flextron import FLEXTRON_BENCH_DEFAULTS, results_markdown, run_flextron_bench
 
     monkeypatch.setenv("ELASTIFORMER_CACHE", str(tmp_path / "cache"))
     o = FLEXTRON_BENCH_DEFAULTS | dict(
@@ -355,7 +355,7 @@ def test_bench_resumes_a_cut_short_continued_training(workspace, tmp_path, monke
     import json
     import shutil
 
-    from elastiformer.flextron.bench import FLEXTRON_BENCH_DEFAULTS, prepare_checkpoints
+    from elastiformer.benchmarks.flextron import FLEXTRON_BENCH_DEFAULTS, prepare_checkpoints
 
     monkeypatch.setenv("ELASTIFORMER_CACHE", str(tmp_path / "cache"))
     o = FLEXTRON_BENCH_DEFAULTS | dict(model=str(workspace / "model"), checkpoint=str(tmp_path / "trained"),

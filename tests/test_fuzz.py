@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import elastiformer as ef
 from conftest import MODELS, VOCAB
-from elastiformer.lora import adapter_flops
+from elastiformer.layers.lora import adapter_flops
 
 LAYERS = 3
 CONTEXT = 128

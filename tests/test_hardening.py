@@ -20,11 +20,13 @@ import pytest
 import torch
 
 import elastiformer as ef
-from elastiformer.model import FORMAT_VERSION
-from elastiformer import cache, data, models
-from elastiformer.evaluate import evaluate
+from elastiformer.artifacts import FORMAT_VERSION
+from elastiformer import cache
+from elastiformer.data import text as data
+from elastiformer.loading import models
+from elastiformer.evaluation.lm import evaluate
 from elastiformer.routers import ExpertRouter, HeadRouter, TokenRouter
-from elastiformer.trainer import train_routers
+from elastiformer.training.routers import train_routers
 from elastiformer.validation import safetensors_complete
 from conftest import ALL_COMPONENTS, MODELS, VOCAB, make_elastic, tokens
 from test_cli import run, train_args, workspace  # noqa: F401  (the tiny model folder + text files fixture)

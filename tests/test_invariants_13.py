@@ -12,11 +12,11 @@ from transformers import DynamicCache
 
 import elastiformer as ef
 from conftest import MODELS, tokens
-from elastiformer import models
+from elastiformer.loading import models
 from elastiformer.errors import ModelLoadError
-from elastiformer.evaluate import evaluate
+from elastiformer.evaluation.lm import evaluate
 from elastiformer.flops import dense_attention_flops
-from elastiformer.lora import LoRALinear
+from elastiformer.layers.lora import LoRALinear
 
 
 # ---------------------------------------------------------------------------------------------- LoRA

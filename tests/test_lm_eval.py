@@ -6,7 +6,7 @@ import random
 import pytest
 
 import elastiformer as ef
-from elastiformer.models import load_tokenizer
+from elastiformer.loading.models import load_tokenizer
 from test_cli import WORDS, workspace  # noqa: F401  (the tiny model + word-level tokenizer folder)
 
 try:  # a declared dependency (the dev / eval extras): missing, the suite fails here instead of skipping the file

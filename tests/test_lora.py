@@ -3,7 +3,7 @@
 import torch
 
 import elastiformer as ef
-from elastiformer.lora import LoRALinear
+from elastiformer.layers.lora import LoRALinear
 from conftest import MODELS, tokens
 
 

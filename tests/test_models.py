@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from elastiformer import models
+from elastiformer.loading import models
 from elastiformer.errors import ModelLoadError, UnsupportedArchitectureError
-from elastiformer.models import available_models, load_model, load_tokenizer
+from elastiformer.loading.models import available_models, load_model, load_tokenizer
 
 SLOW = os.environ.get("ELASTIFORMER_SLOW") == "1"
 

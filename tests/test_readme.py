@@ -12,14 +12,16 @@ import typer
 from transformers import BertConfig, BertModel, ViTConfig, ViTForImageClassification
 
 import elastiformer as ef
-import elastiformer.data as ef_data
-import elastiformer.data_images as ef_images
-import elastiformer.evaluate as ef_evaluate
+import elastiformer.data as ef_data_package
+import elastiformer.data.text as ef_data
+import elastiformer.data.images as ef_images
+import elastiformer.evaluation.lm as ef_evaluate
 import elastiformer.flextron as ef_flextron
-import elastiformer.flextron.route as ef_route
+import elastiformer.flextron.routing.build as ef_route
 import elastiformer.integrations.lm_eval as ef_lm_eval
-import elastiformer.models as ef_models
-import elastiformer.trainer as ef_trainer
+import elastiformer.loading as ef_loading
+import elastiformer.loading.models as ef_models
+import elastiformer.training.routers as ef_trainer
 from elastiformer import cli
 from test_cli import workspace  # noqa: F401
 from test_encoders import word_level_bert_tokenizer
@@ -103,6 +105,9 @@ def stand_ins(workspace, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setattr(ef_evaluate, "evaluate", _capped(ef_evaluate.evaluate, timing_reps=0))
     monkeypatch.setattr(ef_lm_eval, "write_last_word_task", _capped(ef_lm_eval.write_last_word_task, n_docs=2))
     monkeypatch.setattr(ef_images, "load_fashion_mnist", fake_fashion_mnist)
+    for package, module in ((ef_loading, ef_models), (ef_data_package, ef_data), (ef_data_package, ef_images)):
+        for name in set(package.__all__) & set(vars(module)):  # what the package re-exports: the stand-ins too
+            monkeypatch.setattr(package, name, getattr(module, name))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -18,7 +18,7 @@ SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The 
 
 
 def test_default_encoder_embeds_like_sentence_transformers_and_runs_elastic():
-    from elastiformer.models import load_tokenizer
+    from elastiformer.loading.models import load_tokenizer
 
     model, tok = ef.load_model("minilm-l6"), load_tokenizer("minilm-l6")
     assert type(model) is BertModel

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("ELASTIFORMER_OFFLINE") == "1", r
 
 @pytest.fixture(scope="module")
 def smollm():
-    from elastiformer.models import load_tokenizer
+    from elastiformer.loading.models import load_tokenizer
 
     return ef.load_model("smollm2-135m"), load_tokenizer("smollm2-135m")
 

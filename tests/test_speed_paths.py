@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import elastiformer as ef
 from elastiformer.layers import ElasticMLP
 from elastiformer.layers.mlp import dispatch_by_expert
-from elastiformer.model import weight_fingerprint
+from elastiformer.artifacts import weight_fingerprint
 from conftest import MODELS, tokens
 
 
@@ -237,3 +237,43 @@ def test_head_routed_decoding_equals_the_uncached_forward():
                         torch.testing.assert_close(out.logits[:, -1], full[:, t], atol=2e-5, rtol=1e-4)
                         if B == 1:  # (at batch 3 the heads any row chose all run: their union may be all)
                             assert em.last_stats()["flops_ratio"] < 1.0
+
+
+def test_one_token_mlp_routing_runs_the_mlp_on_the_token_or_reads_none_of_its_weights():
+    """Decoding at batch 1 with token-routed MLPs: each layer either runs its base MLP on the token as it is or not at
+    all (no gather / scatter), with the same logits as the batched path (the same rows in a batch of two)."""
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    em = ef.get_elastic_model(MODELS["llama"](), ef.ElasticConfig(mlp_tokens=0.5))
+    em.calibrate({"input_ids": tokens(B=4, T=24, seed=7)})
+    em.set_budget(0.5)
+    calls = []
+    hooks = [m.base_layer.register_forward_hook(lambda mod, a, out: calls.append(tuple(a[0].shape))) for m in _mlps(em)]
+    prompt, fed = tokens(B=1, T=8, seed=5), tokens(B=1, T=6, seed=6)
+
+    def decode(batch: int) -> tuple[torch.Tensor, list[dict]]:
+        cache, steps, mlp_stats = DynamicCache(), [], []
+        with torch.no_grad():
+            em(prompt.expand(batch, -1), cache=cache, use_cache=True)
+            for t in range(fed.shape[1]):
+                calls.clear()
+                steps.append(em(fed[:, t:t + 1].expand(batch, -1), cache=cache, use_cache=True).logits[0, -1])
+                mlp = [s for s in em.last_stats()["per_layer"] if s["sublayer"] == "mlp"]
+                mlp_stats.append((list(calls), mlp))
+        return torch.stack(steps), mlp_stats
+
+    one, one_stats = decode(1)
+    two, _ = decode(2)
+    for h in hooks:
+        h.remove()
+    assert torch.allclose(one, two, atol=1e-5)
+    skipped = 0
+    for shapes, mlp in one_stats:
+        ran = [s for s in mlp if s["token_fraction"] == 1.0]
+        assert len(shapes) == len(ran) and all(shape[:2] == (1, 1) for shape in shapes)  # the token as it is
+        for s in mlp:
+            if s["token_fraction"] == 0.0:  # skipped: only the router's FLOPs
+                assert s["executed_flops"] == s["router_flops"] > 0
+                skipped += 1
+    assert skipped > 0  # the budget skips some of the decode steps' MLP work

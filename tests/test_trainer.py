@@ -8,8 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import elastiformer as ef
 from elastiformer.distill import kl_teacher_student
-from elastiformer.evaluate import evaluate
-from elastiformer.trainer import train_routers
+from elastiformer.evaluation.lm import evaluate
+from elastiformer.training.routers import train_routers
 from conftest import VOCAB, tokens
 
 

@@ -8,8 +8,9 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 import elastiformer as ef
-from elastiformer import bench_vision
-from elastiformer.bench_vision import domain_gaps, evaluate_images, update_vision_readme, vision_results_markdown
+from elastiformer.benchmarks import vision as bench_vision
+from elastiformer.benchmarks.vision import domain_gaps, update_vision_readme, vision_results_markdown
+from elastiformer.evaluation.vision import evaluate_images
 from elastiformer.errors import ConfigError
 
 
@@ -121,8 +122,8 @@ def test_vit_identity_at_full_budget_and_fewer_flops_below(component):
 
 
 def test_short_name_loads_the_cached_teacher_with_its_normalisation(tmp_path, monkeypatch):
-    from elastiformer.data_images import ImageFormat
-    from elastiformer.vit_teacher import save_teacher
+    from elastiformer.data.images import ImageFormat
+    from elastiformer.training.vit_teacher import save_teacher
 
     monkeypatch.setenv("ELASTIFORMER_CACHE", str(tmp_path))
     fmt = ImageFormat(28, 1, (0.25,), (0.5,))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from elastiformer import data_images
-from elastiformer.data_images import (FASHION_MNIST_FILES, ImageFormat, load_fashion_mnist, parse_classes,
+from elastiformer.data import images as data_images
+from elastiformer.data.images import (FASHION_MNIST_FILES, ImageFormat, load_fashion_mnist, parse_classes,
                                       pixel_values_for, read_idx)
 from elastiformer.errors import DataError
 from test_cli import run as run_cli  # the console entry point, in-process

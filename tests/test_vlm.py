@@ -8,7 +8,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import elastiformer as ef
-from elastiformer.trainer import train_routers
+from elastiformer.training.routers import train_routers
 
 IMAGE_TOKEN = 100
 COMBINED = dict(mlp_tokens=0.5, attn_tokens=0.6, attn_heads=0.5, mlp_experts=4, mlp_experts_active=0.5)

@@ -31,7 +31,7 @@ def build():
 
 
 def train(output: Path, resume: bool = False, step_delay: float = 0.0):
-    from elastiformer.trainer import train_routers
+    from elastiformer.training.routers import train_routers
 
     em, data = build()
     if step_delay:

@@ -22,15 +22,15 @@ from .model import ElasticModel, get_elastic_model  # noqa: E402
 
 
 def load_model(*args, **kwargs):
-    """Load a model by short name, local folder, .gguf file, or pass through a loaded one (see elastiformer.models)."""
-    from .models import load_model as _load_model
+    """Load a model by short name, local folder, .gguf file, or pass through a loaded one (see elastiformer.loading.models)."""
+    from .loading.models import load_model as _load_model
 
     return _load_model(*args, **kwargs)
 
 
 def train_routers(*args, **kwargs):
-    """Train an ElasticModel's routers by self-distillation (see elastiformer.trainer.train_routers)."""
-    from .trainer import train_routers as _train_routers
+    """Train an ElasticModel's routers by self-distillation (see elastiformer.training.routers.train_routers)."""
+    from .training.routers import train_routers as _train_routers
 
     return _train_routers(*args, **kwargs)
 

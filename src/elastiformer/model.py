@@ -9,8 +9,6 @@ saved. Like torchao, the transform happens in place from a config.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 from collections import defaultdict
@@ -21,30 +19,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .version import __version__
-from .allocation import LEVELS, Allocation, fit_path
+from . import artifacts, calibration
+from .allocation import LEVELS, Allocation
 from .arch import ArchSpec, get_arch_spec, get_dotted, set_dotted
-from .batches import as_batches
-from .cache import atomic_dir
 from .config import BUDGET_KEYS, TOKEN_COMPONENTS, ElasticConfig, check_fraction
-from .errors import BudgetError, ConfigError, DataError, ElastiformerError, NotCalibratedError, RouterFileError
+from .errors import BudgetError, ConfigError, DataError, NotCalibratedError
 from .distill import POOLINGS, Embedding, cosine_distance, kl_teacher_student, pool_hidden
 from .flops import lm_head_flops
 from .layers import ElasticAttention, ElasticMLP, RoutingState
-from .layers.state import ALLOCATED_METHODS
-from .lora import LoRALinear
-from .validation import check_finite_tensors, check_token_ids, model_context, safetensors_complete
+from .layers.lora import LoRALinear
+from .validation import check_token_ids, model_context
 from .routers import ExpertRouter, HeadRouter, TokenRouter
-from .routers.token import N_CALIBRATION, merge_points
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "elastic_config.json"
 # "norm_allocated": the norm score with the learned routers' fitted allocation (what learned scores add beyond it)
 ROUTING_METHODS = ("learned", "random", "norm", "static", "norm_allocated")
 TOKEN_SCORE_METHODS = ("norm", "norm_allocated")  # baselines that score tokens only
-WEIGHTS_NAME = "routers.safetensors"
-FORMAT_VERSION = 2  # 2: per-layer allocation in the config, thresholds at up to N_CALIBRATION capacities
 
 
 def _resolve_layers(indices: Iterable[int], n_layers: int) -> frozenset[int]:
@@ -121,7 +112,7 @@ class ElasticModel(WrappedModel):
         for p in model.parameters():
             p.requires_grad_(False)
         self.targeted_module_names: list[str] = []
-        self._calibrating = False
+        self.calibrating = False
         self._checked_budget: dict[str, float] | None = None  # the budget whose thresholds were last checked
         self._inject()
         # the model's other layer stacks (LLaVA's vision tower): each made elastic by its own ElasticModel (its spec,
@@ -296,9 +287,10 @@ class ElasticModel(WrappedModel):
         return dict(self.state.budget)
 
     @contextlib.contextmanager
-    def _override(self, attr: str, value):
-        """Set a routing-state field (of every layer stack) for the duration of a block; reentrant and
-        exception-safe."""
+    def override(self, attr: str, value):
+        """`with em.override("generator", g):` sets a field of the routing state (`layers.state.RoutingState`, of
+        every layer stack) for the duration of a block; reentrant and exception-safe. What the modes above
+        (`disable_routers`, `routing_method`, `budget`, ...) and the trainers and evaluators build on."""
         states = self._states()
         saved = [getattr(st, attr) for st in states]
         for st in states:
@@ -313,7 +305,7 @@ class ElasticModel(WrappedModel):
         """The routing state of this layer stack and of every tower's."""
         return [self.state, *(st for tower in self._towers for st in tower._states())]
 
-    def _stack_routers(self) -> Iterator[tuple[str, nn.Module]]:
+    def stack_routers(self) -> Iterator[tuple[str, nn.Module]]:
         """The routers of this layer stack only (not the towers'): what calibration and static pruning fit."""
         towers = tuple(f"{path}." for path in self.spec.towers)
         return ((name, r) for name, r in self.named_routers() if not name.startswith(towers))
@@ -321,19 +313,19 @@ class ElasticModel(WrappedModel):
     @contextlib.contextmanager
     def budget(self, value: float | None = None, /, **budgets: float):
         """`with em.budget(mlp_tokens=0.5): ...` runs at that budget, then restores the previous one."""
-        with self._override("budget", dict(self.state.budget)):
+        with self.override("budget", dict(self.state.budget)):
             yield self.set_budget(value, **budgets)
 
     def disable_routers(self):
         """`with em.disable_routers():` the unmodified base model (the distillation teacher). With trained LoRA
         adapters (`lora_rank > 0`) this is the only way back to the base model: at full budget the adapters still act,
         so `set_budget(1.0)` is the adapted model (base + BA), not the base."""
-        return self._override("enabled", False)
+        return self.override("enabled", False)
 
     def teacher_targets(self, enabled: bool = True):
         """During the teacher pass of training (routers disabled), also measure the importance of each token, head
         and expert and give the routers their supervised losses (`aux_losses()` after the forward)."""
-        return self._override("teacher_targets", enabled)
+        return self.override("teacher_targets", enabled)
 
     def teacher_sensitivities(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
                               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -346,9 +338,9 @@ class ElasticModel(WrappedModel):
         does not: a large update in a direction the rest of the model ignores costs little.
         Returns (the teacher's output, detached; its auxiliary losses, with `token_importance` on these targets)."""
         st = self.state
-        with self.disable_routers(), self.teacher_targets(True), self._override("sensitivity_probes", []), \
+        with self.disable_routers(), self.teacher_targets(True), self.override("sensitivity_probes", []), \
                 torch.enable_grad():
-            out = self._distill_target(batch)
+            out = self.distill_target(batch)
             probes, grads = list(st.sensitivity_probes), ()
             aux = self.aux_losses()  # heads' / experts' targets, computed in the pass itself
             if probes:
@@ -385,7 +377,7 @@ class ElasticModel(WrappedModel):
     def random_routing(self):
         """The random-routing baseline: every router chooses uniformly at random at the same capacity (and costs
         nothing), so its FLOPs match the learned routers' minus the routers themselves."""
-        return self._override("method", "random")
+        return self.override("method", "random")
 
     def routing_method(self, method: str):
         """`with em.routing_method(m):` route with the learned routers or a baseline at the same budget:
@@ -406,7 +398,7 @@ class ElasticModel(WrappedModel):
         if method in ("norm", "norm_allocated", "static") and self._towers:
             raise ConfigError(f"the '{method}' baseline is fitted on one layer stack, and this {self.spec.name} model "
                               f"has towers ({', '.join(self.spec.towers)}): compare with method='random'")
-        return self._override("method", method)
+        return self.override("method", method)
 
     # ------------------------------------------------------------------ forward
     def _hook_entry_points(self, model: nn.Module) -> "_Handles":
@@ -488,7 +480,7 @@ class ElasticModel(WrappedModel):
             raise ConfigError(f"attention_mask of shape {tuple(mask.shape)} is not supported: pass a 2-D (batch, "
                               f"past + current tokens) mask of 0/1, as tokenizers and generate() produce")
         st.in_call = True
-        if not st.topk and st.enabled and st.method == "learned" and not self._calibrating \
+        if not st.topk and st.enabled and st.method == "learned" and not self.calibrating \
                 and self._checked_budget != st.budget:  # once per budget, not on every decoded token
             self._check_calibrated()
             self._checked_budget = dict(st.budget)
@@ -502,147 +494,39 @@ class ElasticModel(WrappedModel):
             return
         for key in ("mlp_tokens", "attn_tokens"):
             if self.state.budget.get(key, 1.0) < 1.0:
-                for name, r in self._stack_routers():
+                for name, r in self.stack_routers():
                     if isinstance(r, TokenRouter) and not r.is_calibrated:
                         raise NotCalibratedError(
                             f"{key} routing at inference needs calibrated thresholds ({name} has none): call "
                             "em.calibrate(data) first (train_routers does it when it ends), or em.train() for top-k")
 
-    # ------------------------------------------------------------------ calibration
-    @torch.no_grad()
+    # ------------------------------------------------------------------ calibration (see calibration.py)
     def calibrate(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 2,
                   n_budgets: int = 12, method: str = "learned", progress: bool = False) -> "ElasticModel":
-        """Fit the token routers' inference thresholds on `data`, so `set_budget` takes effect at once for any budget.
-
-        For each of `n_budgets` budgets spread over the usable range, the data runs with routing on, and each routed
-        layer keeps the tokens whose score reaches the quantile that leaves its capacity of this batch's tokens; the
-        thresholds (averaged over batches) are stored per capacity and interpolated at inference. With a fitted
-        allocation the budgets walk its path (each layer at the capacities it will run at); a layer the path only
-        ever runs dense or skips gets thresholds at uniform capacities. Fitting with routing on matters: when
-        earlier layers skip tokens, later layers' scores shift, and thresholds fitted on the dense model would spend
-        visibly less than the budget. Cost: about `n_budgets` x `max_batches` forwards.
-        `method="norm"` / `"norm_allocated"` fit the thresholds of those training-free baselines instead (not saved
-        with the routers). Non-causal models (encoders) route by top-k at inference and need no thresholds.
-        """
-        token_routers = [r for _, r in self._stack_routers() if isinstance(r, TokenRouter)]
-        components = [k for k in TOKEN_COMPONENTS if k in self.state.budget]
-        if not token_routers or not components or not self.is_causal:  # encoders route by top-k: nothing to fit
-            return self
-        batches = self._collect_batches(data, max_batches, "calibrate()")
-        st = self.state
-        lo = max(st.min_budget(k) for k in components)
-        grid = torch.linspace(max(lo + 0.02, 0.05), 0.99, n_budgets).tolist()
-        saved = (dict(st.budget), st.method, self.training)
-        self.eval()
-        self._calibrating = True
-        points: dict[int, list[tuple[float, float]]] = {id(r): [] for r in token_routers}
-
-        from tqdm.auto import tqdm
-
-        bar = tqdm(desc="calibrating thresholds", unit="fwd", disable=not progress)
-
-        def run(set_caps) -> None:
-            for b in grid:
-                set_caps(b)
-                for r in token_routers:
-                    r.calibration_log = []
-                for batch in batches:
-                    self.base_model(**batch)
-                    bar.update()
-                for r in token_routers:
-                    if r.calibration_log:  # one capacity per layer and budget; none where it ran dense / skipped
-                        cap = r.calibration_log[0][0]
-                        points[id(r)].append((cap, sum(t for _, t in r.calibration_log) / len(r.calibration_log)))
-
-        st.method = method
-        try:
-            if st.allocation is not None and method in ALLOCATED_METHODS:
-                run(lambda b: st.budget.update({k: b for k in components}))
-            need = [r for r in token_routers if len({c for c, _ in points[id(r)]}) < 2]
-            if need:  # no allocation (uniform capacities), or layers its path never routes partially
-                uniform = lambda b: setattr(st, "capacity_override", {  # noqa: E731
-                    k: [b if i not in st.dense_layers[k] else 1.0 for i in range(st.n_layers)] for k in st.budget})
-                keep = {id(r): list(points[id(r)]) for r in token_routers if r not in need}
-                run(uniform)
-                points.update(keep)
-        finally:
-            bar.close()
-            self._calibrating = False
-            st.capacity_override = None
-            st.budget, st.method = saved[0], saved[1]
-            for r in token_routers:
-                r.calibration_log = None
-            self.train(saved[2])
-        if not all(math.isfinite(t) for r in token_routers for _, t in points[id(r)]):
-            raise ElastiformerError("calibrate() got non-finite router scores (NaN / inf in the model's hidden "
-                                    "states or the routers): check the data and the router weights")
-        if any(not points[id(r)] for r in token_routers):
-            raise ElastiformerError("calibrate() saw no tokens in a routed layer: pass longer sequences")
-        for r in token_routers:
-            r.set_calibration(method, *merge_points(points[id(r)], N_CALIBRATION))
+        """Fit the token routers' inference thresholds on `data`, so `set_budget` takes effect at once for any
+        budget (`calibration.calibrate`; about `n_budgets` x `max_batches` forwards)."""
+        calibration.calibrate(self, data, max_batches, n_budgets=n_budgets, method=method, progress=progress)
         return self
 
-    def _collect_batches(self, data, max_batches: int | None, what: str) -> list[dict[str, torch.Tensor]]:
-        batches = [b for _, b in zip(range(max_batches or 10**9), as_batches(data))]
-        if not batches:
-            raise ElastiformerError(f"{what} got no data: pass an iterable of dicts holding input_ids")
-        device = next(self.base_model.parameters()).device
-        return [{k: v.to(device) for k, v in b.items()} for b in batches]
-
-    @torch.no_grad()
     def fit_allocation(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 1, *,
                        min_budget: float = 0.5, levels: tuple[float, ...] = LEVELS, lookahead: int = 2,
                        progress: bool = True) -> "ElasticModel":
-        """Fit where the budget is spent: the per-layer allocation path (see `elastiformer.allocation`).
-
-        Measured on `data` (calibration text, never the evaluation text) with the learned routers choosing by
-        top-k inside each layer: first each routed (component, layer) alone at each of `levels`, then greedily,
-        move by move, the cheapest next reduction per FLOP saved with routing on, until the routed sub-layers run
-        `min_budget` of their dense FLOPs (below it, capacities shrink in proportion). Cost: about
-        (units x levels + moves x lookahead) forwards of `data`. Stored with the routers by `save_pretrained`; call
+        """Fit where the budget is spent: the per-layer allocation path (`calibration.fit_allocation`). Call
         `calibrate` afterwards (`train_routers` does both when it ends)."""
-        from tqdm.auto import tqdm
+        calibration.fit_allocation(self, data, max_batches, min_budget=min_budget, levels=levels,
+                                   lookahead=lookahead, progress=progress)
+        return self
 
-        if not 0.0 < min_budget < 1.0:
-            raise ConfigError(f"min_budget={min_budget!r}: pass the fraction of routed FLOPs where the path ends, "
-                              "e.g. 0.5")
-        if not levels or any(not 0.0 <= v < 1.0 for v in levels):
-            raise ConfigError(f"levels={levels!r}: pass capacities in [0, 1) a unit may be lowered to")
-        batches = self._collect_batches(data, max_batches, "fit_allocation()")
-        st = self.state
-        components = self.elastic_config.components()
-        sublayers = {"attn" if k.startswith("attn") else "mlp" for k in components}
-        units = [(k, i) for k in components for i in range(st.n_layers) if i not in st.dense_layers[k]]
-        saved = (dict(st.budget), st.method, self.training)
-        self.eval()
-        try:
-            with self.disable_routers():
-                teachers = [self._distill_target(b) for b in batches]
-            st.method, st.topk = "learned", True  # top-k inside each layer: thresholds are fitted afterwards
-            st.budget = {k: 0.5 for k in components}  # any value: the override sets every capacity
-            bar = tqdm(desc="fitting the allocation", unit="fwd", disable=not progress)
+    def split_experts(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 2,
+                      seed: int = 0) -> "ElasticModel":
+        """For `expert_split="cluster"`: group each routed MLP's hidden neurons into experts by co-activation
+        (`calibration.split_experts`), before the expert routers train."""
+        calibration.split_experts(self, data, max_batches, seed=seed)
+        return self
 
-            def measure(caps: dict[str, list[float]]) -> tuple[float, float]:
-                st.capacity_override = caps
-                cost, dense, executed = 0.0, 0, 0
-                for t, b in zip(teachers, batches):
-                    cost += float(self._distill_distance(t, self._distill_target(b), b)) / len(batches)
-                    part = [s for s in st.stats if s.sublayer in sublayers]
-                    dense += sum(s.dense_flops for s in part)
-                    executed += sum(s.executed_flops for s in part)
-                bar.update()
-                return cost, executed / max(1, dense)
-
-            fixed = {k: sorted(st.dense_layers[k]) for k in components}
-            alloc = fit_path(measure, units, st.n_layers, components, min_flops=min_budget, levels=levels,
-                             lookahead=lookahead, progress=bar.set_postfix_str, fixed=fixed)
-            bar.close()
-        finally:
-            st.capacity_override = None
-            st.budget, st.method = saved[0], saved[1]
-            self.train(saved[2])
-        alloc.tokens = sum(int(b["input_ids"].numel()) for b in batches if "input_ids" in b)
-        st.set_allocation(alloc)
+    def fit_static(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 1) -> "ElasticModel":
+        """Choose, once, what the "static" pruning baseline drops (`calibration.fit_static`)."""
+        calibration.fit_static(self, data, max_batches)
         return self
 
     @property
@@ -652,46 +536,8 @@ class ElasticModel(WrappedModel):
 
     def capacities(self) -> dict[str, list[float]]:
         """Per-layer capacities of each routed component under the current budget (learned routing)."""
-        with self._override("method", "learned"), self._override("enabled", True):
+        with self.override("method", "learned"), self.override("enabled", True):
             return self.state.capacities()
-
-    @torch.no_grad()
-    def split_experts(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 2,
-                      seed: int = 0) -> "ElasticModel":
-        """For `expert_split="cluster"`: group each routed MLP's hidden neurons into experts by co-activation on
-        `data` (balanced k-means; see layers/expert_split.py). Fit it before training the expert routers:
-        `train_routers` does so when the split has not been fitted. The order is saved with the routers."""
-        from .layers.expert_split import cluster_neurons
-
-        if self.elastic_config.expert_split != "cluster":
-            raise ConfigError("split_experts() needs ElasticConfig(expert_split='cluster'); the contiguous split "
-                              "has nothing to fit")
-        batches = [b for _, b in zip(range(max_batches or 10**9), as_batches(data))]
-        if not batches:
-            raise DataError("split_experts() got no data: pass an iterable of dicts holding input_ids")
-        device = next(self.base_model.parameters()).device
-        mlps = [m for m in self.base_model.modules() if isinstance(m, ElasticMLP) and m.expert_router is not None]
-        acts: dict[int, list[torch.Tensor]] = defaultdict(list)
-
-        def grab(module, args):
-            x = args[0]
-            mask = self.state.token_valid(x.shape[0], x.shape[1], x.device).flatten()  # padding does not vote
-            acts[id(module)].append(module.hidden_activations(x.reshape(-1, x.shape[-1]))[mask].cpu())
-
-        hooks = [m.register_forward_pre_hook(grab) for m in mlps]
-        try:
-            # in the original neuron order, so a refit finds what a first fit would (k-means starts by index)
-            with torch.no_grad(), self.disable_routers(), self.original_weight_order():
-                for b in batches:
-                    self.base_model(**{k: v.to(device) for k, v in b.items()})
-        finally:
-            for h in hooks:
-                h.remove()
-        for m in mlps:
-            order = cluster_neurons(torch.cat(acts[id(m)]), m.expert_router.n_experts, seed=seed)
-            m.expert_router.neuron_order.copy_(order.to(m.expert_router.neuron_order.device))
-            m.align_weights()  # permute the MLP's weights once: each expert becomes a contiguous slice
-        return self
 
     @contextlib.contextmanager
     def original_weight_order(self) -> Iterator[None]:
@@ -707,53 +553,11 @@ class ElasticModel(WrappedModel):
             for m, order in zip(mlps, held):
                 m.set_weight_order(order)
 
-    @torch.no_grad()
-    def fit_static(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 1) -> "ElasticModel":
-        """Choose, once, what the "static" pruning baseline drops: for token components, the sub-layers whose
-        removal alone changes the output least (KL to the base model on `data`, one forward per routed layer); for
-        heads / experts, those with the smallest mean output norm on `data`. Encoders measure the cost of dropping
-        a sub-layer as the cosine distance of their pooled embedding (`embed`) instead of the KL of logits."""
-        batches = [b for _, b in zip(range(max_batches or 10**9), as_batches(data))]
-        if not batches:
-            raise ElastiformerError("fit_static() got no data: pass an iterable of dicts holding input_ids")
-        device = next(self.base_model.parameters()).device
-        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-        st = self.state
-        saved = (dict(st.budget), st.method, self.training)
-        self.eval()
-        try:
-            with self.disable_routers():
-                teachers = [self._distill_target(b) for b in batches]
-            st.method = "static"
-            for comp in (k for k in TOKEN_COMPONENTS if k in st.budget):
-                routed = [i for i in range(st.n_layers) if i not in st.dense_layers[comp]]
-                cost = {}
-                for layer in routed:  # drop this layer alone: budget of exactly one layer's worth less
-                    st.static_layer_order[comp] = [layer]
-                    st.budget = {comp: 1.0 - 1.0 / st.n_layers + 1e-6}
-                    cost[layer] = sum(float(self._distill_distance(t, self._distill_target(b), b))
-                                      for t, b in zip(teachers, batches))
-                st.static_layer_order[comp] = sorted(routed, key=cost.get)
-            st.budget = saved[0]
-            with self.disable_routers(), self.teacher_targets():  # importances of heads / experts on the base model
-                st.importance_log = defaultdict(list)
-                for b in batches:
-                    self.base_model(**b)
-                log, st.importance_log = st.importance_log, None
-            for name, r in self._stack_routers():
-                if isinstance(r, (HeadRouter, ExpertRouter)):
-                    r.static_importance = torch.stack(log[id(r)]).mean(0)
-        finally:
-            st.budget, st.method = saved[0], saved[1]
-            st.importance_log = None
-            self.train(saved[2])
-        return self
-
-    def _distill_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def distill_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """What distillation compares: next-token logits (causal LMs) or the pooled embedding (encoders)."""
         return self.base_model(**batch).logits if self.is_causal else self.embed(batch).pooled
 
-    def _distill_distance(self, teacher: torch.Tensor, student: torch.Tensor, batch) -> torch.Tensor:
+    def distill_distance(self, teacher: torch.Tensor, student: torch.Tensor, batch) -> torch.Tensor:
         if self.is_causal:
             return kl_teacher_student(teacher, student, batch.get("attention_mask"))
         return cosine_distance(teacher, student)
@@ -763,7 +567,7 @@ class ElasticModel(WrappedModel):
         """Whether inference has what token routing needs (always, for encoders: they route by top-k)."""
         if not self.is_causal:
             return True
-        return all(r.is_calibrated for _, r in self._stack_routers() if isinstance(r, TokenRouter))
+        return all(r.is_calibrated for _, r in self.stack_routers() if isinstance(r, TokenRouter))
 
     # ------------------------------------------------------------------ embeddings (encoders)
     def embed(self, batch: dict[str, torch.Tensor], pooling: str | None = None, *, forward=None) -> Embedding:
@@ -869,141 +673,25 @@ class ElasticModel(WrappedModel):
 
     def _original_fingerprint(self) -> str:
         with self.original_weight_order():
-            return weight_fingerprint(self.base_model)
+            return artifacts.weight_fingerprint(self.base_model)
 
     def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write `elastic_config.json` and `routers.safetensors` (routers and calibration only), atomically.
-        A folder that already holds something is replaced only with `overwrite=True`."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        if path.is_dir() and any(path.iterdir()) and not overwrite:
-            raise ConfigError(f"{path} already holds files: pass overwrite=True to replace them, or another folder")
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "elastiformer_version": __version__,
-            "elastic_config": self.elastic_config.to_dict(),
-            "base_model": self.base_identity(),
-        }
-        if self.state.allocation is not None:
-            meta["allocation"] = self.state.allocation.to_dict()
-        if self.trained_budgets is not None:
-            meta["trained_budgets"] = list(self.trained_budgets)
-        try:
-            with atomic_dir(path) as tmp:
-                save_file({k: v.cpu() for k, v in self.router_state_dict().items()}, str(tmp / WEIGHTS_NAME),
-                          metadata={"format_version": str(FORMAT_VERSION)})
-                (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        except OSError as err:
-            raise ElastiformerError(f"cannot write routers to {path}: {err.strerror}; pass a writable folder") from err
-        return path
+        A folder that already holds something is replaced only with `overwrite=True` (`artifacts.write_routers`)."""
+        return artifacts.write_routers(self, path, overwrite=overwrite)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module | str, path: str | Path, *, check_fingerprint: bool = True) -> "ElasticModel":
-        """Re-attach saved routers to a freshly loaded base model; refuses a different base model."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        meta = read_router_config(path)
+        """Re-attach saved routers to a freshly loaded base model (or the name / folder of one); refuses a
+        different base model (`artifacts`)."""
+        meta = artifacts.read_router_config(path)
         if isinstance(model, (str, Path)):
-            from .models import load_model
+            from .loading.models import load_model
 
             model = load_model(str(model))
-        try:
-            config = ElasticConfig.from_dict(meta["elastic_config"])
-        except (ConfigError, TypeError) as err:
-            raise RouterFileError(f"{path / CONFIG_NAME} holds an invalid elastic_config ({err}): save the routers "
-                                  "again") from err
-        em = get_elastic_model(model, config)
-        saved, here = meta.get("base_model", {}), em.base_identity()
-        if saved.get("model_type") != here["model_type"] or saved.get("dims") != here["dims"]:
-            raise RouterFileError(
-                f"routers in {path} were trained for a {saved.get('model_type')} model with {saved.get('dims')}, "
-                f"not this {here['model_type']} model with {here['dims']}: load the base model they were trained for")
-        if check_fingerprint and saved.get("fingerprint") != here["fingerprint"]:
-            raise RouterFileError(
-                f"routers in {path} were trained on other weights ({saved.get('name_or_path') or 'unknown'}) than this "
-                f"model's: load that base model, or pass check_fingerprint=False if you know the weights match")
-        try:
-            tensors = load_file(str(path / WEIGHTS_NAME))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise RouterFileError(f"{path / WEIGHTS_NAME} is corrupt or unreadable ({err}): save the routers again") from err
-        check_finite_tensors(tensors, str(path / WEIGHTS_NAME), "the routers diverged when they were trained; train "
-                             "them again (with a lower learning rate)", RouterFileError)
-        own = em.router_state_dict()
-        for key, value in list(tensors.items()):  # format 1 kept 12 calibration points: pad to today's count
-            if key.endswith((".calib_capacity", ".calib_threshold")) and key in own and value.shape != own[key].shape \
-                    and value.dim() == 1 and 0 < value.numel() < own[key].numel():
-                tensors[key] = torch.cat([value, value[-1:].expand(own[key].numel() - value.numel())])
-        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-        bad_shape = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]
-        if missing or unexpected or bad_shape:
-            raise RouterFileError(f"{path / WEIGHTS_NAME} does not match its config (missing {missing[:3]}, "
-                                  f"unexpected {unexpected[:3]}, wrong shape {bad_shape[:3]}): save the routers again")
-        modules = dict(em.base_model.named_modules())
-        with torch.no_grad():
-            for key, value in tensors.items():
-                owner, _, attr = key.rpartition(".")
-                target = getattr(modules[owner], attr)
-                target.copy_(value.to(target.device, target.dtype))
-        if meta.get("allocation") is not None:
-            em.state.set_allocation(Allocation.from_dict(meta["allocation"], em.state.n_layers, config.components(),
-                                                         where=str(path / CONFIG_NAME)))
-        trained = meta.get("trained_budgets")
-        if isinstance(trained, list) and len(trained) == 2 and all(isinstance(b, (int, float)) for b in trained):
-            em.trained_budgets = (float(trained[0]), float(trained[1]))
+        em = get_elastic_model(model, artifacts.config_of(meta, path))
+        artifacts.load_routers(em, path, meta, check_fingerprint=check_fingerprint)
         return em
-
-
-def base_model_source(meta: dict[str, Any], path: str | Path) -> str:
-    """Where the base model of a routers folder (its `elastic_config.json`, as `read_router_config` returns it) came
-    from: the short name, folder or .gguf file that `load_model` takes."""
-    base = meta.get("base_model") or {}
-    name, gguf = base.get("name_or_path"), base.get("gguf_file")
-    if not name:
-        raise RouterFileError(f"{path} does not record its base model: pass the model explicitly (--model)")
-    return str(Path(name) / gguf) if gguf and Path(name).is_dir() else str(name)
-
-
-def read_router_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_dir():
-        raise RouterFileError(f"no router folder at {path}: pass the folder that save_pretrained wrote")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (path / name).is_file():
-            raise RouterFileError(f"{path} has no {name}: pass a folder written by ElasticModel.save_pretrained")
-    try:
-        meta = json.loads((path / CONFIG_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RouterFileError(f"{path / CONFIG_NAME} is not valid JSON ({err}): save the routers again") from err
-    if not isinstance(meta, dict):
-        raise RouterFileError(f"{path / CONFIG_NAME} is not an elastiformer router config: save the routers again")
-    version = meta.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int) or not isinstance(meta.get("elastic_config"), dict):
-        raise RouterFileError(f"{path / CONFIG_NAME} is not an elastiformer router config: save the routers again")
-    if version > FORMAT_VERSION:
-        raise RouterFileError(f"{path} was written in router format {version}, newer than this elastiformer "
-                              f"understands ({FORMAT_VERSION}): upgrade elastiformer")
-    if not safetensors_complete(path / WEIGHTS_NAME):
-        raise RouterFileError(f"{path / WEIGHTS_NAME} is truncated or corrupt (an interrupted copy or save?): save "
-                              "the routers again, or copy the complete folder")
-    return meta
-
-
-def weight_fingerprint(model: nn.Module) -> str:
-    """A cheap, deterministic hash of the base weights: names, shapes and a strided sample of every tensor."""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if any(tag in name for tag in ("token_router", "head_router", "expert_router", "lora_")):
-            continue
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu()
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:32]
-
 
 def _flops_summary(stats) -> dict[str, float]:
     dense, executed = sum(s.dense_flops for s in stats), sum(s.executed_flops for s in stats)

@@ -12,7 +12,7 @@ pass-through of the wrapper's result.
 import torch
 from torch import nn
 
-from ..lora import linear_weight, low_rank
+from ..layers.lora import linear_weight, low_rank
 from .registry import register_architecture
 from .spec import ArchSpec, AttentionWeights, MLPWeights
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
-from ..lora import linear_weight, low_rank, out_rows
+from ..layers.lora import linear_weight, low_rank, out_rows
 from .spec import ArchSpec, AttentionWeights, MLPWeights
 
 # the decoder families tests/test_families.py runs through the whole contract (discovered, or registered: llama, gpt2)

@@ -3,7 +3,7 @@ Linear-convention weight is `W.T`), absolute position embeddings (no rotary), `m
 
 from torch import nn
 
-from ..lora import linear_weight, low_rank, out_rows
+from ..layers.lora import linear_weight, low_rank, out_rows
 from .registry import register_architecture
 from .spec import ArchSpec, AttentionWeights, MLPWeights
 

@@ -61,7 +61,7 @@ class MLPWeights:
 def qkvo_attention_weights(attn: nn.Module, o_name: str = "o_proj") -> AttentionWeights:
     """The weights of an attention with separate `q_proj` / `k_proj` / `v_proj` linears and an output linear named
     `o_name` (Llama and ViT: o_proj; CLIP: out_proj)."""
-    from ..lora import linear_weight, low_rank  # a LoRA-wrapped linear gives its base weight and its update
+    from ..layers.lora import linear_weight, low_rank  # a LoRA-wrapped linear gives its base weight and its update
 
     o = getattr(attn, o_name)
     return AttentionWeights(

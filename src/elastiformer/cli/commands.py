@@ -75,19 +75,19 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
     from accelerate import PartialState
 
     from ..config import check_fraction
-    from ..data import load_texts, pack_sequences
+    from ..data.text import load_texts, pack_sequences
     from ..model import get_elastic_model
-    from ..models import load_model, load_tokenizer
-    from ..trainer import train_routers
+    from ..loading.models import load_model, load_tokenizer
+    from ..training.routers import train_routers
 
     # validate everything cheap before any heavy work (loading the model, tokenizing)
-    from ..trainer import check_train_options, lr_factor
+    from ..training.routers import check_train_options, lr_factor
     from ..validation import check_device
 
     check_numbers(o, dict(steps=1, batch_size=1, seq_len=2, max_sequences=1, warmup=0, grad_accum=1, seed=0,
                            checkpoint_every=1, lora_rank=0, mlp_experts=2, target_steps=0, target_repeats=1),
                    ("lr", "temperature"))
-    from ..trainer import ROUTER_TARGETS
+    from ..training.routers import ROUTER_TARGETS
 
     if o["router_targets"] not in ROUTER_TARGETS:
         raise ConfigError(f"--router-targets {o['router_targets']!r}: pass one of {', '.join(ROUTER_TARGETS)}")
@@ -224,10 +224,10 @@ def _check_seq_len(seq_len: int, model) -> None:
 
 def run_eval(o: dict[str, Any], em=None) -> dict[str, Any]:
     from ..config import check_fraction
-    from ..data import load_texts, pack_sequences
-    from ..evaluate import evaluate
+    from ..data.text import load_texts, pack_sequences
+    from ..evaluation.lm import evaluate
     from ..model import ElasticModel
-    from ..models import load_model, load_tokenizer
+    from ..loading.models import load_model, load_tokenizer
 
     budgets = _floats(o["budgets"], "budgets")
     if not budgets:
@@ -238,7 +238,7 @@ def run_eval(o: dict[str, Any], em=None) -> dict[str, Any]:
     if em is None:
         if not o["routers"]:
             raise ConfigError("eval needs --routers FOLDER (the routers/ folder that `elastiformer train` wrote)")
-        from ..model import base_model_source, read_router_config
+        from ..artifacts import base_model_source, read_router_config
 
         saved = read_router_config(o["routers"])  # fail fast, before loading the model
         if o["model"] is None:  # the base model the routers were trained on, as the routers folder records it
@@ -440,10 +440,10 @@ def info(
 ):
     """Describe a router folder, a model, or (with no argument) what elastiformer supports."""
     from ..arch import supported_model_types
-    from ..models import available_models
+    from ..loading.models import available_models
 
     if routers is not None:
-        from ..model import read_router_config
+        from ..artifacts import read_router_config
 
         meta = read_router_config(routers)
         shown = {k: meta[k] for k in ("format_version", "elastiformer_version", "elastic_config", "base_model",
@@ -453,7 +453,7 @@ def info(
         return
     if model is not None:
         from ..arch import get_arch_spec
-        from ..models import load_model
+        from ..loading.models import load_model
 
         m = load_model(model)
         spec = get_arch_spec(m)
@@ -493,7 +493,7 @@ def vit_teacher(
     """Train the small ViT teacher on Fashion-MNIST and cache it. No pretrained ViT installs here (no hub access),
     so the vision path trains its own; any other local HF ViT folder works the same way afterwards."""
     from ..cache import cache_dir
-    from ..vit_teacher import VIT_TEACHER_NAME, teacher_report, train_vit_teacher
+    from ..training.vit_teacher import VIT_TEACHER_NAME, teacher_report, train_vit_teacher
 
     out = output or cache_dir() / "models" / VIT_TEACHER_NAME
     done = teacher_report(out)
@@ -515,9 +515,9 @@ def vit_teacher(
 # ---------------------------------------------------------------------- bench
 def bench_tasks() -> dict[str, dict[str, Any]]:
     """What `elastiformer bench --task T` runs: defaults, runner, plot, README renderer and README marker."""
-    from ..benchmark import BENCH_DEFAULTS, plot_lm_bench, results_markdown, run_lm_bench
-    from ..benchmark_encoder import (ENCODER_BENCH_DEFAULTS, encoder_results_markdown, plot_encoder_bench,
-                                    run_encoder_bench)
+    from ..benchmarks.encoder import (ENCODER_BENCH_DEFAULTS, encoder_results_markdown, plot_encoder_bench,
+                                      run_encoder_bench)
+    from ..benchmarks.lm import BENCH_DEFAULTS, plot_lm_bench, results_markdown, run_lm_bench
 
     return {
         "lm": dict(defaults=BENCH_DEFAULTS, run=run_lm_bench, plot=plot_lm_bench, render=results_markdown,
@@ -551,8 +551,8 @@ def bench(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT (and its PNG)."),
     readme: bool = typer.Option(False, "--readme", help="Do not run: rewrite the task's results section of "
                                 "README.md from the result JSON."),
-    config: Optional[Path] = typer.Option(None, help="YAML file of bench options (see benchmark.BENCH_DEFAULTS, "
-                                          "benchmark_encoder.ENCODER_BENCH_DEFAULTS)."),
+    config: Optional[Path] = typer.Option(None, help="YAML file of bench options (see benchmarks.lm.BENCH_DEFAULTS, "
+                                          "benchmarks.encoder.ENCODER_BENCH_DEFAULTS)."),
 ):
     """Benchmark each routed component and their combination against random, training-free and static baselines
     on held-out books: quality against executed FLOPs, and elastic / dense wall-clock."""
@@ -571,7 +571,7 @@ def bench(
         path = Path(o["output"])
         if not path.is_file():
             raise ConfigError(f"no results at {path}: run `elastiformer bench --task {task}` first")
-        from ..benchmark import update_readme
+        from ..benchmarks.runner import update_readme
 
         update_readme(json.loads(path.read_text()), project_readme(), str(path.with_suffix(".png")),
                       marker=t["marker"], render=t["render"])
@@ -617,19 +617,19 @@ def bench_speed(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT (and its PNG)."),
     readme: bool = typer.Option(False, "--readme", help="Do not run: rewrite README.md's speed results from the "
                                 "result JSON."),
-    config: Optional[Path] = typer.Option(None, help="YAML file of options (see bench_speed.SPEED_DEFAULTS)."),
+    config: Optional[Path] = typer.Option(None, help="YAML file of options (see benchmarks.speed.SPEED_DEFAULTS)."),
 ):
     """Does skipped compute show up in wall-clock time? Per component and budget (and Flextron's sub-networks):
     prefill and generation time ratios, elastic / dense (interleaved, median), and tokens/s, beside the executed
     model-FLOPs ratio; a PNG of time ratio against FLOPs ratio with the line y = x. Run it on a quiet machine."""
     given = {k: v for k, v in locals().items() if k not in ("config", "readme")}  # (before any import below)
     given["overwrite"] = overwrite or None
-    from ..bench_speed import SPEED_DEFAULTS, run_speed_bench, speed_markdown
+    from ..benchmarks.speed import SPEED_DEFAULTS, run_speed_bench, speed_markdown
     from ..validation import check_output_file
 
     o = merge_options(config, given, SPEED_DEFAULTS, command=bench_speed)
     if readme:
-        from ..readme_section import replace_readme_section
+        from ..benchmarks.readme_section import replace_readme_section
 
         path = Path(o["output"])
         if not path.is_file():
@@ -669,12 +669,12 @@ def bench_vision(
                                 "runs OUTPUT already holds and run only the others."),
     readme: bool = typer.Option(False, "--readme", help="Do not run: rewrite README.md's vision results subsection "
                                 "from the result JSON."),
-    config: Optional[Path] = typer.Option(None, help="YAML file of options (see bench_vision.VISION_BENCH_DEFAULTS)."),
+    config: Optional[Path] = typer.Option(None, help="YAML file of options (see benchmarks.vision.VISION_BENCH_DEFAULTS)."),
 ):
     """Benchmark the elastic ViT on Fashion-MNIST: test accuracy of teacher and elastic model against executed
     FLOPs for each routed component (tokens = patches, heads, experts) and their combination, beside random,
     training-free (norm) and static baselines; then robustness to the classes the routers were trained on."""
-    from ..bench_vision import VISION_BENCH_DEFAULTS, plot_vision_bench, run_vision_bench, update_vision_readme
+    from ..benchmarks.vision import VISION_BENCH_DEFAULTS, plot_vision_bench, run_vision_bench, update_vision_readme
 
     given = {k: v for k, v in locals().items() if k not in ("config", "readme") and not k[0].isupper()
              and not callable(v)}
@@ -745,7 +745,7 @@ def demo(
 
 def plot_allocation_heatmap(table: dict[str, Any], path: Path, model: str = "") -> None:
     """Layer x budget heat map of the capacities in `allocation_table`'s output (one panel per component)."""
-    from ..benchmark import plot_allocation
+    from ..benchmarks.runner import plot_allocation
 
     plot_allocation({"model": model, "components": {"learned": {"allocation": table}}}, path)
 

@@ -238,7 +238,7 @@ def bench(
     output: Optional[Path] = typer.Option(None, help="Result JSON (default bench/results/flextron.json)."),
     readme: bool = typer.Option(False, "--readme", help="Do not run: rewrite README.md's Flextron results from the "
                                 "result JSON."),
-    config: Optional[Path] = typer.Option(None, help="YAML file of bench options (flextron.bench "
+    config: Optional[Path] = typer.Option(None, help="YAML file of bench options (benchmarks.flextron "
                                           "FLEXTRON_BENCH_DEFAULTS)."),
 ):
     """Benchmark Flextron routers at 0.5 and 0.75 of full latency against the uniform nested sub-network, the sorted
@@ -246,7 +246,7 @@ def bench(
     continue-trains SmolLM2 first when the checkpoints are missing (about an hour on a 2-core CPU)."""
     from ..errors import ConfigError
     from ..validation import project_readme
-    from ..flextron.bench import FLEXTRON_BENCH_DEFAULTS, run_flextron_bench, update_readme
+    from ..benchmarks.flextron import FLEXTRON_BENCH_DEFAULTS, run_flextron_bench, update_readme
 
     given = {"checkpoint": checkpoint, "sorted_checkpoint": sorted_checkpoint, "budgets": budgets, "output": output,
              "allow_untrained": allow_untrained or None}

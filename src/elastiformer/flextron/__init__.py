@@ -2,8 +2,8 @@
 
 Importance sorting (`sorting`), nested-elastic sub-layers whose narrower widths are leading slices of the same
 weights (`nested`, `model`), elastic continued-training by distillation into sampled sub-networks (`training`) and
-a per-layer latency table measured on this machine (`latency`). Routers that pick the widths from a budget live
-beside these and build on this API.
+a per-layer latency table measured on this machine (`latency`). The routers that pick the widths from a budget or
+a target latency live in `routing/` and build on this API.
 """
 
 from .config import FlextronConfig

@@ -3,21 +3,20 @@
 `TeacherCache` runs the teacher (the original model, or the Flextron model at full width) once per batch and keeps
 its logits, so every method is scored against the same teacher outputs. `lm_quality` scores the model's current
 configuration (static choices, or the adaptive router's per-input picks) with the core's metrics (ΔLM loss, KL,
-top-1 agreement; `elastiformer.evaluate`). `time_forwards` measures wall-clock of several setups interleaved.
+top-1 agreement; `elastiformer.evaluation.lm`). `time_forwards` gives `evaluation.timing.time_setups` in milliseconds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import statistics
-import time
 from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from ..evaluate import lm_metrics
+from ..evaluation.lm import lm_metrics
+from ..evaluation.timing import time_setups
 
 
 class TeacherCache:
@@ -63,21 +62,9 @@ def lm_quality(model: Callable[[dict], Any], teacher: TeacherCache, stats: Calla
 @torch.no_grad()
 def time_forwards(setups: dict[str, tuple[Callable[[], Any], Callable[[], Any]]], reps: int = 5,
                   warmup: int = 1, desc: str | None = None) -> dict[str, float]:
-    """Median milliseconds of each setup's forward, repetitions interleaved across setups (so the drift of a shared
-    machine hits every setup alike). setups: name -> (prepare, run): `prepare()` (untimed) puts the model in that
-    setup, `run()` (timed) runs one forward, routing included. `desc`: show a progress bar with that label."""
-    times: dict[str, list[float]] = {name: [] for name in setups}
-    bar = tqdm(total=(warmup + reps) * len(setups), desc=desc, disable=desc is None)
-    for rep in range(warmup + reps):
-        for name, (prepare, run) in setups.items():
-            prepare()
-            t0 = time.perf_counter()
-            run()
-            if rep >= warmup:
-                times[name].append((time.perf_counter() - t0) * 1e3)
-            bar.update()
-    bar.close()
-    return {name: statistics.median(t) for name, t in times.items()}
+    """Median milliseconds of each setup's forward, interleaved across setups (`evaluation.timing.time_setups`, in ms: what
+    latency tables hold). setups: name -> (prepare, run), `run()` one forward, routing included."""
+    return {k: v * 1e3 for k, v in time_setups(setups, reps=reps, warmup=warmup, desc=desc).items()}
 
 
 @contextlib.contextmanager

@@ -23,9 +23,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache import atomic_write_json
-from ..timing import machine
+from ..evaluation.timing import machine
 from ..errors import ConfigError, DataError
-from .costs import latency_tensors  # noqa: F401  (re-exported: part of this module's API)
+from .routing.costs import latency_tensors  # noqa: F401  (re-exported: part of this module's API)
 from .model import FlextronModel
 from .nested import NestedMLP
 
@@ -33,7 +33,7 @@ TABLE_VERSION = 1
 
 
 def machine_info() -> dict[str, Any]:
-    """benchmark.machine() plus the CPU model name (what a latency table is valid for)."""
+    """timing.machine() plus the CPU model name (what a latency table is valid for)."""
     info = machine()
     cpu = platform.processor() or platform.machine()
     try:

@@ -27,7 +27,8 @@ from ..arch import ArchSpec, get_arch_spec
 from ..cache import atomic_dir
 from ..errors import ConfigError, ElastiformerError, RouterFileError
 from ..flops import attention_projection_flops, attention_score_flops, dense_attention_flops, lm_head_flops, mlp_flops
-from ..model import WrappedModel, weight_fingerprint
+from ..artifacts import weight_fingerprint
+from ..model import WrappedModel
 from .config import FORMAT_VERSION, FlextronConfig, menu_counts
 from .nested import Choice, FlextronState, NestedAttention, NestedMLP
 
@@ -278,7 +279,7 @@ class FlextronModel(WrappedModel):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str | None = None) -> "FlextronModel":
         """Load a checkpoint written by `save_pretrained`: the weights, the menus and the sorting info."""
-        from ..models import load_model
+        from ..loading.models import load_model
 
         meta = read_flextron_config(path)
         model = load_model(str(path), device=device)
@@ -293,21 +294,21 @@ class FlextronModel(WrappedModel):
     # ------------------------------------------------------------------ budgets (width routers: budget.py, routers.py)
     def attach_router(self, router) -> "FlextronModel":
         """Use `router` (a trained `FlextronRouter`) for `set_budget`."""
-        from .budget import attach_router
+        from .routing.budget import attach_router
 
         attach_router(self, router)
         return self
 
     def load_router(self, path: str | Path, *, check_fingerprint: bool = True) -> "FlextronModel":
         """Load a router folder (`FlextronRouter.save_pretrained`, e.g. CHECKPOINT/router) and attach it."""
-        from .budget import load_router
+        from .routing.budget import load_router
 
         load_router(self, path, check_fingerprint=check_fingerprint)
         return self
 
     @property
     def router(self):
-        from .budget import get_router
+        from .routing.budget import get_router
 
         return get_router(self)
 
@@ -317,14 +318,14 @@ class FlextronModel(WrappedModel):
         full model's block FLOPs) or `latency_ms` (predicted from the latency table). The static router picks
         once; the input-adaptive one picks per sequence from its prompt, in the forward, and keeps that for the
         generation (budget.py's docstring has the rule). Returns what was picked."""
-        from .budget import set_budget
+        from .routing.budget import set_budget
 
         return set_budget(self, relative_compute=relative_compute, latency_ms=latency_ms, exact=exact)
 
     def generate(self, *args, **kwargs):
         """Generation through the nested widths. With the input-adaptive router, every call decides each sequence's
         widths afresh from its prompt (its real tokens) and keeps them for every decode step, cached or not."""
-        from .budget import new_generation
+        from .routing.budget import new_generation
 
         new_generation(self)
         return super().generate(*args, **kwargs)

@@ -1,6 +1,6 @@
 """Flextron's steps as functions of an option dict (the defaults below): sort, continue-train, measure latency,
 build a width router, evaluate budgets. The `elastiformer flextron ...` commands (elastiformer/cli/flextron.py) and
-the Flextron benchmark (flextron/bench.py) both run them.
+the Flextron benchmark (benchmarks/flextron.py) both run them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def menus(o: dict[str, Any]):
 
 
 def token_data(o: dict[str, Any], tokenizer, split: str, max_sequences, seq_len=None):
-    from ..data import load_texts, pack_sequences
+    from ..data.text import load_texts, pack_sequences
 
     texts = load_texts(None if o["data"] == "gutenberg" else o["data"], split=split)
     return pack_sequences(texts, tokenizer, int(seq_len or o["seq_len"]), max_sequences=max_sequences)
@@ -29,7 +29,7 @@ def token_data(o: dict[str, Any], tokenizer, split: str, max_sequences, seq_len=
 
 def load_flextron(model: str, o: dict[str, Any] | None = None):
     """A Flextron checkpoint folder, or any model `load_model` knows made nested (unsorted) with `o`'s menus."""
-    from ..models import load_model
+    from ..loading.models import load_model
     from .model import CONFIG_NAME, FlextronModel, get_flextron_model
 
     if Path(model).is_dir() and (Path(model) / CONFIG_NAME).is_file():
@@ -48,7 +48,7 @@ def run_sort(o: dict[str, Any]) -> dict[str, Any]:
 
     from ..cache import atomic_write_json
     from ..validation import check_output_dir
-    from ..models import load_model, load_tokenizer
+    from ..loading.models import load_model, load_tokenizer
     from .model import get_flextron_model
     from .sorting import compute_importance, sort_by_importance_
 
@@ -102,7 +102,7 @@ def heldout_kl(fm, teacher, held) -> dict[str, float]:
 def run_train(o: dict[str, Any]) -> dict[str, Any]:
     from ..cache import atomic_write_json
     from ..validation import check_output_dir
-    from ..models import load_tokenizer
+    from ..loading.models import load_tokenizer
     from .training import check_subnets, frozen_teacher, train_flextron
 
     subnets = check_subnets(o["subnets"])
@@ -171,9 +171,9 @@ def run_route(o: dict[str, Any]) -> dict[str, Any]:
     from ..cache import atomic_write_json
     from ..validation import check_output_dir
     from ..errors import ConfigError
-    from ..models import load_tokenizer
+    from ..loading.models import load_tokenizer
     from .latency import load_latency_table, measure_latency_table
-    from .route import build_router
+    from .routing.build import build_router
 
     if o["metric"] not in (None, "latency_ms", "relative_compute"):
         raise ConfigError(f"--metric {o['metric']!r}: pass latency_ms or relative_compute")
@@ -210,10 +210,10 @@ def run_flextron_eval(o: dict[str, Any]) -> dict[str, Any]:
 
     from ..validation import parse_floats as _floats
     from ..errors import ConfigError
-    from ..models import load_model, load_tokenizer
-    from .budget import clear_budget
+    from ..loading.models import load_model, load_tokenizer
+    from .routing.budget import clear_budget
     from .evaluate import TeacherCache, lm_quality, time_forwards
-    from .routers import FlextronRouter
+    from .routing.routers import FlextronRouter
 
     budgets = _floats(o["budgets"], "budgets")
     if o["metric"] not in ("latency_ms", "relative_compute"):

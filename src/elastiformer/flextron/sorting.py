@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..arch import get_arch_spec
 from ..errors import ConfigError, DataError
-from ..batches import as_batches
+from ..data.batches import as_batches
 
 
 def _base_sublayers(model) -> tuple[Any, list[tuple[Any, Any]]]:

@@ -13,8 +13,8 @@ nothing anchors the full model while the shared weights move to serve the narrow
 them. "self" is there for models too large to copy; add `lm_weight` (cross-entropy on the real next tokens) with it.
 
 The optimisation loop (AdamW, schedule, accumulation, clipping, progress, checkpoints) is the one
-`elastiformer.training_loop` runs for the routers too; batching (`batch_at`), option checks, `TrainReport` and the
-atomic checkpoints (`checkpoint/`: weights + optimizer + schedule + step) come from `elastiformer.trainer`.
+`elastiformer.training.loop` runs for the routers too; batching (`batch_at`), option checks, `TrainReport` and the
+atomic checkpoints (`checkpoint/`: weights + optimizer + schedule + step) come from `elastiformer.training.routers`.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from ..cache import atomic_write_json, ensure_writable_dir
 from ..distill import kl_teacher_student
 from ..errors import ConfigError, ElastiformerError
-from ..batches import as_batches
-from ..model import weight_fingerprint
-from ..trainer import CHECKPOINT, TrainReport, as_tensor_data, batch_at, check_train_options, finite_on_every_rank, \
+from ..data.batches import as_batches
+from ..artifacts import weight_fingerprint
+from ..training.routers import CHECKPOINT, TrainReport, as_tensor_data, batch_at, check_train_options, finite_on_every_rank, \
     load_checkpoint, loss_failure, save_checkpoint, sequence_length
-from ..training_loop import TrainingLoop
+from ..training.loop import TrainingLoop
 from .model import FlextronModel
 
 logger = logging.getLogger(__name__)

@@ -68,8 +68,9 @@ class ElastiformerLM(HFLM):
 
     def __init__(self, pretrained: Any = None, routers: str | None = None, budget: float | None = None,
                  routing: str = "learned", tokenizer: Any = None, elastic: Any = None, **kwargs):
-        from ..model import ElasticModel, base_model_source, read_router_config
-        from ..models import load_model, load_tokenizer
+        from ..artifacts import base_model_source, read_router_config
+        from ..model import ElasticModel
+        from ..loading.models import load_model, load_tokenizer
 
         budgets = {k: kwargs.pop(k) for k in BUDGET_KEYS if k in kwargs}
         _refuse_unknown_args(kwargs)
@@ -138,7 +139,7 @@ def write_last_word_task(folder: str | Path | None = None, *, n_docs: int = 200,
     if default and (folder / f"{TASK_NAME}.yaml").is_file():
         return folder
     if texts is None:
-        from ..data import load_texts
+        from ..data.text import load_texts
 
         texts = load_texts(None, split="heldout")
     docs = last_word_docs(texts, n_docs=n_docs, context_words=context_words, seed=seed)

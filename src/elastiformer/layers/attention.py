@@ -35,7 +35,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 
 from ..arch import ArchSpec, get_dotted
 from ..flops import attention_projection_flops, attention_score_flops, dense_attention_flops
-from ..lora import HeadPathLoRA, adapter_flops
+from .lora import HeadPathLoRA, adapter_flops
 from ..routers import HeadRouter, TokenRouter
 from .mlp import contiguous_runs
 from .state import ElasticSubLayer, RoutingState, SubLayerStats

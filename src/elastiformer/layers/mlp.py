@@ -99,6 +99,10 @@ class ElasticMLP(ElasticSubLayer):
             st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, dense))
             return self.base_layer(x, *args, **kwargs)
 
+        if B * T == 1 and tok_cap < 1.0 and exp_cap >= 1.0 and not st.topk and not torch.is_grad_enabled() \
+                and self.token_router.calibration_log is None:
+            return self._one_token(x, tok_cap, dense)
+
         xf = x.reshape(B * T, C)  # (B, T, C) -> (N, C)
         router_flops = 0
         idx = None
@@ -138,6 +142,19 @@ class ElasticMLP(ElasticSubLayer):
         st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, exp_flops + router_flops, router_flops,
                                       token_fraction, unit_fraction))
         return y.view(B, T, C)
+
+    def _one_token(self, x: torch.Tensor, capacity: float, dense: int) -> torch.Tensor:
+        """Decoding one token (batch 1) with token routing: one score and one host read decide whether the MLP runs
+        on `x` as it is or not at all, without the gather / scatter of the batched path. x: (1, 1, C)."""
+        st = self.state
+        sel = self.token_router(x, capacity, st.token_valid(1, 1, x.device), st.forced_tokens(1, 1, x.device),
+                                topk=False, method=st.method, self_target=False, generator=st.generator)
+        router_flops = self.token_router.flops(1) if st.method == "learned" else 0
+        if not bool(sel.selected):  # skipped: no weight of this MLP is read
+            st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, router_flops, router_flops, 0.0, 1.0))
+            return self.skipped_output(x)
+        st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, dense + router_flops, router_flops, 1.0, 1.0))
+        return self.base_layer(x)
 
     def _teacher_with_targets(self, x: torch.Tensor, dense: int) -> torch.Tensor:
         """Teacher pass of training: run the dense MLP, measure what each token (and each expert) adds to the

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cache import atomic_dir, cache_dir
-from .data_images import (FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, ImageFormat,
+from ..cache import atomic_dir, cache_dir
+from ..data.images import (FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, ImageFormat,
                           load_fashion_mnist, pixel_values_for)
-from .errors import ConfigError
+from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

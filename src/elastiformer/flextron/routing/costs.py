@@ -2,7 +2,7 @@
 MLP and the attention of each layer. The same tensors price a hard configuration (indices) and a soft one (the
 routers' choice probabilities: the expected cost), which is what makes the latency / compute loss differentiable.
 
-Built from the latency table (`routing.latency_cost_model`) or the FLOPs table (`routing.compute_cost_model`).
+Built from the latency table (`configurations.latency_cost_model`) or the FLOPs table (`configurations.compute_cost_model`).
 """
 
 from __future__ import annotations

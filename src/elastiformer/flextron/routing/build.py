@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, DataError
+from ...errors import ConfigError, DataError
 from .routers import FlextronRouter, WidthRouter, joint_finetune, train_router
-from .routing import compute_cost_model, latency_cost_model, menu_sizes, pooled_features
+from .configurations import compute_cost_model, latency_cost_model, menu_sizes, pooled_features
 from .surrogate import fit_surrogate, measure_configurations
 
 

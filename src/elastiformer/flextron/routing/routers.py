@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..version import __version__
-from ..cache import atomic_dir
-from ..distill import kl_teacher_student
-from ..errors import ConfigError, RouterFileError
+from ...version import __version__
+from ...cache import atomic_dir
+from ...distill import kl_teacher_student
+from ...errors import ConfigError, RouterFileError
 from .costs import Choices, CostModel
 
 ROUTER_WEIGHTS = "router.safetensors"
@@ -290,8 +290,8 @@ def joint_finetune(fm, bundle: FlextronRouter, data: torch.Tensor, *, steps: int
     model's weights learn too when model_lr > 0 (the paper's joint fine-tune), else they stay as they are.
 
     data: token ids (N, T) of training text."""
-    from ..trainer import batch_at
-    from .routing import full_choices, menu_sizes, pooled_features, set_index_choices
+    from ...training.routers import batch_at
+    from .configurations import full_choices, menu_sizes, pooled_features, set_index_choices
     from .soft import soft_widths
 
     router, cost = bundle.router, bundle.cost

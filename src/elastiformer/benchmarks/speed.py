@@ -23,10 +23,11 @@ from typing import Any, Callable
 
 import torch
 
-from .benchmark import SETTINGS, parse_components
-from .cache import atomic_write_json
-from .config import ElasticConfig
-from .timing import interleaved, machine
+from ..cache import atomic_path
+from ..config import ElasticConfig
+from ..evaluation.timing import interleaved, machine
+from .runner import Measured, parse_components, run_settings, save_result
+from .settings import SETTINGS
 
 SPEED_SETTINGS = {k: SETTINGS[k] for k in ("mlp_tokens", "attn_tokens", "attn_heads", "mlp_experts",
                                            "mlp_experts_cluster", "combined")}
@@ -57,7 +58,7 @@ class Subject:
         self.model, self.dense, self.elastic, self.flops = model, dense, elastic, flops
 
 
-def measure(subject: Subject, prefill: torch.Tensor, prompts: dict[int, torch.Tensor], new_tokens: int,
+def measure_subject(subject: Subject, prefill: torch.Tensor, prompts: dict[int, torch.Tensor], new_tokens: int,
             reps: int) -> list[dict[str, Any]]:
     """Prefill and decode records of one subject at its current budget."""
     m = subject.model
@@ -145,14 +146,14 @@ def run_speed_bench(o: dict[str, Any], echo=print, new_model: Callable[[], Any] 
 
     new_model: () -> a fresh base model (default: loads `o["model"]`); data: training and held-out token ids, each
     (N, T) (default: the bundled books, tokenized for the model). Tests pass a tiny model and random tokens."""
-    from .flextron import FlextronConfig, FlextronModel, get_flextron_model
-    from .model import get_elastic_model
-    from .trainer import train_routers
-    from .validation import parse_floats, parse_ints
+    from ..flextron import FlextronConfig, FlextronModel, get_flextron_model
+    from ..model import get_elastic_model
+    from ..training.routers import train_routers
+    from ..validation import parse_floats, parse_ints
 
     if int(o["threads"]):
         torch.set_num_threads(int(o["threads"]))
-    components = parse_components(o["components"], SPEED_SETTINGS) if str(o["components"]).strip() else []
+    components = ",".join(parse_components(o["components"], SPEED_SETTINGS)) if str(o["components"]).strip() else ""
     budgets = parse_floats(o["budgets"], "budgets")
     new_model = new_model or (lambda: _load_model(o["model"]))
     train, held = data if data is not None else _load_books(o)
@@ -162,14 +163,11 @@ def run_speed_bench(o: dict[str, Any], echo=print, new_model: Callable[[], Any] 
     calib = [{"input_ids": train[-int(o["allocation_sequences"]):]}]  # allocation + thresholds
     result: dict[str, Any] = {"model": o["model"], "machine": machine() | {"torch_threads": torch.get_num_threads()},
                               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in o.items()},
-                              "records": []}
+                              "components": {}, "records": []}
     timing = dict(prefill=prefill, prompts=prompts, new_tokens=int(o["decode_tokens"]), reps=int(o["reps"]))
     out = Path(o["output"])
 
-    def save(result: dict[str, Any]) -> None:
-        atomic_write_json(out, result)
-        plot_speed(result, out.with_suffix(".png"))
-    for comp in components:
+    def measure(comp: str) -> Measured:
         spec = {k: v for k, v in SPEED_SETTINGS[comp].items() if k != "train"}
         echo(f"[{comp}] training routers ({o['steps']} steps), allocation, thresholds...")
         em = get_elastic_model(new_model(), ElasticConfig(**spec))
@@ -178,13 +176,17 @@ def run_speed_bench(o: dict[str, Any], echo=print, new_model: Callable[[], Any] 
                       target_steps=int(o["target_steps"]), progress=False, checkpoint_every=None)
         em.fit_allocation(calib, max_batches=1, min_budget=min(0.5, min(budgets) - 0.05))
         em.calibrate(calib, progress=False)
+        records = []
         for b in budgets:
             em.set_budget(b)
             echo(f"[{comp}] timing at budget {b}...")
-            for r in measure(elastic_subject(em), **timing):
-                result["records"].append({"system": "elastiformer", "component": comp, "budget": b} | r)
+            for r in measure_subject(elastic_subject(em), **timing):
+                records.append({"system": "elastiformer", "component": comp, "budget": b} | r)
         em.unload()
-        save(result)  # each finished setting is kept, whatever happens to the next
+        return Measured(records)
+
+    run_settings(o | {"components": components}, result, SPEED_SETTINGS, measure, same=(), plot=plot_speed,
+                 echo=echo)
     if o["flextron"]:
         checkpoint = o.get("flextron_checkpoint")
         fm = (FlextronModel.from_pretrained(checkpoint) if checkpoint else
@@ -200,25 +202,25 @@ def run_speed_bench(o: dict[str, Any], echo=print, new_model: Callable[[], Any] 
                 choices = None
             else:
                 choices = uniform_widths(fm, b, int(o["prefill_len"]))
-            for r in measure(flextron_subject(fm, totals, choices), **timing):
+            for r in measure_subject(flextron_subject(fm, totals, choices), **timing):
                 result["records"].append({"system": "flextron", "component": name, "budget": b} | r)
-    save(result)
+    save_result(result, out, plot_speed)
     for line in summary_lines(result):
         echo(line)
     return result
 
 
 def _load_model(name: str):
-    from .models import load_model
+    from ..loading.models import load_model
 
     return load_model(name)
 
 
 def _load_books(o: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Training text (routers) and held-out text (timed), as token ids of the bench model's tokenizer."""
-    from .data import load_texts, pack_sequences
-    from .models import load_tokenizer
-    from .validation import parse_ints
+    from ..data.text import load_texts, pack_sequences
+    from ..loading.models import load_tokenizer
+    from ..validation import parse_ints
 
     tokenizer = load_tokenizer(o["model"])
     train = pack_sequences(load_texts(None, split="train"), tokenizer, int(o["seq_len"]),
@@ -265,7 +267,8 @@ def plot_speed(result: dict[str, Any], path: Path) -> None:
     m = result["machine"]
     fig.suptitle(f"{result['model']}: {m.get('processor')}, {m.get('torch_threads')} threads", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
 

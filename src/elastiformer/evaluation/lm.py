@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .batches import as_batches
-from .config import check_fraction
-from .errors import ConfigError, DataError
-from .model import ElasticModel
+from ..data.batches import as_batches
+from ..config import check_fraction
+from ..errors import ConfigError, DataError
+from ..model import ElasticModel
 from .timing import interleaved
-from .validation import check_int
+from ..validation import check_int
 
 
 def lm_metrics(teacher: torch.Tensor, student: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> dict:
@@ -200,7 +200,7 @@ def evaluate(
     total = len(batches) * (1 + len(methods) * len(settings)) + (len(methods) * len(settings) if timing_reps else 0)
     bar = tqdm(total=total, desc="evaluating", disable=not progress)  # (timing included: one step per run timed)
     try:
-        with torch.no_grad(), em._override("generator", generator):
+        with torch.no_grad(), em.override("generator", generator):
             # what each method runs at: the same budget, or the budget at which it executes the learned routers'
             # block FLOPs (measured on the first batch; static pruning gets at least as many FLOPs as learned)
             plan = {(m, i): setting for m in methods for i, setting in enumerate(settings)}

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cache import atomic_write_text
-from .errors import ConfigError
+from ..cache import atomic_write_text
+from ..errors import ConfigError
 
 
 def replace_readme_section(readme: Path, marker: str, markdown: str) -> None:

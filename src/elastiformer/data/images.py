@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cache import atomic_dir, atomic_write_json, cache_dir
-from .data import last_line
-from .errors import DataError
+from ..cache import atomic_dir, atomic_write_json, cache_dir
+from .text import last_line
+from ..errors import DataError
 
 logger = logging.getLogger(__name__)
 

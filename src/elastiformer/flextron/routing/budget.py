@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from ..errors import BudgetError, ConfigError
+from ...errors import BudgetError, ConfigError
 from .routers import FlextronRouter
-from .routing import base_model, full_choices, menu_sizes, pooled_features, set_index_choices
+from .configurations import base_model, full_choices, menu_sizes, pooled_features, set_index_choices
 
 _STATE = "_flextron_budget_state"  # kept in the model's __dict__, outside its modules and state_dict
 
@@ -66,7 +66,7 @@ def attach_router(fm, router: FlextronRouter) -> None:
 
 def load_router(fm, path, *, check_fingerprint: bool = True) -> FlextronRouter:
     """Load a saved router and attach it, refusing one trained for other weights or menus."""
-    from ..errors import RouterFileError
+    from ...errors import RouterFileError
 
     router = FlextronRouter.from_pretrained(path)
     saved = router.meta.get("base_model", {})

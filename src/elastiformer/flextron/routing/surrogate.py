@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, DataError
-from ..batches import as_batches
+from ...errors import ConfigError, DataError
+from ...data.batches import as_batches
 from .costs import Choices
 
 
@@ -107,7 +107,7 @@ def measure_configurations(fm, data: Iterable[dict[str, torch.Tensor]] | torch.T
     Either way ΔLM is against the full width on the same sequences.
     Returns {"mlp": (N, L), "attn": (N, L), "delta": (N,)}.
     """
-    from .routing import full_choices, menu_sizes, set_index_choices
+    from .configurations import full_choices, menu_sizes, set_index_choices
 
     batches = list(as_batches(data))
     if not batches:

@@ -7,8 +7,8 @@ from typing import Iterator
 
 import torch
 
-from .errors import DataError
-from .validation import check_token_ids
+from ..errors import DataError
+from ..validation import check_token_ids
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")  # what batches pass to the model
 

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .routing import full_choices, set_index_choices, unit_masks
+from .configurations import full_choices, set_index_choices, unit_masks
 
 
 def _projection_inputs(fm) -> list[tuple[nn.Module, nn.Module]]:

@@ -26,7 +26,7 @@ import torch
 
 from ..cache import atomic_write_json, cache_dir
 from ..errors import ConfigError
-from ..timing import machine
+from ..evaluation.timing import machine
 
 LATENCY_TOLERANCE = 0.10  # the issue's target: measured latency within 10% of the budget
 FLEXTRON_BENCH_DEFAULTS = dict(
@@ -45,9 +45,9 @@ def default_checkpoints() -> dict[str, Path]:
 
 
 def _load_or_make_sorted(o, train, echo):
-    from ..models import load_model
-    from .model import CONFIG_NAME, FlextronModel, get_flextron_model
-    from .sorting import compute_importance, sort_by_importance_
+    from ..loading.models import load_model
+    from ..flextron.model import CONFIG_NAME, FlextronModel, get_flextron_model
+    from ..flextron.sorting import compute_importance, sort_by_importance_
 
     path = Path(o["sorted_checkpoint"] or default_checkpoints()["sorted"])
     if (path / CONFIG_NAME).is_file():
@@ -62,8 +62,8 @@ def prepare_checkpoints(o, echo) -> None:
     """What `make bench-flextron` needs and a fresh machine lacks: the sorted checkpoint (`flextron sort` with its
     defaults) and the continued-trained one (`flextron train`, `continued_training_steps` steps, checkpointed
     every 10 and resumed if a run was cut short), written where the bench looks for them."""
-    from .pipeline import SORT_DEFAULTS, TRAIN_DEFAULTS, run_sort, run_train
-    from .model import CONFIG_NAME
+    from ..flextron.pipeline import SORT_DEFAULTS, TRAIN_DEFAULTS, run_sort, run_train
+    from ..flextron.model import CONFIG_NAME
 
     sorted_path = Path(o["sorted_checkpoint"] or default_checkpoints()["sorted"])
     trained_path = Path(o["checkpoint"] or default_checkpoints()["trained"])
@@ -83,7 +83,7 @@ def prepare_checkpoints(o, echo) -> None:
 def _load_trained(o, echo):
     """The continued-trained checkpoint; with `allow_untrained`, the sorted one instead when there is none (the
     result says so, and uniform_nested then equals sorted_pruned)."""
-    from .model import CONFIG_NAME, FlextronModel, read_flextron_config
+    from ..flextron.model import CONFIG_NAME, FlextronModel, read_flextron_config
 
     path = Path(o["checkpoint"] or default_checkpoints()["trained"])
     for folder in (path, path / "model"):
@@ -102,9 +102,9 @@ def _elastiformer_at_flops(o, train, teacher_cache, target_ratio: dict[float, fl
     """ElastiFormer heads + experts routers, trained briefly, evaluated at the budget whose block FLOPs match."""
     from ..config import ElasticConfig
     from ..model import get_elastic_model
-    from ..models import load_model
-    from ..trainer import train_routers
-    from .evaluate import lm_quality
+    from ..loading.models import load_model
+    from ..training.routers import train_routers
+    from ..flextron.evaluate import lm_quality
 
     em = get_elastic_model(load_model(o["model"]), ElasticConfig(attn_heads=0.75, mlp_experts=8,
                                                                  mlp_experts_active=0.75))
@@ -130,11 +130,11 @@ def _elastiformer_at_flops(o, train, teacher_cache, target_ratio: dict[float, fl
 
 def run_flextron_bench(o: dict[str, Any], echo=print) -> dict[str, Any]:
     from ..validation import parse_floats as _floats
-    from ..data import load_texts, pack_sequences
-    from ..models import load_model, load_tokenizer
-    from .evaluate import TeacherCache, best_uniform, lm_quality, time_forwards
-    from .latency import check_latency_prediction, measure_latency_table, predict_latency
-    from .route import build_router
+    from ..data.text import load_texts, pack_sequences
+    from ..loading.models import load_model, load_tokenizer
+    from ..flextron.evaluate import TeacherCache, best_uniform, lm_quality, time_forwards
+    from ..flextron.latency import check_latency_prediction, measure_latency_table, predict_latency
+    from ..flextron.routing.build import build_router
 
     t_start = time.perf_counter()
     budgets = _floats(o["budgets"], "budgets")
@@ -230,7 +230,7 @@ def run_flextron_bench(o: dict[str, Any], echo=print) -> dict[str, Any]:
             if name == "flextron_static":
                 flextron_ratio[frac] = q["block_flops_ratio"]
             setups[(name, frac)] = _timed(trained, ids, bundle, target)
-        from .budget import clear_budget, detach_router
+        from ..flextron.routing.budget import clear_budget, detach_router
 
         clear_budget(trained)
         detach_router(trained)
@@ -307,7 +307,7 @@ class _Stages:
         atomic_write_json(self.root / f"{name}.json", obj)
 
     def load_router(self, name):
-        from .routers import FlextronRouter
+        from ..flextron.routing.routers import FlextronRouter
 
         report = self.load_json(f"{name}_report")
         if report is None or not (self.root / name).is_dir():
@@ -332,7 +332,7 @@ def _timed(fm, ids, bundle, target):
 
 def _timed_fixed(fm, ids, choices):
     def prepare():
-        from .budget import detach_router
+        from ..flextron.routing.budget import detach_router
 
         detach_router(fm)
         fm.set_choices(**choices)
@@ -422,6 +422,6 @@ def target_lines(records: list[dict[str, Any]]) -> list[str]:
 
 def update_readme(result: dict[str, Any], readme: Path) -> None:
     """Rewrite the README's `results:flextron` section from the bench's result."""
-    from ..readme_section import replace_readme_section
+    from .runner import update_readme as write_section
 
-    replace_readme_section(readme, "flextron", results_markdown(result))
+    write_section(result, readme, None, marker="flextron", render=results_markdown)

@@ -27,13 +27,13 @@ from torch import nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .cache import atomic_dir, atomic_write_json, committed_dir, ensure_writable_dir
-from .distill import DEFAULT_AUX_WEIGHTS, LOSSES, POOLINGS, embedding_distance, kl_teacher_student
-from .errors import ConfigError, DataError, ElastiformerError
-from .batches import as_batches, tensor_batch
-from .model import ElasticModel
-from .training_loop import TrainingLoop, lr_factor  # noqa: F401  (lr_factor: part of this module's API)
-from .validation import check_device, check_int, check_token_ids
+from ..cache import atomic_dir, atomic_write_json, committed_dir, ensure_writable_dir
+from ..distill import DEFAULT_AUX_WEIGHTS, LOSSES, POOLINGS, embedding_distance, kl_teacher_student
+from ..errors import ConfigError, DataError, ElastiformerError
+from ..data.batches import as_batches, tensor_batch
+from ..model import ElasticModel
+from .loop import TrainingLoop, lr_factor  # noqa: F401  (lr_factor: part of this module's API)
+from ..validation import check_device, check_int, check_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ def train_routers(
     def micro_step(step: int, micro: int, sync: bool) -> dict[str, float]:
         batch = batch_at(data, step, micro * world + rank, batch_size, seed, stride=grad_accum * world)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with loop.no_sync(sync), core._override("student_targets", student_targets):
+        with loop.no_sync(sync), core.override("student_targets", student_targets):
             if router_targets == "sensitivity":  # the teacher's forward and one backward (of a Fisher sample)
                 teacher, teacher_aux = core.teacher_sensitivities(batch, generator=sampler)
                 if loss_kind == "cosine":
@@ -409,7 +409,7 @@ def fit_router_targets(core: ElasticModel, data, steps: int, repeats: int, *, ba
     bar = tqdm(range(steps), desc="routers on the teacher's targets", disable=not progress)
     for step in bar:
         batch = {k: v.to(device) for k, v in batch_at(data, step, 0, batch_size, seed + 3).items()}
-        with core._override("target_records", []):
+        with core.override("target_records", []):
             if router_targets == "sensitivity":
                 core.teacher_sensitivities(batch, generator=sampler)
             else:

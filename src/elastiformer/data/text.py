@@ -27,8 +27,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from .cache import atomic_dir, atomic_write_json, cache_dir
-from .errors import ConfigError, DataError
+from ..cache import atomic_dir, atomic_write_json, cache_dir
+from ..errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 

@@ -203,7 +203,7 @@ def _resolve(model: Any) -> _Source:
     if text.lower() in BUNDLED_MODELS:
         return _Source("bundled", str(bundled_model_dir(text)), None, text.lower())
     if text.lower() in TRAINED_MODELS:
-        from elastiformer.vit_teacher import vit_teacher_dir
+        from elastiformer.training.vit_teacher import vit_teacher_dir
 
         return _Source("bundled", str(vit_teacher_dir()), None, text.lower())
     return _resolve_path(Path(text).expanduser(), explicit_path=False, text=text)
@@ -291,7 +291,7 @@ def _load_from_source(source: _Source, dtype: torch.dtype) -> PreTrainedModel:
 
 def _encoder_spec(model_type: str | None):
     """The architecture spec of a non-causal model type (BERT, ViT), or None."""
-    from .arch import registered_spec
+    from ..arch import registered_spec
 
     spec = registered_spec(model_type)
     return spec if spec is not None and not spec.causal else None
@@ -300,7 +300,7 @@ def _encoder_spec(model_type: str | None):
 def _model_class(folder: Path):
     """Which transformers class loads this folder: AutoModelForCausalLM, unless its spec names classes (encoders,
     LLaVA), then the class its config names, or the spec's Auto class."""
-    from .arch import registered_spec
+    from ..arch import registered_spec
 
     spec = registered_spec(_read_model_type(folder))
     if spec is None or (spec.causal and not spec.model_classes):  # causal LMs; a LLaVA folder names its class

@@ -12,14 +12,12 @@ and a PNG beside it.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-from .benchmark import (SETTINGS, baselines_of, keep_previous, parse_components, plot_lm_bench, summarize,
-                        summary_line)
-from .cache import atomic_write_json
-from .timing import machine
+from ..evaluation.timing import machine
+from .runner import Measured, parse_components, plot_quality, run_settings, summarize, summary_line
+from .settings import SETTINGS, baselines_of
 
 ENCODER_BENCH_DEFAULTS = dict(
     model="minilm-l6", train_data="gutenberg", eval_data="gutenberg",
@@ -59,18 +57,17 @@ def target_check(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_encoder_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
-    from .validation import parse_floats as _floats, parse_ints as _ints
-    from .config import ElasticConfig
-    from .data import load_sentences, sentence_batches
-    from .evaluate_encoder import evaluate_encoder
-    from .model import get_elastic_model
-    from .models import load_model, load_tokenizer
-    from .trainer import train_routers
+    from ..config import ElasticConfig
+    from ..data.text import load_sentences, sentence_batches
+    from ..evaluation.encoder import evaluate_encoder
+    from ..model import get_elastic_model
+    from ..loading.models import load_model, load_tokenizer
+    from ..training.routers import train_routers
+    from ..validation import parse_floats, parse_ints
 
-    components = parse_components(o["components"], SETTINGS)
-    budgets = _floats(o["budgets"], "budgets")
-    dense = _ints(o["dense_layers"], "dense_layers")
-    out = Path(o["output"])
+    parse_components(o["components"], SETTINGS)  # an unknown setting is refused before any work
+    budgets = parse_floats(o["budgets"], "budgets")
+    dense = parse_ints(o["dense_layers"], "dense_layers")
     lora = int(o["lora_rank"])
     tokenizer = load_tokenizer(o["model"])
     max_length = int(o["max_length"])
@@ -87,11 +84,8 @@ def run_encoder_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any
         "eval_sentences": len(held_sentences), "eval_tokens": int(sum(int(b["attention_mask"].sum()) for b in held)),
         "train_tokens": 0, "machine": machine(), "settings": dict(o), "components": {}, "records": [],
     }
-    if o["append"] or o.get("resume"):
-        components = keep_previous(result, out, components, lora, same=("eval_tokens", "model"),
-                                   resume=bool(o.get("resume")), echo=echo)
-    for comp in components:
-        t0 = time.perf_counter()
+
+    def measure(comp: str) -> Measured:
         echo(f"[{comp}] training routers ({o['steps']} steps, cosine distillation)...")
         em = get_elastic_model(load_model(o["model"]),
                                ElasticConfig(**SETTINGS[comp], dense_layers=dense, lora_rank=lora))
@@ -105,28 +99,24 @@ def run_encoder_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any
         echo(f"[{comp}] evaluating at budgets {budgets} beside {', '.join(baselines)} at matched block FLOPs...")
         ev = evaluate_encoder(em, held, budgets=budgets, baselines=baselines, calibration_data=calib,
                               pooling=o["pooling"], timing_reps=int(o["timing_reps"]), seed=int(o["seed"]))
-        for r in ev["records"]:
-            result["records"].append({"component": comp, "lora_rank": lora} |
-                                     {k: v for k, v in r.items() if k != "budgets"})
-        result["train_tokens"] += report.tokens
-        result["components"][comp if not lora else f"{comp}+lora{lora}"] = {
-            "train_tokens": report.tokens, "train_seconds": report.seconds,
-            "final_cosine_distance": report.final_distill,
-            "router_param_fraction": ev["router_param_fraction"], "dense_layers": list(dense),
-            "allocation_moves": len(em.allocation.moves) if em.allocation else 0,
-            "seconds": time.perf_counter() - t0,
-        }
+        records = [{"component": comp, "lora_rank": lora} | {k: v for k, v in r.items() if k != "budgets"}
+                   for r in ev["records"]]
+        info = {"train_tokens": report.tokens, "train_seconds": report.seconds,
+                "final_cosine_distance": report.final_distill,
+                "router_param_fraction": ev["router_param_fraction"], "dense_layers": list(dense),
+                "allocation_moves": len(em.allocation.moves) if em.allocation else 0}
+        return Measured(records, info, report.tokens)
+
+    def finish(result: dict[str, Any]) -> None:
         result["target"] = target_check(result)
         result["summary"] = summarize(result["records"], metric="cosine", higher_is_better=True)
-        atomic_write_json(out, result)
-        if plot is not None:
-            plot(result, out.with_suffix(".png"))
-        echo(f"[{comp}] done in {time.perf_counter() - t0:.0f}s; results so far in {out}")
-    return result
+
+    return run_settings(o, result, SETTINGS, measure, same=("eval_tokens", "model"), lora=lora, finish=finish,
+                        plot=plot, echo=echo)
 
 
 def plot_encoder_bench(result: dict[str, Any], path: Path) -> None:
-    plot_lm_bench(result, path, metrics=ENCODER_METRICS, data_name="sentences of held-out Gutenberg books")
+    plot_quality(result, path, metrics=ENCODER_METRICS, data_name="sentences of held-out Gutenberg books")
 
 
 def encoder_results_markdown(result: dict[str, Any]) -> str:

@@ -12,18 +12,19 @@ Results go to `bench/results/vision.json` (rewritten after each setting) and a P
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from .cache import atomic_write_json
-from .config import ElasticConfig
-from .errors import ConfigError
-from .model import ElasticModel
+from ..cache import atomic_write_json
+from ..config import ElasticConfig
+from ..errors import ConfigError
+from ..model import ElasticModel
+from ..evaluation.vision import evaluate_images
+from .runner import Measured, plot_quality, run_settings, summarize, update_readme
+from .settings import baselines_of
 
 VISION_SETTINGS: dict[str, dict[str, Any]] = {
     "mlp_tokens": dict(mlp_tokens=0.7),
@@ -47,88 +48,6 @@ VISION_BENCH_DEFAULTS = dict(
 )
 
 
-@torch.no_grad()
-def _features_and_logits(em: ElasticModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final [CLS] features (B, C) and class logits (B, classes) of one forward at the current routing."""
-    emb = em.embed(batch)
-    return emb.pooled, em.base_model.classifier(emb.pooled)
-
-
-def evaluate_images(em: ElasticModel, pixels: torch.Tensor, labels: torch.Tensor, budgets: Sequence[float],
-                    *, baselines: Sequence[str] = ("random",), calibration_data=None, batch_size: int = 256,
-                    seed: int = 0, progress: bool = True, match: str = "flops") -> dict[str, Any]:
-    """Test accuracy of the teacher and of the elastic model at each budget (one value for every routed component),
-    with the learned routers and each baseline, on the same images.
-
-    Returns `{"teacher_accuracy", "images", "router_param_fraction", "records": [...]}`; each record: method,
-    budget, accuracy, agreement (top-1 with the teacher), cosine (of the final features to the teacher's),
-    block_flops_ratio (executed / dense FLOPs of the transformer blocks, routers included).
-    """
-    if not hasattr(em.base_model, "classifier"):
-        raise ConfigError(f"the vision bench needs an image classifier (ViTForImageClassification), not a "
-                          f"{type(em.base_model).__name__}: pass a ViT folder with a classification head")
-    from .evaluate import apply_budget, match_flops, prepare_baselines, probe_flops
-
-    if "static" in baselines and calibration_data is None:
-        raise ConfigError("the static baseline is chosen on calibration images: pass calibration_data")
-    prepare_baselines(em, baselines, calibration_data)
-    if match not in ("flops", "budget"):
-        raise ConfigError(f"match={match!r}: pass 'flops' (baselines at the learned routers' FLOPs) or 'budget'")
-    methods = ["learned", *baselines]
-    batches = [(pixels[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, pixels.shape[0], batch_size)]
-    saved_budget, was_training = em.get_budget(), em.training
-    em.eval()
-    keys = [(m, b) for b in budgets for m in methods]
-    sums = {k: {"correct": 0, "agree": 0, "cos": 0.0, "dense": 0, "exec": 0} for k in keys}
-    teacher_correct = 0
-    bar = tqdm(total=len(batches) * (1 + len(keys)), desc="evaluating", disable=not progress)
-    generator = torch.Generator(device=pixels.device)  # the random baseline's draws (the global RNG is left alone)
-    contexts = {m: (lambda m=m: em.routing_method(m)) for m in methods}
-    plan = {(m, b): b for m, b in keys}  # the budget each method runs at: bisected to the learned routers' FLOPs
-    stack = contextlib.ExitStack()
-    try:
-        stack.enter_context(em._override("generator", generator))
-        if match == "flops" and baselines:
-            probe = {"pixel_values": batches[0][0]}
-            lowest = max(em.state.min_budget(k) for k in em.elastic_config.components()) + 1e-3
-            for b in budgets:
-                target = probe_flops(em, probe, b, contexts["learned"], generator, seed * 1009)
-                for m in baselines:
-                    plan[(m, b)] = match_flops(em, probe, b, target, contexts[m], lowest, generator, seed * 1009,
-                                               from_above=m == "static")
-        for bi, (x, y) in enumerate(batches):
-            batch = {"pixel_values": x}
-            with em.disable_routers():
-                t_feat, t_logits = _features_and_logits(em, batch)
-            t_pred = t_logits.argmax(-1)
-            teacher_correct += int((t_pred == y).sum())
-            bar.update()
-            for m, b in keys:
-                generator.manual_seed(seed * 1009 + bi)  # the random baseline draws the same way every run
-                with apply_budget(em, plan[(m, b)]), em.routing_method(m):
-                    feat, logits = _features_and_logits(em, batch)
-                stats = em.last_stats()
-                acc = sums[(m, b)]
-                pred = logits.argmax(-1)
-                acc["correct"] += int((pred == y).sum())
-                acc["agree"] += int((pred == t_pred).sum())
-                acc["cos"] += float(torch.nn.functional.cosine_similarity(feat, t_feat, dim=-1).sum())
-                acc["dense"] += stats["dense_flops"]
-                acc["exec"] += stats["elastic_flops"]
-                bar.update()
-    finally:
-        bar.close()
-        stack.close()
-        em.set_budget(**saved_budget)
-        em.train(was_training)
-    n = max(1, pixels.shape[0])
-    records = [{"method": m, "budget": b, "method_budget": plan[(m, b)], "accuracy": sums[(m, b)]["correct"] / n,
-                "agreement": sums[(m, b)]["agree"] / n, "cosine": sums[(m, b)]["cos"] / n,
-                "block_flops_ratio": sums[(m, b)]["exec"] / max(1, sums[(m, b)]["dense"])} for m, b in keys]
-    return {"teacher_accuracy": teacher_correct / n, "images": int(pixels.shape[0]),
-            "router_param_fraction": em.num_router_parameters() / max(1, em.num_base_parameters()), "records": records}
-
-
 def _train(em: ElasticModel, pixels: torch.Tensor, o: dict[str, Any], budgets: Sequence[float], steps: int) -> Any:
     """Cosine self-distillation on the final [CLS] features; images [N, C, H, W] are shuffled and batched by the
     trainer; one budget drawn per step from a range that covers the sweep."""
@@ -142,20 +61,19 @@ def _train(em: ElasticModel, pixels: torch.Tensor, o: dict[str, Any], budgets: S
 
 
 def run_vision_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
-    from .benchmark import baselines_of, summarize
-    from .timing import machine
-    from .validation import parse_floats as _floats, parse_ints as _ints
-    from .data_images import ImageFormat, load_fashion_mnist, parse_classes, pixel_values_for
-    from .model import get_elastic_model
-    from .models import load_model
-    from .evaluate import time_ratio
+    from ..data.images import ImageFormat, load_fashion_mnist, parse_classes, pixel_values_for
+    from ..evaluation.lm import time_ratio
+    from ..model import get_elastic_model
+    from ..loading.models import load_model
+    from ..evaluation.timing import machine
+    from ..validation import parse_floats, parse_ints
 
     components = [c.strip() for c in str(o["components"]).split(",") if c.strip()]
     unknown = [c for c in components + [o["domain_component"]] if c and c not in VISION_SETTINGS]
     if unknown:
         raise ConfigError(f"unknown vision bench components {unknown}: pick from {', '.join(VISION_SETTINGS)}")
-    budgets, domain_budgets = _floats(o["budgets"], "budgets"), _floats(o["domain_budgets"], "domain_budgets")
-    dense = _ints(o["dense_layers"], "dense_layers")
+    budgets, domain_budgets = parse_floats(o["budgets"], "budgets"), parse_floats(o["domain_budgets"], "domain_budgets")
+    dense = parse_ints(o["dense_layers"], "dense_layers")
     out = Path(o["output"])
     base = load_model(o["model"])
     fmt = ImageFormat.of(base)
@@ -171,27 +89,19 @@ def run_vision_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]
         "components": {}, "records": [],
         "domain": {"component": o["domain_component"], "steps": int(o["domain_steps"]), "records": []},
     }
+    if (o["append"] or o.get("resume")) and out.is_file():  # the domain runs of the earlier file, if not redone
+        import json
 
-    if (o["append"] or o.get("resume")) and out.is_file():  # keep the other settings' records (and the domain runs,
-        import json                                               # if not redone)
-
-        from .benchmark import keep_previous
-
-        previous = json.loads(out.read_text())
-        components = keep_previous(result, out, components, 0, same=("model", "test_images", "train_images"),
-                                   resume=bool(o.get("resume")), echo=echo)
-        result.pop("train_tokens", None)
-        result["teacher_accuracy"] = previous.get("teacher_accuracy")
-        if not o["domain_component"] and previous.get("domain"):
-            result["domain"] = previous["domain"]
-        elif o.get("resume") and (previous.get("domain") or {}).get("component") == o["domain_component"]:
-            result["domain"] = previous["domain"]  # its finished domains are kept and not run again
+        previous = json.loads(out.read_text()).get("domain")
+        if not o["domain_component"] and previous:
+            result["domain"] = previous
+        elif o.get("resume") and (previous or {}).get("component") == o["domain_component"]:
+            result["domain"] = previous  # its finished domains are kept and not run again
 
     def fresh(setting: dict[str, Any]) -> ElasticModel:
         return get_elastic_model(load_model(o["model"]), ElasticConfig(**setting, dense_layers=dense))
 
-    for comp in components:
-        t0 = time.perf_counter()
+    def measure(comp: str) -> Measured:
         echo(f"[{comp}] training routers ({o['steps']} steps, cosine distillation on the final [CLS] features)...")
         em = fresh(VISION_SETTINGS[comp])
         report = _train(em, train_x, o, budgets, int(o["steps"]))
@@ -204,21 +114,22 @@ def run_vision_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]
         for b in budgets:
             em.set_budget(b)
             timing[b] = time_ratio(em, {"pixel_values": test_x[:256]}, lambda: em.routing_method("learned"),
-                                    int(o["timing_reps"]))[0] if int(o["timing_reps"]) else None
-        for r in ev["records"]:
-            result["records"].append(r | {"component": comp, "teacher_accuracy": ev["teacher_accuracy"],
-                                          "time_ratio": timing[r["budget"]] if r["method"] == "learned" else None})
+                                   int(o["timing_reps"]))[0] if int(o["timing_reps"]) else None
+        records = [r | {"component": comp, "teacher_accuracy": ev["teacher_accuracy"],
+                        "time_ratio": timing[r["budget"]] if r["method"] == "learned" else None}
+                   for r in ev["records"]]
         result["teacher_accuracy"] = ev["teacher_accuracy"]
-        result["components"][comp] = {"train_images_seen": report.steps * int(o["batch_size"]), "steps": report.steps, "train_seconds": report.seconds,
-                                      "final_loss": report.history[-1]["loss"] if report.history else None,
-                                      "router_param_fraction": ev["router_param_fraction"],
-                                      "seconds": time.perf_counter() - t0}
+        info = {"train_images_seen": report.steps * int(o["batch_size"]), "steps": report.steps,
+                "train_seconds": report.seconds, "final_loss": report.history[-1]["loss"] if report.history else None,
+                "router_param_fraction": ev["router_param_fraction"]}
+        return Measured(records, info)
+
+    def finish(result: dict[str, Any]) -> None:
         result["summary"] = {metric: summarize([r | {"lora_rank": 0} for r in result["records"]], metric=metric,
                                                higher_is_better=True) for metric in ("cosine", "accuracy")}
-        atomic_write_json(out, result)
-        if plot is not None:
-            plot(result, out.with_suffix(".png"))
-        echo(f"[{comp}] done in {time.perf_counter() - t0:.0f}s; results so far in {out}")
+
+    run_settings(o | {"components": ",".join(components)}, result, VISION_SETTINGS, measure,
+                 same=("model", "test_images", "train_images"), finish=finish, plot=plot, echo=echo)
 
     if o["domain_component"]:
         comp = o["domain_component"]
@@ -269,9 +180,7 @@ def domain_gaps(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def plot_vision_bench(result: dict[str, Any], path: Path) -> None:
     """One panel per component: test accuracy against executed block FLOPs, one line per method."""
-    from .benchmark import plot_lm_bench
-
-    plot_lm_bench(result, path, metrics=(("accuracy", "test accuracy"),),
+    plot_quality(result, path, metrics=(("accuracy", "test accuracy"),),
                   data_name=f"Fashion-MNIST, {result['test_images']} test images")
 
 
@@ -327,6 +236,4 @@ def vision_results_markdown(result: dict[str, Any]) -> str:
 
 def update_vision_readme(result: dict[str, Any], readme: Path, image: str) -> None:
     """Rewrite the README's `<!-- results:vision -->` subsection from `vision.json`."""
-    from .benchmark import update_readme
-
     update_readme(result, readme, image, marker="vision", render=vision_results_markdown)

@@ -1,4 +1,4 @@
-"""The one optimisation loop both trainers run on accelerate: ElastiFormer's routers (`trainer.train_routers`) and
+"""The one optimisation loop both trainers run on accelerate: ElastiFormer's routers (`training.routers.train_routers`) and
 Flextron's shared weights (`flextron.training.train_flextron`).
 
 A trainer says what one micro-batch does (`micro_step`: forward, loss, backward; it returns the numbers to log) and
@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # micro_step(step, micro, sync) -> {name: number}: summed over a step's micro-batches into its log entry
 MicroStep = Callable[[int, int, bool], dict[str, float]]

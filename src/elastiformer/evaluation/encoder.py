@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, DataError
-from .evaluate import apply_budget, budget_settings, match_flops, nominal, prepare_baselines, probe_flops, time_ratio
-from .batches import as_batches
-from .model import ElasticModel
+from ..errors import ConfigError, DataError
+from .lm import apply_budget, budget_settings, match_flops, nominal, prepare_baselines, probe_flops, time_ratio
+from ..data.batches import as_batches
+from ..model import ElasticModel
 
 
 def nearest_other(emb: torch.Tensor) -> torch.Tensor:
@@ -72,7 +72,7 @@ def evaluate_encoder(
     """
     if em.is_causal:
         raise ConfigError("evaluate_encoder is for encoders (BERT, ViT): evaluate a causal LM with "
-                          "elastiformer.evaluate.evaluate")
+                          "elastiformer.evaluation.lm.evaluate")
     prepare_baselines(em, baselines, calibration_data)
     settings = budget_settings(em, budgets)
     items = _split_labels(data)
@@ -90,7 +90,7 @@ def evaluate_encoder(
     generator = torch.Generator(device=device)  # the random baseline's draws; the caller's global RNG is left alone
     contexts = {m: (lambda m=m: em.routing_method(m)) for m in methods}
     try:
-        with torch.no_grad(), em._override("generator", generator):
+        with torch.no_grad(), em.override("generator", generator):
             plan = {(m, i): setting for m in methods for i, setting in enumerate(settings)}
             if match == "flops" and baselines:
                 lowest = max(em.state.min_budget(k) for k in em.elastic_config.components()) + 1e-3

