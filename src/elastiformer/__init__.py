@@ -22,7 +22,8 @@ from .model import ElasticModel, get_elastic_model  # noqa: E402
 
 
 def load_model(*args, **kwargs):
-    """Load a model by short name, local folder, .gguf file, or pass through a loaded one (see elastiformer.loading.models)."""
+    """Load a model by short name, local folder, .gguf file, or pass through a loaded one (see
+    elastiformer.loading.models)."""
     from .loading.models import load_model as _load_model
 
     return _load_model(*args, **kwargs)

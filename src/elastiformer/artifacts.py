@@ -20,7 +20,7 @@ from .allocation import Allocation
 from .cache import atomic_dir
 from .config import ElasticConfig
 from .errors import ConfigError, ElastiformerError, RouterFileError
-from .validation import check_finite_tensors, safetensors_complete
+from .validation import check_finite_tensors, read_saved_folder, safetensors_complete
 from .version import __version__
 
 CONFIG_NAME = "elastic_config.json"
@@ -84,7 +84,8 @@ def load_routers(em, path: str | Path, meta: dict[str, Any], *, check_fingerprin
     try:
         tensors = load_file(str(path / WEIGHTS_NAME))
     except (SafetensorError, OSError, ValueError) as err:
-        raise RouterFileError(f"{path / WEIGHTS_NAME} is corrupt or unreadable ({err}): save the routers again") from err
+        raise RouterFileError(f"{path / WEIGHTS_NAME} is corrupt or unreadable ({err}): save the routers "
+                              "again") from err
     check_finite_tensors(tensors, str(path / WEIGHTS_NAME), "the routers diverged when they were trained; train "
                          "them again (with a lower learning rate)", RouterFileError)
     own = em.router_state_dict()
@@ -104,7 +105,8 @@ def load_routers(em, path: str | Path, meta: dict[str, Any], *, check_fingerprin
             target = getattr(modules[owner], attr)
             target.copy_(value.to(target.device, target.dtype))
     if meta.get("allocation") is not None:
-        em.state.set_allocation(Allocation.from_dict(meta["allocation"], em.state.n_layers, em.elastic_config.components(),
+        components = em.elastic_config.components()
+        em.state.set_allocation(Allocation.from_dict(meta["allocation"], em.state.n_layers, components,
                                                      where=str(path / CONFIG_NAME)))
     trained = meta.get("trained_budgets")
     if isinstance(trained, list) and len(trained) == 2 and all(isinstance(b, (int, float)) for b in trained):
@@ -122,16 +124,8 @@ def base_model_source(meta: dict[str, Any], path: str | Path) -> str:
 
 
 def read_router_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_dir():
-        raise RouterFileError(f"no router folder at {path}: pass the folder that save_pretrained wrote")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (path / name).is_file():
-            raise RouterFileError(f"{path} has no {name}: pass a folder written by ElasticModel.save_pretrained")
-    try:
-        meta = json.loads((path / CONFIG_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RouterFileError(f"{path / CONFIG_NAME} is not valid JSON ({err}): save the routers again") from err
+    path, meta = read_saved_folder(path, CONFIG_NAME, (CONFIG_NAME, WEIGHTS_NAME), "router folder", "ElasticModel",
+                                   "routers")
     if not isinstance(meta, dict):
         raise RouterFileError(f"{path / CONFIG_NAME} is not an elastiformer router config: save the routers again")
     version = meta.get("format_version")

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, DataError, ElastiformerError
+from .errors import ConfigError, DataError, ElastiformerError, RouterFileError
 
 
 # ---------------------------------------------------------------------------------------------------- option values
@@ -201,3 +201,19 @@ def project_readme() -> Path:
                           "pip install -e .")
     return readme
 
+
+def read_saved_folder(path: str | Path, config_name: str, files: tuple[str, ...], what: str, writer: str,
+                      thing: str) -> tuple[Path, Any]:
+    """A folder written by `<writer>.save_pretrained`: it exists, holds `files`, and its `config_name` is JSON.
+    -> (the folder, the parsed JSON, not yet checked). what: the folder's name in errors ("router folder");
+    thing: what to save again ("routers")."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RouterFileError(f"no {what} at {path}: pass the folder that save_pretrained wrote")
+    for name in files:
+        if not (path / name).is_file():
+            raise RouterFileError(f"{path} has no {name}: pass a folder written by {writer}.save_pretrained")
+    try:
+        return path, json.loads((path / config_name).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RouterFileError(f"{path / config_name} is not valid JSON ({err}): save the {thing} again") from err

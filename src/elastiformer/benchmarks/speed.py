@@ -153,7 +153,7 @@ def run_speed_bench(o: dict[str, Any], echo=print, new_model: Callable[[], Any] 
 
     if int(o["threads"]):
         torch.set_num_threads(int(o["threads"]))
-    components = ",".join(parse_components(o["components"], SPEED_SETTINGS)) if str(o["components"]).strip() else ""
+    parse_components(o["components"], SPEED_SETTINGS)  # an unknown setting is refused before any work
     budgets = parse_floats(o["budgets"], "budgets")
     new_model = new_model or (lambda: _load_model(o["model"]))
     train, held = data if data is not None else _load_books(o)
@@ -185,8 +185,7 @@ def run_speed_bench(o: dict[str, Any], echo=print, new_model: Callable[[], Any] 
         em.unload()
         return Measured(records)
 
-    run_settings(o | {"components": components}, result, SPEED_SETTINGS, measure, same=(), plot=plot_speed,
-                 echo=echo)
+    run_settings(o, result, SPEED_SETTINGS, measure, same=(), plot=plot_speed, echo=echo)
     if o["flextron"]:
         checkpoint = o.get("flextron_checkpoint")
         fm = (FlextronModel.from_pretrained(checkpoint) if checkpoint else

@@ -128,7 +128,7 @@ def run_vision_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]
         result["summary"] = {metric: summarize([r | {"lora_rank": 0} for r in result["records"]], metric=metric,
                                                higher_is_better=True) for metric in ("cosine", "accuracy")}
 
-    run_settings(o | {"components": ",".join(components)}, result, VISION_SETTINGS, measure,
+    run_settings(o, result, VISION_SETTINGS, measure,
                  same=("model", "test_images", "train_images"), finish=finish, plot=plot, echo=echo)
 
     if o["domain_component"]:

@@ -62,8 +62,8 @@ def lm_quality(model: Callable[[dict], Any], teacher: TeacherCache, stats: Calla
 @torch.no_grad()
 def time_forwards(setups: dict[str, tuple[Callable[[], Any], Callable[[], Any]]], reps: int = 5,
                   warmup: int = 1, desc: str | None = None) -> dict[str, float]:
-    """Median milliseconds of each setup's forward, interleaved across setups (`evaluation.timing.time_setups`, in ms: what
-    latency tables hold). setups: name -> (prepare, run), `run()` one forward, routing included."""
+    """Median milliseconds of each setup's forward, interleaved across setups (`evaluation.timing.time_setups`, in
+    ms: what latency tables hold). setups: name -> (prepare, run), `run()` one forward, routing included."""
     return {k: v * 1e3 for k, v in time_setups(setups, reps=reps, warmup=warmup, desc=desc).items()}
 
 

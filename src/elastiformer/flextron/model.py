@@ -29,6 +29,7 @@ from ..errors import ConfigError, ElastiformerError, RouterFileError
 from ..flops import attention_projection_flops, attention_score_flops, dense_attention_flops, lm_head_flops, mlp_flops
 from ..artifacts import weight_fingerprint
 from ..model import WrappedModel
+from ..validation import read_saved_folder
 from .config import FORMAT_VERSION, FlextronConfig, menu_counts
 from .nested import Choice, FlextronState, NestedAttention, NestedMLP
 
@@ -332,16 +333,8 @@ class FlextronModel(WrappedModel):
 
 
 def read_flextron_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_dir():
-        raise RouterFileError(f"no Flextron checkpoint at {path}: pass the folder that save_pretrained wrote")
-    for name in (CONFIG_NAME, "config.json"):
-        if not (path / name).is_file():
-            raise RouterFileError(f"{path} has no {name}: pass a folder written by FlextronModel.save_pretrained")
-    try:
-        meta = json.loads((path / CONFIG_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RouterFileError(f"{path / CONFIG_NAME} is not valid JSON ({err}): save the checkpoint again") from err
+    path, meta = read_saved_folder(path, CONFIG_NAME, (CONFIG_NAME, "config.json"), "Flextron checkpoint",
+                                   "FlextronModel", "checkpoint")
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if not isinstance(version, int) or "flextron_config" not in meta:
         raise RouterFileError(f"{path / CONFIG_NAME} is not a Flextron config: save the checkpoint again")
