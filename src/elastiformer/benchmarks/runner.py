@@ -51,7 +51,7 @@ def run_settings(o: dict[str, Any], result: dict[str, Any], settings: dict[str, 
                  finish: Callable[[dict[str, Any]], None] | None = None,
                  plot: Callable[[dict, Path], None] | None = None, echo=print) -> dict[str, Any]:
     """Run `measure(setting)` for each setting of `o["components"]` (names of `settings`), adding its records to
-    `result` and saving the result (JSON and plot, then `finish(result)` for summaries) after each one.
+    `result`, then `finish(result)` (summaries), then saving the JSON and plot, after each one.
 
     `o["append"]` / `o["resume"]`: keep an earlier result file at `o["output"]` measured on the same data (`same`
     keys agree); `resume` also skips the settings it finished."""
