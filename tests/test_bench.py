@@ -43,7 +43,10 @@ def test_bench_writes_the_result_schema_and_readme(workspace, tmp_path):  # noqa
     readme.write_text("# x\n<!-- results:lm -->\nold\n<!-- /results:lm -->\nafter\n")
     update_readme(saved, readme, "lm.png", marker="lm", render=results_markdown)
     text = readme.read_text()
-    assert "old" not in text and text.endswith("after\n") and text.count("| mlp_tokens |") == 10
+    again = sum("learned_at_same_flops" in r for r in saved["records"] if r["setting"] == "mlp_tokens")
+    assert "old" not in text and text.endswith("after\n") and text.count("| mlp_tokens |") == 10 + again
+    assert text.count("| learned @ static FLOPs |") == again + sum(
+        "learned_at_same_flops" in r for r in saved["records"] if r["setting"] != "mlp_tokens")
 
 
 def one_setting_bench(workspace, out, **overrides) -> dict:  # noqa: F811

@@ -151,6 +151,7 @@ def test_baselines_run_at_the_learned_routers_flops():
     train_routers(em, tokens(B=16, T=32, seed=3), steps=4, progress=False, calibration_data=calib)
     result = evaluate(em, tokens(B=8, T=32, seed=5), budgets=[0.7, 0.5], calibration_data=calib, timing_reps=0,
                       baselines=("random", "norm", "norm_allocated", "static"), progress=False)
+    stepped = []
     for b in (0.7, 0.5):
         recs = {r["method"]: r for r in result["records"] if r["budget"] == b}
         learned = recs["learned"]["block_flops_ratio"]
@@ -159,6 +160,29 @@ def test_baselines_run_at_the_learned_routers_flops():
         assert recs["static"]["block_flops_ratio"] >= learned - 0.02
         assert recs["learned"]["method_budget"] == b
         assert any(recs[m]["method_budget"] != b for m in ("random", "norm", "static"))  # they were moved
+        again = recs["static"].get("learned_at_same_flops")  # learned, measured again at static's FLOPs
+        if recs["static"]["block_flops_ratio"] > learned + 0.01:
+            assert again is not None and abs(again["block_flops_ratio"] - recs["static"]["block_flops_ratio"]) < 0.03
+            assert again["method_budget"] > b
+        stepped.append(again is not None)
+    assert any(stepped)  # with 4 layers, static's whole-layer steps miss the learned FLOPs at one budget at least
+
+
+def test_summary_pairs_static_with_the_learned_routers_at_its_own_flops():
+    from elastiformer.benchmarks.runner import summarize
+
+    def rec(method, flops, loss, **extra):
+        return {"setting": "attn_tokens", "component": "attn_tokens", "lora_rank": 0, "budget": 0.9,
+                "method": method, "block_flops_ratio": flops, "delta_lm_loss": loss} | extra
+
+    learned = rec("learned", 0.970, 0.09)
+    static = rec("static", 0.980, 0.08)
+    assert summarize([learned, static])["won"] == 0  # more FLOPs and a lower loss: the baseline wins that pair
+    again = {"block_flops_ratio": 0.980, "delta_lm_loss": 0.07}
+    assert summarize([learned, static | {"learned_at_same_flops": again}])["won"] == 1
+    worse = {"block_flops_ratio": 0.980, "delta_lm_loss": 0.085}
+    lost = summarize([learned, static | {"learned_at_same_flops": worse}])["lost"]
+    assert lost[0]["learned"] == [0.980, 0.085]
 
 
 def test_static_baseline_keeps_the_most_important_experts():

@@ -131,7 +131,7 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
                 "decode_time_ratio": timing[r["budget"]][1] if timed else None,
                 "last_word_acc": last_word[r["budget"]]["acc"] if timed and last_word else None,
                 "last_word_ppl": last_word[r["budget"]]["perplexity"] if timed and last_word else None,
-            })
+            } | ({"learned_at_same_flops": r["learned_at_same_flops"]} if "learned_at_same_flops" in r else {}))
         result["teacher_nll"] = ev["teacher_nll"]
         info = {"train_tokens": report.tokens, "train_seconds": report.seconds, "final_kl": report.final_kl,
                 "train_options": train_options, "router_param_fraction": ev["router_param_fraction"],
@@ -168,7 +168,8 @@ def results_markdown(result: dict[str, Any]) -> str:
         f"on the local `elastiformer_last_word` task ({result['settings'].get('lm_eval_docs', 0)} passages of the "
         f"held-out books; teacher {result.get('teacher_last_word', {}).get('acc', float('nan')):.3f}), learned "
         "routing only. Baselines run at the learned routers' block FLOPs (their budget bisected; static pruning, "
-        "whose FLOPs move in whole layers, at the nearest point with at least as many). "
+        "whose FLOPs move in whole layers, at the nearest point with at least as many, where the learned routers "
+        "are measured again: the row 'learned @ static FLOPs'). "
         "Regenerate: `make bench` (= `elastiformer bench`), then `elastiformer bench --readme`.",
         "",
         summary_line(result.get("summary") or summarize(result["records"])),
@@ -185,6 +186,11 @@ def results_markdown(result: dict[str, Any]) -> str:
                      f"{r['delta_lm_loss']:+.3f} | {r['kl']:.3f} | {r['top1_agreement']:.3f} | "
                      f"{fmt(r.get('last_word_acc'), '.3f')} | {fmt(r['prefill_time_ratio'])} | "
                      f"{fmt(r['decode_time_ratio'])} |")
+        if "learned_at_same_flops" in r:
+            q = r["learned_at_same_flops"]
+            lines.append(f"| {label(r)} | {r['budget']:.2f} | learned @ {r['method']} FLOPs | "
+                         f"{q['block_flops_ratio']:.3f} | {q['delta_lm_loss']:+.3f} | {q['kl']:.3f} | "
+                         f"{q['top1_agreement']:.3f} | - | - | - |")
     return "\n".join(lines) + "\n"
 
 

@@ -114,7 +114,9 @@ def keep_previous(result: dict[str, Any], out: Path, components: list[str], lora
 def summarize(records: list[dict[str, Any]], tolerance: float = 0.01, metric: str = "delta_lm_loss",
               higher_is_better: bool = False) -> dict[str, Any]:
     """Learned routing against each baseline at matched block FLOPs: a pair is won when learned is at least as
-    good on `metric` (ΔLM loss: no higher) while executing at most `tolerance` more block FLOPs than the baseline."""
+    good on `metric` (ΔLM loss: no higher) while executing at most `tolerance` more block FLOPs than the baseline.
+    A baseline record holding `learned_at_same_flops` (static pruning, whose FLOPs move in steps and land above the
+    learned routers') is compared with that measurement of the learned routers at its own FLOPs."""
     pairs, won, lost = 0, 0, []
     groups: dict[tuple, dict[str, dict]] = {}
     for r in records:
@@ -128,12 +130,12 @@ def summarize(records: list[dict[str, Any]], tolerance: float = 0.01, metric: st
                 continue
             pairs += 1
             sign = -1.0 if higher_is_better else 1.0
-            if sign * learned[metric] <= sign * r[metric] and \
-                    learned["block_flops_ratio"] <= r["block_flops_ratio"] + tolerance:
+            ours = r.get("learned_at_same_flops") or learned
+            if sign * ours[metric] <= sign * r[metric] and ours["block_flops_ratio"] <= r["block_flops_ratio"] + tolerance:
                 won += 1
             else:
                 lost.append({"setting": setting, "lora_rank": lora, "budget": budget, "baseline": method,
-                             "learned": [learned["block_flops_ratio"], learned[metric]],
+                             "learned": [ours["block_flops_ratio"], ours[metric]],
                              "baseline_point": [r["block_flops_ratio"], r[metric]]})
     return {"metric": metric, "pairs": pairs, "won": won, "lost": lost}
 

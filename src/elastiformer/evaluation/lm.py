@@ -18,6 +18,10 @@ from ..model import ElasticModel
 from .timing import interleaved
 from ..validation import check_int
 
+# baselines whose FLOPs move in steps (whole sub-layers dropped): they run at the nearest budget executing at least
+# the learned routers' FLOPs, and the learned routers are measured again at theirs ("learned_at_same_flops")
+STEP_BASELINES = ("static",)
+
 
 def lm_metrics(teacher: torch.Tensor, student: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> dict:
     """Sums over next-token positions: teacher / student NLL on the real next tokens, KL(teacher || student),
@@ -159,7 +163,9 @@ def evaluate(
     score with the learned routers' fitted allocation) and "static" (pruning chosen once); all but random are
     fitted on `calibration_data`. `match="flops"` (default) runs each baseline at the budget where it executes the
     learned routers' block FLOPs (bisected on the first batch; `method_budget` in its record); `match="budget"`
-    runs it at the same budget.
+    runs it at the same budget. Static pruning moves in steps, so it runs at the nearest budget that executes at least
+    the learned FLOPs; when that is more, its record also holds `learned_at_same_flops`: the learned routers measured
+    again at static's FLOPs (their budget bisected), the fair partner for that pair.
 
     Returns `{"teacher_nll", "teacher_perplexity", "tokens", "router_param_fraction", "records": [...]}`, one
     record per (method, budget) with: delta_lm_loss (elastic NLL - teacher NLL, nats/token), kl (per token),
@@ -197,8 +203,7 @@ def evaluate(
     sums = {(m, i): {"n": 0, "nll_teacher": 0.0, "nll": 0.0, "kl": 0.0, "agree": 0.0, "dense": 0, "exec": 0,
                      "model_dense": 0, "model_exec": 0} for m in methods for i in range(len(settings))}
     teacher_sum = {"n": 0, "nll": 0.0}
-    total = len(batches) * (1 + len(methods) * len(settings)) + (len(methods) * len(settings) if timing_reps else 0)
-    bar = tqdm(total=total, desc="evaluating", disable=not progress)  # (timing included: one step per run timed)
+    bar = tqdm(desc="evaluating", disable=not progress)  # (its total is known once the FLOPs are matched)
     try:
         with torch.no_grad(), em.override("generator", generator):
             # what each method runs at: the same budget, or the budget at which it executes the learned routers'
@@ -210,52 +215,64 @@ def evaluate(
                     target = probe_flops(em, batches[0], setting, contexts["learned"], generator, seed * 1009)
                     for m in baselines:
                         plan[(m, i)] = match_flops(em, batches[0], setting, target, contexts[m], lowest, generator,
-                                                   seed * 1009, from_above=m == "static")
+                                                   seed * 1009, from_above=m in STEP_BASELINES)
+                        if m not in STEP_BASELINES:
+                            continue
+                        # a baseline that moves in steps runs at or above the learned FLOPs: the learned routers are
+                        # measured again at its FLOPs, so that pair is compared at matched compute, not with the
+                        # baseline holding more of it
+                        got = probe_flops(em, batches[0], plan[(m, i)], contexts[m], generator, seed * 1009)
+                        if got > target + 1e-3:
+                            plan[(f"learned@{m}", i)] = match_flops(em, batches[0], setting, got, contexts["learned"],
+                                                                    lowest, generator, seed * 1009)
+            bar.reset(total=len(batches) * (1 + len(plan)) + (len(methods) * len(settings) if timing_reps else 0))
             for bi, batch in enumerate(batches):
                 with em.disable_routers():
                     teacher = em(**batch).logits
                 bar.update()
-                for i in range(len(settings)):
-                    for m in methods:
-                        generator.manual_seed(seed * 1009 + bi)  # the random baseline draws the same way every run
-                        with apply_budget(em, plan[(m, i)]), contexts[m]():
-                            student = em(**batch).logits
-                        stats = em.last_stats()
-                        r = lm_metrics(teacher, student, batch["input_ids"], batch.get("attention_mask"))
-                        acc = sums[(m, i)]
-                        for k in ("n", "nll_teacher", "nll", "kl", "agree"):
-                            acc[k] += r[k]
-                        acc["dense"] += stats["dense_flops"]
-                        acc["exec"] += stats["elastic_flops"]
-                        acc["model_dense"] += stats.get("model_dense_flops", stats["dense_flops"])
-                        acc["model_exec"] += stats.get("model_elastic_flops", stats["elastic_flops"])
-                        bar.update()
+                for (m, i), budget in plan.items():
+                    generator.manual_seed(seed * 1009 + bi)  # the random baseline draws the same way every run
+                    with apply_budget(em, budget), contexts[m.split("@")[0]]():
+                        student = em(**batch).logits
+                    stats = em.last_stats()
+                    r = lm_metrics(teacher, student, batch["input_ids"], batch.get("attention_mask"))
+                    acc = sums.setdefault((m, i), dict.fromkeys(next(iter(sums.values())), 0))
+                    for k in ("n", "nll_teacher", "nll", "kl", "agree"):
+                        acc[k] += r[k]
+                    acc["dense"] += stats["dense_flops"]
+                    acc["exec"] += stats["elastic_flops"]
+                    acc["model_dense"] += stats.get("model_dense_flops", stats["dense_flops"])
+                    acc["model_exec"] += stats.get("model_elastic_flops", stats["elastic_flops"])
+                    bar.update()
                 teacher_sum["n"] += r["n"]
                 teacher_sum["nll"] += r["nll_teacher"]
+
+            def quality(m: str, i: int) -> dict[str, Any]:
+                acc = sums[(m, i)]
+                n = max(1, acc["n"])
+                return {
+                    "method_budget": nominal(plan[(m, i)]),
+                    "delta_lm_loss": (acc["nll"] - acc["nll_teacher"]) / n,
+                    "kl": acc["kl"] / n,
+                    "top1_agreement": acc["agree"] / n,
+                    "perplexity": math.exp(min(50.0, acc["nll"] / n)),
+                    "block_flops_ratio": acc["exec"] / acc["dense"] if acc["dense"] else 1.0,
+                    "model_flops_ratio": acc["model_exec"] / acc["model_dense"] if acc["model_dense"] else 1.0,
+                }
+
             records = []
             for i, setting in enumerate(settings):
                 for m in methods:
-                    acc = sums[(m, i)]
-                    n = max(1, acc["n"])
                     ratio = None
                     with apply_budget(em, plan[(m, i)]):
                         budgets_used = em.get_budget()
                         if timing_reps:
                             ratio, _, _ = time_ratio(em, batches[0], contexts[m], timing_reps)
                             bar.update()
-                    records.append({
-                        "method": m,
-                        "budget": nominal(setting),
-                        "method_budget": nominal(plan[(m, i)]),
-                        "budgets": budgets_used,
-                        "delta_lm_loss": (acc["nll"] - acc["nll_teacher"]) / n,
-                        "kl": acc["kl"] / n,
-                        "top1_agreement": acc["agree"] / n,
-                        "perplexity": math.exp(min(50.0, acc["nll"] / n)),
-                        "block_flops_ratio": acc["exec"] / acc["dense"] if acc["dense"] else 1.0,
-                        "model_flops_ratio": acc["model_exec"] / acc["model_dense"] if acc["model_dense"] else 1.0,
-                        "prefill_time_ratio": ratio,
-                    })
+                    records.append({"method": m, "budget": nominal(setting), "budgets": budgets_used}
+                                   | quality(m, i) | {"prefill_time_ratio": ratio})
+                    if (f"learned@{m}", i) in plan:
+                        records[-1]["learned_at_same_flops"] = quality(f"learned@{m}", i)
     finally:
         bar.close()
         if saved_budget:
