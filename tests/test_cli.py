@@ -295,18 +295,19 @@ def test_yaml_values_are_checked_like_command_line_values(tmp_path, capsys, yaml
 def test_yaml_false_strings_are_false(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("overwrite: 'false'\nbudgets: [0.5, 0.8]\ndense_layers: 0\n")
-    merged = cli_options.merge_options(cfg, {}, {"overwrite": True, "budgets": "0.9", "dense_layers": ""})
+    from elastiformer.options import Option
+
+    options = {"overwrite": Option(True, "."), "budgets": Option("0.9", "."), "dense_layers": Option("", ".")}
+    merged = cli_options.merge_options(cfg, {}, options)
     assert merged == {"overwrite": False, "budgets": "0.5,0.8", "dense_layers": "0"}
 
 
 def test_yaml_values_take_the_options_declared_types(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("steps: '7'\nlr: '0.01'\nbatch_size: 2.0\ndense_layers: 0\n")
-    merged = cli_options.merge_options(cfg, {}, dict(cli_app.TRAIN_DEFAULTS), command=cli_app.train)
+    merged = cli_options.merge_options(cfg, {}, cli_app.TRAIN_OPTIONS)
     assert (merged["steps"], merged["lr"], merged["batch_size"], merged["dense_layers"]) == (7, 0.01, 2, "0")
     assert type(merged["steps"]) is int and type(merged["lr"]) is float
-    kinds = cli_options.declared_option_types(cli_app.train)
-    assert kinds["steps"] is int and kinds["lr"] is float and kinds["overwrite"] is bool
 
 
 def test_bench_speed_through_the_command_line(workspace, tmp_path, capsys, monkeypatch):

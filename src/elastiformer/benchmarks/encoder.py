@@ -16,17 +16,36 @@ from pathlib import Path
 from typing import Any
 
 from ..evaluation.timing import machine
+from ..options import Option, defaults
 from .runner import Measured, parse_components, plot_quality, run_settings, summarize, summary_line
 from .settings import SETTINGS, baselines_of
 
-ENCODER_BENCH_DEFAULTS = dict(
-    model="minilm-l6", train_data="gutenberg", eval_data="gutenberg",
-    components="mlp_tokens,attn_tokens,attn_heads,mlp_experts,combined",
-    budgets="0.5,0.6,0.75,0.9", dense_layers="", steps=40, batch_size=16, lr=5e-3, max_length=48,
-    train_sentences=2000, eval_sentences=192, pooling="mean", token_weight=0.0, timing_reps=2,
-    output="bench/results/encoder.json",
-    seed=0, lora_rank=0, append=False, resume=False,
-)
+ENCODER_BENCH_OPTIONS = {
+    "model": Option("minilm-l6", "The sentence encoder."),
+    "train_data": Option("gutenberg", "Sentences the routers train on: 'gutenberg' (its training books) or your "
+                         "own text."),
+    "eval_data": Option("gutenberg", "Held-out sentences: 'gutenberg' (its held-out books) or your own text."),
+    "components": Option("mlp_tokens,attn_tokens,attn_heads,mlp_experts,combined", "Settings to run."),
+    "budgets": Option("0.5,0.6,0.75,0.9", "Budgets of the sweep."),
+    "dense_layers": Option("", "Layers never routed, e.g. 0,-1."),
+    "steps": Option(40, "Training steps per setting."),
+    "batch_size": Option(16, "Sentences per training step."),
+    "lr": Option(5e-3, "Peak learning rate of the routers."),
+    "max_length": Option(48, "Tokens per sentence (longer ones are cut)."),
+    "train_sentences": Option(2000, "Training sentences."),
+    "eval_sentences": Option(192, "Held-out sentences."),
+    "pooling": Option("mean", "How the sentence embedding is pooled: mean, cls or pooler."),
+    "token_weight": Option(0.0, "Weight of the per-token cosine distance added to the sentence-embedding loss."),
+    "timing_reps": Option(2, "Interleaved timing repetitions (0: quality only)."),
+    "output": Option("bench/results/encoder.json", "Result JSON (a PNG beside it).", kind=Path),
+    "seed": Option(0, "Seed of data order, budgets and router init."),
+    "lora_rank": Option(0, "Train rank-r LoRA on the attention projections too."),
+    "append": Option(False, "Keep the other settings' records in OUTPUT."),
+    "resume": Option(False, "Continue an interrupted bench: keep every setting OUTPUT already holds and run only "
+                     "the others."),
+    "overwrite": Option(False, "Replace an existing OUTPUT (and its PNG)."),
+}
+ENCODER_BENCH_DEFAULTS = defaults(ENCODER_BENCH_OPTIONS)
 TARGET_FLOPS = 0.75  # the issue's target: at 25% of block FLOPs removed, ...
 TARGET_COSINE, TARGET_RETRIEVAL = 0.97, 0.9  # ... mean cosine >= 0.97 and retrieval agreement >= 0.9
 

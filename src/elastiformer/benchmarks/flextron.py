@@ -27,15 +27,41 @@ import torch
 from ..cache import atomic_write_json, cache_dir
 from ..errors import ConfigError
 from ..evaluation.timing import machine
+from ..options import Option, defaults
 
 LATENCY_TOLERANCE = 0.10  # the target: measured latency within 10% of the budget
-FLEXTRON_BENCH_DEFAULTS = dict(
-    model="smollm2-135m", checkpoint=None, sorted_checkpoint=None, allow_untrained=False, budgets="0.5,0.75",
-    continued_training_steps=300, continued_training_warmup=10,
-    train_sequences=1000, seq_len=128, eval_sequences=8, eval_seq_len=256, n_configs=128, calibration_sequences=32,
-    router_steps=400, joint_steps=8, adaptive=True, elastiformer_steps=40, latency_batch=1, latency_seq_len=256,
-    latency_reps=3, latency_check_reps=2, timing_reps=3, output="bench/results/flextron.json", seed=0,
-)
+FLEXTRON_BENCH_OPTIONS = {
+    "model": Option("smollm2-135m", "The base model, sorted and continue-trained first when the checkpoints are "
+                    "missing."),
+    "checkpoint": Option(None, "Continued-trained Flextron checkpoint (default: the cache's "
+                         "flextron/smollm2-135m-trained).", kind=Path),
+    "sorted_checkpoint": Option(None, "Sorted, not continued-trained checkpoint (default: the cache's "
+                                "flextron/smollm2-135m-sorted; sorted here if missing).", kind=Path),
+    "allow_untrained": Option(False, "Without a continued-trained checkpoint, route the sorted one (the result "
+                              "says so)."),
+    "budgets": Option("0.5,0.75", "Fractions of the full model's latency."),
+    "continued_training_steps": Option(300, "Elastic continued-training steps when the trained checkpoint is made "
+                                       "here."),
+    "continued_training_warmup": Option(10, "Their warmup steps."),
+    "train_sequences": Option(1000, "Training sequences (routers, and continued training)."),
+    "seq_len": Option(128, "Tokens per training sequence."),
+    "eval_sequences": Option(8, "Held-out sequences evaluated."),
+    "eval_seq_len": Option(256, "Tokens per held-out sequence."),
+    "n_configs": Option(128, "Configurations measured to fit the surrogate."),
+    "calibration_sequences": Option(32, "Sequences the configurations are measured on."),
+    "router_steps": Option(400, "Router steps through the surrogate."),
+    "joint_steps": Option(8, "Joint fine-tune steps through the model."),
+    "adaptive": Option(True, "Also train and measure the input-adaptive router."),
+    "elastiformer_steps": Option(40, "Training steps of the ElastiFormer routers compared at the same FLOPs."),
+    "latency_batch": Option(1, "Batch of the latency table and of the timed forwards."),
+    "latency_seq_len": Option(256, "Sequence length of the latency table and of the timed forwards."),
+    "latency_reps": Option(3, "Timed repetitions per latency-table cell."),
+    "latency_check_reps": Option(2, "Repetitions of the end-to-end check of the latency table."),
+    "timing_reps": Option(3, "Interleaved timing repetitions of each budget's forward."),
+    "output": Option("bench/results/flextron.json", "Result JSON.", kind=Path),
+    "seed": Option(0, "Seed of data, configurations and router init."),
+}
+FLEXTRON_BENCH_DEFAULTS = defaults(FLEXTRON_BENCH_OPTIONS)
 
 
 def default_checkpoints() -> dict[str, Path]:

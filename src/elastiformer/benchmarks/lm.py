@@ -21,20 +21,41 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ElasticConfig
+from ..options import Option, defaults
 from ..evaluation.lm import evaluate, time_ratio
 from ..evaluation.timing import interleaved, machine
 from .runner import Measured, parse_components, label, plot_allocation, plot_quality, run_settings, summarize, summary_line
 from .settings import SETTINGS, baselines_of, component_of
 
-BENCH_DEFAULTS = dict(
-    model="smollm2-135m",
-    components="mlp_tokens,mlp_tokens_paper,mlp_tokens_sensitivity,mlp_tokens_student,attn_tokens,attn_heads,"
-               "mlp_experts,mlp_experts_cluster,combined",
-    budgets="0.6,0.75,0.8,0.9", dense_layers="", steps=60, allocation_batches=1, batch_size=4, seq_len=128,
-    train_sequences=2000, eval_sequences=8, eval_seq_len=256, prefill_batch=4, prefill_len=512, decode_tokens=64,
-    timing_reps=2,
-    lm_eval_docs=200, output="bench/results/lm.json", seed=0, lora_rank=0, append=False, resume=False, overwrite=False,
-)
+BENCH_OPTIONS = {
+    "model": Option("smollm2-135m", "The base model."),
+    "components": Option("mlp_tokens,mlp_tokens_paper,mlp_tokens_sensitivity,mlp_tokens_student,attn_tokens,"
+                         "attn_heads,mlp_experts,mlp_experts_cluster,combined",
+                         "Settings to run: mlp_tokens, mlp_tokens_paper, mlp_tokens_sensitivity, mlp_tokens_student "
+                         "(router objectives), attn_tokens, attn_heads, mlp_experts, mlp_experts_cluster, combined."),
+    "budgets": Option("0.6,0.75,0.8,0.9", "Budgets of the sweep."),
+    "dense_layers": Option("", "Layers never routed, e.g. 0,-1 (default: none; the fitted allocation decides)."),
+    "steps": Option(60, "Training steps per setting."),
+    "allocation_batches": Option(1, "Calibration batches the per-layer allocation is fitted on."),
+    "batch_size": Option(4, "Sequences per training step."),
+    "seq_len": Option(128, "Tokens per training sequence."),
+    "train_sequences": Option(2000, "Training sequences (Gutenberg training books)."),
+    "eval_sequences": Option(8, "Held-out sequences evaluated."),
+    "eval_seq_len": Option(256, "Tokens per held-out sequence."),
+    "prefill_batch": Option(4, "Sequences of the timed prefill."),
+    "prefill_len": Option(512, "Tokens per sequence of the timed prefill."),
+    "decode_tokens": Option(64, "Tokens generated per timed generation."),
+    "timing_reps": Option(2, "Interleaved timing repetitions (0: quality only)."),
+    "lm_eval_docs": Option(200, "Passages of the last-word task run through lm-evaluation-harness (0: skip)."),
+    "output": Option("bench/results/lm.json", "Result JSON (a PNG beside it).", kind=Path),
+    "seed": Option(0, "Seed of data order, budgets and router init."),
+    "lora_rank": Option(0, "Train rank-r LoRA on the attention projections too."),
+    "append": Option(False, "Keep the other settings' records in OUTPUT."),
+    "resume": Option(False, "Continue an interrupted bench: keep every setting OUTPUT already holds (each is "
+                     "written as it finishes) and run only the others."),
+    "overwrite": Option(False, "Replace an existing OUTPUT (and its PNG)."),
+}
+BENCH_DEFAULTS = defaults(BENCH_OPTIONS)
 
 
 def decode_ratio(em, prompt: torch.Tensor, new_tokens: int, reps: int) -> float:

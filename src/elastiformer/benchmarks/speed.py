@@ -26,18 +26,38 @@ import torch
 from ..cache import atomic_path
 from ..config import ElasticConfig
 from ..evaluation.timing import interleaved, machine
+from ..options import Option, defaults
 from .runner import Measured, parse_components, run_settings, save_result
 from .settings import SETTINGS
 
 SPEED_SETTINGS = {k: SETTINGS[k] for k in ("mlp_tokens", "attn_tokens", "attn_heads", "mlp_experts",
                                            "mlp_experts_cluster", "combined")}
-SPEED_DEFAULTS = dict(
-    model="smollm2-135m", components=",".join(SPEED_SETTINGS), budgets="0.6,0.75,0.9", steps=30, target_steps=0,
-    batch_size=4, allocation_sequences=4,
-    seq_len=128, train_sequences=400, prefill_batch=4, prefill_len=512, decode_tokens=64, decode_batches="1,8",
-    prompt_len=32, reps=3, flextron=True, flextron_checkpoint=None, threads=0, seed=0,
-    output="bench/results/speed.json", overwrite=False,
-)
+SPEED_OPTIONS = {
+    "model": Option("smollm2-135m", "The base model."),
+    "components": Option(",".join(SPEED_SETTINGS), "ElastiFormer settings to time: "
+                         f"{', '.join(SPEED_SETTINGS)} ('' for none)."),
+    "budgets": Option("0.6,0.75,0.9", "Budgets, for Flextron too."),
+    "steps": Option(30, "Router training steps per setting (the routes matter for speed, not their quality)."),
+    "target_steps": Option(0, "Teacher forwards of the router-target phase before training."),
+    "batch_size": Option(4, "Sequences per router training step."),
+    "allocation_sequences": Option(4, "Training sequences the allocation and the thresholds are fitted on."),
+    "seq_len": Option(128, "Tokens per training sequence."),
+    "train_sequences": Option(400, "Training sequences."),
+    "prefill_batch": Option(4, "Sequences of the timed prefill."),
+    "prefill_len": Option(512, "Tokens per sequence of the timed prefill."),
+    "decode_tokens": Option(64, "Tokens generated per timed generation."),
+    "decode_batches": Option("1,8", "Batch sizes of the timed generations."),
+    "prompt_len": Option(32, "Prompt tokens of each timed generation."),
+    "reps": Option(3, "Interleaved repetitions per measurement (median)."),
+    "flextron": Option(True, "Time Flextron's sub-networks at the same budgets too."),
+    "flextron_checkpoint": Option(None, "A sorted, trained Flextron checkpoint with its router/ (routed "
+                                  "sub-networks); without, the same width in every layer.", kind=Path),
+    "threads": Option(0, "torch threads (0: torch's own choice)."),
+    "seed": Option(0, "Seed of data order, budgets and router init."),
+    "output": Option("bench/results/speed.json", "Result JSON (a PNG beside it).", kind=Path),
+    "overwrite": Option(False, "Replace an existing OUTPUT (and its PNG)."),
+}
+SPEED_DEFAULTS = defaults(SPEED_OPTIONS)
 FLEXTRON_MENUS = dict(mlp_widths=(1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25), head_widths=(1.0, 0.75, 0.5, 0.25))
 
 

@@ -23,6 +23,7 @@ from ..config import ElasticConfig
 from ..errors import ConfigError
 from ..model import ElasticModel
 from ..evaluation.vision import evaluate_images
+from ..options import Option, defaults
 from .runner import Measured, plot_quality, run_settings, summarize, update_readme
 from .settings import baselines_of
 
@@ -40,12 +41,30 @@ VISION_SETTINGS: dict[str, dict[str, Any]] = {
 VISION_AUX_WEIGHTS = {"token_importance": 0.0}
 DOMAINS = ("0-4", "5-9", "all")  # classes the domain-robustness routers are trained on
 
-VISION_BENCH_DEFAULTS = dict(
-    model="vit-fashion-mnist", components="mlp_tokens,attn_tokens,attn_heads,mlp_experts,combined",
-    budgets="0.6,0.7,0.8,0.9", steps=150, batch_size=64, lr=1e-2, train_images=6000, test_images=2000,
-    domain_component="combined", domain_budgets="0.7,0.8", domain_steps=150, dense_layers="",
-    output="bench/results/vision.json", seed=0, timing_reps=3, append=False, resume=False,
-)
+VISION_BENCH_OPTIONS = {
+    "model": Option("vit-fashion-mnist", "A ViTForImageClassification folder, or vit-fashion-mnist (trained here "
+                    "first if missing, as no pretrained ViT installs)."),
+    "components": Option("mlp_tokens,attn_tokens,attn_heads,mlp_experts,combined", "Settings to run ('' for none)."),
+    "budgets": Option("0.6,0.7,0.8,0.9", "Budgets of the sweep."),
+    "steps": Option(150, "Router training steps per setting."),
+    "batch_size": Option(64, "Images per router training step."),
+    "lr": Option(1e-2, "Peak learning rate of the routers."),
+    "train_images": Option(6000, "Routers train on the first N training images."),
+    "test_images": Option(2000, "Evaluate on the first N test images."),
+    "domain_component": Option("combined", "Setting of the domain-robustness runs (routers trained on classes 0-4, "
+                               "5-9, all; '' skips them)."),
+    "domain_budgets": Option("0.7,0.8", "Budgets of the domain runs."),
+    "domain_steps": Option(150, "Router training steps per domain run."),
+    "dense_layers": Option("", "Layers never routed, e.g. 0,-1."),
+    "output": Option("bench/results/vision.json", "Result JSON (a PNG beside it).", kind=Path),
+    "seed": Option(0, "Seed of data order, budgets and router init."),
+    "timing_reps": Option(3, "Interleaved timing repetitions (0: no timing)."),
+    "append": Option(False, "Keep the other settings' records in OUTPUT (and its domain runs when "
+                     "--domain-component '' skips them)."),
+    "resume": Option(False, "Continue an interrupted run: keep the settings and domain runs OUTPUT already holds "
+                     "and run only the others."),
+}
+VISION_BENCH_DEFAULTS = defaults(VISION_BENCH_OPTIONS)
 
 
 def _train(em: ElasticModel, pixels: torch.Tensor, o: dict[str, Any], budgets: Sequence[float], steps: int) -> Any:

@@ -19,7 +19,10 @@ import typer
 
 from ..errors import ConfigError, ElastiformerError
 from ..validation import parse_floats as _floats, parse_ints as _ints, project_readme, remove_empty_created_outputs
-from .options import check_numbers, check_output, merge_options
+from ..options import Option, defaults
+from .options import Given, check_numbers, check_output, command
+from ..benchmarks.speed import SPEED_OPTIONS
+from ..benchmarks.vision import VISION_BENCH_OPTIONS
 
 app = typer.Typer(
     help="Make a pretrained Transformer elastic: train tiny routers by self-distillation, then pick the compute "
@@ -49,14 +52,52 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 # ---------------------------------------------------------------------- train
-TRAIN_DEFAULTS = dict(
-    model="smollm2-135m", data="gutenberg", output="runs/train", mlp_tokens=None, attn_tokens=None, attn_heads=None,
-    mlp_experts=None, mlp_experts_active=None, expert_split="contiguous", router="linear", dense_layers="", lora_rank=0, steps=200, batch_size=4,
-    seq_len=128, max_sequences=None, lr=2e-3, schedule="cosine", warmup=10, grad_accum=1, seed=0, temperature=1.0,
-    budget=None, budget_range=None, checkpoint_every=50, resume=False, device=None, overwrite=False,
-    router_targets="teacher", router_inputs="teacher", target_steps=None, target_repeats=4, allocation=True,
-    allocation_floor=0.5,
-)
+TRAIN_OPTIONS = {
+    "model": Option("smollm2-135m", "Short name (smollm2-135m), HF folder, .gguf file or hub id."),
+    "data": Option("gutenberg", "'gutenberg' (its training books), a .txt file or folder, a .jsonl file, or a "
+                   "datasets folder."),
+    "output": Option("runs/train", "Folder for routers/, checkpoint/ and train_log.json.", kind=Path),
+    "mlp_tokens": Option(None, "Route tokens of each MLP at this capacity (the default component, 0.8, when no "
+                         "component is given).", kind=float),
+    "attn_tokens": Option(None, "Route tokens of each attention at this capacity.", kind=float),
+    "attn_heads": Option(None, "Fraction of attention heads active per token.", kind=float),
+    "mlp_experts": Option(None, "Split each MLP into this many experts.", kind=int),
+    "mlp_experts_active": Option(None, "Fraction of experts active per token.", kind=float),
+    "expert_split": Option("contiguous", "How neurons form experts: contiguous (slices) or cluster (neurons that "
+                           "fire together, fitted on training text)."),
+    "router": Option("linear", "Router network: linear or mlp."),
+    "dense_layers": Option("", "Layers never routed, e.g. 0,-2,-1 (default: none; the fitted allocation decides)."),
+    "lora_rank": Option(0, "Also train rank-r LoRA on the attention projections (0: none)."),
+    "steps": Option(200, "Optimizer steps."),
+    "batch_size": Option(4, "Sequences per micro-batch."),
+    "seq_len": Option(128, "Tokens per sequence."),
+    "max_sequences": Option(None, "Use at most this many training sequences (default: all).", kind=int),
+    "lr": Option(2e-3, "Peak learning rate of the routers."),
+    "schedule": Option("cosine", "cosine, linear or constant (after warmup)."),
+    "warmup": Option(10, "Linear warmup steps."),
+    "grad_accum": Option(1, "Micro-batches per optimizer step."),
+    "seed": Option(0, "Seed of data order, budgets and router init."),
+    "temperature": Option(1.0, "Distillation temperature."),
+    "budget": Option(None, "Train at this fixed global budget instead of sampling one per step.", kind=float),
+    "budget_range": Option(None, "Sample a budget per step in low,high (default 0.5,0.95).", kind=str),
+    "checkpoint_every": Option(50, "Checkpoint every N steps."),
+    "router_targets": Option("teacher", "What token routers learn to predict: teacher (the norm of each token's "
+                             "update), sensitivity (how much skipping it moves the output; one extra backward per "
+                             "step) or self (the paper's BCE towards their own top-k)."),
+    "router_inputs": Option("teacher", "teacher or student: the hidden states token routers are regressed on "
+                            "(student: what they see at inference)."),
+    "target_steps": Option(None, "Teacher forwards before distillation whose targets the routers are trained on (no "
+                           "student pass; default 2 x --steps, 0 with --router-targets self; 0 turns it off).",
+                           kind=int),
+    "target_repeats": Option(4, "Router updates per target step."),
+    "allocation": Option(True, "Fit the per-layer allocation of the budget when training ends."),
+    "allocation_floor": Option(0.5, "Fraction of routed FLOPs where the fitted allocation path ends (below, "
+                               "capacities shrink in proportion)."),
+    "resume": Option(False, "Continue from OUTPUT/checkpoint."),
+    "device": Option(None, "cpu or cuda (default: a GPU when there is one).", kind=str),
+    "overwrite": Option(False, "Replace an existing OUTPUT."),
+}
+TRAIN_DEFAULTS = defaults(TRAIN_OPTIONS)
 
 
 def _elastic_config(o: dict[str, Any]):
@@ -143,60 +184,10 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
     return report.to_dict() | {"routers": str(out / "routers")}
 
 
-@app.command()
-def train(
-    model: Optional[str] = typer.Option(None, help="Short name (smollm2-135m), HF folder, .gguf file or hub id."),
-    data: Optional[str] = typer.Option(None, help="'gutenberg' (default: its training books), a .txt file or folder, "
-                                       "a .jsonl file, or a datasets folder."),
-    output: Optional[Path] = typer.Option(None, help="Folder for routers/, checkpoint/ and train_log.json."),
-    mlp_tokens: Optional[float] = typer.Option(None, help="Route tokens of each MLP at this capacity."),
-    attn_tokens: Optional[float] = typer.Option(None, help="Route tokens of each attention at this capacity."),
-    attn_heads: Optional[float] = typer.Option(None, help="Fraction of attention heads active per token."),
-    mlp_experts: Optional[int] = typer.Option(None, help="Split each MLP into this many experts."),
-    mlp_experts_active: Optional[float] = typer.Option(None, help="Fraction of experts active per token."),
-    expert_split: Optional[str] = typer.Option(None, help="How neurons form experts: contiguous (slices) or "
-                                               "cluster (neurons that fire together, fitted on training text)."),
-    router: Optional[str] = typer.Option(None, help="Router network: linear or mlp."),
-    dense_layers: Optional[str] = typer.Option(None, help="Layers never routed, e.g. 0,-2,-1."),
-    lora_rank: Optional[int] = typer.Option(None, help="Also train rank-r LoRA on the attention projections."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
-    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch."),
-    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence."),
-    max_sequences: Optional[int] = typer.Option(None, help="Use at most this many training sequences."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate of the routers."),
-    schedule: Optional[str] = typer.Option(None, help="cosine, linear or constant (after warmup)."),
-    warmup: Optional[int] = typer.Option(None, help="Linear warmup steps."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
-    seed: Optional[int] = typer.Option(None, help="Seed of data order, budgets and router init."),
-    temperature: Optional[float] = typer.Option(None, help="Distillation temperature."),
-    budget: Optional[float] = typer.Option(None, help="Train at this fixed global budget instead of sampling."),
-    budget_range: Optional[str] = typer.Option(None, help="Sample a budget per step in low,high (default 0.5,0.95)."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
-    router_targets: Optional[str] = typer.Option(None, help="What token routers learn to predict: teacher (the norm "
-                                                 "of each token's update, default), sensitivity (how much skipping it "
-                                                 "moves the output; one extra backward per step) or self (the "
-                                                 "paper's BCE towards their own top-k)."),
-    router_inputs: Optional[str] = typer.Option(None, help="teacher (default) or student: the hidden states token "
-                                                "routers are regressed on (student: what they see at inference)."),
-    target_steps: Optional[int] = typer.Option(None, help="Teacher forwards before distillation whose targets the "
-                                               "routers are trained on (no student pass; default 2 x --steps, "
-                                               "0 with --router-targets self; 0 turns it off)."),
-    target_repeats: Optional[int] = typer.Option(None, help="Router updates per target step (default 4)."),
-    allocation: Optional[bool] = typer.Option(None, "--allocation/--no-allocation", help="Fit the per-layer "
-                                              "allocation of the budget when training ends (default: on)."),
-    allocation_floor: Optional[float] = typer.Option(None, help="Fraction of routed FLOPs where the fitted "
-                                                     "allocation path ends (default 0.5; below, capacities shrink "
-                                                     "in proportion)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT/checkpoint."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: a GPU when there is one)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT."),
-    config: Optional[Path] = typer.Option(None, help="YAML file of these options (the command line wins)."),
-):
+@command(app, TRAIN_OPTIONS)
+def train(given: Given):
     """Train routers by self-distillation against the frozen model itself."""
-    given = {k: v for k, v in locals().items() if k != "config"}
-    given["resume"] = resume or None
-    given["overwrite"] = overwrite or None
-    o = merge_options(config, given, TRAIN_DEFAULTS, command=train)
+    o = given.merge()
     if not any(o[k] is not None for k in ("mlp_tokens", "attn_tokens", "attn_heads", "mlp_experts")):
         o["mlp_tokens"] = 0.8  # the component that pays best on small models (see the README results)
     report = run_train(o)
@@ -205,11 +196,29 @@ def train(
 
 
 # ---------------------------------------------------------------------- eval
-EVAL_DEFAULTS = dict(
-    model=None, routers=None, data="gutenberg", split="heldout", budgets="0.7,0.8,0.9", seq_len=256,
-    max_sequences=16, batch_size=4, timing_reps=3, output=None, plot=None, seed=0, overwrite=False,
-    baselines="random", calibration_data=None, match="flops",
-)
+EVAL_OPTIONS = {
+    "routers": Option(None, "Router folder written by `elastiformer train` (OUTPUT/routers).", kind=Path),
+    "model": Option(None, "The base model the routers were trained for (default: the one the routers folder "
+                    "records).", kind=str),
+    "data": Option("gutenberg", "'gutenberg' (its held-out books) or your own text source."),
+    "split": Option("heldout", "heldout or train."),
+    "budgets": Option("0.7,0.8,0.9", "Budgets to evaluate, e.g. 0.5,0.7,0.9."),
+    "seq_len": Option(256, "Tokens per sequence."),
+    "max_sequences": Option(16, "Evaluate on at most this many sequences."),
+    "batch_size": Option(4, "Sequences per forward."),
+    "timing_reps": Option(3, "Interleaved timing repetitions (0: no timing)."),
+    "output": Option(None, "Write the results as JSON here.", kind=Path),
+    "plot": Option(None, "Write a PNG of quality against compute here.", kind=Path),
+    "seed": Option(0, "Seed of the random-routing baseline."),
+    "baselines": Option("random", "Baselines beside the learned routers, of random, norm, norm_allocated, static "
+                        "('' for none)."),
+    "calibration_data": Option(None, "Text the norm / static baselines are fitted on (default: the Gutenberg "
+                               "training books).", kind=str),
+    "match": Option("flops", "flops (each baseline at the learned routers' block FLOPs, its budget bisected) or "
+                    "budget (at the same budget)."),
+    "overwrite": Option(False, "Replace existing output files."),
+}
+EVAL_DEFAULTS = defaults(EVAL_OPTIONS)
 
 
 def _check_seq_len(seq_len: int, model) -> None:
@@ -352,35 +361,11 @@ def plot_curve(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-@app.command("eval")
-def eval_(
-    routers: Optional[Path] = typer.Option(None, help="Router folder written by `elastiformer train` (OUTPUT/routers)."),
-    model: Optional[str] = typer.Option(None, help="The base model the routers were trained for (default: the one "
-                                        "the routers folder records)."),
-    data: Optional[str] = typer.Option(None, help="'gutenberg' (its held-out books) or your own text source."),
-    split: Optional[str] = typer.Option(None, help="heldout (default) or train."),
-    budgets: Optional[str] = typer.Option(None, help="Budgets to evaluate, e.g. 0.5,0.7,0.9."),
-    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence."),
-    max_sequences: Optional[int] = typer.Option(None, help="Evaluate on at most this many sequences."),
-    batch_size: Optional[int] = typer.Option(None, help="Sequences per forward."),
-    timing_reps: Optional[int] = typer.Option(None, help="Interleaved timing repetitions (0: no timing)."),
-    output: Optional[Path] = typer.Option(None, help="Write the results as JSON here."),
-    plot: Optional[Path] = typer.Option(None, help="Write a PNG of quality against compute here."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the random-routing baseline."),
-    baselines: Optional[str] = typer.Option(None, help="Baselines beside the learned routers, of random, norm, "
-                                            "norm_allocated, static (default random; '' for none)."),
-    calibration_data: Optional[str] = typer.Option(None, help="Text the norm / static baselines are fitted on "
-                                                   "(default: the Gutenberg training books)."),
-    match: Optional[str] = typer.Option(None, help="flops (default: each baseline at the learned routers' block "
-                                        "FLOPs, its budget bisected) or budget (at the same budget)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
-    config: Optional[Path] = typer.Option(None, help="YAML file of these options (the command line wins)."),
-):
+@command(app, EVAL_OPTIONS, "eval")
+def eval_(given: Given):
     """Evaluate routers on held-out text at several budgets, beside baselines at the same executed FLOPs, and show
     the per-layer capacities each budget runs at."""
-    given = {k: v for k, v in locals().items() if k != "config"}
-    given["overwrite"] = overwrite or None
-    o = merge_options(config, given, EVAL_DEFAULTS, command=eval_)
+    o = given.merge()
     from ..validation import check_output_file
 
     for key in ("output", "plot"):
@@ -514,57 +499,55 @@ def vit_teacher(
 
 # ---------------------------------------------------------------------- bench
 def bench_tasks() -> dict[str, dict[str, Any]]:
-    """What `elastiformer bench --task T` runs: defaults, runner, plot, README renderer and README marker."""
-    from ..benchmarks.encoder import (ENCODER_BENCH_DEFAULTS, encoder_results_markdown, plot_encoder_bench,
+    """What `elastiformer bench --task T` runs: options, runner, plot, README renderer and README marker."""
+    from ..benchmarks.encoder import (ENCODER_BENCH_OPTIONS, encoder_results_markdown, plot_encoder_bench,
                                       run_encoder_bench)
-    from ..benchmarks.lm import BENCH_DEFAULTS, plot_lm_bench, results_markdown, run_lm_bench
+    from ..benchmarks.lm import BENCH_OPTIONS, plot_lm_bench, results_markdown, run_lm_bench
 
     return {
-        "lm": dict(defaults=BENCH_DEFAULTS, run=run_lm_bench, plot=plot_lm_bench, render=results_markdown,
+        "lm": dict(options=BENCH_OPTIONS, run=run_lm_bench, plot=plot_lm_bench, render=results_markdown,
                    marker="lm"),
-        "encoder": dict(defaults=ENCODER_BENCH_DEFAULTS, run=run_encoder_bench, plot=plot_encoder_bench,
+        "encoder": dict(options=ENCODER_BENCH_OPTIONS, run=run_encoder_bench, plot=plot_encoder_bench,
                         render=encoder_results_markdown, marker="encoder"),
     }
 
 
-@app.command()
-def bench(
-    task: str = typer.Option("lm", help="lm: the causal LM (default smollm2-135m; ΔLM loss, KL, top-1 agreement, "
-                             "prefill / decode time), results in bench/results/lm.json. encoder: the sentence "
-                             "encoder (default minilm-l6; cosine to the teacher's sentence embedding and "
-                             "nearest-neighbour retrieval agreement on held-out sentences, cosine distillation), "
-                             "results in bench/results/encoder.json."),
-    components: Optional[str] = typer.Option(None, help="Settings to run: mlp_tokens, mlp_tokens_paper, "
-                                             "mlp_tokens_sensitivity, mlp_tokens_student (router objectives), "
-                                             "attn_tokens, attn_heads, mlp_experts, mlp_experts_cluster, combined "
-                                             "(default: all)."),
-    budgets: Optional[str] = typer.Option(None, help="Budgets of the sweep (default 0.6,0.75,0.8,0.9; encoder "
-                                          "0.5,0.6,0.75,0.9)."),
-    steps: Optional[int] = typer.Option(None, help="Training steps per setting (default 60; encoder 40)."),
-    model: Optional[str] = typer.Option(None, help="The base model (default smollm2-135m; encoder minilm-l6)."),
-    output: Optional[Path] = typer.Option(None, help="Result JSON (default bench/results/<task>.json; a PNG "
-                                          "beside it)."),
-    lora_rank: Optional[int] = typer.Option(None, help="Train rank-r LoRA on the attention projections too."),
-    append: bool = typer.Option(False, "--append", help="Keep the other settings' records in OUTPUT."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted bench: keep every setting OUTPUT "
-                                "already holds (each is written as it finishes) and run only the others."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT (and its PNG)."),
-    readme: bool = typer.Option(False, "--readme", help="Do not run: rewrite the task's results section of "
-                                "README.md from the result JSON."),
-    config: Optional[Path] = typer.Option(None, help="YAML file of bench options (see benchmarks.lm.BENCH_DEFAULTS, "
-                                          "benchmarks.encoder.ENCODER_BENCH_DEFAULTS)."),
-):
+def bench_options() -> dict[str, Option]:
+    """The options of every bench task, for the one `bench` command: the LM bench's, then the encoder's own; where
+    the encoder's default differs, the help says so."""
+    tasks = bench_tasks()
+    lm, encoder = tasks["lm"]["options"], tasks["encoder"]["options"]
+    merged = {}
+    for key in {**lm, **encoder}:
+        if key not in encoder:
+            merged[key] = Option(lm[key].default, lm[key].help.rstrip(".") + " (lm task only).", kind=lm[key].type)
+        elif key not in lm:  # (no default shown: the lm task does not take it)
+            merged[key] = Option(None, encoder[key].help.rstrip(".") + " (encoder task only; default "
+                                 f"{encoder[key].default}).", kind=encoder[key].type)
+        elif lm[key].default != encoder[key].default and not lm[key].switch:
+            merged[key] = Option(lm[key].default, lm[key].help.rstrip(".") + f" (encoder: {encoder[key].default}).",
+                                 kind=lm[key].type)
+        else:
+            merged[key] = lm[key]
+    return merged
+
+
+@command(app, bench_options(),
+         task=(str, typer.Option("lm", help="lm: the causal LM (default smollm2-135m; ΔLM loss, KL, top-1 agreement, "
+                                 "prefill / decode time), results in bench/results/lm.json. encoder: the sentence "
+                                 "encoder (default minilm-l6; cosine to the teacher's sentence embedding and "
+                                 "nearest-neighbour retrieval agreement on held-out sentences, cosine distillation), "
+                                 "results in bench/results/encoder.json.")),
+         readme=(bool, typer.Option(False, "--readme", help="Do not run: rewrite the task's results section of "
+                                    "README.md from the result JSON.")))
+def bench(given: Given, task: str, readme: bool):
     """Benchmark each routed component and their combination against random, training-free and static baselines
     on held-out books: quality against executed FLOPs, and elastic / dense wall-clock."""
     tasks = bench_tasks()
     if task not in tasks:
         raise ConfigError(f"--task {task!r}: pass one of {', '.join(tasks)}")
     t = tasks[task]
-    given = {k: v for k, v in locals().items() if k not in ("config", "readme", "task", "tasks", "t")}
-    given["append"] = append or None
-    given["resume"] = resume or None
-    given["overwrite"] = overwrite or None
-    o = merge_options(config, given, t["defaults"] | {"overwrite": False}, command=bench)
+    o = given.merge(t["options"])
     if o["resume"] and o["overwrite"]:
         raise ConfigError("--resume keeps OUTPUT's finished settings and --overwrite replaces them: pass one")
     if readme:
@@ -589,45 +572,17 @@ def bench(
     typer.echo(f"{len(result['records'])} records in {o['output']} (plot: {Path(o['output']).with_suffix('.png')})")
 
 
-@app.command("bench-speed")
-def bench_speed(
-    components: Optional[str] = typer.Option(None, help="ElastiFormer settings to time: mlp_tokens, attn_tokens, "
-                                             "attn_heads, mlp_experts, mlp_experts_cluster, combined (default: all; "
-                                             "'' for none)."),
-    budgets: Optional[str] = typer.Option(None, help="Budgets (default 0.6,0.75,0.9), for Flextron too."),
-    steps: Optional[int] = typer.Option(None, help="Router training steps per setting (default 30: the routes "
-                                        "matter for speed, not their quality)."),
-    target_steps: Optional[int] = typer.Option(None, help="Teacher forwards of the router-target phase before "
-                                               "training (default 0, for the same reason)."),
-    allocation_sequences: Optional[int] = typer.Option(None, help="Training sequences the allocation and the "
-                                                       "thresholds are fitted on (default 4)."),
-    model: Optional[str] = typer.Option(None, help="The base model (default smollm2-135m)."),
-    prefill_batch: Optional[int] = typer.Option(None, help="Sequences of the timed prefill (default 4)."),
-    prefill_len: Optional[int] = typer.Option(None, help="Tokens per sequence of the timed prefill (default 512)."),
-    decode_tokens: Optional[int] = typer.Option(None, help="Tokens generated per timed generation (default 64)."),
-    decode_batches: Optional[str] = typer.Option(None, help="Batch sizes of the timed generations (default 1,8)."),
-    reps: Optional[int] = typer.Option(None, help="Interleaved repetitions per measurement (median; default 3)."),
-    threads: Optional[int] = typer.Option(None, help="torch threads (default 0: torch's own choice)."),
-    flextron: Optional[bool] = typer.Option(None, "--flextron/--no-flextron", help="Time Flextron's sub-networks "
-                                            "at the same budgets too (default on)."),
-    flextron_checkpoint: Optional[Path] = typer.Option(None, help="A sorted, trained Flextron checkpoint with its "
-                                                       "router/ (routed sub-networks); without, the same width in "
-                                                       "every layer."),
-    output: Optional[Path] = typer.Option(None, help="Result JSON (default bench/results/speed.json; PNG beside)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT (and its PNG)."),
-    readme: bool = typer.Option(False, "--readme", help="Do not run: rewrite README.md's speed results from the "
-                                "result JSON."),
-    config: Optional[Path] = typer.Option(None, help="YAML file of options (see benchmarks.speed.SPEED_DEFAULTS)."),
-):
+@command(app, SPEED_OPTIONS, "bench-speed",
+         readme=(bool, typer.Option(False, "--readme", help="Do not run: rewrite README.md's speed results from the "
+                                    "result JSON.")))
+def bench_speed(given: Given, readme: bool):
     """Does skipped compute show up in wall-clock time? Per component and budget (and Flextron's sub-networks):
     prefill and generation time ratios, elastic / dense (interleaved, median), and tokens/s, beside the executed
     model-FLOPs ratio; a PNG of time ratio against FLOPs ratio with the line y = x. Run it on a quiet machine."""
-    given = {k: v for k, v in locals().items() if k not in ("config", "readme")}  # (before any import below)
-    given["overwrite"] = overwrite or None
-    from ..benchmarks.speed import SPEED_DEFAULTS, run_speed_bench, speed_markdown
+    from ..benchmarks.speed import run_speed_bench, speed_markdown
     from ..validation import check_output_file
 
-    o = merge_options(config, given, SPEED_DEFAULTS, command=bench_speed)
+    o = given.merge()
     if readme:
         from ..benchmarks.readme_section import replace_readme_section
 
@@ -645,42 +600,16 @@ def bench_speed(
     typer.echo(f"{len(result['records'])} records in {o['output']} (plot: {Path(o['output']).with_suffix('.png')})")
 
 
-@app.command("bench-vision")
-def bench_vision(
-    components: Optional[str] = typer.Option(None, help="Settings to run: mlp_tokens,attn_tokens,attn_heads,"
-                                             "mlp_experts,combined (default: all; '' for none)."),
-    budgets: Optional[str] = typer.Option(None, help="Budgets of the sweep (default 0.6,0.7,0.8,0.9)."),
-    steps: Optional[int] = typer.Option(None, help="Router training steps per setting (default 150)."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per router training step (default 64)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate of the routers (default 1e-2)."),
-    model: Optional[str] = typer.Option(None, help="A ViTForImageClassification folder, or vit-fashion-mnist (the "
-                                        "default: trained here first if missing, as no pretrained ViT installs)."),
-    train_images: Optional[int] = typer.Option(None, help="Routers train on the first N training images (6000)."),
-    test_images: Optional[int] = typer.Option(None, help="Evaluate on the first N test images (default 2000)."),
-    domain_component: Optional[str] = typer.Option(None, help="Setting of the domain-robustness runs (routers "
-                                                   "trained on classes 0-4, 5-9, all; default combined; '' skips)."),
-    domain_budgets: Optional[str] = typer.Option(None, help="Budgets of the domain runs (default 0.7,0.8)."),
-    domain_steps: Optional[int] = typer.Option(None, help="Router training steps per domain run (default 150)."),
-    timing_reps: Optional[int] = typer.Option(None, help="Interleaved timing repetitions (0: no timing)."),
-    output: Optional[Path] = typer.Option(None, help="Result JSON (default bench/results/vision.json; PNG beside)."),
-    append: bool = typer.Option(False, "--append", help="Keep the other settings' records in OUTPUT (and its "
-                                "domain runs when --domain-component '' skips them)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: keep the settings and domain "
-                                "runs OUTPUT already holds and run only the others."),
-    readme: bool = typer.Option(False, "--readme", help="Do not run: rewrite README.md's vision results subsection "
-                                "from the result JSON."),
-    config: Optional[Path] = typer.Option(None, help="YAML file of options (see benchmarks.vision.VISION_BENCH_DEFAULTS)."),
-):
+@command(app, VISION_BENCH_OPTIONS, "bench-vision",
+         readme=(bool, typer.Option(False, "--readme", help="Do not run: rewrite README.md's vision results "
+                                    "subsection from the result JSON.")))
+def bench_vision(given: Given, readme: bool):
     """Benchmark the elastic ViT on Fashion-MNIST: test accuracy of teacher and elastic model against executed
     FLOPs for each routed component (tokens = patches, heads, experts) and their combination, beside random,
     training-free (norm) and static baselines; then robustness to the classes the routers were trained on."""
-    from ..benchmarks.vision import VISION_BENCH_DEFAULTS, plot_vision_bench, run_vision_bench, update_vision_readme
+    from ..benchmarks.vision import plot_vision_bench, run_vision_bench, update_vision_readme
 
-    given = {k: v for k, v in locals().items() if k not in ("config", "readme") and not k[0].isupper()
-             and not callable(v)}
-    given["append"] = append or None
-    given["resume"] = resume or None
-    o = merge_options(config, given, VISION_BENCH_DEFAULTS, command=bench_vision)
+    o = given.merge()
     if readme:
         path = Path(o["output"])
         if not path.is_file():
@@ -773,29 +702,6 @@ def _cli_exceptions() -> tuple[tuple, tuple, tuple]:
     return tuple(exits), tuple(aborts), tuple(usage)
 
 
-def _command_with_defaults():
-    """The click command of `app`, its options' defaults shown in --help. Options default to None in their
-    signatures (so a YAML config can tell what the command line gave); the real defaults live in each command's
-    *_DEFAULTS dict, and are shown from there."""
-    from ..flextron.pipeline import (FLEXTRON_EVAL_DEFAULTS, LATENCY_DEFAULTS, ROUTE_DEFAULTS, SORT_DEFAULTS,
-                                     TRAIN_DEFAULTS as FLEXTRON_TRAIN_DEFAULTS)
-
-    root = typer.main.get_command(app)
-    defaults = {("train",): TRAIN_DEFAULTS | {"budget_range": "0.5,0.95"}, ("eval",): EVAL_DEFAULTS,
-                ("flextron", "sort"): SORT_DEFAULTS, ("flextron", "train"): FLEXTRON_TRAIN_DEFAULTS,
-                ("flextron", "latency"): LATENCY_DEFAULTS, ("flextron", "route"): ROUTE_DEFAULTS,
-                ("flextron", "eval"): FLEXTRON_EVAL_DEFAULTS}
-    for path, values in defaults.items():
-        command = root
-        for name in path:
-            command = getattr(command, "commands", {}).get(name)
-        for param in getattr(command, "params", []):
-            value = values.get(param.name)
-            if param.default is None and value is not None and value != "" and not isinstance(value, bool):
-                param.show_default = str(value)
-    return root
-
-
 def main() -> None:
     """Console entry point (see `_run` for the exit codes); an output folder a failed run created stays only if
     something was written into it."""
@@ -820,7 +726,7 @@ def _run() -> int:
     exits, aborts, usage = _cli_exceptions()
     debug = "--debug" in sys.argv
     try:
-        code = _command_with_defaults().main(standalone_mode=False, prog_name="elastiformer")
+        code = typer.main.get_command(app).main(standalone_mode=False, prog_name="elastiformer")
     except exits as e:
         code = getattr(e, "exit_code", 0)
     except (KeyboardInterrupt, *aborts):

@@ -1,21 +1,89 @@
 """Options of every `elastiformer` command: the command line over a `--config` YAML file over the defaults.
 
-Each command's typer signature declares its options once (name, type, help); YAML values are converted to those
-types and checked as command-line values are; unknown keys get a "did you mean".
+Each command's options are declared once, in a table of `elastiformer.options.Option` (name, type, default, help);
+`command` turns a table into the typer command's options (their defaults shown in --help), and `merge_options`
+lays the command line over a YAML file over the defaults. YAML values are converted to the declared types and
+checked as command-line values are; unknown keys get a "did you mean".
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..errors import ConfigError
+from ..options import Option, defaults
 from ..validation import check_output_dir
 
-def merge_options(config: Optional[Path], given: dict[str, Any], defaults: dict[str, Any], command=None) -> dict[str, Any]:
-    """CLI options over YAML values over defaults. `command`: the typer function whose annotated option types the
-    YAML values are converted to."""
-    merged = dict(defaults)
+
+@dataclass(frozen=True)
+class Given:
+    """What one call of a command was given: the options set on its command line (None: not given), and
+    `--config`. `merge()` lays them over the YAML file over the defaults of `options`."""
+
+    values: dict[str, Any]
+    config: Optional[Path]
+    options: dict[str, Option]
+
+    def merge(self, options: dict[str, Option] | None = None) -> dict[str, Any]:
+        return merge_options(self.config, self.values, self.options if options is None else options)
+
+
+def command(group, options: dict[str, Option], name: str | None = None, *, config: bool = True,
+            **extra: tuple[Any, Any]) -> Callable:
+    """Register `fn(given: Given, **extra)` as the command `name` of the typer app `group`, with one command-line
+    option per entry of `options` (type, help and shown default from the table) and `--config FILE.yaml`. `extra`:
+    parameters that are not options of the table (e.g. `--readme`), as name=(annotation, typer.Option(...))."""
+    import typer
+
+    def register(fn: Callable) -> Callable:
+        params, hints = [], {}
+        for key, opt in options.items():
+            dash = key.replace("_", "-")
+            if opt.switch and not opt.default:  # --name, off unless given
+                default = typer.Option(False, f"--{dash}", help=opt.help)
+                hint: Any = bool
+            else:  # None: not given on the command line, so a YAML file or the default decides
+                flags = (f"--{dash}/--no-{dash}",) if opt.switch else ()
+                shown = opt.default if opt.default not in (None, "") else False
+                default = typer.Option(None, *flags, help=opt.help,
+                                       show_default=False if shown is False else str(shown))
+                hint = Optional[opt.type]
+            params.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hint))
+            hints[key] = hint
+        for key, (hint, default) in extra.items():
+            params.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hint))
+            hints[key] = hint
+        if config:
+            params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                            default=typer.Option(None, help="YAML file of these options, option: "
+                                                                 "value lines (the command line wins).")))
+            hints["config"] = Optional[Path]
+
+        @functools.wraps(fn)
+        def run(**kwargs: Any) -> Any:
+            more = {k: kwargs.pop(k) for k in extra}
+            cfg = kwargs.pop("config", None)
+            # (an off-by-default switch reads False when absent: not given, so a YAML file may still turn it on)
+            given = {k: v for k, v in kwargs.items()
+                     if v is not None and not (options[k].switch and not options[k].default and v is False)}
+            return fn(Given(given, cfg, options), **more)
+
+        del run.__wrapped__  # (typer reads the signature below, not fn's)
+        run.__signature__ = inspect.Signature(params)
+        run.__annotations__ = hints
+        group.command(name)(run)
+        return run
+
+    return register
+
+
+def merge_options(config: Optional[Path], given: dict[str, Any], options: dict[str, Option]) -> dict[str, Any]:
+    """CLI options (`given`, None: not given) over YAML values over the defaults of `options`."""
+    merged = defaults(options)
     if config is not None:
         import yaml
 
@@ -28,26 +96,26 @@ def merge_options(config: Optional[Path], given: dict[str, Any], defaults: dict[
         if not isinstance(loaded, dict):
             raise ConfigError(f"{config} must hold a mapping of option: value, not a {type(loaded).__name__}")
         loaded = {str(k).replace("-", "_"): v for k, v in loaded.items()}
-        unknown = sorted(set(loaded) - set(defaults))
+        unknown = sorted(set(loaded) - set(options))
         if unknown:
             import difflib
 
-            hints = [f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, list(defaults), n=1)) else ""
+            hints = [f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, list(options), n=1)) else ""
                      for k in unknown]
             raise ConfigError(f"{config} has unknown keys {unknown}{''.join(hints)}: the options here are "
-                              f"{', '.join(sorted(defaults))}")
-        kinds = declared_option_types(command) if command is not None else {}
-        merged.update({k: declared_type(config, k, yaml_value(config, k, v, defaults[k]), kinds)
+                              f"{', '.join(sorted(options))}")
+        merged.update({k: declared_type(config, k, yaml_value(config, k, v, options[k]), options[k].type)
                        for k, v in loaded.items()})
+    unknown = sorted(set(given) - set(options))
+    if unknown:
+        raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in unknown)}: not an option here (the "
+                          f"options here are {', '.join(sorted(options))})")
     merged.update({k: v for k, v in given.items() if v is not None})
     return merged
 
 
-def declared_type(config: Path, key: str, value: Any, kinds: dict[str, type]) -> Any:
-    """A YAML value converted to the type its command-line option declares (the command's signature is the one
-    declaration of each option: `steps: abc` fails as `--steps abc` would); keys with no option of their own (e.g. a
-    bench's inner settings) keep the structural checks of `yaml_value`."""
-    kind = kinds.get(key)
+def declared_type(config: Path, key: str, value: Any, kind: type) -> Any:
+    """A YAML value converted to the type its option declares: `steps: abc` fails as `--steps abc` would."""
     if kind not in (int, float) or value is None:
         return value
     name = "an integer" if kind is int else "a number"
@@ -60,48 +128,36 @@ def declared_type(config: Path, key: str, value: Any, kinds: dict[str, type]) ->
     return converted
 
 
-def declared_option_types(command) -> dict[str, type]:
-    """{option name: int / float / str / bool / Path} from a typer command function's annotations (Optional[...]
-    unwrapped)."""
-    import types
-    import typing
-
-    kinds = {}
-    for name, hint in typing.get_type_hints(command).items():
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
-        kinds[name] = args[0] if optional and args else hint
-    return kinds
-
-
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 _PATH_KEYS = ("output", "model", "data", "routers", "plot", "calibration_data", "checkpoint", "sorted_checkpoint")
 
 
-def yaml_value(config: Path, key: str, value: Any, default: Any) -> Any:
-    """A YAML value checked against its option's kind (the kind of its default) as the command line would check it:
-    `overwrite: "false"` is false, not a truthy string; a list is a comma-separated option (`budgets: [0.5, 0.8]`)."""
+def yaml_value(config: Path, key: str, value: Any, option: Option) -> Any:
+    """A YAML value checked against its option's type as the command line would check it: `overwrite: "false"` is
+    false, not a truthy string; a list is a comma-separated option (`budgets: [0.5, 0.8]`)."""
     where = f"{config}: {key}"
-    if isinstance(default, bool):
+    kind = option.type
+    path = kind is Path or key in _PATH_KEYS
+    if option.switch:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
             return value.strip().lower() in _TRUE
         raise ConfigError(f"{where} is {value!r}: pass true or false")
     if isinstance(value, bool):
-        kind = type(default).__name__ if default is not None else "value"
-        raise ConfigError(f"{where} is {value!r}: this option takes a {kind}, not true / false")
+        name = {int: "int", float: "float", str: "str", Path: "path"}.get(kind, "value")
+        raise ConfigError(f"{where} is {value!r}: this option takes a {name}, not true / false")
     if isinstance(value, dict):
         raise ConfigError(f"{where} is a mapping: pass a single value")
-    if isinstance(value, list) and key in _PATH_KEYS:
+    if isinstance(value, list) and path:
         raise ConfigError(f"{where} is a list: pass one name or path")
     if isinstance(value, list):
         if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"{where} is {value!r}: a list here holds numbers only, e.g. [0.5, 0.8]")
         return ",".join(str(v) for v in value)
-    if key in _PATH_KEYS and not isinstance(value, str):
+    if path and value is not None and not isinstance(value, str):
         raise ConfigError(f"{where} is {value!r}: pass a name or path (text)")
-    if isinstance(default, str) and not isinstance(value, str):
+    if kind is str and value is not None and not isinstance(value, str):
         return str(value)  # (e.g. dense_layers: 0)
     return value
 

@@ -10,6 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..options import Option, defaults
+
+MENU_OPTIONS = {
+    "mlp_widths": Option("1.0,0.75,0.5,0.25", "MLP width menu, fractions widest first."),
+    "head_widths": Option("1.0,0.75,0.5,0.25", "Attention head menu, fractions widest first."),
+    "head_granularity": Option("head", "'head' (query heads, group-major) or 'group' (whole KV groups)."),
+}
 
 def menus(o: dict[str, Any]):
     from ..validation import parse_floats as _floats
@@ -38,9 +45,18 @@ def load_flextron(model: str, o: dict[str, Any] | None = None):
 
 
 # ---------------------------------------------------------------------- sort
-SORT_DEFAULTS = dict(model="smollm2-135m", data="gutenberg", output="runs/flextron/sorted", seq_len=128,
-                     calibration_sequences=32, batch_size=8, mlp_widths="1.0,0.75,0.5,0.25",
-                     head_widths="1.0,0.75,0.5,0.25", head_granularity="head", overwrite=False)
+SORT_OPTIONS = {
+    "model": Option("smollm2-135m", "Short name (smollm2-135m), HF folder, .gguf file or hub id."),
+    "data": Option("gutenberg", "Calibration text: 'gutenberg' (its training books) or a file / folder of text."),
+    "output": Option("runs/flextron/sorted", "Folder for the sorted checkpoint; a report goes beside it as "
+                     "<output>_sort.json.", kind=Path),
+    "seq_len": Option(128, "Tokens per calibration sequence."),
+    "calibration_sequences": Option(32, "Calibration sequences."),
+    "batch_size": Option(8, "Sequences per forward."),
+    **MENU_OPTIONS,
+    "overwrite": Option(False, "Replace an existing OUTPUT."),
+}
+SORT_DEFAULTS = defaults(SORT_OPTIONS)
 
 
 def run_sort(o: dict[str, Any]) -> dict[str, Any]:
@@ -81,13 +97,34 @@ def run_sort(o: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- train
-TRAIN_DEFAULTS = dict(
-    model="runs/flextron/sorted", data="gutenberg", output="runs/flextron/trained", steps=40, batch_size=4,
-    seq_len=128, max_sequences=2000, lr=1e-4, schedule="cosine", warmup=5, grad_accum=1, seed=0, temperature=1.0,
-    subnets="full,smallest,random,random", teacher="frozen", lm_weight=0.0, checkpoint_every=20, resume=False,
-    eval_sequences=8, device=None, overwrite=False, mlp_widths="1.0,0.75,0.5,0.25", head_widths="1.0,0.75,0.5,0.25",
-    head_granularity="head",
-)
+TRAIN_OPTIONS = {
+    "model": Option("runs/flextron/sorted", "A Flextron checkpoint (from `flextron sort`), or any model (then "
+                    "unsorted, made nested with the menus below)."),
+    "data": Option("gutenberg", "'gutenberg' (its training books) or your own text source."),
+    "output": Option("runs/flextron/trained", "Folder for model/, checkpoint/, train_log.json and "
+                     "train_result.json.", kind=Path),
+    "steps": Option(40, "Optimizer steps."),
+    "batch_size": Option(4, "Sequences per micro-batch."),
+    "seq_len": Option(128, "Tokens per sequence."),
+    "max_sequences": Option(2000, "Use at most this many training sequences."),
+    "lr": Option(1e-4, "Peak learning rate of the base weights."),
+    "schedule": Option("cosine", "cosine, linear or constant (after warmup)."),
+    "warmup": Option(5, "Linear warmup steps."),
+    "grad_accum": Option(1, "Micro-batches per optimizer step."),
+    "seed": Option(0, "Seed of data order and sampled sub-networks."),
+    "temperature": Option(1.0, "Distillation temperature."),
+    "subnets": Option("full,smallest,random,random", "Sub-networks per step: full, smallest, random, uniform."),
+    "teacher": Option("frozen", "'frozen' (a copy of the starting weights) or 'self' (the same weights at full "
+                      "width, no copy)."),
+    "lm_weight": Option(0.0, "Weight of next-token cross-entropy added to the KL."),
+    "checkpoint_every": Option(20, "Checkpoint every N steps."),
+    "resume": Option(False, "Continue from OUTPUT/checkpoint (same --model)."),
+    "eval_sequences": Option(8, "Held-out sequences for the KL before / after (0: skip)."),
+    "device": Option(None, "cpu or cuda (default: a GPU when there is one).", kind=str),
+    "overwrite": Option(False, "Replace an existing OUTPUT."),
+    **MENU_OPTIONS,
+}
+TRAIN_DEFAULTS = defaults(TRAIN_OPTIONS)
 
 
 def heldout_kl(fm, teacher, held) -> dict[str, float]:
@@ -133,8 +170,17 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- latency
-LATENCY_DEFAULTS = dict(model="runs/flextron/trained/model", batch_size=1, seq_len=128, reps=5, output=None,
-                        check=False, threads=None, overwrite=False)
+LATENCY_OPTIONS = {
+    "model": Option("runs/flextron/trained/model", "A Flextron checkpoint."),
+    "batch_size": Option(1, "Sequences per forward (the table is for this batch)."),
+    "seq_len": Option(128, "Tokens per sequence (the table is for this length)."),
+    "reps": Option(5, "Timed repetitions per cell (median)."),
+    "output": Option(None, "Write the table (JSON) here.", kind=Path),
+    "check": Option(False, "Also measure configurations end to end and report the prediction error."),
+    "threads": Option(None, "torch threads (default: torch's choice; recorded).", kind=int),
+    "overwrite": Option(False, "Replace an existing OUTPUT."),
+}
+LATENCY_DEFAULTS = defaults(LATENCY_OPTIONS)
 
 
 def run_latency(o: dict[str, Any]) -> dict[str, Any]:
@@ -159,12 +205,32 @@ def run_latency(o: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- route
-ROUTE_DEFAULTS = dict(
-    model="runs/flextron/trained/model", output=None, data="gutenberg", latency_table=None, measure_latency=False,
-    latency_batch=1, latency_seq_len=128, adaptive=False, metric=None, seq_len=128, max_sequences=1000,
-    n_configs=256, calibration_sequences=64, router_steps=500, joint_steps=20, joint_batch=4, model_lr=0.0, seed=0,
-    overwrite=False,
-)
+ROUTE_OPTIONS = {
+    "model": Option("runs/flextron/trained/model", "A Flextron checkpoint."),
+    "output": Option(None, "Router folder (default MODEL/router).", kind=Path),
+    "data": Option("gutenberg", "Training text: 'gutenberg' (its training books) or your own."),
+    "latency_table": Option(None, "Latency table JSON (`elastiformer flextron latency --output`); budgets become "
+                            "fractions of its full latency.", kind=Path),
+    "measure_latency": Option(False, "Measure the latency table now (when no --latency-table is given)."),
+    "latency_batch": Option(1, "Batch of the measured latency table."),
+    "latency_seq_len": Option(128, "Sequence length of the measured latency table."),
+    "adaptive": Option(False, "Input-adaptive router (budget + the input's pooled embedding, a configuration per "
+                       "sequence) instead of the static one."),
+    "metric": Option(None, "What budgets are fractions of: latency_ms (default with a latency table) or "
+                     "relative_compute (block FLOPs).", kind=str),
+    "seq_len": Option(128, "Tokens per training sequence."),
+    "max_sequences": Option(1000, "Training sequences to use."),
+    "n_configs": Option(256, "Configurations measured to fit the surrogate."),
+    "calibration_sequences": Option(64, "Sequences the configurations are measured on."),
+    "router_steps": Option(500, "Router steps through the surrogate."),
+    "joint_steps": Option(20, "Joint fine-tune steps through the model (0: none)."),
+    "joint_batch": Option(4, "Sequences per joint fine-tune step."),
+    "model_lr": Option(0.0, "Also update the model's weights in the joint fine-tune at this learning rate (0: "
+                       "routers only)."),
+    "seed": Option(0, "Seed of configurations, budgets and init."),
+    "overwrite": Option(False, "Replace an existing OUTPUT."),
+}
+ROUTE_DEFAULTS = defaults(ROUTE_OPTIONS)
 
 
 def run_route(o: dict[str, Any]) -> dict[str, Any]:
@@ -199,10 +265,23 @@ def run_route(o: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- eval
-FLEXTRON_EVAL_DEFAULTS = dict(
-    model="runs/flextron/trained/model", router=None, teacher=None, data="gutenberg", budgets="0.5,0.75",
-    metric="latency_ms", seq_len=256, max_sequences=16, batch_size=4, timing_reps=3, output=None, overwrite=False,
-)
+FLEXTRON_EVAL_OPTIONS = {
+    "model": Option("runs/flextron/trained/model", "A Flextron checkpoint."),
+    "router": Option(None, "Router folder (default MODEL/router).", kind=Path),
+    "teacher": Option(None, "Score against this model (e.g. smollm2-135m, the original) instead of the checkpoint "
+                      "at full width.", kind=str),
+    "data": Option("gutenberg", "'gutenberg' (its held-out books) or your own text."),
+    "budgets": Option("0.5,0.75", "Budgets as fractions of the full model's latency (or compute with --metric "
+                      "relative_compute)."),
+    "metric": Option("latency_ms", "latency_ms or relative_compute."),
+    "seq_len": Option(256, "Tokens per held-out sequence."),
+    "max_sequences": Option(16, "Held-out sequences."),
+    "batch_size": Option(4, "Sequences per forward."),
+    "timing_reps": Option(3, "Interleaved timing repetitions (0: no timing)."),
+    "output": Option(None, "Write the results as JSON here.", kind=Path),
+    "overwrite": Option(False, "Replace an existing OUTPUT."),
+}
+FLEXTRON_EVAL_DEFAULTS = defaults(FLEXTRON_EVAL_OPTIONS)
 
 
 def run_flextron_eval(o: dict[str, Any]) -> dict[str, Any]:
