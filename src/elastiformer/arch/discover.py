@@ -29,7 +29,8 @@ from ..errors import UnsupportedArchitectureError
 from ..layers.lora import linear_weight, low_rank, out_rows
 from .spec import ArchSpec, AttentionWeights, MLPWeights
 
-# the decoder families tests/test_families.py runs through the whole contract (discovered, or registered: llama, gpt2)
+# the decoder families tests/arch/test_families.py runs through the whole contract (discovered, or registered:
+# llama, gpt2)
 TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "phi", "olmo2",
                    "smollm3", "granite", "starcoder2", "gpt_neox", "stablelm", "gpt2")
 ATTENTION_NAMES = ("self_attn", "attention", "attn")

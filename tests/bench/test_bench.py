@@ -1,0 +1,82 @@
+"""`elastiformer bench` end to end on a tiny model (the schema of bench/results/lm.json), and the README generator."""
+
+import json
+
+import pytest
+
+from elastiformer.benchmarks.lm import BENCH_DEFAULTS, plot_lm_bench, results_markdown, run_lm_bench
+from elastiformer.benchmarks.runner import update_readme
+
+SCHEMA = {"method": str, "component": str, "budget": float, "lora_rank": int, "block_flops_ratio": float,
+          "delta_lm_loss": float, "kl": float, "top1_agreement": float}
+
+
+def test_bench_writes_the_result_schema_and_readme(workspace, tmp_path):
+    out = tmp_path / "lm.json"
+    o = dict(BENCH_DEFAULTS) | dict(model=str(workspace / "model"), components="mlp_tokens,combined",
+                                    budgets="0.6,0.9", dense_layers="", steps=2, train_sequences=16,
+                                    eval_sequences=2, eval_seq_len=32, seq_len=16, prefill_len=16, decode_tokens=3,
+                                    timing_reps=1, lm_eval_docs=6, output=str(out))
+    result = run_lm_bench(o, plot=plot_lm_bench, echo=lambda *_: None)
+    saved = json.loads(out.read_text())
+    assert saved["records"] == result["records"] and saved["eval_tokens"] == 64 and saved["train_tokens"] > 0
+    for r in saved["records"]:
+        for key, kind in SCHEMA.items():
+            assert isinstance(r[key], kind), (key, r[key])
+        timed = r["method"] == "learned"
+        assert (r["prefill_time_ratio"] is not None) == timed and (r["decode_time_ratio"] is not None) == timed
+        assert (r["last_word_acc"] is not None) == timed
+    # the teacher's last-word numbers, computed another way: lm_eval on the plain model folder (no routers)
+    from elastiformer.integrations.lm_eval import ElastiformerLM, evaluate_last_word, write_last_word_task
+
+    teacher = evaluate_last_word(ElastiformerLM(pretrained=str(workspace / "model"), batch_size=8),
+                                 write_last_word_task(n_docs=6))
+    assert saved["teacher_last_word"]["acc"] == teacher["acc"]
+    assert saved["teacher_last_word"]["perplexity"] == pytest.approx(teacher["perplexity"], rel=1e-5)
+    methods = {(r["component"], r["method"]) for r in saved["records"]}
+    assert methods == {("mlp_tokens", m) for m in ("learned", "random", "static", "norm", "norm_allocated")} | {
+        ("combined", m) for m in ("learned", "random", "static")}
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- results:lm -->\nold\n<!-- /results:lm -->\nafter\n")
+    update_readme(saved, readme, "lm.png", marker="lm", render=results_markdown)
+    text = readme.read_text()
+    again = sum("learned_at_same_flops" in r for r in saved["records"] if r["setting"] == "mlp_tokens")
+    assert "old" not in text and text.endswith("after\n") and text.count("| mlp_tokens |") == 10 + again
+    assert text.count("| learned @ static FLOPs |") == again + sum(
+        "learned_at_same_flops" in r for r in saved["records"] if r["setting"] != "mlp_tokens")
+
+
+def one_setting_bench(workspace, out, **overrides) -> dict:
+    """Options of a one-step, one-budget `mlp_tokens` bench on the tiny workspace model."""
+    return dict(BENCH_DEFAULTS) | dict(model=str(workspace / "model"), components="mlp_tokens", budgets="0.8",
+                                       dense_layers="", steps=1, train_sequences=8, eval_sequences=2, eval_seq_len=32,
+                                       seq_len=16, prefill_len=16, decode_tokens=2, timing_reps=1, lm_eval_docs=0,
+                                       output=str(out)) | overrides
+
+
+def test_bench_append_keeps_other_settings(workspace, tmp_path):
+    out = tmp_path / "lm.json"
+    o = one_setting_bench(workspace, out)
+    run_lm_bench(o, echo=lambda *_: None)
+    run_lm_bench(o | dict(lora_rank=1, append=True), echo=lambda *_: None)
+    records = json.loads(out.read_text())["records"]
+    assert sorted({r["lora_rank"] for r in records}) == [0, 1]
+    assert len(records) == 2 * 5  # learned, random, static, norm, norm_allocated at one budget, with and without LoRA
+
+
+def test_bench_resume_runs_only_unfinished_settings(workspace, tmp_path):
+    out = tmp_path / "lm.json"
+    o = one_setting_bench(workspace, out, timing_reps=0)
+    run_lm_bench(o, echo=lambda *_: None)  # (as if a longer run had been interrupted after its first setting)
+    first = json.loads(out.read_text())
+    said = []
+    run_lm_bench(o | dict(components="mlp_tokens,attn_tokens", resume=True), echo=said.append)
+    saved = json.loads(out.read_text())
+    assert any("mlp_tokens already finished" in line for line in said), said
+    assert not any(line.startswith("[mlp_tokens] training") for line in said), said  # not run again
+    assert set(saved["components"]) == {"mlp_tokens", "attn_tokens"}
+    mlp = [r for r in saved["records"] if r["setting"] == "mlp_tokens"]
+    assert mlp == first["records"]  # kept as measured
+    assert {r["setting"] for r in saved["records"]} == {"mlp_tokens", "attn_tokens"}

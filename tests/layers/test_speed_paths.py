@@ -1,0 +1,279 @@
+"""Issue 15: the faster execution paths compute what the straightforward ones did (same function, less work)."""
+
+import torch
+import torch.nn.functional as F
+
+import elastiformer as ef
+from elastiformer.layers import ElasticMLP
+from elastiformer.layers.mlp import dispatch_by_expert
+from elastiformer.artifacts import weight_fingerprint
+from helpers.models import MODELS, tokens
+
+
+def _clustered(arch: str = "llama") -> ef.ElasticModel:
+    em = ef.get_elastic_model(MODELS[arch](), ef.ElasticConfig(mlp_experts=4, mlp_experts_active=0.5,
+                                                               expert_split="cluster"))
+    return em
+
+
+def _mlps(em):
+    return [m for m in em.base_model.modules() if isinstance(m, ElasticMLP)]
+
+
+def _gathered_experts(m: ElasticMLP, original, x: torch.Tensor, chosen: torch.Tensor, gate: torch.Tensor):
+    """The pre-issue-15 computation: each expert gathers its cluster's rows of the original (unpermuted) weights."""
+    up_w, up_b, gate_w, gate_b, down_w, down_b = original
+    act = m.spec.mlp_weights(m.base_layer).act
+    out = torch.zeros_like(x)
+    for e in range(m.expert_router.n_experts):
+        t, k = (chosen == e).nonzero(as_tuple=True)
+        s = m.expert_router.expert_neurons(e)  # (I/E,) neuron indices in the original numbering
+        h = F.linear(x[t], up_w[s], None if up_b is None else up_b[s])
+        h = act(F.linear(x[t], gate_w[s], None if gate_b is None else gate_b[s])) * h if gate_w is not None else act(h)
+        out.index_add_(0, t, F.linear(h, down_w[:, s]) * gate[t, k][:, None])
+    return out if down_b is None else out + down_b
+
+
+def _weights(m: ElasticMLP):
+    w = m.spec.mlp_weights(m.base_layer)
+    return [None if t is None else t.detach().clone() for t in (w.up_w, w.up_b, w.gate_w, w.gate_b, w.down_w, w.down_b)]
+
+
+def test_clustered_experts_run_on_permuted_contiguous_weights_with_the_same_outputs():
+    for arch in sorted(MODELS):
+        em = _clustered(arch)
+        originals = [_weights(m) for m in _mlps(em)]
+        fingerprint = weight_fingerprint(em.base_model)
+        ids = tokens(2, 24)
+        em.split_experts([{"input_ids": ids}])
+        for m, original in zip(_mlps(em), originals):
+            order = m.expert_router.neuron_order
+            assert m.expert_router.is_split and torch.equal(m.weight_order, order)
+            up_now = m.spec.mlp_weights(m.base_layer).up_w
+            assert torch.equal(up_now, original[0][order])  # permuted once, in place: experts are contiguous slices
+            x = torch.randn(7, em.dims["C"])
+            sel = m.expert_router(x, 0.5, with_aux=False, positions=torch.arange(7), layer=m.layer_idx)
+            y, _, _ = m._run_experts(x, 0.5, torch.arange(7))
+            torch.testing.assert_close(y, _gathered_experts(m, original, x, sel.chosen, sel.gate), atol=1e-5,
+                                       rtol=1e-4)
+        assert em.base_identity()["fingerprint"] == fingerprint  # the artifact still names the original weights
+        assert weight_fingerprint(em.base_model) != fingerprint  # (while the model holds them permuted)
+        fresh = MODELS[arch]().state_dict()
+        base = em.unload()
+        assert all(torch.equal(v, fresh[k]) for k, v in base.state_dict().items())  # unload: the original tensors
+
+
+def test_clustered_artifact_loads_back_permuted_with_identical_logits(tmp_path):
+    em = _clustered()
+    ids = tokens(2, 16)
+    em.split_experts([{"input_ids": ids}])
+    em.set_budget(0.5)
+    ref = em(input_ids=ids).logits
+    em.save_pretrained(tmp_path / "r")
+    em2 = ef.ElasticModel.from_pretrained(MODELS["llama"](), tmp_path / "r")  # fingerprint checked: must match
+    em2.set_budget(0.5)
+    torch.testing.assert_close(em2(input_ids=ids).logits, ref, atol=1e-5, rtol=1e-4)
+    assert all(torch.equal(m.weight_order, m.expert_router.neuron_order) for m in _mlps(em2))
+    with em2.disable_routers():  # dense: the permuted MLPs are the same function
+        dense = em2(input_ids=ids).logits
+    torch.testing.assert_close(dense, MODELS["llama"]()(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_refitting_the_split_maps_back_to_the_original_numbering():
+    em = _clustered()
+    ids = tokens(2, 24)
+    em.split_experts([{"input_ids": ids}])
+    first = [m.expert_router.neuron_order.clone() for m in _mlps(em)]
+    em.split_experts([{"input_ids": ids}])  # same data, now on permuted weights: the same split
+    assert all(torch.equal(m.expert_router.neuron_order, order) for m, order in zip(_mlps(em), first))
+
+
+def test_dispatch_by_expert_matches_one_nonzero_per_expert():
+    g = torch.Generator().manual_seed(0)
+    chosen = torch.randint(-1, 5, (30, 3), generator=g)
+    token_idx, slot, counts = dispatch_by_expert(chosen, 5)
+    begin = 0
+    for e in range(5):
+        t, k = (chosen == e).nonzero(as_tuple=True)
+        assert counts[e] == t.numel()
+        assert torch.equal(token_idx[begin:begin + counts[e]], t) and torch.equal(slot[begin:begin + counts[e]], k)
+        begin += counts[e]
+    assert begin == int((chosen >= 0).sum())
+
+
+def _randomized(em: ef.ElasticModel, seed: int = 3) -> ef.ElasticModel:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in em.router_parameters():
+            p.normal_(0, 0.5)
+    return em
+
+
+def test_batched_head_routing_equals_dense_attention_with_inactive_heads_zeroed():
+    """The reference is the unmodified attention, run dense, with each token's inactive heads zeroed (times its
+    gate) at the input of the output projection: what head routing means, computed without it."""
+    from elastiformer.arch import get_dotted
+    from elastiformer.layers import ElasticAttention
+
+    for arch in sorted(MODELS):
+        em = _randomized(ef.get_elastic_model(MODELS[arch](), ef.ElasticConfig(attn_heads=0.5)))
+        em.set_budget(0.5)
+        ids = tokens(3, 20)
+        routed = em(input_ids=ids).logits
+        assert em.last_stats()["flops_ratio"] < 0.95  # (the block FLOPs of what ran)
+        hooks, H, D = [], em.dims["H"], em.dims["D"]
+        for a in (m for m in em.base_model.modules() if isinstance(m, ElasticAttention)):
+            cap = em.state.budget_capacity("attn_heads", a.layer_idx)
+            if a.head_router is None or cap >= 1.0:
+                continue
+            chosen = {}
+
+            def pick(module, args, kwargs, cap=cap, chosen=chosen):
+                x = args[0] if args else kwargs["hidden_states"]
+                B, T, _ = x.shape
+                sel = module.head_router(x, cap, positions=torch.arange(T).expand(B, T), layer=module.layer_idx)
+                chosen["heads"] = (sel.active.float() * sel.gate).repeat_interleave(D, dim=-1)  # (B, T, H*D)
+
+            def zero_inactive(module, args, chosen=chosen):
+                return (args[0] * chosen["heads"],)
+
+            hooks.append(a.register_forward_pre_hook(pick, with_kwargs=True))
+            hooks.append(get_dotted(a.base_layer, em.spec.o_proj_name).register_forward_pre_hook(zero_inactive))
+        assert hooks
+        try:
+            with em.disable_routers():
+                reference = em(input_ids=ids).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        torch.testing.assert_close(routed, reference, atol=2e-5, rtol=1e-4)
+        assert not torch.allclose(routed, MODELS[arch]()(input_ids=ids).logits, atol=1e-3)  # heads really skipped
+
+
+def test_contiguous_runs():
+    from elastiformer.layers.mlp import contiguous_runs
+
+    assert contiguous_runs([0, 1, 2, 5, 6, 9]) == [(0, 2), (5, 6), (9, 9)]
+    assert contiguous_runs([]) == []
+
+
+def test_one_token_expert_runs_equal_the_per_expert_dispatch():
+    for arch in sorted(MODELS):
+        em = _randomized(ef.get_elastic_model(MODELS[arch](), ef.ElasticConfig(mlp_experts=4, mlp_experts_active=0.5)))
+        for m in (m for m in _mlps(em) if m.expert_router is not None):
+            for seed in range(4):
+                x = torch.randn(1, em.dims["C"], generator=torch.Generator().manual_seed(seed))
+                for cap in (0.3, 0.5, 0.8):
+                    with torch.no_grad():  # decoding: the runs of adjacent experts
+                        fast, fast_flops, fast_frac = m._run_experts(x, cap, torch.tensor([seed]))
+                    with torch.enable_grad():  # training: one matmul per expert, gated
+                        ref, ref_flops, ref_frac = m._run_experts(x, cap, torch.tensor([seed]))
+                    torch.testing.assert_close(fast, ref.detach(), atol=1e-5, rtol=1e-4)
+                    assert (fast_flops, fast_frac) == (ref_flops, ref_frac)
+
+
+def test_token_thresholds_are_cached_until_the_calibration_changes():
+    em = _randomized(ef.get_elastic_model(MODELS["llama"](), ef.ElasticConfig(mlp_tokens=0.5)))
+    em.calibrate([{"input_ids": tokens(4, 24)}], progress=False)
+    r = next(r for r in em.routers() if isinstance(r, ef.routers.TokenRouter))
+    first = r.threshold(0.5)
+    assert isinstance(first, float) and first == float(r._lookup_threshold(0.5, "learned"))
+    with torch.no_grad():
+        r.calib_threshold.add_(1.0)  # what loading routers (copy_) or a new calibration does to the buffer
+    assert r.threshold(0.5) == float(r._lookup_threshold(0.5, "learned")) != first
+    em.calibrate([{"input_ids": tokens(4, 24, seed=5)}], progress=False)
+    assert r.threshold(0.5) == float(r._lookup_threshold(0.5, "learned"))
+
+
+def test_per_call_values_follow_the_padding_of_each_call():
+    em = _randomized(ef.get_elastic_model(MODELS["llama"](), ef.ElasticConfig(mlp_tokens=0.5)))
+    em.calibrate([{"input_ids": tokens(4, 24)}], progress=False)
+    em.set_budget(0.5)
+    ids = tokens(2, 12)
+    padded = torch.ones_like(ids)
+    padded[0, :4] = 0
+    seen = []
+    mlp = _mlps(em)[1]
+    hook = mlp.register_forward_pre_hook(lambda m, a: seen.append(em.state.token_valid(2, 12, ids.device).clone()))
+    with torch.no_grad():
+        em(input_ids=ids, attention_mask=padded)
+        em(input_ids=ids)
+    hook.remove()
+    assert not seen[0][0, :4].any() and seen[1].all()  # the second call did not reuse the first call's mask
+
+
+def test_attention_layer_that_selects_no_token_runs_only_its_router():
+    from elastiformer.layers import ElasticAttention
+
+    em = _randomized(ef.get_elastic_model(MODELS["llama"](), ef.ElasticConfig(attn_tokens=0.5)))
+    em.calibrate([{"input_ids": tokens(4, 24)}], progress=False)
+    em.set_budget(0.5)
+    layer = next(a for a in em.base_model.modules() if isinstance(a, ElasticAttention) and a.token_router is not None)
+    with torch.no_grad():
+        layer.token_router.calib_threshold.add_(1e6)  # this layer now keeps only the forced first token
+        ids = tokens(1, 10)
+        out = em(input_ids=ids[:, :9], use_cache=True)
+        step = em(input_ids=ids[:, 9:], past_key_values=out.past_key_values, use_cache=True)  # one skipped token
+        stats = [s for s in em.last_stats()["per_layer"] if s["layer"] == layer.layer_idx and s["sublayer"] == "attn"]
+        assert stats[0]["token_fraction"] == 0.0 and stats[0]["executed_flops"] == stats[0]["router_flops"] > 0
+        full = em(input_ids=ids).logits  # the same tokens without a cache: the same decision, the same logits
+    torch.testing.assert_close(step.logits[:, -1], full[:, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_head_routed_decoding_equals_the_uncached_forward():
+    """Decode steps (one token per row, the runs-of-heads path) against the full sequence without a cache (the
+    bucket path): head routing looks at each token alone, so the logits agree at every step."""
+    for arch in sorted(MODELS):
+        for config in (dict(attn_heads=0.5), dict(attn_heads=0.6, head_granularity="group")):
+            em = _randomized(ef.get_elastic_model(MODELS[arch](), ef.ElasticConfig(**config)))
+            em.set_budget(0.5)
+            for B in (1, 3):
+                ids = tokens(B, 14)
+                with torch.no_grad():
+                    full = em(input_ids=ids).logits
+                    out = em(input_ids=ids[:, :10], use_cache=True)
+                    for t in range(10, 14):
+                        out = em(input_ids=ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+                        torch.testing.assert_close(out.logits[:, -1], full[:, t], atol=2e-5, rtol=1e-4)
+                        if B == 1:  # (at batch 3 the heads any row chose all run: their union may be all)
+                            assert em.last_stats()["flops_ratio"] < 1.0
+
+
+def test_one_token_mlp_routing_runs_the_mlp_on_the_token_or_reads_none_of_its_weights():
+    """Decoding at batch 1 with token-routed MLPs: each layer either runs its base MLP on the token as it is or not at
+    all (no gather / scatter), with the same logits as the batched path (the same rows in a batch of two)."""
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    em = ef.get_elastic_model(MODELS["llama"](), ef.ElasticConfig(mlp_tokens=0.5))
+    em.calibrate({"input_ids": tokens(B=4, T=24, seed=7)})
+    em.set_budget(0.5)
+    calls = []
+    hooks = [m.base_layer.register_forward_hook(lambda mod, a, out: calls.append(tuple(a[0].shape))) for m in _mlps(em)]
+    prompt, fed = tokens(B=1, T=8, seed=5), tokens(B=1, T=6, seed=6)
+
+    def decode(batch: int) -> tuple[torch.Tensor, list[dict]]:
+        cache, steps, mlp_stats = DynamicCache(), [], []
+        with torch.no_grad():
+            em(prompt.expand(batch, -1), cache=cache, use_cache=True)
+            for t in range(fed.shape[1]):
+                calls.clear()
+                steps.append(em(fed[:, t:t + 1].expand(batch, -1), cache=cache, use_cache=True).logits[0, -1])
+                mlp = [s for s in em.last_stats()["per_layer"] if s["sublayer"] == "mlp"]
+                mlp_stats.append((list(calls), mlp))
+        return torch.stack(steps), mlp_stats
+
+    one, one_stats = decode(1)
+    two, _ = decode(2)
+    for h in hooks:
+        h.remove()
+    assert torch.allclose(one, two, atol=1e-5)
+    skipped = 0
+    for shapes, mlp in one_stats:
+        ran = [s for s in mlp if s["token_fraction"] == 1.0]
+        assert len(shapes) == len(ran) and all(shape[:2] == (1, 1) for shape in shapes)  # the token as it is
+        for s in mlp:
+            if s["token_fraction"] == 0.0:  # skipped: only the router's FLOPs
+                assert s["executed_flops"] == s["router_flops"] > 0
+                skipped += 1
+    assert skipped > 0  # the budget skips some of the decode steps' MLP work
