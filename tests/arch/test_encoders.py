@@ -251,6 +251,12 @@ def test_evaluate_encoder_reports_cosine_retrieval_and_flops():
     half = [r for r in ev["records"] if r["budget"] == 0.5]
     assert {r["method"] for r in half} == {"learned", "random", "norm", "static"}
     assert all(r["block_flops_ratio"] < 0.9 and r["cosine"] < 1.0 for r in half)
+    learned, static = (next(r for r in half if r["method"] == m) for m in ("learned", "static"))
+    again = static.get("learned_at_same_flops")  # static moves in whole layers: learned measured at its FLOPs
+    assert (again is not None) == (static["block_flops_ratio"] > learned["block_flops_ratio"] + 1e-3)
+    if again is not None:
+        assert abs(again["block_flops_ratio"] - static["block_flops_ratio"]) < 0.05
+        assert again["method_budget"] > 0.5 and 0.0 < again["cosine"] <= 1.0
 
     vit = make_encoder("vit-classifier", "mlp_experts")
     labelled = [image_batch(B=4, seed=s) | {"labels": torch.tensor([0, 1, 2, 3])} for s in range(2)]
@@ -323,7 +329,9 @@ def test_encoder_bench_writes_the_result_schema_and_readme(bert_workspace, tmp_p
     readme.write_text("# x\n<!-- results:encoder -->\nold\n<!-- /results:encoder -->\nafter\n")
     update_readme(saved, readme, "encoder.png", marker="encoder", render=encoder_results_markdown)
     text = readme.read_text()
-    assert "old" not in text and text.endswith("after\n") and text.count("| mlp_tokens |") == 1 + 10
+    again = sum("learned_at_same_flops" in r for r in saved["records"] if r["component"] == "mlp_tokens")
+    assert "\nold\n" not in text and text.endswith("after\n")
+    assert text.count("| mlp_tokens |") == 1 + 10 + again  # (+ a "learned @ static FLOPs" row per step pair)
 
 
 def test_encoder_bench_cli_refuses_bad_options(capsys, tmp_path):

@@ -43,6 +43,11 @@ def test_evaluate_images_at_full_budget_matches_the_teacher_and_skips_work_below
     for m in ("learned", "random", "static"):
         assert rec[(m, 0.5)]["block_flops_ratio"] < 0.85  # half the tokens and heads: the work really shrinks
         assert rec[(m, 0.5)]["cosine"] < 0.9999
+    static, learned = rec[("static", 0.5)], rec[("learned", 0.5)]
+    again = static.get("learned_at_same_flops")  # static moves in whole steps: learned measured at its FLOPs
+    assert (again is not None) == (static["block_flops_ratio"] > learned["block_flops_ratio"] + 1e-3)
+    if again is not None:
+        assert abs(again["block_flops_ratio"] - static["block_flops_ratio"]) < 0.05  # (bisected on the first batch)
     assert em.get_budget() == {"mlp_tokens": 0.5, "attn_heads": 0.5}  # restored
 
 

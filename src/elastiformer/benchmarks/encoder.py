@@ -151,7 +151,7 @@ def encoder_results_markdown(result: dict[str, Any]) -> str:
         "each sentence's nearest other sentence, teacher vs elastic; time = elastic / dense wall-clock of one batch "
         "of 32 sentences. Regenerate: `elastiformer bench --task encoder`, then `elastiformer bench --task encoder "
         "--readme`. Baselines run at the learned routers' block FLOPs (budgets bisected; static pruning at the nearest "
-        "point with at least as many).",
+        "point with at least as many, where the learned routers are measured again: 'learned @ static FLOPs').",
         "",
         summary_line(result.get("summary") or summarize(result["records"], metric="cosine", higher_is_better=True)),
         "",
@@ -175,4 +175,9 @@ def encoder_results_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {r['budget']:.2f} | {r['method']} | {r['block_flops_ratio']:.3f} | "
                      f"{r['cosine']:.4f} | {r['cosine_p05']:.4f} | {r['token_cosine']:.4f} | "
                      f"{r['retrieval_agreement']:.3f} | {fmt(r.get('time_ratio'), '.2f')} |")
+        if "learned_at_same_flops" in r:  # the learned routers again, at static's FLOPs (the pair the tally compares)
+            q = r["learned_at_same_flops"]
+            lines.append(f"| {name} | {r['budget']:.2f} | learned @ {r['method']} FLOPs | {q['block_flops_ratio']:.3f} | "
+                         f"{q['cosine']:.4f} | {q['cosine_p05']:.4f} | {q['token_cosine']:.4f} | "
+                         f"{q['retrieval_agreement']:.3f} | - |")
     return "\n".join(lines) + "\n"

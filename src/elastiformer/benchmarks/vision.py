@@ -229,6 +229,12 @@ def vision_results_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['component']} | {r['budget']:.2f} | {r['method']} | {r['block_flops_ratio']:.3f} | "
                      f"{100 * r['accuracy']:.2f}% | {100 * (r['accuracy'] - r['teacher_accuracy']):+.2f} | "
                      f"{r['agreement']:.3f} | {r['cosine']:.4f} | {t} |")
+        if "learned_at_same_flops" in r:  # the learned routers again, at static's FLOPs (the pair the tally compares)
+            q = r["learned_at_same_flops"]
+            lines.append(f"| {r['component']} | {r['budget']:.2f} | learned @ {r['method']} FLOPs | "
+                         f"{q['block_flops_ratio']:.3f} | {100 * q['accuracy']:.2f}% | "
+                         f"{100 * (q['accuracy'] - r['teacher_accuracy']):+.2f} | {q['agreement']:.3f} | "
+                         f"{q['cosine']:.4f} | - |")
     dom = result.get("domain", {})
     if dom.get("records"):
         lines += ["", f"Robustness to the training domain ({dom['component']} routers, {dom['steps']} steps "

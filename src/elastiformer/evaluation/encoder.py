@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
-from .lm import apply_budget, budget_settings, match_flops, nominal, prepare_baselines, probe_flops, time_ratio
+from .baselines import apply_budget, budget_settings, nominal, plan_budgets, prepare_baselines
+from .lm import time_ratio
 from ..data.batches import as_batches
 from ..model import ElasticModel
 
@@ -85,20 +86,14 @@ def evaluate_encoder(
         raise ConfigError(f"match={match!r}: pass 'flops' (baselines at the learned routers' FLOPs) or 'budget'")
     saved_budget, was_training = em.get_budget(), em.training
     em.eval()
-    bar = tqdm(total=len(items) * (1 + len(methods) * len(settings)), desc="evaluating", disable=not progress)
+    bar = tqdm(desc="evaluating", disable=not progress)  # (its total is known once the FLOPs are matched)
     records = []
     generator = torch.Generator(device=device)  # the random baseline's draws; the caller's global RNG is left alone
     contexts = {m: (lambda m=m: em.routing_method(m)) for m in methods}
     try:
         with torch.no_grad(), em.override("generator", generator):
-            plan = {(m, i): setting for m in methods for i, setting in enumerate(settings)}
-            if match == "flops" and baselines:
-                lowest = max(em.state.min_budget(k) for k in em.elastic_config.components()) + 1e-3
-                for i, setting in enumerate(settings):
-                    target = probe_flops(em, items[0][0], setting, contexts["learned"], generator, seed * 1009)
-                    for m in baselines:
-                        plan[(m, i)] = match_flops(em, items[0][0], setting, target, contexts[m], lowest, generator,
-                                                   seed * 1009, from_above=m == "static")
+            plan = plan_budgets(em, items[0][0], settings, baselines, contexts, generator, seed, match)
+            bar.reset(total=len(items) * (1 + len(plan)))
             with em.disable_routers():
                 teacher = [em.embed(b, pooling) for b, _ in items]
             bar.update(len(items))
@@ -106,43 +101,51 @@ def evaluate_encoder(
             labelled = all(y is not None for _, y in items) and all(t.logits is not None for t in teacher)
             teacher_correct = sum(int((t.logits.argmax(-1) == y).sum()) for t, (_, y) in zip(teacher, items)) \
                 if labelled else None
-            for i, setting in enumerate(settings):
+            measured = {}
+            for (m, i), budget in plan.items():
+                method = m.split("@")[0]  # ("learned@static": the learned routers at the static baseline's FLOPs)
+                pooled, dense, executed, tok_sum, tok_n, correct = [], 0, 0, 0.0, 0, 0
+                with apply_budget(em, budget), em.routing_method(method):
+                    budgets_used = em.get_budget()
+                    for bi, ((batch, labels), t) in enumerate(zip(items, teacher)):
+                        generator.manual_seed(seed * 1009 + bi)  # the random baseline draws the same way every run
+                        s = em.embed(batch, pooling)
+                        stats = em.last_stats()
+                        dense += stats["dense_flops"]
+                        executed += stats["elastic_flops"]
+                        pooled.append(s.pooled)
+                        tok = F.cosine_similarity(t.tokens.float(), s.tokens.float(), dim=-1)[t.mask]
+                        tok_sum, tok_n = tok_sum + float(tok.sum()), tok_n + tok.numel()
+                        if labelled:
+                            correct += int((s.logits.argmax(-1) == labels).sum())
+                        bar.update()
+                    ratio = time_ratio(em, items[0][0], lambda: em.routing_method(method), timing_reps)[0] \
+                        if timing_reps and m == method else None
+                s_pooled = torch.cat(pooled)
+                cos = F.cosine_similarity(t_pooled.float(), s_pooled.float(), dim=-1)  # (N,)
+                record = {
+                    "method": m,
+                    "budget": nominal(settings[i]),
+                    "method_budget": nominal(budget),
+                    "budgets": budgets_used,
+                    "cosine": float(cos.mean()),
+                    "cosine_p05": float(torch.quantile(cos, 0.05)),
+                    "token_cosine": tok_sum / max(1, tok_n),
+                    "retrieval_agreement": retrieval_agreement(t_pooled, s_pooled),
+                    "block_flops_ratio": executed / dense if dense else 1.0,
+                    "model_flops_ratio": executed / dense if dense else 1.0,
+                    "time_ratio": ratio,
+                }
+                if labelled:
+                    record["accuracy"] = correct / t_pooled.shape[0]
+                measured[(m, i)] = record
+            for i in range(len(settings)):
                 for m in methods:
-                    pooled, dense, executed, tok_sum, tok_n, correct = [], 0, 0, 0.0, 0, 0
-                    with apply_budget(em, plan[(m, i)]), em.routing_method(m):
-                        budgets_used = em.get_budget()
-                        for bi, ((batch, labels), t) in enumerate(zip(items, teacher)):
-                            generator.manual_seed(seed * 1009 + bi)  # the random baseline draws the same way every run
-                            s = em.embed(batch, pooling)
-                            stats = em.last_stats()
-                            dense += stats["dense_flops"]
-                            executed += stats["elastic_flops"]
-                            pooled.append(s.pooled)
-                            tok = F.cosine_similarity(t.tokens.float(), s.tokens.float(), dim=-1)[t.mask]
-                            tok_sum, tok_n = tok_sum + float(tok.sum()), tok_n + tok.numel()
-                            if labelled:
-                                correct += int((s.logits.argmax(-1) == labels).sum())
-                            bar.update()
-                        ratio = time_ratio(em, items[0][0], lambda: em.routing_method(m), timing_reps)[0] \
-                            if timing_reps else None
-                    s_pooled = torch.cat(pooled)
-                    cos = F.cosine_similarity(t_pooled.float(), s_pooled.float(), dim=-1)  # (N,)
-                    record = {
-                        "method": m,
-                        "budget": nominal(setting),
-                        "method_budget": nominal(plan[(m, i)]),
-                        "budgets": budgets_used,
-                        "cosine": float(cos.mean()),
-                        "cosine_p05": float(torch.quantile(cos, 0.05)),
-                        "token_cosine": tok_sum / max(1, tok_n),
-                        "retrieval_agreement": retrieval_agreement(t_pooled, s_pooled),
-                        "block_flops_ratio": executed / dense if dense else 1.0,
-                        "model_flops_ratio": executed / dense if dense else 1.0,
-                        "time_ratio": ratio,
-                    }
-                    if labelled:
-                        record["accuracy"] = correct / t_pooled.shape[0]
-                    records.append(record)
+                    records.append(measured[(m, i)])
+                    again = measured.get((f"learned@{m}", i))
+                    if again is not None:  # the learned routers again, at this step baseline's FLOPs
+                        records[-1]["learned_at_same_flops"] = {k: v for k, v in again.items()
+                                                                if k not in ("method", "budget", "budgets", "time_ratio")}
     finally:
         bar.close()
         if saved_budget:

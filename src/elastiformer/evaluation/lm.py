@@ -4,7 +4,6 @@ random-routing baseline at the same capacity, and timed against the dense model 
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -12,16 +11,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.batches import as_batches
-from ..config import check_fraction
 from ..errors import ConfigError, DataError
 from ..model import ElasticModel
+from .baselines import apply_budget, budget_settings, nominal, plan_budgets, prepare_baselines
 from .timing import interleaved
 from ..validation import check_int
-
-# baselines whose FLOPs move in steps (whole sub-layers dropped): they run at the nearest budget executing at least
-# the learned routers' FLOPs, and the learned routers are measured again at theirs ("learned_at_same_flops")
-STEP_BASELINES = ("static",)
-
 
 def lm_metrics(teacher: torch.Tensor, student: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> dict:
     """Sums over next-token positions: teacher / student NLL on the real next tokens, KL(teacher || student),
@@ -52,95 +46,6 @@ def time_ratio(em: ElasticModel, batch: dict, context, reps: int) -> tuple[float
     with torch.no_grad():
         d, e = interleaved(dense, elastic, reps)
     return e / d, d, e
-
-
-# random / norm / static share the budget uniformly between layers; norm_allocated uses the learned routers' fitted
-# allocation with the training-free norm score (what learned scores add beyond the allocation)
-BASELINES = ("random", "norm", "norm_allocated", "static")
-
-
-def prepare_baselines(em: ElasticModel, baselines: Sequence[str], calibration_data) -> None:
-    """Check the baseline names and fit what they need on calibration data: "norm" thresholds (causal models only;
-    encoders route by top-k) and the "static" choice of what to drop."""
-    unknown = set(baselines) - set(BASELINES)
-    if unknown:
-        raise ConfigError(f"unknown baselines {sorted(unknown)}: the baselines are {', '.join(BASELINES)}")
-    if {"norm", "norm_allocated", "static"} & set(baselines):
-        if calibration_data is None:
-            raise ConfigError("the norm and static baselines are fitted on calibration text: pass calibration_data "
-                              "(training text, never the evaluation text)")
-        for method in ("norm", "norm_allocated"):
-            if method in baselines:
-                em.routing_method(method)  # validates that it applies to this model
-                em.calibrate(calibration_data, method=method)
-        if "static" in baselines:
-            em.fit_static(calibration_data)
-
-
-def budget_settings(em: ElasticModel, budgets: Sequence[float | dict[str, float]]) -> list[float | dict[str, float]]:
-    """Each budget validated: a fraction (one budget for the model, see `ElasticModel.set_budget`) or a dict per
-    component."""
-    if not budgets:
-        raise ConfigError("no budgets to evaluate: pass at least one, e.g. budgets=[0.8]")
-    settings = []
-    for b in budgets:
-        if isinstance(b, dict):
-            settings.append({k: check_fraction(k, v) for k, v in b.items()})
-        else:
-            settings.append(check_fraction("budget", b))
-    for setting in settings:  # unknown / unrouted keys and budgets below the dense layers' share
-        with apply_budget(em, setting):
-            pass
-    return settings
-
-
-def apply_budget(em: ElasticModel, setting):
-    """`with apply_budget(em, 0.8)` / `apply_budget(em, {"mlp_tokens": 0.8})`: em.budget(...) for either form."""
-    return em.budget(**setting) if isinstance(setting, dict) else em.budget(setting)
-
-
-def nominal(setting) -> float:
-    return statistics.mean(setting.values()) if isinstance(setting, dict) else float(setting)
-
-
-def scaled(setting, t: float):
-    """The budget `t` in the form of `setting` (a dict keeps its components' proportions)."""
-    if not isinstance(setting, dict):
-        return t
-    ref = nominal(setting)
-    return {k: min(1.0, v * t / ref) for k, v in setting.items()}
-
-
-def probe_flops(em: ElasticModel, batch: dict, setting, context, generator: torch.Generator | None, seed: int) -> float:
-    """Executed / dense block FLOPs of one forward of `batch` at `setting` under `context` (a routing method)."""
-    if generator is not None:
-        generator.manual_seed(seed)
-    with torch.no_grad(), apply_budget(em, setting), context():
-        em(**batch)
-    return em.last_stats()["flops_ratio"]
-
-
-def match_flops(em: ElasticModel, batch: dict, setting, target: float, context, lowest: float,
-                generator: torch.Generator | None, seed: int, steps: int = 8, from_above: bool = False):
-    """The budget (in the form of `setting`) at which a method executes `target` block FLOPs on `batch`, by
-    bisection: FLOPs fall with the budget. `from_above`: of the budgets tried, the closest one that executes at
-    least `target` (for a method whose FLOPs move in steps, e.g. dropping whole layers: it gets the benefit of the
-    doubt)."""
-    lo, hi = lowest, 1.0
-    tried = []
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        f = probe_flops(em, batch, scaled(setting, mid), context, generator, seed)
-        tried.append((mid, f))
-        if f > target:
-            hi = mid
-        else:
-            lo = mid
-    for b in (lo, hi):
-        tried.append((b, probe_flops(em, batch, scaled(setting, b), context, generator, seed)))
-    pool = [t for t in tried if t[1] >= target - 1e-9] if from_above else tried
-    best = min(pool or tried, key=lambda t: abs(t[1] - target))
-    return scaled(setting, best[0])
 
 
 def evaluate(
@@ -206,25 +111,7 @@ def evaluate(
     bar = tqdm(desc="evaluating", disable=not progress)  # (its total is known once the FLOPs are matched)
     try:
         with torch.no_grad(), em.override("generator", generator):
-            # what each method runs at: the same budget, or the budget at which it executes the learned routers'
-            # block FLOPs (measured on the first batch; static pruning gets at least as many FLOPs as learned)
-            plan = {(m, i): setting for m in methods for i, setting in enumerate(settings)}
-            if match == "flops" and baselines:
-                lowest = max(em.state.min_budget(k) for k in em.elastic_config.components()) + 1e-3
-                for i, setting in enumerate(tqdm(settings, desc="matching FLOPs", disable=not progress)):
-                    target = probe_flops(em, batches[0], setting, contexts["learned"], generator, seed * 1009)
-                    for m in baselines:
-                        plan[(m, i)] = match_flops(em, batches[0], setting, target, contexts[m], lowest, generator,
-                                                   seed * 1009, from_above=m in STEP_BASELINES)
-                        if m not in STEP_BASELINES:
-                            continue
-                        # a baseline that moves in steps runs at or above the learned FLOPs: the learned routers are
-                        # measured again at its FLOPs, so that pair is compared at matched compute, not with the
-                        # baseline holding more of it
-                        got = probe_flops(em, batches[0], plan[(m, i)], contexts[m], generator, seed * 1009)
-                        if got > target + 1e-3:
-                            plan[(f"learned@{m}", i)] = match_flops(em, batches[0], setting, got, contexts["learned"],
-                                                                    lowest, generator, seed * 1009)
+            plan = plan_budgets(em, batches[0], settings, baselines, contexts, generator, seed, match)
             bar.reset(total=len(batches) * (1 + len(plan)) + (len(methods) * len(settings) if timing_reps else 0))
             for bi, batch in enumerate(batches):
                 with em.disable_routers():

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..model import ElasticModel
-from .lm import apply_budget, match_flops, prepare_baselines, probe_flops
+from .baselines import apply_budget, plan_budgets, prepare_baselines
 
 
 @torch.no_grad()
@@ -43,24 +43,18 @@ def evaluate_images(em: ElasticModel, pixels: torch.Tensor, labels: torch.Tensor
     batches = [(pixels[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, pixels.shape[0], batch_size)]
     saved_budget, was_training = em.get_budget(), em.training
     em.eval()
-    keys = [(m, b) for b in budgets for m in methods]
-    sums = {k: {"correct": 0, "agree": 0, "cos": 0.0, "dense": 0, "exec": 0} for k in keys}
     teacher_correct = 0
-    bar = tqdm(total=len(batches) * (1 + len(keys)), desc="evaluating", disable=not progress)
+    bar = tqdm(desc="evaluating", disable=not progress)  # (its total is known once the FLOPs are matched)
     generator = torch.Generator(device=pixels.device)  # the random baseline's draws (the global RNG is left alone)
     contexts = {m: (lambda m=m: em.routing_method(m)) for m in methods}
-    plan = {(m, b): b for m, b in keys}  # the budget each method runs at: bisected to the learned routers' FLOPs
     stack = contextlib.ExitStack()
     try:
         stack.enter_context(em.override("generator", generator))
-        if match == "flops" and baselines:
-            probe = {"pixel_values": batches[0][0]}
-            lowest = max(em.state.min_budget(k) for k in em.elastic_config.components()) + 1e-3
-            for b in budgets:
-                target = probe_flops(em, probe, b, contexts["learned"], generator, seed * 1009)
-                for m in baselines:
-                    plan[(m, b)] = match_flops(em, probe, b, target, contexts[m], lowest, generator, seed * 1009,
-                                               from_above=m == "static")
+        # the budget each method runs at: bisected to the learned routers' FLOPs (keys: (method, index of budget))
+        plan = plan_budgets(em, {"pixel_values": batches[0][0]}, list(budgets), baselines, contexts, generator, seed,
+                            match)
+        sums = {k: {"correct": 0, "agree": 0, "cos": 0.0, "dense": 0, "exec": 0} for k in plan}
+        bar.reset(total=len(batches) * (1 + len(plan)))
         for bi, (x, y) in enumerate(batches):
             batch = {"pixel_values": x}
             with em.disable_routers():
@@ -68,12 +62,12 @@ def evaluate_images(em: ElasticModel, pixels: torch.Tensor, labels: torch.Tensor
             t_pred = t_logits.argmax(-1)
             teacher_correct += int((t_pred == y).sum())
             bar.update()
-            for m, b in keys:
+            for key, budget in plan.items():
                 generator.manual_seed(seed * 1009 + bi)  # the random baseline draws the same way every run
-                with apply_budget(em, plan[(m, b)]), em.routing_method(m):
+                with apply_budget(em, budget), em.routing_method(key[0].split("@")[0]):
                     feat, logits = features_and_logits(em, batch)
                 stats = em.last_stats()
-                acc = sums[(m, b)]
+                acc = sums[key]
                 pred = logits.argmax(-1)
                 acc["correct"] += int((pred == y).sum())
                 acc["agree"] += int((pred == t_pred).sum())
@@ -87,8 +81,17 @@ def evaluate_images(em: ElasticModel, pixels: torch.Tensor, labels: torch.Tensor
         em.set_budget(**saved_budget)
         em.train(was_training)
     n = max(1, pixels.shape[0])
-    records = [{"method": m, "budget": b, "method_budget": plan[(m, b)], "accuracy": sums[(m, b)]["correct"] / n,
-                "agreement": sums[(m, b)]["agree"] / n, "cosine": sums[(m, b)]["cos"] / n,
-                "block_flops_ratio": sums[(m, b)]["exec"] / max(1, sums[(m, b)]["dense"])} for m, b in keys]
+
+    def measured(key) -> dict[str, Any]:
+        acc = sums[key]
+        return {"method_budget": plan[key], "accuracy": acc["correct"] / n, "agreement": acc["agree"] / n,
+                "cosine": acc["cos"] / n, "block_flops_ratio": acc["exec"] / max(1, acc["dense"])}
+
+    records = []
+    for i, b in enumerate(budgets):
+        for m in methods:
+            records.append({"method": m, "budget": b} | measured((m, i)))
+            if (f"learned@{m}", i) in plan:  # the learned routers again, at this step baseline's FLOPs
+                records[-1]["learned_at_same_flops"] = measured((f"learned@{m}", i))
     return {"teacher_accuracy": teacher_correct / n, "images": int(pixels.shape[0]),
             "router_param_fraction": em.num_router_parameters() / max(1, em.num_base_parameters()), "records": records}
