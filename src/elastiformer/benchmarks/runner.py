@@ -116,7 +116,8 @@ def summarize(records: list[dict[str, Any]], tolerance: float = 0.01, metric: st
     """Learned routing against each baseline at matched block FLOPs: a pair is won when learned is at least as
     good on `metric` (ΔLM loss: no higher) while executing at most `tolerance` more block FLOPs than the baseline.
     A baseline record holding `learned_at_same_flops` (static pruning, whose FLOPs move in steps and land above the
-    learned routers') is compared with that measurement of the learned routers at its own FLOPs."""
+    learned routers', or a baseline whose FLOPs jump past them) is compared with that measurement of the learned
+    routers at its own FLOPs."""
     pairs, won, lost = 0, 0, []
     groups: dict[tuple, dict[str, dict]] = {}
     for r in records:

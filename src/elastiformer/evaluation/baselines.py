@@ -107,14 +107,17 @@ def match_flops(em: ElasticModel, batch: dict, setting, target: float, context, 
 # baselines whose FLOPs move in steps (whole sub-layers dropped): they run at the nearest budget executing at least
 # the learned routers' FLOPs, and the learned routers are measured again at theirs ("learned_at_same_flops")
 STEP_BASELINES = ("static",)
+MATCH_TOLERANCE = 0.005  # a continuous baseline further than this from the learned FLOPs gets its own learned partner
 
 
 def plan_budgets(em: ElasticModel, batch: dict, settings: Sequence, baselines: Sequence[str], contexts: dict,
                  generator: torch.Generator | None, seed: int, match: str = "flops") -> dict[tuple[str, int], object]:
     """{(method, i): the budget it runs at for `settings[i]`}. `match="flops"`: each baseline at the budget where it
     executes the learned routers' block FLOPs on `batch`; a step baseline (static) at the nearest one executing at
-    least as many, and, when that is more, an extra entry ("learned@static", i): the learned routers bisected to the
-    static baseline's FLOPs, the fair partner of that pair. `match="budget"`: every method at the same budget."""
+    least as many. Where a baseline's FLOPs still differ from the learned routers' (static's steps; or a jump, e.g.
+    an encoder's padding, never computed once any token is routed, leaves a baseline's FLOPs no budget between 1 and
+    0.99 can match), an extra entry ("learned@<baseline>", i) holds the learned routers bisected to that baseline's
+    FLOPs: the fair partner of that pair. `match="budget"`: every method at the same budget."""
     methods = ["learned", *baselines]
     plan = {(m, i): setting for m in methods for i, setting in enumerate(settings)}
     if match != "flops" or not baselines:
@@ -126,10 +129,8 @@ def plan_budgets(em: ElasticModel, batch: dict, settings: Sequence, baselines: S
             step = m in STEP_BASELINES
             plan[(m, i)] = match_flops(em, batch, setting, target, contexts[m], lowest, generator, seed * 1009,
                                        from_above=step)
-            if not step:
-                continue
             got = probe_flops(em, batch, plan[(m, i)], contexts[m], generator, seed * 1009)
-            if got > target + 1e-3:
+            if (got > target + 1e-3) if step else abs(got - target) > MATCH_TOLERANCE:
                 plan[(f"learned@{m}", i)] = match_flops(em, batch, setting, got, contexts["learned"], lowest,
                                                         generator, seed * 1009)
     return plan

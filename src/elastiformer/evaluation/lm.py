@@ -69,8 +69,9 @@ def evaluate(
     fitted on `calibration_data`. `match="flops"` (default) runs each baseline at the budget where it executes the
     learned routers' block FLOPs (bisected on the first batch; `method_budget` in its record); `match="budget"`
     runs it at the same budget. Static pruning moves in steps, so it runs at the nearest budget that executes at least
-    the learned FLOPs; when that is more, its record also holds `learned_at_same_flops`: the learned routers measured
-    again at static's FLOPs (their budget bisected), the fair partner for that pair.
+    the learned FLOPs; when that is more (or when any other baseline's FLOPs could not be matched, see
+    `baselines.plan_budgets`), its record also holds `learned_at_same_flops`: the learned routers measured again at
+    that baseline's FLOPs (their budget bisected), the fair partner for that pair.
 
     Returns `{"teacher_nll", "teacher_perplexity", "tokens", "router_param_fraction", "records": [...]}`, one
     record per (method, budget) with: delta_lm_loss (elastic NLL - teacher NLL, nats/token), kl (per token),
