@@ -26,6 +26,7 @@ COMMANDS = {
     ("flextron", "route"): (pipeline.ROUTE_OPTIONS, ()),
     ("flextron", "eval"): (pipeline.FLEXTRON_EVAL_OPTIONS, ()),
     ("flextron", "bench"): (FLEXTRON_BENCH_OPTIONS, ("readme",)),
+    ("vit-teacher",): (cli_app.vit_teacher_options(), ()),
 }
 
 

@@ -458,29 +458,25 @@ def info(
 
 
 # ---------------------------------------------------------------------- vit-teacher
-@app.command("vit-teacher")
-def vit_teacher(
-    output: Optional[Path] = typer.Option(None, help="Where the HF folder goes (default: the cache folder, where "
-                                          "`load_model('vit-fashion-mnist')` finds it)."),
-    epochs: Optional[int] = typer.Option(None, help="Passes over the 60k training images (default 3)."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps; overrides --epochs."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per step (default 128)."),
-    lr: Optional[float] = typer.Option(None, help="Peak AdamW learning rate (default 1e-3)."),
-    hidden_size: Optional[int] = typer.Option(None, help="ViT hidden size (default 128; the MLP is 4x)."),
-    layers: Optional[int] = typer.Option(None, help="Transformer layers (default 4)."),
-    heads: Optional[int] = typer.Option(None, help="Attention heads (default 4)."),
-    patch_size: Optional[int] = typer.Option(None, help="Patch size in pixels (default 7: 16 patches + CLS)."),
-    train_images: Optional[int] = typer.Option(None, help="Train on only the first N training images."),
-    test_images: Optional[int] = typer.Option(None, help="Report accuracy on only the first N test images."),
-    seed: Optional[int] = typer.Option(None, help="Seed of initialisation and data order."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Train again even if OUTPUT holds a teacher."),
-):
+def vit_teacher_options() -> dict[str, Option]:
+    from ..training.vit_teacher import VIT_TEACHER_OPTIONS
+
+    return {"output": Option(None, "Where the HF folder goes (default: the cache folder, where "
+                             "`load_model('vit-fashion-mnist')` finds it).", kind=Path),
+            **VIT_TEACHER_OPTIONS,
+            "overwrite": Option(False, "Train again even if OUTPUT holds a teacher.")}
+
+
+@command(app, vit_teacher_options(), "vit-teacher")
+def vit_teacher(given: Given):
     """Train the small ViT teacher on Fashion-MNIST and cache it. No pretrained ViT installs here (no hub access),
     so the vision path trains its own; any other local HF ViT folder works the same way afterwards."""
     from ..cache import cache_dir
-    from ..training.vit_teacher import VIT_TEACHER_NAME, teacher_report, train_vit_teacher
+    from ..training.vit_teacher import VIT_TEACHER_NAME, VIT_TEACHER_OPTIONS, teacher_report, train_vit_teacher
 
-    out = output or cache_dir() / "models" / VIT_TEACHER_NAME
+    o = given.merge()
+    overwrite = bool(o["overwrite"])
+    out = Path(o["output"]) if o["output"] else cache_dir() / "models" / VIT_TEACHER_NAME
     done = teacher_report(out)
     if done is not None and not overwrite:
         typer.echo(f"a ViT teacher is already in {out} (test accuracy {done['test_accuracy']:.4f}); pass "
@@ -489,9 +485,7 @@ def vit_teacher(
     check_output(out, overwrite, "the teacher")
     typer.echo("No pretrained ViT installs here, so elastiformer trains its own ViT teacher on Fashion-MNIST "
                "(Debian package dataset-fashion-mnist).")
-    options = dict(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, hidden_size=hidden_size, layers=layers,
-                   heads=heads, patch_size=patch_size, train_images=train_images, test_images=test_images, seed=seed)
-    report = train_vit_teacher(out, **{k: v for k, v in options.items() if v is not None})
+    report = train_vit_teacher(out, **{k: o[k] for k in VIT_TEACHER_OPTIONS})
     typer.echo(f"trained {report['steps']} steps ({report['epochs']:.2f} epochs) on {report['train_images']:,} images "
                f"in {report['seconds']:.0f}s; test accuracy {report['test_accuracy']:.4f} on "
                f"{report['test_images']:,} images; teacher in {out}")

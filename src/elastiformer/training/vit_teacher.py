@@ -26,15 +26,28 @@ from ..cache import atomic_dir, cache_dir
 from ..data.images import (FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, ImageFormat,
                           load_fashion_mnist, pixel_values_for)
 from ..errors import ConfigError
+from ..options import Option, defaults
 
 logger = logging.getLogger(__name__)
 
 VIT_TEACHER_NAME = "vit-fashion-mnist"
 MARKER_FILE = "elastiformer-teacher.json"  # written last: a folder without it is an interrupted run
-VIT_TEACHER_DEFAULTS = dict(
-    epochs=3, steps=None, batch_size=128, lr=1e-3, weight_decay=0.05, warmup=100, hidden_size=128, layers=4,
-    heads=4, patch_size=7, train_images=None, test_images=None, seed=0,
-)
+VIT_TEACHER_OPTIONS = {
+    "epochs": Option(3, "Passes over the 60k training images."),
+    "steps": Option(None, "Optimizer steps; overrides --epochs.", kind=int),
+    "batch_size": Option(128, "Images per step."),
+    "lr": Option(1e-3, "Peak AdamW learning rate."),
+    "weight_decay": Option(0.05, "AdamW weight decay."),
+    "warmup": Option(100, "Linear warmup steps."),
+    "hidden_size": Option(128, "ViT hidden size (the MLP is 4x)."),
+    "layers": Option(4, "Transformer layers."),
+    "heads": Option(4, "Attention heads."),
+    "patch_size": Option(7, "Patch size in pixels (7: 16 patches + CLS)."),
+    "train_images": Option(None, "Train on only the first N training images.", kind=int),
+    "test_images": Option(None, "Report accuracy on only the first N test images.", kind=int),
+    "seed": Option(0, "Seed of initialisation and data order."),
+}
+VIT_TEACHER_DEFAULTS = defaults(VIT_TEACHER_OPTIONS)
 
 
 def vit_teacher_config(hidden_size: int = 128, layers: int = 4, heads: int = 4, patch_size: int = 7):
