@@ -12,6 +12,7 @@ import statistics
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import check_fraction
 from ..errors import ConfigError
@@ -83,10 +84,10 @@ def probe_flops(em: ElasticModel, batch: dict, setting, context, generator: torc
 
 def match_flops(em: ElasticModel, batch: dict, setting, target: float, context, lowest: float,
                 generator: torch.Generator | None, seed: int, steps: int = 8, from_above: bool = False):
-    """The budget (in the form of `setting`) at which a method executes `target` block FLOPs on `batch`, by
-    bisection: FLOPs fall with the budget. `from_above`: of the budgets tried, the closest one that executes at
-    least `target` (for a method whose FLOPs move in steps, e.g. dropping whole layers: it gets the benefit of the
-    doubt)."""
+    """(budget in the form of `setting`, the block FLOPs it executes on `batch`): where a method executes `target`
+    block FLOPs, by bisection: FLOPs fall with the budget. `from_above`: of the budgets tried, the closest one that
+    executes at least `target` (for a method whose FLOPs move in steps, e.g. dropping whole layers: it gets the
+    benefit of the doubt)."""
     lo, hi = lowest, 1.0
     tried = []
     for _ in range(steps):
@@ -101,7 +102,7 @@ def match_flops(em: ElasticModel, batch: dict, setting, target: float, context, 
         tried.append((b, probe_flops(em, batch, scaled(setting, b), context, generator, seed)))
     pool = [t for t in tried if t[1] >= target - 1e-9] if from_above else tried
     best = min(pool or tried, key=lambda t: abs(t[1] - target))
-    return scaled(setting, best[0])
+    return scaled(setting, best[0]), best[1]
 
 
 # baselines whose FLOPs move in steps (whole sub-layers dropped): they run at the nearest budget executing at least
@@ -111,7 +112,8 @@ MATCH_TOLERANCE = 0.005  # a continuous baseline further than this from the lear
 
 
 def plan_budgets(em: ElasticModel, batch: dict, settings: Sequence, baselines: Sequence[str], contexts: dict,
-                 generator: torch.Generator | None, seed: int, match: str = "flops") -> dict[tuple[str, int], object]:
+                 generator: torch.Generator | None, seed: int, match: str = "flops", progress: bool = False
+                 ) -> dict[tuple[str, int], object]:
     """{(method, i): the budget it runs at for `settings[i]`}. `match="flops"`: each baseline at the budget where it
     executes the learned routers' block FLOPs on `batch`; a step baseline (static) at the nearest one executing at
     least as many. Where a baseline's FLOPs still differ from the learned routers' (static's steps; or a jump, e.g.
@@ -123,14 +125,13 @@ def plan_budgets(em: ElasticModel, batch: dict, settings: Sequence, baselines: S
     if match != "flops" or not baselines:
         return plan
     lowest = max(em.state.min_budget(k) for k in em.elastic_config.components()) + 1e-3
-    for i, setting in enumerate(settings):
+    for i, setting in enumerate(tqdm(settings, desc="matching FLOPs", disable=not progress)):
         target = probe_flops(em, batch, setting, contexts["learned"], generator, seed * 1009)
         for m in baselines:
             step = m in STEP_BASELINES
-            plan[(m, i)] = match_flops(em, batch, setting, target, contexts[m], lowest, generator, seed * 1009,
-                                       from_above=step)
-            got = probe_flops(em, batch, plan[(m, i)], contexts[m], generator, seed * 1009)
+            plan[(m, i)], got = match_flops(em, batch, setting, target, contexts[m], lowest, generator, seed * 1009,
+                                            from_above=step)
             if (got > target + 1e-3) if step else abs(got - target) > MATCH_TOLERANCE:
-                plan[(f"learned@{m}", i)] = match_flops(em, batch, setting, got, contexts["learned"], lowest,
-                                                        generator, seed * 1009)
+                plan[(f"learned@{m}", i)], _ = match_flops(em, batch, setting, got, contexts["learned"], lowest,
+                                                           generator, seed * 1009)
     return plan

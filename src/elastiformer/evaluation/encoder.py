@@ -92,7 +92,7 @@ def evaluate_encoder(
     contexts = {m: (lambda m=m: em.routing_method(m)) for m in methods}
     try:
         with torch.no_grad(), em.override("generator", generator):
-            plan = plan_budgets(em, items[0][0], settings, baselines, contexts, generator, seed, match)
+            plan = plan_budgets(em, items[0][0], settings, baselines, contexts, generator, seed, match, progress)
             bar.reset(total=len(items) * (1 + len(plan)))
             with em.disable_routers():
                 teacher = [em.embed(b, pooling) for b, _ in items]

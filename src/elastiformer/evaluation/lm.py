@@ -106,13 +106,13 @@ def evaluate(
     # the random baseline draws from this generator, reseeded per batch so that it draws the same way every run,
     # and leaves the caller's global torch RNG alone
     generator = torch.Generator(device=device)
-    sums = {(m, i): {"n": 0, "nll_teacher": 0.0, "nll": 0.0, "kl": 0.0, "agree": 0.0, "dense": 0, "exec": 0,
-                     "model_dense": 0, "model_exec": 0} for m in methods for i in range(len(settings))}
     teacher_sum = {"n": 0, "nll": 0.0}
     bar = tqdm(desc="evaluating", disable=not progress)  # (its total is known once the FLOPs are matched)
     try:
         with torch.no_grad(), em.override("generator", generator):
-            plan = plan_budgets(em, batches[0], settings, baselines, contexts, generator, seed, match)
+            plan = plan_budgets(em, batches[0], settings, baselines, contexts, generator, seed, match, progress)
+            sums = {key: {"n": 0, "nll_teacher": 0.0, "nll": 0.0, "kl": 0.0, "agree": 0.0, "dense": 0, "exec": 0,
+                          "model_dense": 0, "model_exec": 0} for key in plan}
             bar.reset(total=len(batches) * (1 + len(plan)) + (len(methods) * len(settings) if timing_reps else 0))
             for bi, batch in enumerate(batches):
                 with em.disable_routers():
@@ -124,7 +124,7 @@ def evaluate(
                         student = em(**batch).logits
                     stats = em.last_stats()
                     r = lm_metrics(teacher, student, batch["input_ids"], batch.get("attention_mask"))
-                    acc = sums.setdefault((m, i), dict.fromkeys(next(iter(sums.values())), 0))
+                    acc = sums[(m, i)]
                     for k in ("n", "nll_teacher", "nll", "kl", "agree"):
                         acc[k] += r[k]
                     acc["dense"] += stats["dense_flops"]

@@ -52,7 +52,7 @@ def evaluate_images(em: ElasticModel, pixels: torch.Tensor, labels: torch.Tensor
         stack.enter_context(em.override("generator", generator))
         # the budget each method runs at: bisected to the learned routers' FLOPs (keys: (method, index of budget))
         plan = plan_budgets(em, {"pixel_values": batches[0][0]}, list(budgets), baselines, contexts, generator, seed,
-                            match)
+                            match, progress)
         sums = {k: {"correct": 0, "agree": 0, "cos": 0.0, "dense": 0, "exec": 0} for k in plan}
         bar.reset(total=len(batches) * (1 + len(plan)))
         for bi, (x, y) in enumerate(batches):
