@@ -146,6 +146,45 @@ def test_padding_is_respected():
     assert torch.allclose(emb, emb_alone, atol=1e-5)  # mean pooling ignores padding
 
 
+def layer_output(model, layer: int, batch: dict) -> torch.Tensor:
+    """The hidden states BERT's encoder layer `layer` returns. model: a BertModel, elastic or not."""
+    seen = {}
+    inner = getattr(model, "base_model", model)
+    hook = inner.encoder.layer[layer].register_forward_hook(
+        lambda m, a, o: seen.setdefault("out", o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        hook.remove()
+    return seen["out"]
+
+
+@pytest.mark.parametrize("component", ["mlp_tokens", "attn_tokens", "combined"])
+def test_layers_held_dense_skip_padding_while_routing(component):
+    """Routed layers never compute padding; a layer held at full capacity under routing (here layer 0, in
+    `dense_layers`) skips it too, with the same outputs on the real tokens. At budget 1 nothing is skipped."""
+    em = make_encoder("bert", component, dense_layers=(0,))
+    # every sentence ends in 3 padding tokens, the last one in 8: padding the attention can drop too
+    batch = {k: torch.cat([v, torch.zeros(v.shape[0], 3, dtype=v.dtype)], dim=1) for k, v in text_batch().items()}
+    n_real, n_all = int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
+
+    def layer0(kind: str) -> dict:
+        return next(s for s in em.last_stats()["per_layer"] if s["layer"] == 0 and s["sublayer"] == kind)
+
+    with torch.no_grad():
+        em.set_budget(1.0)
+        em(**batch)
+        assert all(layer0(k)["executed_flops"] == layer0(k)["dense_flops"] for k in ("attn", "mlp"))
+        em.set_budget(0.8)
+        em(**batch)
+    mlp, attn = layer0("mlp"), layer0("attn")
+    assert mlp["executed_flops"] * n_all == mlp["dense_flops"] * n_real  # exactly the real tokens' share
+    assert attn["executed_flops"] < attn["dense_flops"] and attn["token_fraction"] == 1.0
+    routed, base = layer_output(em, 0, batch), layer_output(tiny_bert(0), 0, batch)
+    assert torch.allclose(real_tokens(routed, batch), real_tokens(base, batch), atol=1e-5)
+
+
 def test_save_load_round_trip(tmp_path, encoder):
     build, data = ENCODERS[encoder]
     em = make_encoder(encoder, "combined", lora_rank=1)

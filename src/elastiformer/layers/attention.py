@@ -134,7 +134,8 @@ class ElasticAttention(ElasticSubLayer):
                 self._remember_index(cache, past, past[:, :0])
             st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, 0, 0, 0.0, 0.0))
             return self.skipped_output(x), None
-        if tok_cap >= 1.0 and head_cap >= 1.0:  # full capacity: the base sub-layer, untouched (LoRA, if any, on)
+        skip_padding = st.skips_padding(B, T, x.device)  # non-causal and padded: no cache, nothing to remember
+        if tok_cap >= 1.0 and head_cap >= 1.0 and not skip_padding:  # full capacity: the base sub-layer, untouched
             if cache is not None:
                 self._remember_index(cache, past, st.current_positions(T, x.device).expand(B, T))
             st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, dense + adapter_flops(self.base_layer, B * T)))
@@ -155,10 +156,14 @@ class ElasticAttention(ElasticSubLayer):
             x_sub = gather_rows(x, idx)  # (B, m, C)
             gate = gather_rows(sel.gate, idx)[..., None]  # (B, m, 1)
             token_fraction = float(slot_valid.sum()) / max(1, st.n_valid(B, T, x.device))
+            compacted = True
+        elif skip_padding:  # every real token, none of the padding
+            idx, slot_valid = st.per_call(("real_rows", B, T, x.device), lambda: compact(valid))  # (B, m)
+            x_sub, gate, token_fraction, compacted = gather_rows(x, idx), None, 1.0, True  # (B, m, C)
         else:
             idx = torch.arange(T, device=x.device).expand(B, T)
             slot_valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
-            x_sub, gate, token_fraction = x, None, 1.0
+            x_sub, gate, token_fraction, compacted = x, None, 1.0, False
         m = idx.shape[1]
         if m == 0:  # no token chose this layer (e.g. a skipped decode step): nothing attends, nothing is cached
             return self._none_selected(x, cache, past, dense, router_flops)
@@ -188,8 +193,9 @@ class ElasticAttention(ElasticSubLayer):
         if cache is not None:
             self._remember_index(cache, past, q_pos, routed=gate is not None)
 
-        if gate is not None:  # scatter the processed tokens back; skipped tokens leave the residual stream alone
-            out_sub = self.apply_gate(out_sub, x_sub, gate)
+        if compacted:  # scatter the processed tokens back; skipped tokens leave the residual stream alone
+            if gate is not None:
+                out_sub = self.apply_gate(out_sub, x_sub, gate)
             flat = (idx + torch.arange(B, device=x.device)[:, None] * T)[slot_valid]  # (n,) into (B*T)
             out = self.scatter(x.reshape(B * T, C), flat, out_sub[slot_valid]).view(B, T, C)
         else:

@@ -95,7 +95,8 @@ class ElasticMLP(ElasticSubLayer):
         if tok_cap <= 0.0 or exp_cap <= 0.0:  # allocated nothing: the sub-layer is skipped for every token
             st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, 0, 0, 0.0, 0.0))
             return self.skipped_output(x)
-        if tok_cap >= 1.0 and exp_cap >= 1.0:  # full capacity: the base sub-layer, untouched
+        skip_padding = st.skips_padding(B, T, x.device)
+        if tok_cap >= 1.0 and exp_cap >= 1.0 and not skip_padding:  # full capacity: the base sub-layer, untouched
             st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, dense))
             return self.base_layer(x, *args, **kwargs)
 
@@ -125,6 +126,12 @@ class ElasticMLP(ElasticSubLayer):
             # the straight-through gate's forward value is 1: it only matters where a gradient flows
             gate = sel.gate.flatten().index_select(0, idx)[:, None] if torch.is_grad_enabled() else None  # (n, 1)
             token_fraction = idx.numel() / max(1, st.n_valid(B, T, x.device))
+        elif skip_padding:  # every real token, none of the padding
+            idx = st.per_call(("real_flat", B, T, x.device),
+                              lambda: st.token_valid(B, T, x.device).flatten().nonzero().squeeze(1))  # (n,)
+            x_in, gate, token_fraction = xf.index_select(0, idx), None, 1.0  # (n, C)
+            if positions is not None:
+                positions = positions.index_select(0, idx)  # (n,)
         else:
             x_in, gate, token_fraction = xf, None, 1.0
 

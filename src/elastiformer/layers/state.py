@@ -168,6 +168,16 @@ class RoutingState:
         """How many of the current tokens are not padding (read on the host once per call)."""
         return self.per_call(("n_valid", B, T, device), lambda: int(self.token_valid(B, T, device).sum()))
 
+    def skips_padding(self, B: int, T: int, device) -> bool:
+        """Whether every wrapped sub-layer of this call, the ones held at full capacity included, runs on the real
+        tokens only: a non-causal model (no KV cache, padding masked as keys, so no real token's output changes),
+        routing on at a budget below 1 (at budget 1 the model is the base model, padding rows included), and
+        padding in the batch. Routed sub-layers never compute padding; without this, a layer the allocation holds
+        dense would, and the learned allocation could not reach what uniform baselines get from padding alone."""
+        if self.causal or not self.enabled or not any(b < 1.0 for b in self.budget.values()):
+            return False
+        return self.n_valid(B, T, device) < B * T
+
     def forced_tokens(self, B: int, T: int, device) -> torch.Tensor:
         """(B, T) bool: tokens that token routing always processes (each sequence's first real token).
 
