@@ -51,7 +51,8 @@ class Allocation:
     n_layers: int
     components: tuple[str, ...]
     moves: list[Move] = field(default_factory=list)
-    # executed / dense FLOPs of the routed sub-layers (routers included), measured after 0..len(moves) moves
+    # executed FLOPs of the routed sub-layers (routers included) / what they execute at full capacity (their dense
+    # FLOPs, less any padding skipped), measured after 0..len(moves) moves
     flops: list[float] = field(default_factory=lambda: [1.0])
     cost: list[float] = field(default_factory=lambda: [0.0])  # distillation loss measured after 0..len(moves) moves
     fixed: dict[str, list[int]] = field(default_factory=dict)  # units that never move (dense layers)
@@ -152,8 +153,8 @@ def fit_path(measure: Measure, units: Sequence[tuple[str, int]], n_layers: int, 
     """Fit an allocation path by lazy greedy on measured costs.
 
     `measure(capacities)` runs the model on calibration data with `capacities` ({component: [per layer]}) and
-    returns (distillation loss, executed / dense FLOPs of the routed sub-layers). Phase 1 measures every unit alone at
-    every level: single-unit cost curves, the first estimates. Phase 2 repeats, until those FLOPs fall to
+    returns (distillation loss, executed / full-capacity FLOPs of the routed sub-layers). Phase 1 measures every
+    unit alone at every level: single-unit cost curves, the first estimates. Phase 2 repeats, until those FLOPs fall to
     `min_flops`: rank the candidate moves (each unit to any lower level) by estimated cost per FLOP saved,
     re-measure the `lookahead` best at the current allocation, take the best measured. Each re-measure updates its
     unit's estimates (costs compound: what a move costs grows as others are made), so the estimates of units that

@@ -136,16 +136,24 @@ def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batche
         st.budget = {k: 0.5 for k in components}  # any value: the override sets every capacity
         bar = tqdm(desc="fitting the allocation", unit="fwd", disable=not progress)
 
-        def measure(caps: dict[str, list[float]]) -> tuple[float, float]:
+        def run(caps: dict[str, list[float]]) -> tuple[float, int]:
+            """-> (distillation loss, executed FLOPs of the routed sub-layers) with these capacities."""
             st.capacity_override = caps
-            cost, dense, executed = 0.0, 0, 0
+            cost, executed = 0.0, 0
             for t, b in zip(teachers, batches):
                 cost += float(em.distill_distance(t, em.distill_target(b), b)) / len(batches)
-                part = [s for s in st.stats if s.sublayer in sublayers]
-                dense += sum(s.dense_flops for s in part)
-                executed += sum(s.executed_flops for s in part)
+                executed += sum(s.executed_flops for s in st.stats if s.sublayer in sublayers)
             bar.update()
-            return cost, executed / max(1, dense)
+            return cost, executed
+
+        # what the routed sub-layers execute at full capacity: their dense FLOPs, less any padding (a padded
+        # encoder batch skips it under routing), so the path's FLOPs ratio starts at 1 and a joint budget is a
+        # fraction of the compute the real tokens need
+        full = max(1, run({k: [1.0] * st.n_layers for k in components})[1])
+
+        def measure(caps: dict[str, list[float]]) -> tuple[float, float]:
+            cost, executed = run(caps)
+            return cost, executed / full
 
         fixed = {k: sorted(st.dense_layers[k]) for k in components}
         alloc = fit_path(measure, units, st.n_layers, components, min_flops=min_budget, levels=levels,

@@ -185,6 +185,25 @@ def test_layers_held_dense_skip_padding_while_routing(component):
     assert torch.allclose(real_tokens(routed, batch), real_tokens(base, batch), atol=1e-5)
 
 
+def test_a_padded_encoders_joint_budget_spends_the_real_tokens_compute():
+    """The allocation's FLOPs are relative to what the routed sub-layers run at full capacity on the real tokens
+    (padding skipped), so its path starts at 1, and block FLOPs fall with every step of the joint budget below 1
+    (a path that started at the padding-free point made budgets above it run the dense model, padding included)."""
+    em = make_encoder("bert", "combined")
+    batch = {k: torch.cat([v, torch.zeros(v.shape[0], 4, dtype=v.dtype)], dim=1) for k, v in text_batch().items()}
+    em.fit_allocation([batch], progress=False)
+    assert em.allocation.flops[0] == pytest.approx(1.0)
+    ratios = []
+    with torch.no_grad():
+        for b in (1.0, 0.95, 0.85, 0.75, 0.65):
+            em.set_budget(b)
+            em(**batch)
+            ratios.append(em.last_stats()["flops_ratio"])
+    assert ratios[0] == 1.0 and all(b < a for a, b in zip(ratios, ratios[1:])), ratios
+    n_real, n_all = int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
+    assert ratios[1] < n_real / n_all + 0.05  # just below 1: the padding is gone, and only a little real work
+
+
 def test_save_load_round_trip(tmp_path, encoder):
     build, data = ENCODERS[encoder]
     em = make_encoder(encoder, "combined", lora_rank=1)

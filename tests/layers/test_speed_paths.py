@@ -277,3 +277,36 @@ def test_one_token_mlp_routing_runs_the_mlp_on_the_token_or_reads_none_of_its_we
                 assert s["executed_flops"] == s["router_flops"] > 0
                 skipped += 1
     assert skipped > 0  # the budget skips some of the decode steps' MLP work
+
+
+def test_token_routed_decoding_at_batch_1_equals_the_uncached_forward(monkeypatch):
+    """Batch-1 decoding of a token-routed attention takes its one-token path (one score decides; no mask at all
+    without padding, the indexed mask with left padding): every step's logits equal the full sequence's, and steps
+    both run and skip layers."""
+    from elastiformer.layers import ElasticAttention
+
+    one_token_calls = []
+    original = ElasticAttention._one_token
+    monkeypatch.setattr(ElasticAttention, "_one_token",
+                        lambda self, *a: one_token_calls.append(self.layer_idx) or original(self, *a))
+    for arch in sorted(MODELS):
+        em = _randomized(ef.get_elastic_model(MODELS[arch](), ef.ElasticConfig(attn_tokens=0.5)))
+        em.calibrate([{"input_ids": tokens(4, 24)}], progress=False)
+        em.set_budget(0.5)
+        fractions = []
+        for pad in (0, 3):  # no padding; 3 pads on the left
+            ids = torch.cat([torch.zeros(1, pad, dtype=torch.long), tokens(1, 16)], dim=1)
+            mask = (torch.arange(ids.shape[1]) >= pad).long()[None]  # (1, S)
+            with torch.no_grad():
+                full = em(input_ids=ids, attention_mask=mask).logits
+                out = em(input_ids=ids[:, :10], attention_mask=mask[:, :10], use_cache=True)
+                for t in range(10, ids.shape[1]):
+                    out = em(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
+                             past_key_values=out.past_key_values, use_cache=True)
+                    torch.testing.assert_close(out.logits[:, -1], full[:, t], atol=2e-5, rtol=1e-4)
+                    layers = {a.layer_idx for a in em.base_model.modules()
+                              if isinstance(a, ElasticAttention) and a.token_router is not None}
+                    fractions += [s["token_fraction"] for s in em.last_stats()["per_layer"]
+                                  if s["sublayer"] == "attn" and s["layer"] in layers]
+        assert 0.0 in fractions and 1.0 in fractions  # both branches of the one-token path ran
+    assert one_token_calls  # the decode steps took the one-token path

@@ -82,11 +82,13 @@ def norm_heads(x: torch.Tensor, D: int, norm: nn.Module | None, per_head: bool) 
 
 
 def attend(q, k, v, mask, scaling: float, softcap: float | None) -> torch.Tensor:
-    """softmax(q k^T * scaling [soft-capped] + mask) v. q: (B, h, m, D), k / v: (B, h, kv, D), mask: (B, 1, m, kv)."""
+    """softmax(q k^T * scaling [soft-capped] + mask) v. q: (B, h, m, D), k / v: (B, h, kv, D), mask: (B, 1, m, kv),
+    or None: every key for every query."""
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
     logits = q @ k.transpose(-1, -2) * scaling  # (B, h, m, kv)
-    logits = torch.tanh(logits / softcap) * softcap + mask  # Gemma 2 caps the logits before the mask
+    logits = torch.tanh(logits / softcap) * softcap  # Gemma 2 caps the logits before the mask
+    logits = logits if mask is None else logits + mask
     return logits.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
 
 
@@ -109,9 +111,6 @@ class ElasticAttention(ElasticSubLayer):
         cache = next((kwargs[k] for k in ("cache", "past_key_values", "layer_past") if kwargs.get(k) is not None), None)
         cache = getattr(cache, "self_attention_cache", cache)  # GPT-2 may wrap it in an EncoderDecoderCache
         past = self._cached_index(cache, B, x.device)  # (B, P)
-        if self._cache_routed(cache):  # the unmodified sub-layer too must attend through the cached indices
-            current = st.current_positions(T, x.device).expand(B, T)
-            kwargs["attention_mask"] = self._additive_mask(current, torch.cat([past, current], dim=1), x.dtype)
         dense = dense_attention_flops(B, T, st.past_len + T, C, d["H"], d["KVH"], d["D"])
         tok_cap = st.layer_capacity("attn_tokens", self.layer_idx) if self.token_router is not None else 1.0
         head_cap = st.layer_capacity("attn_heads", self.layer_idx) if self.head_router is not None else 1.0
@@ -137,9 +136,16 @@ class ElasticAttention(ElasticSubLayer):
         skip_padding = st.skips_padding(B, T, x.device)  # non-causal and padded: no cache, nothing to remember
         if tok_cap >= 1.0 and head_cap >= 1.0 and not skip_padding:  # full capacity: the base sub-layer, untouched
             if cache is not None:
-                self._remember_index(cache, past, st.current_positions(T, x.device).expand(B, T))
+                current = st.current_positions(T, x.device).expand(B, T)
+                if self._cache_routed(cache):  # the unmodified sub-layer must attend through the cached indices
+                    kwargs["attention_mask"] = self._additive_mask(current, torch.cat([past, current], dim=1), x.dtype)
+                self._remember_index(cache, past, current)
             st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, dense + adapter_flops(self.base_layer, B * T)))
             return self.base_layer(hidden_states, *args, **kwargs)
+
+        if B * T == 1 and tok_cap < 1.0 and head_cap >= 1.0 and not st.topk and not torch.is_grad_enabled() \
+                and self.token_router.calibration_log is None:
+            return self._one_token(x, args, kwargs, cache, past, tok_cap, dense)
 
         # ---- which tokens this layer processes ----
         positions = st.current_positions(T, x.device).expand(B, T)  # (B, T) sequence index of each token
@@ -167,16 +173,18 @@ class ElasticAttention(ElasticSubLayer):
         m = idx.shape[1]
         if m == 0:  # no token chose this layer (e.g. a skipped decode step): nothing attends, nothing is cached
             return self._none_selected(x, cache, past, dense, router_flops)
-        q_pos = torch.where(slot_valid, positions.gather(1, idx), -1)  # (B, m), -1 marks batch padding
+        # (B, m) sequence index of each processed token, -1 marks batch padding
+        q_pos = torch.where(slot_valid, positions.gather(1, idx), -1) if compacted else positions
         kv_pos = torch.cat([past, q_pos], dim=1)  # (B, P + m)
-        mask = self._additive_mask(q_pos, kv_pos, x.dtype)  # (B, 1, m, P + m)
+        # (B, 1, m, P + m); None: one query at batch 1 that may attend to every key (decoding without padding)
+        mask = None if self._attends_to_every_key(B, m) else self._additive_mask(q_pos, kv_pos, x.dtype)
 
         kw = dict(kwargs)
         kw["attention_mask"] = mask
-        if "position_embeddings" in kw and kw["position_embeddings"] is not None:
+        if compacted and kw.get("position_embeddings") is not None:  # (not compacted: every token, in order)
             cos, sin = kw["position_embeddings"]  # (B or 1, T, D)
             kw["position_embeddings"] = (gather_rows(cos.expand(B, -1, -1), idx), gather_rows(sin.expand(B, -1, -1), idx))
-        if kw.get("position_ids") is not None:
+        if compacted and kw.get("position_ids") is not None:
             kw["position_ids"] = kw["position_ids"].expand(B, -1).gather(1, idx)
 
         if m == 0:
@@ -202,6 +210,30 @@ class ElasticAttention(ElasticSubLayer):
             out = out_sub
         st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, flops + router_flops, router_flops,
                                       token_fraction, unit_fraction))
+        return out, None
+
+    def _one_token(self, x, args, kwargs, cache, past, capacity: float, dense: int):
+        """Decoding one token (batch 1) with token routing: one score and one host read decide whether the attention
+        runs on `x` as it is or not at all, without the gathers, index bookkeeping and mask of the batched path. At
+        batch 1 every cached entry is a real earlier token, so the query may attend to all of them: no mask is built
+        unless the call has padding or the layer a sliding window. x: (1, 1, C)."""
+        st = self.state
+        d = self.dims
+        sel = self.token_router(x, capacity, st.token_valid(1, 1, x.device), st.forced_tokens(1, 1, x.device),
+                                topk=False, method=st.method, self_target=False, generator=st.generator)
+        router_flops = self.token_router.flops(1) if st.method == "learned" else 0
+        if not bool(sel.selected):  # skipped: no weight of this attention is read, nothing is cached
+            return self._none_selected(x, cache, past, dense, router_flops)
+        current = st.current_positions(1, x.device).expand(1, 1)  # (1, 1)
+        if self._cache_routed(cache):  # transformers' mask assumes every past token is cached, in order
+            kwargs["attention_mask"] = None if self._attends_to_every_key(1, 1) else \
+                self._additive_mask(current, torch.cat([past, current], dim=1), x.dtype)
+        out = self.base_layer(x, *args, **kwargs)[0]  # (1, 1, C)
+        if cache is not None:
+            self._remember_index(cache, past, current, routed=True)
+        flops = attention_projection_flops(1, 1, d["C"], d["H"], d["KVH"], d["D"]) + \
+            attention_score_flops(1, past.shape[1] + 1, d["H"], d["D"]) + adapter_flops(self.base_layer, 1)
+        st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, flops + router_flops, router_flops, 1.0, 1.0))
         return out, None
 
     def _none_selected(self, x, cache, past, dense: int, router_flops: int):
@@ -350,6 +382,8 @@ class ElasticAttention(ElasticSubLayer):
         k_u, v_u = k.index_select(1, groups), v.index_select(1, groups)  # (B, U, kv, D)
         rows = bk.idx.reshape(B, U * L)  # (B, U*L) every slot's token: one gather of the mask rows for all U heads
         batch = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+        if mask is None:  # (one query at batch 1 that attends to every key: see _attends_to_every_key)
+            mask = x.new_zeros(B, 1, m, kv_len)
         mask_u = mask[:, 0][batch, rows].view(B, U, L, kv_len)  # whole rows copied (faster than an element gather)
         o = attend(q, k_u, v_u, mask_u, scaling, w.softcap)  # (B, U, L, D)
         if torch.is_grad_enabled():  # each head's straight-through gate: forward value 1, the router's gradient
@@ -401,6 +435,15 @@ class ElasticAttention(ElasticSubLayer):
     def _cache_routed(self, cache) -> bool:
         """Whether this layer's cache holds a routed set of entries (not every past token, in order)."""
         return cache is not None and self.layer_idx in getattr(cache, _CACHE_ROUTED_ATTR, ())
+
+    def _attends_to_every_key(self, B: int, m: int) -> bool:
+        """One query at batch 1 (decoding), no padding in the call and no sliding window: every cached entry is a
+        real earlier token (batch padding needs a batch), so the query may attend to all of them and no mask is
+        needed. A host read of the padding mask, once per call."""
+        st = self.state
+        if B * m != 1 or self.sliding_window is not None:
+            return False
+        return st.per_call(("no_padding",), lambda: st.pad_mask is None or bool(st.pad_mask.all()))
 
     def _additive_mask(self, q_pos: torch.Tensor, kv_pos: torch.Tensor, dtype) -> torch.Tensor:
         """Causal by sequence index (causal models only), no padding keys, no batch-padding slots.
