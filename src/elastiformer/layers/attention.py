@@ -167,10 +167,9 @@ class ElasticAttention(ElasticSubLayer):
             idx, slot_valid = st.per_call(("real_rows", B, T, x.device), lambda: compact(valid))  # (B, m)
             x_sub, gate, token_fraction, compacted = gather_rows(x, idx), None, 1.0, True  # (B, m, C)
         else:
-            idx = torch.arange(T, device=x.device).expand(B, T)
-            slot_valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
+            idx = slot_valid = None  # every token, in order, every slot real
             x_sub, gate, token_fraction, compacted = x, None, 1.0, False
-        m = idx.shape[1]
+        m = x_sub.shape[1]
         if m == 0:  # no token chose this layer (e.g. a skipped decode step): nothing attends, nothing is cached
             return self._none_selected(x, cache, past, dense, router_flops)
         # (B, m) sequence index of each processed token, -1 marks batch padding
@@ -302,15 +301,18 @@ class ElasticAttention(ElasticSubLayer):
             k = rotate(k, *cos_sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, KVH, P + m, D)
-        active = heads.active & slot_valid[..., None]  # (B, m, H)
+        active = heads.active if slot_valid is None else heads.active & slot_valid[..., None]  # (B, m, H)
         flops = attention_projection_flops(0, B * m, C, H, KVH, D)
         q_all = None  # a norm over the whole q projection (OLMo 2) needs every head's query of the token
         if w.q_norm is not None and not w.qk_norm_per_head:
             q_all = norm_heads(lora.add(F.linear(x, w.q_w, w.q_b), "q"), D, w.q_norm, False)  # (B, m, H, D)
             flops += 2 * B * m * C * H * D
+        unit_fraction = None
         if m == 1 and not torch.is_grad_enabled() and w.q_lora is None and w.o_lora is None and q_all is None:
-            out, head_flops = self._one_token_heads(x, w, k, v, mask, cos_sin, active, scaling)  # decoding
+            out, head_flops, n_used = self._one_token_heads(x, w, k, v, mask, cos_sin, active, scaling)  # decoding
             flops += head_flops
+            if B == 1:  # the row's heads are the used ones: no host read of the active mask
+                unit_fraction = n_used / H
         else:
             out = x.new_zeros(B * m + 1, C)  # (B*m + 1, C): the last row takes the bucket padding, then is dropped
             for bk in head_buckets(active):  # a few groups of heads with similar token counts, never one per token
@@ -320,19 +322,21 @@ class ElasticAttention(ElasticSubLayer):
         flops += lora.flops
         if w.o_b is not None:
             out = out + w.o_b
-        unit_fraction = float(active.sum()) / max(1, int(slot_valid.sum()) * H)
+        if unit_fraction is None:
+            n_slots = B * m if slot_valid is None else int(slot_valid.sum())
+            unit_fraction = float(active.sum()) / max(1, n_slots * H)
         return out.view(B, m, C), flops, unit_fraction
 
     def _one_token_heads(self, x, w, k, v, mask, cos_sin, active, scaling) -> tuple[torch.Tensor, int]:
         """Decoding, one token per row: the heads some row chose, taken in runs of adjacent heads, each a contiguous
         slice of the q rows and o columns (views: no weight is copied); a row's heads it did not choose are zeroed
         before the output projection. x: (B, 1, C), k / v: (B, KVH, kv, D), mask: (B, 1, 1, kv), active: (B, 1, H).
-        -> (B, C) what the heads add (no bias), FLOPs."""
+        -> (B, C) what the heads add (no bias), FLOPs, how many heads ran."""
         B, _, C = x.shape
         H, KVH, D = self.dims["H"], self.dims["KVH"], self.dims["D"]
         heads = active[:, 0].any(dim=0).nonzero().squeeze(1).tolist()  # the used heads: one read per layer
         if not heads:
-            return x.new_zeros(B, C), 0
+            return x.new_zeros(B, C), 0, 0
         U, kv_len = len(heads), k.shape[2]
         runs = [slice(a * D, (b + 1) * D) for a, b in contiguous_runs(heads)]  # q rows / o columns of each run
         xf = x.view(B, C)  # (B, 1, C) -> (B, C)
@@ -353,7 +357,7 @@ class ElasticAttention(ElasticSubLayer):
             part = F.linear(o[:, start:start + width], w.o_w[:, r])  # (B, C)
             out = part if out is None else out + part
             start += width
-        return out, 2 * B * U * C * D * 2 + attention_score_flops(B * U, kv_len, 1, D)
+        return out, 2 * B * U * C * D * 2 + attention_score_flops(B * U, kv_len, 1, D), U
 
     def _run_head_bucket(self, bk: "HeadBuckets", x, w, lora, k, v, mask, cos_sin, gate, scaling, out,
                          q_all=None) -> int:

@@ -63,7 +63,11 @@ class ExpertRouter(nn.Module):
                       else static_scores(self.static_importance, x, self.n_experts))
             chosen, kept = fractional_top_units(scores, capacity, positions, layer)
             return ExpertSelection(chosen.masked_fill(~kept, -1), kept.float(), None)
-        probs = self.net(x).softmax(dim=-1)  # (N, C) -> (N, E)
+        logits = self.net(x)  # (N, C) -> (N, E)
+        if not with_aux and not torch.is_grad_enabled():  # inference: the softmax keeps the order, the gate is 1
+            chosen, kept = fractional_top_units(logits, capacity, positions, layer)  # (N, k)
+            return ExpertSelection(chosen.masked_fill(~kept, -1), logits.new_ones(()).expand(chosen.shape), None)
+        probs = logits.softmax(dim=-1)  # (N, E)
         chosen, kept = fractional_top_units(probs, capacity, positions, layer)  # (N, k)
         top_p = probs.gather(-1, chosen)
         aux = None

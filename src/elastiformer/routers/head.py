@@ -51,7 +51,10 @@ class HeadRouter(nn.Module):
             logits = self.net(x)  # (B, T, C) -> (B, T, U)
         top, kept = fractional_top_units(logits, capacity, positions, layer)  # (B, T, k)
         active = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, kept)  # (B, T, U)
-        gate = straight_through_gate(torch.sigmoid(logits)) if method == "learned" else torch.ones_like(logits)
+        if method == "learned" and torch.is_grad_enabled():
+            gate = straight_through_gate(torch.sigmoid(logits))
+        else:  # forward value 1 either way: without a gradient to carry, no sigmoid
+            gate = logits.new_ones(()).expand(logits.shape)
         if self.n_rep > 1:  # a group's query heads share its decision: (B, T, KVH) -> (B, T, H)
             active = active.repeat_interleave(self.n_rep, dim=-1)
             gate = gate.repeat_interleave(self.n_rep, dim=-1)
