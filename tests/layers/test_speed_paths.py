@@ -310,3 +310,24 @@ def test_token_routed_decoding_at_batch_1_equals_the_uncached_forward(monkeypatc
                                   if s["sublayer"] == "attn" and s["layer"] in layers]
         assert 0.0 in fractions and 1.0 in fractions  # both branches of the one-token path ran
     assert one_token_calls  # the decode steps took the one-token path
+
+
+def test_one_token_head_choice_equals_the_batched_choice():
+    """Batch-1 decoding decides a token's heads on the host (`one_token_heads`); it must be the batched router's
+    choice, fractional counts included (the last slot goes by position and layer), per head and per KV group."""
+    from elastiformer.routers import HeadRouter
+
+    torch.manual_seed(0)
+    for granularity in ("query", "group"):
+        router = HeadRouter(16, 8, 2 if granularity == "group" else 8, granularity=granularity)
+        with torch.no_grad():
+            router.net[-1].weight.normal_()
+        x = torch.randn(1, 24, 16)
+        positions = torch.arange(24)[None]
+        for capacity in (0.0, 0.3, 0.5, 0.6, 0.85, 1.0):
+            for layer in (0, 3):
+                with torch.no_grad():
+                    batched = router(x, capacity, positions=positions, layer=layer).active  # (1, 24, H)
+                    for t in range(24):
+                        one = router.one_token_heads(x[:, t:t + 1], capacity, t, layer=layer)
+                        assert one == batched[0, t].nonzero().squeeze(1).tolist(), (granularity, capacity, layer, t)

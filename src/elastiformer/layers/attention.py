@@ -290,8 +290,19 @@ class ElasticAttention(ElasticSubLayer):
         H, KVH, D = d["H"], d["KVH"], d["D"]
         w = self.spec.attention_weights(self.base_layer)
         scaling = w.scaling or getattr(self.base_layer, "scaling", None) or D**-0.5  # BERT keeps it on its inner `self`
-        heads = self.head_router(x, capacity, method=self.state.method, generator=self.state.generator,
-                                 positions=self.state.real_positions(q_pos), layer=self.layer_idx)  # (B, m, H)
+        st = self.state
+        # decoding one token per row: the runs-of-heads path (a whole-projection QK-norm needs every head's query)
+        one_token = m == 1 and not torch.is_grad_enabled() and w.q_lora is None and w.o_lora is None \
+            and not (w.q_norm is not None and not w.qk_norm_per_head)
+        if one_token and B == 1:  # the token's heads as a list, decided on the host: no (B, m, H) mask is built
+            position = int(st.real_positions(q_pos))
+            used = self.head_router.one_token_heads(x, capacity, position, method=st.method, generator=st.generator,
+                                                    layer=self.layer_idx)
+            heads = active = None
+        else:
+            used = None
+            heads = self.head_router(x, capacity, method=st.method, generator=st.generator,
+                                     positions=st.real_positions(q_pos), layer=self.layer_idx)  # (B, m, H)
         lora = HeadPathLoRA(w, x)  # the adapters' updates (if any), as thin matmuls, and their FLOPs
         k = norm_heads(lora.add(F.linear(x, w.k_w, w.k_b), "k"), D, w.k_norm, w.qk_norm_per_head).transpose(1, 2)
         # k: (B, KVH, m, D), QK-normed where the family does
@@ -301,15 +312,16 @@ class ElasticAttention(ElasticSubLayer):
             k = rotate(k, *cos_sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, KVH, P + m, D)
-        active = heads.active if slot_valid is None else heads.active & slot_valid[..., None]  # (B, m, H)
+        if heads is not None:
+            active = heads.active if slot_valid is None else heads.active & slot_valid[..., None]  # (B, m, H)
         flops = attention_projection_flops(0, B * m, C, H, KVH, D)
         q_all = None  # a norm over the whole q projection (OLMo 2) needs every head's query of the token
         if w.q_norm is not None and not w.qk_norm_per_head:
             q_all = norm_heads(lora.add(F.linear(x, w.q_w, w.q_b), "q"), D, w.q_norm, False)  # (B, m, H, D)
             flops += 2 * B * m * C * H * D
         unit_fraction = None
-        if m == 1 and not torch.is_grad_enabled() and w.q_lora is None and w.o_lora is None and q_all is None:
-            out, head_flops, n_used = self._one_token_heads(x, w, k, v, mask, cos_sin, active, scaling)  # decoding
+        if one_token:
+            out, head_flops, n_used = self._one_token_heads(x, w, k, v, mask, cos_sin, active, scaling, used)
             flops += head_flops
             if B == 1:  # the row's heads are the used ones: no host read of the active mask
                 unit_fraction = n_used / H
@@ -327,14 +339,16 @@ class ElasticAttention(ElasticSubLayer):
             unit_fraction = float(active.sum()) / max(1, n_slots * H)
         return out.view(B, m, C), flops, unit_fraction
 
-    def _one_token_heads(self, x, w, k, v, mask, cos_sin, active, scaling) -> tuple[torch.Tensor, int]:
+    def _one_token_heads(self, x, w, k, v, mask, cos_sin, active, scaling, heads: list[int] | None = None
+                         ) -> tuple[torch.Tensor, int, int]:
         """Decoding, one token per row: the heads some row chose, taken in runs of adjacent heads, each a contiguous
         slice of the q rows and o columns (views: no weight is copied); a row's heads it did not choose are zeroed
         before the output projection. x: (B, 1, C), k / v: (B, KVH, kv, D), mask: (B, 1, 1, kv), active: (B, 1, H).
         -> (B, C) what the heads add (no bias), FLOPs, how many heads ran."""
         B, _, C = x.shape
         H, KVH, D = self.dims["H"], self.dims["KVH"], self.dims["D"]
-        heads = active[:, 0].any(dim=0).nonzero().squeeze(1).tolist()  # the used heads: one read per layer
+        if heads is None:  # the heads some row chose: one read per layer
+            heads = active[:, 0].any(dim=0).nonzero().squeeze(1).tolist()
         if not heads:
             return x.new_zeros(B, C), 0, 0
         U, kv_len = len(heads), k.shape[2]

@@ -12,7 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .net import fractional_top_units, make_router_net, router_net_flops, static_scores, straight_through_gate
+from .net import (fractional_top_units, make_router_net, one_token_units, router_net_flops, static_scores,
+                  straight_through_gate)
 
 
 class HeadSelection(NamedTuple):
@@ -43,12 +44,7 @@ class HeadRouter(nn.Module):
                 layer: int = 0) -> HeadSelection:
         """x: (B, T, C), positions: (B, T) sequence index of each token. A fractional count of heads per token (see
         `fractional_top_units`): capacity 0.6 of 4 heads gives 2 heads to 60% of the tokens and 3 to the rest."""
-        if method == "random":  # baseline: uniform scores (from `generator` when given, else torch's global RNG)
-            logits = torch.rand(*x.shape[:-1], self.n_units, device=x.device, generator=generator)
-        elif method == "static":  # baseline: the same heads for every token, the most important on calibration text
-            logits = static_scores(self.static_importance, x, self.n_units)
-        else:
-            logits = self.net(x)  # (B, T, C) -> (B, T, U)
+        logits = self.logits(x, method, generator)  # (B, T, U)
         top, kept = fractional_top_units(logits, capacity, positions, layer)  # (B, T, k)
         active = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, kept)  # (B, T, U)
         if method == "learned" and torch.is_grad_enabled():
@@ -59,6 +55,22 @@ class HeadRouter(nn.Module):
             active = active.repeat_interleave(self.n_rep, dim=-1)
             gate = gate.repeat_interleave(self.n_rep, dim=-1)
         return HeadSelection(active, gate, None)
+
+    def logits(self, x: torch.Tensor, method: str, generator: torch.Generator | None) -> torch.Tensor:
+        """(..., C) -> (..., U) the scores the units are chosen by."""
+        if method == "random":  # baseline: uniform scores (from `generator` when given, else torch's global RNG)
+            return torch.rand(*x.shape[:-1], self.n_units, device=x.device, generator=generator)
+        if method == "static":  # baseline: the same heads for every token, the most important on calibration text
+            return static_scores(self.static_importance, x, self.n_units)
+        return self.net(x)
+
+    def one_token_heads(self, x: torch.Tensor, capacity: float, position: int, method: str = "learned",
+                        generator: torch.Generator | None = None, layer: int = 0) -> list[int]:
+        """Decoding one token at batch 1: its active heads as a sorted list, the same choice as `forward` makes,
+        without building the (B, T, H) mask. x: (1, 1, C); position: the token's place among its row's real
+        tokens."""
+        units = one_token_units(self.logits(x, method, generator), capacity, position, layer)
+        return [u * self.n_rep + r for u in units for r in range(self.n_rep)]
 
     def importance_loss(self, x: torch.Tensor, importance: torch.Tensor, capacity: float) -> torch.Tensor:
         """Cross-entropy of softmax(router logits) against the top-k heads (or KV groups) by `importance` (the norm of

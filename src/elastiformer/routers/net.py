@@ -63,10 +63,7 @@ def fractional_top_units(logits: torch.Tensor, capacity: float, positions: torch
     -> chosen (..., k) unit indices, kept (..., k) bool (False: the slot is not used by this token).
     """
     U = logits.shape[-1]
-    count = min(float(U), max(0.0, capacity * U))
-    k_lo = int(math.floor(count + 1e-6))
-    frac = count - k_lo if count - k_lo > 1e-6 else 0.0
-    k = min(U, k_lo + (1 if frac > 0 else 0))
+    k_lo, frac, k = fractional_count(capacity, U)
     chosen = logits.topk(k, dim=-1).indices if k else logits.new_zeros((*logits.shape[:-1], 0), dtype=torch.long)
     kept = torch.ones_like(chosen, dtype=torch.bool)
     if k > k_lo:  # the last slot goes to the tokens whose position falls in the fraction
@@ -75,6 +72,27 @@ def fractional_top_units(logits: torch.Tensor, capacity: float, positions: torch
         u = torch.remainder((positions.to(torch.float64) + 1) * _GOLDEN + layer * _PLASTIC, 1.0)  # (...) in [0, 1)
         kept[..., -1] = u < frac
     return chosen, kept
+
+
+def fractional_count(capacity: float, U: int) -> tuple[int, float, int]:
+    """capacity * U units, as (units every token gets, the fraction of tokens that get one more, slots: k_lo or
+    k_lo + 1)."""
+    count = min(float(U), max(0.0, capacity * U))
+    k_lo = int(math.floor(count + 1e-6))
+    frac = count - k_lo if count - k_lo > 1e-6 else 0.0
+    return k_lo, frac, min(U, k_lo + (1 if frac > 0 else 0))
+
+
+def one_token_units(logits: torch.Tensor, capacity: float, position: int, layer: int = 0) -> list[int]:
+    """`fractional_top_units` for one token, decided on the host (decoding at batch 1: a list of units is what the
+    caller needs, so no mask is built). logits: (U,) or (1, U); position: its sequence index. -> sorted units."""
+    k_lo, frac, k = fractional_count(capacity, logits.shape[-1])
+    if k == 0:
+        return []
+    chosen = logits.reshape(-1).topk(k).indices.tolist()
+    if k > k_lo and not ((position + 1) * _GOLDEN + layer * _PLASTIC) % 1.0 < frac:  # the same rule, in float64
+        chosen.pop()
+    return sorted(chosen)
 
 
 _GOLDEN = 0.6180339887498949  # Weyl sequence steps: well spread over positions and over layers
