@@ -8,7 +8,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .net import fractional_top_units, make_router_net, router_net_flops, static_scores, straight_through_gate
+from .net import (fractional_top_units, make_router_net, one_token_units, router_net_flops, static_scores,
+                  straight_through_gate)
 
 
 class ExpertSelection(NamedTuple):
@@ -59,9 +60,7 @@ class ExpertRouter(nn.Module):
         """x: (N, C), positions: (N,) sequence index of each token. A fractional count of experts per token (see
         `fractional_top_units`), so compute falls strictly with the capacity."""
         if method in ("random", "static"):  # baselines: uniform scores, or the same experts for every token
-            scores = (torch.rand(x.shape[0], self.n_experts, device=x.device, generator=generator) if method == "random"
-                      else static_scores(self.static_importance, x, self.n_experts))
-            chosen, kept = fractional_top_units(scores, capacity, positions, layer)
+            chosen, kept = fractional_top_units(self.logits(x, method, generator), capacity, positions, layer)
             return ExpertSelection(chosen.masked_fill(~kept, -1), kept.float(), None)
         logits = self.net(x)  # (N, C) -> (N, E)
         if not with_aux and not torch.is_grad_enabled():  # inference: the softmax keeps the order, the gate is 1
@@ -78,6 +77,20 @@ class ExpertRouter(nn.Module):
             load = torch.zeros(E, device=x.device).index_add_(0, used, torch.ones(used.numel(), device=x.device))
             aux = E * (load / used.numel() * probs.mean(dim=0)).sum()
         return ExpertSelection(chosen.masked_fill(~kept, -1), straight_through_gate(top_p), aux)
+
+    def logits(self, x: torch.Tensor, method: str, generator: torch.Generator | None) -> torch.Tensor:
+        """(N, C) -> (N, E) the scores the experts are chosen by (the learned router's softmax keeps their order)."""
+        if method == "random":  # baseline: uniform scores (from `generator` when given, else torch's global RNG)
+            return torch.rand(x.shape[0], self.n_experts, device=x.device, generator=generator)
+        if method == "static":  # baseline: the same experts for every token, the most important on calibration text
+            return static_scores(self.static_importance, x, self.n_experts)
+        return self.net(x)
+
+    def one_token_experts(self, x: torch.Tensor, capacity: float, position: int, method: str = "learned",
+                          generator: torch.Generator | None = None, layer: int = 0) -> list[int]:
+        """Decoding one token: its experts as a sorted list, the same choice as `forward` makes at inference,
+        decided on the host. x: (1, C); position: the token's place among its row's real tokens."""
+        return one_token_units(self.logits(x, method, generator), capacity, position, layer)
 
     def importance_loss(self, x: torch.Tensor, importance: torch.Tensor, capacity: float) -> torch.Tensor:
         """Cross-entropy of the router's distribution against the top-k experts by `importance` (the norm of each
