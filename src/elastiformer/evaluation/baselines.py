@@ -111,6 +111,16 @@ STEP_BASELINES = ("static",)
 MATCH_TOLERANCE = 0.005  # a continuous baseline further than this from the learned FLOPs gets its own learned partner
 
 
+def again_key(baseline: str) -> str:
+    """The plan key of the learned routers measured again at `baseline`'s FLOPs."""
+    return f"learned@{baseline}"
+
+
+def method_of(key: str) -> str:
+    """The routing method a plan key runs ("learned@static": the learned routers, at static's FLOPs)."""
+    return key.split("@")[0]
+
+
 def plan_budgets(em: ElasticModel, batch: dict, settings: Sequence, baselines: Sequence[str], contexts: dict,
                  generator: torch.Generator | None, seed: int, match: str = "flops", progress: bool = False
                  ) -> dict[tuple[str, int], object]:
@@ -132,6 +142,6 @@ def plan_budgets(em: ElasticModel, batch: dict, settings: Sequence, baselines: S
             plan[(m, i)], got = match_flops(em, batch, setting, target, contexts[m], lowest, generator, seed * 1009,
                                             from_above=step)
             if (got > target + 1e-3) if step else abs(got - target) > MATCH_TOLERANCE:
-                plan[(f"learned@{m}", i)], _ = match_flops(em, batch, setting, got, contexts["learned"], lowest,
+                plan[(again_key(m), i)], _ = match_flops(em, batch, setting, got, contexts["learned"], lowest,
                                                            generator, seed * 1009)
     return plan

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
-from .baselines import apply_budget, budget_settings, nominal, plan_budgets, prepare_baselines
+from .baselines import (again_key, apply_budget, budget_settings, method_of, nominal, plan_budgets,
+                        prepare_baselines)
 from .lm import time_ratio
 from ..data.batches import as_batches
 from ..model import ElasticModel
@@ -103,7 +104,7 @@ def evaluate_encoder(
                 if labelled else None
             measured = {}
             for (m, i), budget in plan.items():
-                method = m.split("@")[0]  # ("learned@static": the learned routers at the static baseline's FLOPs)
+                method = method_of(m)  # ("learned@static": the learned routers at the static baseline's FLOPs)
                 pooled, dense, executed, tok_sum, tok_n, correct = [], 0, 0, 0.0, 0, 0
                 with apply_budget(em, budget), em.routing_method(method):
                     budgets_used = em.get_budget()
@@ -142,7 +143,7 @@ def evaluate_encoder(
             for i in range(len(settings)):
                 for m in methods:
                     records.append(measured[(m, i)])
-                    again = measured.get((f"learned@{m}", i))
+                    again = measured.get((again_key(m), i))
                     if again is not None:  # the learned routers again, at this step baseline's FLOPs
                         records[-1]["learned_at_same_flops"] = {k: v for k, v in again.items()
                                                                 if k not in ("method", "budget", "budgets", "time_ratio")}

@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from ..data.batches import as_batches
 from ..errors import ConfigError, DataError
 from ..model import ElasticModel
-from .baselines import apply_budget, budget_settings, nominal, plan_budgets, prepare_baselines
+from .baselines import (again_key, apply_budget, budget_settings, method_of, nominal, plan_budgets,
+                        prepare_baselines)
 from .timing import interleaved
 from ..validation import check_int
 
@@ -120,7 +121,7 @@ def evaluate(
                 bar.update()
                 for (m, i), budget in plan.items():
                     generator.manual_seed(seed * 1009 + bi)  # the random baseline draws the same way every run
-                    with apply_budget(em, budget), contexts[m.split("@")[0]]():
+                    with apply_budget(em, budget), contexts[method_of(m)]():
                         student = em(**batch).logits
                     stats = em.last_stats()
                     r = lm_metrics(teacher, student, batch["input_ids"], batch.get("attention_mask"))
@@ -159,8 +160,8 @@ def evaluate(
                             bar.update()
                     records.append({"method": m, "budget": nominal(setting), "budgets": budgets_used}
                                    | quality(m, i) | {"prefill_time_ratio": ratio})
-                    if (f"learned@{m}", i) in plan:
-                        records[-1]["learned_at_same_flops"] = quality(f"learned@{m}", i)
+                    if (again_key(m), i) in plan:
+                        records[-1]["learned_at_same_flops"] = quality(again_key(m), i)
     finally:
         bar.close()
         if saved_budget:

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..model import ElasticModel
-from .baselines import apply_budget, plan_budgets, prepare_baselines
+from .baselines import again_key, apply_budget, method_of, plan_budgets, prepare_baselines
 
 
 @torch.no_grad()
@@ -64,7 +64,7 @@ def evaluate_images(em: ElasticModel, pixels: torch.Tensor, labels: torch.Tensor
             bar.update()
             for key, budget in plan.items():
                 generator.manual_seed(seed * 1009 + bi)  # the random baseline draws the same way every run
-                with apply_budget(em, budget), em.routing_method(key[0].split("@")[0]):
+                with apply_budget(em, budget), em.routing_method(method_of(key[0])):
                     feat, logits = features_and_logits(em, batch)
                 stats = em.last_stats()
                 acc = sums[key]
@@ -91,7 +91,7 @@ def evaluate_images(em: ElasticModel, pixels: torch.Tensor, labels: torch.Tensor
     for i, b in enumerate(budgets):
         for m in methods:
             records.append({"method": m, "budget": b} | measured((m, i)))
-            if (f"learned@{m}", i) in plan:  # the learned routers again, at this step baseline's FLOPs
-                records[-1]["learned_at_same_flops"] = measured((f"learned@{m}", i))
+            if (again_key(m), i) in plan:  # the learned routers again, at this step baseline's FLOPs
+                records[-1]["learned_at_same_flops"] = measured((again_key(m), i))
     return {"teacher_accuracy": teacher_correct / n, "images": int(pixels.shape[0]),
             "router_param_fraction": em.num_router_parameters() / max(1, em.num_base_parameters()), "records": records}
