@@ -149,10 +149,13 @@ def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batche
         # what the routed sub-layers execute at full capacity: their dense FLOPs, less any padding (a padded
         # encoder batch skips it under routing), so the path's FLOPs ratio starts at 1 and a joint budget is a
         # fraction of the compute the real tokens need
-        full = max(1, run({k: [1.0] * st.n_layers for k in components})[1])
+        dense = {k: [1.0] * st.n_layers for k in components}
+        dense_cost, full = run(dense)
+        full = max(1, full)
 
         def measure(caps: dict[str, list[float]]) -> tuple[float, float]:
-            cost, executed = run(caps)
+            # fit_path starts from the dense capacities: measured above already
+            cost, executed = (dense_cost, full) if caps == dense else run(caps)
             return cost, executed / full
 
         fixed = {k: sorted(st.dense_layers[k]) for k in components}

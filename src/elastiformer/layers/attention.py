@@ -138,7 +138,7 @@ class ElasticAttention(ElasticSubLayer):
             if cache is not None:
                 current = st.current_positions(T, x.device).expand(B, T)
                 if self._cache_routed(cache):  # the unmodified sub-layer must attend through the cached indices
-                    kwargs["attention_mask"] = self._additive_mask(current, torch.cat([past, current], dim=1), x.dtype)
+                    kwargs["attention_mask"] = self._cached_entries_mask(past, current, x.dtype)
                 self._remember_index(cache, past, current)
             st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, dense + adapter_flops(self.base_layer, B * T)))
             return self.base_layer(hidden_states, *args, **kwargs)
@@ -225,8 +225,7 @@ class ElasticAttention(ElasticSubLayer):
             return self._none_selected(x, cache, past, dense, router_flops)
         current = st.current_positions(1, x.device).expand(1, 1)  # (1, 1)
         if self._cache_routed(cache):  # transformers' mask assumes every past token is cached, in order
-            kwargs["attention_mask"] = None if self._attends_to_every_key(1, 1) else \
-                self._additive_mask(current, torch.cat([past, current], dim=1), x.dtype)
+            kwargs["attention_mask"] = self._cached_entries_mask(past, current, x.dtype)
         out = self.base_layer(x, *args, **kwargs)[0]  # (1, 1, C)
         if cache is not None:
             self._remember_index(cache, past, current, routed=True)
@@ -291,9 +290,10 @@ class ElasticAttention(ElasticSubLayer):
         w = self.spec.attention_weights(self.base_layer)
         scaling = w.scaling or getattr(self.base_layer, "scaling", None) or D**-0.5  # BERT keeps it on its inner `self`
         st = self.state
+        whole_q_norm = w.q_norm is not None and not w.qk_norm_per_head  # OLMo 2: over the whole q projection
         # decoding one token per row: the runs-of-heads path (a whole-projection QK-norm needs every head's query)
         one_token = m == 1 and not torch.is_grad_enabled() and w.q_lora is None and w.o_lora is None \
-            and not (w.q_norm is not None and not w.qk_norm_per_head)
+            and not whole_q_norm
         if one_token and B == 1:  # the token's heads as a list, decided on the host: no (B, m, H) mask is built
             position = int(st.real_positions(q_pos))
             used = self.head_router.one_token_heads(x, capacity, position, method=st.method, generator=st.generator,
@@ -316,7 +316,7 @@ class ElasticAttention(ElasticSubLayer):
             active = heads.active if slot_valid is None else heads.active & slot_valid[..., None]  # (B, m, H)
         flops = attention_projection_flops(0, B * m, C, H, KVH, D)
         q_all = None  # a norm over the whole q projection (OLMo 2) needs every head's query of the token
-        if w.q_norm is not None and not w.qk_norm_per_head:
+        if whole_q_norm:
             q_all = norm_heads(lora.add(F.linear(x, w.q_w, w.q_b), "q"), D, w.q_norm, False)  # (B, m, H, D)
             flops += 2 * B * m * C * H * D
         unit_fraction = None
@@ -462,6 +462,13 @@ class ElasticAttention(ElasticSubLayer):
         if B * m != 1 or self.sliding_window is not None:
             return False
         return st.per_call(("no_padding",), lambda: st.pad_mask is None or bool(st.pad_mask.all()))
+
+    def _cached_entries_mask(self, past: torch.Tensor, current: torch.Tensor, dtype) -> torch.Tensor | None:
+        """The mask for the unmodified sub-layer over a routed cache: `current` (B, T) queries against the cached
+        entries `past` (B, P) and themselves (None where one query may attend to every key)."""
+        if self._attends_to_every_key(*current.shape):
+            return None
+        return self._additive_mask(current, torch.cat([past, current], dim=1), dtype)
 
     def _additive_mask(self, q_pos: torch.Tensor, kv_pos: torch.Tensor, dtype) -> torch.Tensor:
         """Causal by sequence index (causal models only), no padding keys, no batch-padding slots.

@@ -217,21 +217,18 @@ class ElasticMLP(ElasticSubLayer):
         if n == 0:
             return out, 0, 1.0
         st = self.state
-        if n == 1 and not torch.is_grad_enabled() and not st.topk:  # decoding one token: its experts' rows, in runs
+        one_token = n == 1 and not torch.is_grad_enabled()  # decoding one token: its experts' rows, in runs
+        if one_token and not st.topk:  # its experts decided on the host, no selection tensors
             experts = self.expert_router.one_token_experts(x, capacity, int(positions), method=st.method,
                                                            generator=st.generator, layer=self.layer_idx)
-            self.align_weights()
-            out, flops = self._one_token_experts(x, w, experts, out)
-            if w.down_b is not None:
-                out = out + w.down_b
-            return out, flops, len(experts) / E
-        sel = self.expert_router(x, capacity, with_aux=st.topk, method=st.method, generator=st.generator,
-                                 positions=positions, layer=self.layer_idx)
-        if sel.aux_loss is not None:
-            st.aux_losses["expert_balance"].append(sel.aux_loss)
+        else:
+            sel = self.expert_router(x, capacity, with_aux=st.topk, method=st.method, generator=st.generator,
+                                     positions=positions, layer=self.layer_idx)
+            if sel.aux_loss is not None:
+                st.aux_losses["expert_balance"].append(sel.aux_loss)
+            experts = sorted(e for e in sel.chosen[0].tolist() if e >= 0) if one_token else None
         self.align_weights()
-        if n == 1 and not torch.is_grad_enabled():  # one token under top-k (training mode, no gradient)
-            experts = sorted(e for e in sel.chosen[0].tolist() if e >= 0)
+        if one_token:
             out, flops = self._one_token_experts(x, w, experts, out)
             if w.down_b is not None:
                 out = out + w.down_b

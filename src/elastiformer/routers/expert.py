@@ -59,13 +59,12 @@ class ExpertRouter(nn.Module):
                 layer: int = 0) -> ExpertSelection:
         """x: (N, C), positions: (N,) sequence index of each token. A fractional count of experts per token (see
         `fractional_top_units`), so compute falls strictly with the capacity."""
-        if method in ("random", "static"):  # baselines: uniform scores, or the same experts for every token
-            chosen, kept = fractional_top_units(self.logits(x, method, generator), capacity, positions, layer)
-            return ExpertSelection(chosen.masked_fill(~kept, -1), kept.float(), None)
-        logits = self.net(x)  # (N, C) -> (N, E)
-        if not with_aux and not torch.is_grad_enabled():  # inference: the softmax keeps the order, the gate is 1
+        logits = self.logits(x, method, generator)  # (N, C) -> (N, E)
+        baseline = method in ("random", "static")  # uniform scores, or the same experts for every token
+        if baseline or not with_aux and not torch.is_grad_enabled():  # (the softmax keeps the order; the gate is 1)
             chosen, kept = fractional_top_units(logits, capacity, positions, layer)  # (N, k)
-            return ExpertSelection(chosen.masked_fill(~kept, -1), logits.new_ones(()).expand(chosen.shape), None)
+            gate = kept.float() if baseline else logits.new_ones(()).expand(chosen.shape)
+            return ExpertSelection(chosen.masked_fill(~kept, -1), gate, None)
         probs = logits.softmax(dim=-1)  # (N, E)
         chosen, kept = fractional_top_units(probs, capacity, positions, layer)  # (N, k)
         top_p = probs.gather(-1, chosen)

@@ -69,8 +69,7 @@ def fractional_top_units(logits: torch.Tensor, capacity: float, positions: torch
     if k > k_lo:  # the last slot goes to the tokens whose position falls in the fraction
         if positions is None:
             positions = torch.arange(logits[..., 0].numel(), device=logits.device).view(logits.shape[:-1])
-        u = torch.remainder((positions.to(torch.float64) + 1) * _GOLDEN + layer * _PLASTIC, 1.0)  # (...) in [0, 1)
-        kept[..., -1] = u < frac
+        kept[..., -1] = slot_phase(positions.to(torch.float64), layer) < frac  # (...)
     return chosen, kept
 
 
@@ -90,9 +89,16 @@ def one_token_units(logits: torch.Tensor, capacity: float, position: int, layer:
     if k == 0:
         return []
     chosen = logits.reshape(-1).topk(k).indices.tolist()
-    if k > k_lo and not ((position + 1) * _GOLDEN + layer * _PLASTIC) % 1.0 < frac:  # the same rule, in float64
+    if k > k_lo and not slot_phase(position, layer) < frac:  # the same rule, in Python's float64
         chosen.pop()
     return sorted(chosen)
+
+
+def slot_phase(position, layer: int):
+    """Where a token falls in [0, 1) for the extra slot of a fractional count: a low-discrepancy sequence over its
+    position (a float, or a float64 tensor of positions) and the layer. A token gets the slot when this is below the
+    fraction."""
+    return ((position + 1) * _GOLDEN + layer * _PLASTIC) % 1.0
 
 
 _GOLDEN = 0.6180339887498949  # Weyl sequence steps: well spread over positions and over layers
