@@ -1,6 +1,7 @@
 """Fitting an ElasticModel to data, once, after its routers exist: the token routers' inference thresholds
 (`calibrate`), the per-layer allocation of a global budget (`fit_allocation`), the co-activation expert split
-(`split_experts`) and what the static-pruning baseline drops (`fit_static`).
+(`split_experts`), what tokens that skip a routed MLP get (`fit_stand_ins`) and what the static-pruning baseline
+drops (`fit_static`).
 
 Each function takes the `ElasticModel` and changes its routing state or router buffers in place; the model's
 methods of the same names call them (`em.calibrate(data)`, ...). None of them trains anything.
@@ -205,6 +206,46 @@ def split_experts(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches
         order = cluster_neurons(torch.cat(acts[id(m)]), m.expert_router.n_experts, seed=seed)
         m.expert_router.neuron_order.copy_(order.to(m.expert_router.neuron_order.device))
         m.align_weights()  # permute the MLP's weights once: each expert becomes a contiguous slice
+
+@torch.no_grad()
+def fit_stand_ins(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 8, *,
+                  quantile: float = 0.3) -> None:
+    """Fit the stand-in of every token-routed MLP (`layers.stand_in`): a rank-r least-squares estimate of the MLP's
+    update from its input, on the real tokens of `data` whose update norm is in the lowest `quantile` of the layer
+    (per batch): the tokens a router skips, whose updates differ from the average token's (the largest updates
+    would dominate a fit on every token, which then misestimates the small ones). The teacher runs: one forward
+    per batch, routers off."""
+    from .layers.stand_in import RegressionStats
+
+    if not 0.0 < quantile <= 1.0:
+        raise ConfigError(f"quantile={quantile!r}: pass the fraction of each layer's tokens (smallest updates) the "
+                          "stand-ins are fitted on, e.g. 0.3")
+    mlps = [m for m in em.base_model.modules() if isinstance(m, ElasticMLP) and m.stand_in is not None]
+    if not mlps:
+        raise ConfigError("fit_stand_ins() found no stand-in: it needs mlp_tokens routing and stand_in_rank > 0")
+    batches = collect_batches(em, data, max_batches, "fit_stand_ins()")
+    stats = {id(m): RegressionStats(em.dims["C"], next(m.stand_in.buffers()).device) for m in mlps}
+
+    def grab(module, args):
+        x = args[0]
+        valid = em.state.token_valid(x.shape[0], x.shape[1], x.device).flatten()  # padding does not count
+        x = x.reshape(-1, x.shape[-1])[valid]  # (n, C)
+        y = module.update(x)  # (n, C) what the MLP adds (before a post-LN)
+        norms = y.float().norm(dim=-1)
+        low = norms <= torch.quantile(norms, quantile)
+        stats[id(module)].add(x[low], y[low])
+
+    hooks = [m.register_forward_pre_hook(grab) for m in mlps]
+    try:
+        with em.disable_routers():
+            for b in batches:
+                em.base_model(**b)
+    finally:
+        for h in hooks:
+            h.remove()
+    for m in mlps:
+        m.stand_in.fit(stats[id(m)])
+
 
 @torch.no_grad()
 def fit_static(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 1) -> None:

@@ -57,6 +57,13 @@ class ElasticConfig:
                   "'cluster': neurons that fire together on calibration text share an expert (fitted by "
                   "ElasticModel.split_experts, which train_routers calls first)."},
     )
+    stand_in_rank: int = field(
+        default=32,
+        metadata={"help": "Tokens that skip a token-routed MLP get a stand-in update: a rank-r linear estimate of "
+                  "the MLP's output from its input, fitted on calibration tokens (ElasticModel.fit_stand_ins, which "
+                  "train_routers calls first), at 4*hidden*r FLOPs per skipped token (r at most hidden/16, about "
+                  "1.5% of a SwiGLU MLP). 0: skipped tokens get nothing, as in the paper."},
+    )
     router: str = field(default="linear", metadata={"help": "Router network: 'linear' or 'mlp' (one hidden layer)."})
     router_hidden: int = field(default=32, metadata={"help": "Hidden width of 'mlp' routers."})
     lora_rank: int = field(default=0, metadata={"help": "Rank of LoRA trained with the routers (0: none)."})
@@ -101,6 +108,9 @@ class ElasticConfig:
             raise ConfigError(f"router_hidden={self.router_hidden!r}: pass a positive integer")
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise ConfigError(f"lora_rank={self.lora_rank!r}: pass 0 (no LoRA) or a positive integer")
+        if isinstance(self.stand_in_rank, bool) or not isinstance(self.stand_in_rank, int) or self.stand_in_rank < 0:
+            raise ConfigError(f"stand_in_rank={self.stand_in_rank!r}: pass 0 (skipped MLP tokens get nothing) or a "
+                              "positive rank, e.g. 32")
         if not isinstance(self.keep_first_token, bool):
             raise ConfigError(f"keep_first_token={self.keep_first_token!r}: pass True or False")
         if not isinstance(self.dense_layers, (list, tuple, range)) or any(
@@ -134,4 +144,5 @@ class ElasticConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             warnings.warn(f"ignoring unknown ElasticConfig keys {unknown} (written by a newer elastiformer?)")
+        d = {"stand_in_rank": 0} | d  # saved before stand-ins existed: its skipped tokens got nothing
         return cls(**{k: v for k, v in d.items() if k in known})

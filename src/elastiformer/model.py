@@ -28,6 +28,7 @@ from .distill import POOLINGS, Embedding, cosine_distance, kl_teacher_student, p
 from .flops import lm_head_flops
 from .layers import ElasticAttention, ElasticMLP, RoutingState
 from .layers.lora import LoRALinear
+from .layers.stand_in import StandIn
 from .validation import check_token_ids, model_context
 from .routers import ExpertRouter, HeadRouter, TokenRouter
 
@@ -166,7 +167,9 @@ class ElasticModel(WrappedModel):
                 for proj, conv1d in self.spec.lora_targets:  # adapters live inside the unmodified attention
                     set_dotted(attn, proj, LoRALinear(get_dotted(attn, proj), c.lora_rank, st, conv1d=conv1d))
             setattr(block, self.spec.attn_name, ElasticAttention(attn, i, self.spec, d, st, token_attn, heads))
-            self.spec.set_mlp(block, ElasticMLP(mlp, i, self.spec, d, st, token_mlp, experts))
+            stand_in = StandIn(d["C"], min(c.stand_in_rank, max(1, d["C"] // 16))).to(device) \
+                if token_mlp is not None and c.stand_in_rank else None
+            self.spec.set_mlp(block, ElasticMLP(mlp, i, self.spec, d, st, token_mlp, experts, stand_in))
             self.targeted_module_names += [f"{prefix}.{i}.{self.spec.attn_name}", f"{prefix}.{i}.{self.spec.mlp_name}"]
         if not any(True for _ in self.routers()):
             raise ConfigError("no layer is routed: dense_layers covers every layer of the model")
@@ -200,7 +203,7 @@ class ElasticModel(WrappedModel):
     # ------------------------------------------------------------------ routers
     def named_routers(self) -> Iterator[tuple[str, nn.Module]]:
         for name, module in self.base_model.named_modules():
-            if isinstance(module, (TokenRouter, HeadRouter, ExpertRouter)):
+            if isinstance(module, (TokenRouter, HeadRouter, ExpertRouter, StandIn)):  # what the artifact holds
                 yield name, module
 
     def routers(self) -> Iterator[nn.Module]:
@@ -522,6 +525,13 @@ class ElasticModel(WrappedModel):
         """For `expert_split="cluster"`: group each routed MLP's hidden neurons into experts by co-activation
         (`calibration.split_experts`), before the expert routers train."""
         calibration.split_experts(self, data, max_batches, seed=seed)
+        return self
+
+    def fit_stand_ins(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 8, *,
+                      quantile: float = 0.3) -> "ElasticModel":
+        """Fit what tokens that skip a routed MLP get, a low-rank estimate of its update (`calibration.fit_stand_ins`);
+        `train_routers` does it before training, so the routers, the allocation and the thresholds see it."""
+        calibration.fit_stand_ins(self, data, max_batches, quantile=quantile)
         return self
 
     def fit_static(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 1) -> "ElasticModel":

@@ -409,3 +409,31 @@ def test_encoder_bench_cli_refuses_bad_options(capsys, tmp_path):
     code, _, err = run(["bench", "--task", "encoder", "--components", "mlp_tokens,heads", "--output",
                         tmp_path / "encoder.json"], capsys)
     assert code == 2 and "unknown bench components ['heads']" in err and len(err.strip().splitlines()) == 1
+
+
+def test_skipped_tokens_get_the_fitted_stand_in_through_the_post_ln(encoder):
+    """With fitted stand-ins, a skipped token gets the stand-in's estimate where the MLP's update would be: post-LN
+    (BERT) LayerNorm(x + stand_in(x)), pre-LN (ViT) x + stand_in(x); a processed one the base sub-layer's output."""
+    build, data = ENCODERS[encoder]
+    em = make_encoder(encoder, "mlp_tokens")
+    em.fit_stand_ins([data(seed=4), data(seed=5)])
+    em.set_budget(0.5)
+    batch = data()
+    seen = []
+    wrappers = [m for m in em.base_model.modules() if isinstance(m, ElasticMLP)]
+    assert all(w.stand_in.is_fitted for w in wrappers)
+    hooks = [w.register_forward_hook(lambda m, a, o: seen.append((m, a[0], o))) for w in wrappers]
+    with torch.no_grad():
+        em(**batch)
+    for h in hooks:
+        h.remove()
+    post_norm = encoder == "bert"
+    for wrapper, x, y in seen:
+        with torch.no_grad():
+            full, estimate = wrapper.base_layer(x), wrapper.stand_in(x)
+            norm = wrapper.spec.mlp_weights(wrapper.base_layer).norm
+            stood_in = norm(x + estimate) if post_norm else estimate
+        real = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones(y.shape[:2], dtype=bool)
+        processed = (y - full).abs().amax(-1) < 1e-5
+        skipped = (y - stood_in).abs().amax(-1) < 1e-5
+        assert (processed & real).any() and (skipped & real).any() and bool((processed | skipped)[real].all())

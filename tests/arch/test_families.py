@@ -505,3 +505,34 @@ def test_flextron_narrow_slices_equal_masked_units_and_a_router_runs(family):
     assert fm.last_stats()["flops_ratio"] <= 1.0
     report = joint_finetune(fm, bundle, tokens(B=4, T=12, seed=7), steps=1, batch_size=2, progress=False)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in report.history)
+
+
+@family
+def test_packed_token_attention_equals_the_padded_rows_and_projects_only_real_tokens(family, monkeypatch):
+    """Rows that selected different numbers of tokens: the packed path (projections on the real tokens only) gives
+    the padded path's logits, cached decoding included, and torch's FLOP counter sees exactly the FLOPs it reports,
+    fewer than the padded rows run."""
+    from elastiformer.layers.attention import ElasticAttention
+
+    em = calibrated(family, "attn_tokens")
+    prompt = tokens(B=3, T=16)
+    mask = torch.ones_like(prompt)
+    mask[0, :5] = 0  # left padding: the rows hold different numbers of real tokens
+    prompt[0, :5] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    runs = {}
+    for packed in (True, False):
+        monkeypatch.setattr(ElasticAttention, "pack_rows", packed)
+        with torch.no_grad():
+            logits = em(prompt, attention_mask=mask).logits
+            stats = em.last_stats()
+            with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+                em(prompt, attention_mask=mask)
+            runs[packed] = (logits, stats, counter.get_total_flops(), em.generate(prompt, use_cache=True, **kw))
+    (logits, stats, counted, generated), (ref_logits, ref_stats, _, ref_generated) = runs[True], runs[False]
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], ref_logits[real], atol=1e-4, rtol=1e-4)
+    assert torch.equal(generated, ref_generated)
+    assert counted == stats["model_elastic_flops"]
+    assert [s["token_fraction"] for s in stats["per_layer"]] == [s["token_fraction"] for s in ref_stats["per_layer"]]
+    assert stats["elastic_flops"] < ref_stats["elastic_flops"]

@@ -14,7 +14,7 @@ from helpers.cli import run, train_args
 
 
 def test_train_eval_info_end_to_end(workspace, tmp_path, capsys):
-    code, out, err = run(train_args(workspace, tmp_path / "run", "--lora-rank", "1"), capsys)
+    code, out, err = run(train_args(workspace, tmp_path / "run", "--lora-rank", "1", "--stand-in-rank", "2"), capsys)
     assert code == 0, err
     assert "trained 4 steps" in out
     routers = tmp_path / "run" / "routers"
@@ -42,6 +42,7 @@ def test_train_eval_info_end_to_end(workspace, tmp_path, capsys):
     assert json.loads(out)["elastic_config"]["lora_rank"] == 1
     code, out, _ = run(["info", routers], capsys)  # the readable summary (no JSON)
     assert code == 0 and "budgets 0.5-0.95" in out and "LoRA rank 1" in out and "mlp_tokens 0.5" in out, out
+    assert "rank-2 stand-in" in out
     assert not out.lstrip().startswith("{")
     code, out, _ = run(["info", "--model", workspace / "model"], capsys)
     assert code == 0 and "4 layers" in out
@@ -66,7 +67,8 @@ def test_train_objective_and_allocation_options(workspace, tmp_path, capsys):
     assert code == 0 and "per-layer capacities" in out and "budget 0.80" in out, out
     for bad, message in ((["--router-targets", "self", "--target-steps", "2"], "--target-steps"),
                          (["--allocation-floor", "1.5"], "--allocation-floor"),
-                         (["--router-inputs", "future"], "--router-inputs")):
+                         (["--router-inputs", "future"], "--router-inputs"),
+                         (["--stand-in-rank", "-1"], "--stand-in-rank")):
         code, out, err = run(train_args(workspace, tmp_path / "bad", *bad), capsys)
         assert code == 2 and message in err and "Traceback" not in err, (bad, err)
         assert not (tmp_path / "bad").exists()

@@ -11,6 +11,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "mlp_tokens_paper": dict(mlp_tokens=0.8, train=dict(router_targets="self")),  # KL + top-k BCE (the paper)
     "mlp_tokens_sensitivity": dict(mlp_tokens=0.8, train=dict(router_targets="sensitivity")),
     "mlp_tokens_student": dict(mlp_tokens=0.8, train=dict(router_inputs="student")),
+    # skipped tokens get nothing (the paper), not the fitted stand-in of the default
+    "mlp_tokens_no_stand_in": dict(mlp_tokens=0.8, stand_in_rank=0),
     "attn_tokens": dict(attn_tokens=0.8),
     "attn_heads": dict(attn_heads=0.75),
     "mlp_experts": dict(mlp_experts=8, mlp_experts_active=0.75),
@@ -22,7 +24,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 def component_of(setting: str) -> str:
     """The routed component a bench setting measures (settings may be variants of one component)."""
-    for suffix in ("_cluster", "_paper", "_sensitivity", "_student"):
+    for suffix in ("_cluster", "_paper", "_sensitivity", "_student", "_no_stand_in"):
         setting = setting.removesuffix(suffix)
     return setting
 

@@ -68,6 +68,8 @@ TRAIN_OPTIONS = {
     "router": Option("linear", "Router network: linear or mlp."),
     "dense_layers": Option("", "Layers never routed, e.g. 0,-2,-1 (default: none; the fitted allocation decides)."),
     "lora_rank": Option(0, "Also train rank-r LoRA on the attention projections (0: none)."),
+    "stand_in_rank": Option(32, "Tokens that skip a routed MLP get a rank-r linear estimate of its update, fitted "
+                            "before training (0: nothing, as in the paper; r at most hidden/16)."),
     "steps": Option(200, "Optimizer steps."),
     "batch_size": Option(4, "Sequences per micro-batch."),
     "seq_len": Option(128, "Tokens per sequence."),
@@ -108,6 +110,7 @@ def _elastic_config(o: dict[str, Any]):
         mlp_experts=o["mlp_experts"], mlp_experts_active=o["mlp_experts_active"],
         expert_split=o["expert_split"], router=o["router"],
         dense_layers=_ints(o["dense_layers"], "dense_layers"), lora_rank=int(o["lora_rank"]),
+        stand_in_rank=int(o["stand_in_rank"]),
     )
 
 
@@ -126,7 +129,8 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
     from ..validation import check_device
 
     check_numbers(o, dict(steps=1, batch_size=1, seq_len=2, max_sequences=1, warmup=0, grad_accum=1, seed=0,
-                           checkpoint_every=1, lora_rank=0, mlp_experts=2, target_steps=0, target_repeats=1),
+                           checkpoint_every=1, lora_rank=0, stand_in_rank=0, mlp_experts=2, target_steps=0,
+                           target_repeats=1),
                    ("lr", "temperature"))
     from ..training.routers import ROUTER_TARGETS
 
@@ -397,7 +401,9 @@ def router_summary(shown: dict[str, Any], folder: Path) -> str:
         f"base model:     {base.get('name_or_path', '?')} ({base.get('model_type', '?')}, {dims.get('L', '?')} layers, "
         f"hidden {dims.get('C', '?')}, {dims.get('H', '?')} heads, MLP {dims.get('I', '?')})",
         f"routed:         {', '.join(routed) or 'nothing'}; router {cfg.get('router')}; LoRA rank {cfg.get('lora_rank', 0)}"
-        + (f"; dense layers {cfg['dense_layers']}" if cfg.get("dense_layers") else ""),
+        + (f"; dense layers {cfg['dense_layers']}" if cfg.get("dense_layers") else "")
+        + (f"; skipped MLP tokens get a rank-{cfg['stand_in_rank']} stand-in"
+           if cfg.get("stand_in_rank") and cfg.get("mlp_tokens") is not None else ""),
         "trained on:     budgets " + ("-".join(str(b) for b in shown["trained_budgets"])
                                        if shown.get("trained_budgets") else "(not recorded)"),
         f"format:         router format {shown.get('format_version')}, elastiformer "

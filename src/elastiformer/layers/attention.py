@@ -2,7 +2,9 @@
 
 Token routing: the selected tokens of each sequence are gathered (order kept, padded to the longest selection in
 the batch), the attention runs on them alone with their original rotary positions, and the result is scattered
-back; unselected tokens neither query nor serve as keys / values in this layer. With a KV cache, this layer's cache
+back; unselected tokens neither query nor serve as keys / values in this layer. When the rows selected different
+numbers of tokens, the q / k / v and output projections run on the real tokens of the whole batch packed together,
+and only the attention itself on the padded rows (`_packed`); otherwise the module itself runs on the rows. With a KV cache, this layer's cache
 holds only the tokens it processed, so the wrapper keeps, on the cache object, the sequence index of every cached
 entry (`-1` for batch padding) and builds the mask from those indices. Once a layer's cache holds such a routed set,
 every later call of that layer attends through this mask, at full capacity and with routing disabled too:
@@ -17,7 +19,7 @@ Attention variants (read from the module by the spec, `AttentionWeights`): a sli
 also drop keys `window` or more positions back, and its cache (which keeps only its latest entries) is indexed by the
 entries it still holds; the head-routed path applies the module's softmax scale, logit soft-capping, QK-norm (per
 head, or over the whole projection, for which every head's query of a token is computed), partial rotary and layers
-that take no rotary at all, as the module's own forward does. The token-routed path runs the module itself.
+that take no rotary at all, as the module's own forward does, and so does the packed token path.
 
 Non-causal models (encoders, `spec.causal=False`) attend with the padding mask only, no causal mask. Post-LN
 sub-layers (`spec.post_norm`, BERT) return LayerNorm(input + attention) themselves: a skipped token comes out
@@ -93,6 +95,10 @@ def attend(q, k, v, mask, scaling: float, softcap: float | None) -> torch.Tensor
 
 
 class ElasticAttention(ElasticSubLayer):
+    # token routing over rows that selected different numbers of tokens: project only the real tokens, packed
+    # (False: the module runs on the rows padded to the longest selection, as before; the same function)
+    pack_rows = True
+
     def __init__(self, base_layer: nn.Module, layer_idx: int, spec: ArchSpec, dims: dict[str, int],
                  state: RoutingState, token_router: TokenRouter | None, head_router: HeadRouter | None):
         super().__init__(base_layer, layer_idx, spec, dims, state)
@@ -186,12 +192,15 @@ class ElasticAttention(ElasticSubLayer):
         if compacted and kw.get("position_ids") is not None:
             kw["position_ids"] = kw["position_ids"].expand(B, -1).gather(1, idx)
 
-        if m == 0:
-            out_sub, flops, unit_fraction = x.new_zeros(B, 0, C), 0, 1.0
-        elif head_cap < 1.0:
+        n_real = int(slot_valid.sum()) if compacted else B * m  # (compact already read the counts on the host)
+        if head_cap < 1.0:
             out_sub, flops, unit_fraction = self._head_routed(x_sub, slot_valid, mask, kw, cache, head_cap, q_pos)
             out_sub = self.finish(out_sub, x_sub, self.spec.attention_weights(self.base_layer).norm)
             router_flops += self.head_router.flops(B * m) if st.method == "learned" else 0
+        elif n_real < B * m and self.pack_rows:  # rows of different lengths: no projection on the padding slots
+            out_sub, flops = self._packed(x_sub, slot_valid, mask, kw, cache)
+            out_sub = self.finish(out_sub, x_sub, self.spec.attention_weights(self.base_layer).norm)
+            unit_fraction = 1.0
         else:
             out_sub = self.base_layer(x_sub, *args, **kw)[0]  # (B, m, C)
             flops = attention_projection_flops(B * m, B * m, C, d["H"], d["KVH"], d["D"]) + \
@@ -277,6 +286,51 @@ class ElasticAttention(ElasticSubLayer):
                     st.add_target_loss("head_rank", self.head_router, x.detach(), importance.detach(), head_cap)
         return out
 
+    def _scaling(self, w) -> float:
+        """The softmax scale the module applies (BERT keeps it on its inner `self`, not on the wrapped module)."""
+        return w.scaling or getattr(self.base_layer, "scaling", None) or self.dims["D"] ** -0.5
+
+    # ---- token routing across a batch: projections on the selected tokens only, packed ----
+    def _packed(self, x, slot_valid, mask, kw, cache) -> tuple[torch.Tensor, int]:
+        """The attention of compacted rows that hold different numbers of tokens, without projecting the padding
+        slots: q / k / v and the output projection run on the real tokens of the whole batch packed together
+        (n of the B*m slots); only the attention itself runs on the padded rows, whose padding the mask hides.
+        Padding slots get zero keys and values (marked -1 in the cache index, never attended).
+        x: (B, m, C), slot_valid: (B, m), mask: (B, 1, m, kv). -> what the sub-layer adds (output projection with
+        its bias, before any post-LN), (B, m, C); the FLOPs that ran."""
+        d = self.dims
+        B, m, C = x.shape
+        H, KVH, D = d["H"], d["KVH"], d["D"]
+        w = self.spec.attention_weights(self.base_layer)
+        rows = slot_valid.flatten().nonzero().squeeze(1)  # (n,) the real slots among B*m
+        n = rows.numel()
+        xp = x.reshape(B * m, C).index_select(0, rows)  # (n, C)
+        lora = HeadPathLoRA(w, xp)  # q / k / v adapters on the packed tokens (a fused c_attn shares one A)
+        q = norm_heads(lora.add(F.linear(xp, w.q_w, w.q_b), "q"), D, w.q_norm, w.qk_norm_per_head)  # (n, H, D)
+        k = norm_heads(lora.add(F.linear(xp, w.k_w, w.k_b), "k"), D, w.k_norm, w.qk_norm_per_head)  # (n, KVH, D)
+        v = lora.add(F.linear(xp, w.v_w, w.v_b), "v").view(n, KVH, D)  # (n, KVH, D)
+
+        def padded(t: torch.Tensor) -> torch.Tensor:  # (n, h, D) -> (B, h, m, D), zeros in the padding slots
+            return t.new_zeros(B * m, *t.shape[1:]).index_copy(0, rows, t).view(B, m, *t.shape[1:]).transpose(1, 2)
+
+        q, k, v = padded(q), padded(k), padded(v)
+        cos_sin = kw.get("position_embeddings") if self.spec.rotary and w.rotary else None
+        if cos_sin is not None:  # (B, m, R) already gathered for the compacted rows
+            q, k = rotate(q, *cos_sin), rotate(k, *cos_sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, KVH, P + m, D)
+        kv_len = k.shape[2]
+        if KVH != H:  # grouped-query attention: each KV head serves H // KVH query heads
+            k, v = k.repeat_interleave(H // KVH, dim=1), v.repeat_interleave(H // KVH, dim=1)  # (B, H, kv, D)
+        o = attend(q, k, v, mask, self._scaling(w), w.softcap)  # (B, H, m, D)
+        o = o.transpose(1, 2).reshape(B * m, H * D).index_select(0, rows)  # (B, H, m, D) -> (n, H*D)
+        out = F.linear(o, w.o_w, w.o_b)  # (n, C)
+        flops = attention_projection_flops(n, n, C, H, KVH, D) + attention_score_flops(B * m, kv_len, H, D) + lora.flops
+        if w.o_lora is not None:
+            out = out + w.o_lora(o).to(out.dtype)
+            flops += w.o_lora.flops(n)
+        return out.new_zeros(B * m, C).index_copy(0, rows, out).view(B, m, C), flops
+
     # ---- head routing: each query head runs only on the tokens that chose it ----
     def _head_routed(self, x, slot_valid, mask, kw, cache, capacity, q_pos):
         """What the active heads add (output projection with its bias), before any post-LN. -> (B, m, C)
@@ -288,7 +342,7 @@ class ElasticAttention(ElasticSubLayer):
         B, m, C = x.shape
         H, KVH, D = d["H"], d["KVH"], d["D"]
         w = self.spec.attention_weights(self.base_layer)
-        scaling = w.scaling or getattr(self.base_layer, "scaling", None) or D**-0.5  # BERT keeps it on its inner `self`
+        scaling = self._scaling(w)
         st = self.state
         whole_q_norm = w.q_norm is not None and not w.qk_norm_per_head  # OLMo 2: over the whole q projection
         # decoding one token per row: the runs-of-heads path (a whole-projection QK-norm needs every head's query)

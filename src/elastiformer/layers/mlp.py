@@ -21,15 +21,18 @@ from torch import nn
 from ..arch import ArchSpec
 from ..flops import mlp_flops
 from ..routers import ExpertRouter, TokenRouter
+from .stand_in import StandIn
 from .state import ElasticSubLayer, RoutingState, SubLayerStats
 
 
 class ElasticMLP(ElasticSubLayer):
     def __init__(self, base_layer: nn.Module, layer_idx: int, spec: ArchSpec, dims: dict[str, int],
-                 state: RoutingState, token_router: TokenRouter | None, expert_router: ExpertRouter | None):
+                 state: RoutingState, token_router: TokenRouter | None, expert_router: ExpertRouter | None,
+                 stand_in: StandIn | None = None):
         super().__init__(base_layer, layer_idx, spec, dims, state)
         self.token_router = token_router
         self.expert_router = expert_router
+        self.stand_in = stand_in  # what a token that skips this MLP gets (None, or unfitted: nothing)
         self.gated = spec.mlp_weights(base_layer).gate_w is not None  # SwiGLU-style: 3 matmuls, else 2
         # (I,) the hidden-neuron order the base weights hold now, in the original numbering (None: the original)
         self.register_buffer("weight_order", None, persistent=False)
@@ -89,12 +92,10 @@ class ElasticMLP(ElasticSubLayer):
         self.learn_on_student(x)
         if st.method == "static" and self.token_router is not None and tok_cap < 1.0:
             if st.statically_dropped("mlp_tokens", self.layer_idx):  # baseline: the whole sub-layer is skipped
-                st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, 0, 0, 0.0, 0.0))
-                return self.skipped_output(x)
+                return self._skip_every_token(x, dense)
             tok_cap = 1.0
         if tok_cap <= 0.0 or exp_cap <= 0.0:  # allocated nothing: the sub-layer is skipped for every token
-            st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, 0, 0, 0.0, 0.0))
-            return self.skipped_output(x)
+            return self._skip_every_token(x, dense)
         skip_padding = st.skips_padding(B, T, x.device)
         if tok_cap >= 1.0 and exp_cap >= 1.0 and not skip_padding:  # full capacity: the base sub-layer, untouched
             st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, dense))
@@ -144,8 +145,16 @@ class ElasticMLP(ElasticSubLayer):
             y = self.base_layer(x_in) if n else x_in.new_zeros(0, C)  # (n, C)
             exp_flops, unit_fraction = mlp_flops(n, C, I, self.gated), 1.0
 
-        if idx is not None:  # scatter back; skipped tokens leave the residual stream alone
-            y = self.scatter(xf, idx, y if gate is None else self.apply_gate(y, x_in, gate))
+        if idx is not None:  # scatter back; skipped tokens leave the residual stream alone, or get the stand-in
+            y = y if gate is None else self.apply_gate(y, x_in, gate)
+            if tok_cap < 1.0 and self._stands_in():
+                skipped = (valid & ~sel.selected).flatten().nonzero().squeeze(1)  # (N-n,) real tokens skipped
+                stand_in = self.skipped_output(xf.index_select(0, skipped))  # (N-n, C)
+                # padding: what it got before (nothing added, or unchanged after a post-LN)
+                y = super().skipped_output(xf).index_copy(0, skipped, stand_in).index_copy(0, idx, y.to(xf.dtype))
+                exp_flops += self.stand_in.flops(skipped.numel())
+            else:
+                y = self.scatter(xf, idx, y)
         st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, exp_flops + router_flops, router_flops,
                                       token_fraction, unit_fraction))
         return y.view(B, T, C)
@@ -157,11 +166,30 @@ class ElasticMLP(ElasticSubLayer):
         sel = self.token_router(x, capacity, st.token_valid(1, 1, x.device), st.forced_tokens(1, 1, x.device),
                                 topk=False, method=st.method, self_target=False, generator=st.generator)
         router_flops = self.token_router.flops(1) if st.method == "learned" else 0
-        if not bool(sel.selected):  # skipped: no weight of this MLP is read
-            st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, router_flops, router_flops, 0.0, 1.0))
+        if not bool(sel.selected):  # skipped: no weight of this MLP is read (the stand-in's, if any)
+            stand_in = self.stand_in.flops(1) if self._stands_in() else 0
+            st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, router_flops + stand_in, router_flops, 0.0,
+                                          1.0))
             return self.skipped_output(x)
         st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, dense + router_flops, router_flops, 1.0, 1.0))
         return self.base_layer(x)
+
+    def _stands_in(self) -> bool:
+        return self.stand_in is not None and self.stand_in.is_fitted
+
+    def skipped_output(self, x: torch.Tensor) -> torch.Tensor:
+        """What tokens that skip this MLP get: the stand-in's estimate of its update (through the post-LN of a post-LN
+        MLP), once fitted; else nothing added (pre-LN) or the input unchanged (post-LN)."""
+        if not self._stands_in():
+            return super().skipped_output(x)
+        return self.finish(self.stand_in(x), x, self.spec.mlp_weights(self.base_layer).norm)
+
+    def _skip_every_token(self, x: torch.Tensor, dense: int) -> torch.Tensor:
+        """The sub-layer skipped for every token (allocated nothing, or dropped by the static baseline)."""
+        B, T, _ = x.shape
+        stand_in = self.stand_in.flops(B * T) if self._stands_in() else 0
+        self.state.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, stand_in, 0, 0.0, 0.0))
+        return self.skipped_output(x)
 
     def _teacher_with_targets(self, x: torch.Tensor, dense: int) -> torch.Tensor:
         """Teacher pass of training: run the dense MLP, measure what each token (and each expert) adds to the
@@ -188,7 +216,8 @@ class ElasticMLP(ElasticSubLayer):
             y = y.view(B, T, C)
         else:
             y = self.base_layer(x)
-        return self.teach_token_router(x, y, y - x if self.spec.post_norm else y)  # what skipping would remove
+        # what skipping would remove: the output, less what a skipped token gets (x after a post-LN, the stand-in)
+        return self.teach_token_router(x, y, y - self.skipped_output(x))
 
     def _expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's output for every token (no down-projection bias). x: (N, C) -> (E, N, C)."""
@@ -197,6 +226,11 @@ class ElasticMLP(ElasticSubLayer):
         h = self.hidden_activations(x)  # (N, I)
         return torch.stack([F.linear(h[:, self.expert_slice(e)], w.down_w[:, self.expert_slice(e)])
                             for e in range(self.expert_router.n_experts)])
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """What the MLP adds to the residual stream, before any post-LN. x: (N, C) -> (N, C)."""
+        w = self.spec.mlp_weights(self.base_layer)
+        return F.linear(self.hidden_activations(x), w.down_w, w.down_b)
 
     def hidden_activations(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP's hidden units before the down projection. x: (N, C) -> (N, I)."""

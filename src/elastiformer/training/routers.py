@@ -31,6 +31,7 @@ from ..cache import atomic_dir, atomic_write_json, committed_dir, ensure_writabl
 from ..distill import DEFAULT_AUX_WEIGHTS, LOSSES, POOLINGS, embedding_distance, kl_teacher_student
 from ..errors import ConfigError, DataError, ElastiformerError
 from ..data.batches import as_batches, tensor_batch
+from ..layers.stand_in import StandIn
 from ..model import ElasticModel
 from .loop import TrainingLoop, lr_factor  # noqa: F401  (lr_factor: part of this module's API)
 from ..validation import check_device, check_int, check_token_ids
@@ -289,6 +290,11 @@ def train_routers(
         # the experts must exist before their routers learn which to pick: cluster neurons on held-back batches
         em.split_experts(_split_batches([batch_at(data, 0, i, batch_size, seed + 2) for i in range(2)]), seed=seed)
         logger.info("experts split by co-activation on 2 batches")
+    stand_ins = [m for _, m in em.named_routers() if isinstance(m, StandIn)]
+    if stand_ins and not resume and not all(m.is_fitted for m in stand_ins):
+        # what skipped MLP tokens get, before the routers learn which tokens to skip: on held-back batches
+        em.fit_stand_ins(_split_batches([batch_at(data, 0, i, batch_size, seed + 3) for i in range(8)]))
+        logger.info("stand-ins of skipped MLP tokens fitted on 8 batches")
     params = em.router_parameters()
     loop = TrainingLoop(accelerator, em, params, lr=lr, schedule=schedule, steps=steps, warmup=warmup)
     model, optimizer, scheduler = loop.model, loop.optimizer, loop.scheduler

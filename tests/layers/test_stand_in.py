@@ -1,0 +1,150 @@
+"""Stand-ins: what a token that skips a token-routed MLP gets (a fitted low-rank estimate of the MLP's update)."""
+
+import json
+
+import pytest
+import torch
+
+import elastiformer as ef
+from elastiformer.layers import ElasticMLP
+from elastiformer.layers.stand_in import RegressionStats, StandIn
+from helpers.models import MODELS, make_elastic, tokens
+
+
+def _fitted(**overrides) -> ef.ElasticModel:
+    em = make_elastic("llama", "mlp_tokens", **overrides)
+    em.fit_stand_ins([{"input_ids": tokens(4, 24, seed=3)}, {"input_ids": tokens(4, 24, seed=4)}])
+    return em
+
+
+def _mlps(em) -> list[ElasticMLP]:
+    return [m for m in em.base_model.modules() if isinstance(m, ElasticMLP)]
+
+
+def test_the_fit_recovers_a_low_rank_affine_map():
+    torch.manual_seed(0)
+    C, r = 24, 3
+    A, B, c = torch.randn(C, r), torch.randn(r, C), torch.randn(C)
+    x = torch.randn(500, C) * 2 + 1
+    stats = RegressionStats(C)
+    stats.add(x, x @ A @ B + c)
+    s = StandIn(C, r)
+    assert not s.is_fitted and torch.equal(s(x), torch.zeros_like(x))  # unfitted: nothing
+    s.fit(stats, ridge=1e-9)
+    assert s.is_fitted
+    torch.testing.assert_close(s(x), x @ A @ B + c, atol=1e-3, rtol=1e-3)
+    assert s.flops(10) == 2 * 10 * C * r * 2
+
+
+def test_a_fit_reduces_the_error_of_skipping_on_the_tokens_it_was_fitted_on():
+    """(On a random tiny model the MLP has no structure that carries to other text: the gain on held-out text of a
+    real model is what the LM bench measures.)"""
+    em = make_elastic("llama", "mlp_tokens")
+    x = tokens(8, 24, seed=11)
+    em.fit_stand_ins([{"input_ids": x}])
+    inputs = {}
+    mlps = _mlps(em)
+    hooks = [m.base_layer.register_forward_hook(lambda mod, a, o, i=i: inputs.update({i: (a[0], o)}))
+             for i, m in enumerate(mlps)]
+    with torch.no_grad(), em.disable_routers():
+        em(input_ids=x)
+    for h in hooks:
+        h.remove()
+    for i, m in enumerate(mlps):
+        h, y = (t.reshape(-1, t.shape[-1]) for t in inputs[i])
+        low = y.norm(dim=-1) <= y.norm(dim=-1).quantile(0.3)  # the smallest updates: the ones it is fitted on
+        with torch.no_grad():
+            err = (m.stand_in(h[low]) - y[low]).pow(2).sum(-1).mean()
+        assert err < 0.9 * y[low].pow(2).sum(-1).mean(), i  # well below skipping with nothing
+
+
+def test_skipped_tokens_get_the_stand_in_and_their_flops_are_counted():
+    em = _fitted()
+    em.train()  # top-k: a known number of tokens per row
+    em.set_budget(0.5)
+    m = _mlps(em)[1]
+    seen = {}
+    hook = m.register_forward_hook(lambda mod, a, o: seen.update(x=a[0], out=o))
+    with torch.no_grad():
+        em(input_ids=tokens(2, 10, seed=8))
+    hook.remove()
+    x, out = seen["x"], seen["out"]
+    s = em.last_stats()["per_layer"][2 * 1 + 1]  # layer 1's MLP (attention, MLP per layer)
+    s = type("Stats", (), s)
+    n = round(s.token_fraction * 20)
+    assert 0 < n < 20
+    with torch.no_grad():
+        full, est = m.base_layer(x), m.stand_in(x)  # (2, 10, C)
+    processed = (out - full).abs().amax(-1) < 1e-5  # (2, 10)
+    skipped = (out - est).abs().amax(-1) < 1e-5
+    assert int(processed.sum()) == n and bool((processed | skipped).all())
+    mlp_flops = 2 * 3 * em.dims["C"] * em.dims["I"]  # per token, gated
+    router = m.token_router.flops(20)
+    assert s.executed_flops == n * mlp_flops + m.stand_in.flops(20 - n) + router
+
+
+def test_a_layer_at_capacity_zero_runs_only_its_stand_in():
+    em = _fitted()
+    em.calibrate([{"input_ids": tokens(4, 24, seed=5)}])
+    em.state.capacity_override = {"mlp_tokens": [1.0, 0.0, 1.0, 1.0]}
+    x = tokens(2, 16, seed=7)
+    with torch.no_grad():
+        out = em(input_ids=x).logits
+    stats = [s for s in em.last_stats()["per_layer"] if s["sublayer"] == "mlp"]
+    stand_in = _mlps(em)[1].stand_in
+    assert stats[1]["executed_flops"] == stand_in.flops(32)
+    em.state.capacity_override = None
+    base = em.base_model.model.layers[1].mlp
+    base.forward, saved = (lambda h, *a, **k: stand_in(h)), base.forward  # the MLP replaced by its stand-in
+    with torch.no_grad(), em.disable_routers():
+        ref = em(input_ids=x).logits
+    base.forward = saved
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_budget_one_is_the_base_model_and_decoding_equals_the_uncached_forward():
+    em = _fitted()
+    em.calibrate([{"input_ids": tokens(4, 24, seed=5)}])
+    ids = tokens(2, 12)
+    with torch.no_grad():
+        with em.disable_routers():
+            ref = em(ids).logits
+        em.set_budget(1.0)
+        torch.testing.assert_close(em(ids).logits, ref, atol=1e-5, rtol=1e-5)
+        em.set_budget(0.5)
+        routed = em(ids).logits
+        assert not torch.allclose(routed, ref, atol=1e-3)
+        for prompt in (ids[:1], ids):  # batch 1 takes the one-token path, batch 2 the batched one
+            kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+            assert torch.equal(em.generate(prompt, use_cache=True, **kw), em.generate(prompt, use_cache=False, **kw))
+
+
+def test_stand_ins_are_saved_with_the_routers_and_old_artifacts_load_without(tmp_path):
+    em = _fitted()
+    em.calibrate([{"input_ids": tokens(4, 24, seed=5)}])
+    em.set_budget(0.5)
+    ids = tokens(2, 12)
+    with torch.no_grad():
+        ref = em(ids).logits
+    em.save_pretrained(tmp_path / "r")
+    back = ef.ElasticModel.from_pretrained(MODELS["llama"](), tmp_path / "r")
+    assert all(m.stand_in.is_fitted for m in _mlps(back))
+    back.set_budget(0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ref, atol=1e-6, rtol=1e-6)
+    # an artifact saved before stand-ins existed: no stand_in_rank in its config, no stand-in tensors
+    meta = json.loads((tmp_path / "r" / "elastic_config.json").read_text())
+    del meta["elastic_config"]["stand_in_rank"]
+    assert ef.ElasticConfig.from_dict(meta["elastic_config"]).stand_in_rank == 0
+
+
+def test_bad_stand_in_options_are_refused():
+    with pytest.raises(ef.ConfigError, match="stand_in_rank"):
+        ef.ElasticConfig(mlp_tokens=0.5, stand_in_rank=-1)
+    with pytest.raises(ef.ConfigError, match="no stand-in"):
+        make_elastic("llama", "attn_tokens").fit_stand_ins([{"input_ids": tokens()}])
+    with pytest.raises(ef.ConfigError, match="quantile"):
+        make_elastic("llama", "mlp_tokens").fit_stand_ins([{"input_ids": tokens()}], quantile=0)
+    gpt2 = make_elastic("gpt2", "mlp_tokens")  # pre-LN too: it gets stand-ins
+    assert all(m.stand_in is not None for m in _mlps(gpt2))
+    assert all(m.stand_in is None for m in _mlps(make_elastic("llama", "mlp_tokens", stand_in_rank=0)))
