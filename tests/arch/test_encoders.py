@@ -103,13 +103,8 @@ def test_inference_routes_by_top_k_without_calibration(encoder):
         lm(tokens())
 
 
-def test_skipped_tokens_leave_the_residual_stream_unchanged(encoder):
-    """Post-LN (BERT): a skipped token comes out of the sub-layer exactly as it went in (its LayerNorm skipped too);
-    pre-LN (ViT): the sub-layer adds exactly zero for it. Processed tokens get the base sub-layer's output."""
-    build, data = ENCODERS[encoder]
-    em = make_encoder(encoder, "mlp_tokens")
-    em.set_budget(0.5)
-    batch = data()
+def mlp_calls(em, batch: dict) -> list[tuple[ElasticMLP, torch.Tensor, torch.Tensor]]:
+    """(wrapper, input, output) of every routed MLP in one forward of `batch`."""
     seen = []
     wrappers = [m for m in em.base_model.modules() if isinstance(m, ElasticMLP)]
     hooks = [w.register_forward_hook(lambda m, a, o: seen.append((m, a[0], o))) for w in wrappers]
@@ -117,8 +112,18 @@ def test_skipped_tokens_leave_the_residual_stream_unchanged(encoder):
         em(**batch)
     for h in hooks:
         h.remove()
+    return seen
+
+
+def test_skipped_tokens_leave_the_residual_stream_unchanged(encoder):
+    """Post-LN (BERT): a skipped token comes out of the sub-layer exactly as it went in (its LayerNorm skipped too);
+    pre-LN (ViT): the sub-layer adds exactly zero for it. Processed tokens get the base sub-layer's output."""
+    build, data = ENCODERS[encoder]
+    em = make_encoder(encoder, "mlp_tokens")
+    em.set_budget(0.5)
+    batch = data()
     post_norm = encoder == "bert"
-    for wrapper, x, y in seen:
+    for wrapper, x, y in mlp_calls(em, batch):
         identity = y if post_norm else x + y
         skipped = (identity == x).all(-1)  # (B, T)
         with torch.no_grad():
@@ -419,16 +424,10 @@ def test_skipped_tokens_get_the_fitted_stand_in_through_the_post_ln(encoder):
     em.fit_stand_ins([data(seed=4), data(seed=5)])
     em.set_budget(0.5)
     batch = data()
-    seen = []
-    wrappers = [m for m in em.base_model.modules() if isinstance(m, ElasticMLP)]
-    assert all(w.stand_in.is_fitted for w in wrappers)
-    hooks = [w.register_forward_hook(lambda m, a, o: seen.append((m, a[0], o))) for w in wrappers]
-    with torch.no_grad():
-        em(**batch)
-    for h in hooks:
-        h.remove()
     post_norm = encoder == "bert"
-    for wrapper, x, y in seen:
+    calls = mlp_calls(em, batch)
+    assert all(wrapper.stand_in.is_fitted for wrapper, _, _ in calls)
+    for wrapper, x, y in calls:
         with torch.no_grad():
             full, estimate = wrapper.base_layer(x), wrapper.stand_in(x)
             norm = wrapper.spec.mlp_weights(wrapper.base_layer).norm
