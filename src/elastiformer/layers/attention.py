@@ -83,6 +83,14 @@ def norm_heads(x: torch.Tensor, D: int, norm: nn.Module | None, per_head: bool) 
     return norm(x) if norm is not None and per_head else x
 
 
+def keys_values(x: torch.Tensor, w, lora: HeadPathLoRA, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K (QK-normed where the family does) and V of every token of x (..., C), adapters included.
+    -> (..., KVH, D) each."""
+    k = norm_heads(lora.add(F.linear(x, w.k_w, w.k_b), "k"), D, w.k_norm, w.qk_norm_per_head)
+    v = lora.add(F.linear(x, w.v_w, w.v_b), "v").unflatten(-1, (-1, D))
+    return k, v
+
+
 def attend(q, k, v, mask, scaling: float, softcap: float | None) -> torch.Tensor:
     """softmax(q k^T * scaling [soft-capped] + mask) v. q: (B, h, m, D), k / v: (B, h, kv, D), mask: (B, 1, m, kv),
     or None: every key for every query."""
@@ -167,14 +175,17 @@ class ElasticAttention(ElasticSubLayer):
             idx, slot_valid = compact(sel.selected)  # (B, m)
             x_sub = gather_rows(x, idx)  # (B, m, C)
             gate = gather_rows(sel.gate, idx)[..., None]  # (B, m, 1)
-            token_fraction = float(slot_valid.sum()) / max(1, st.n_valid(B, T, x.device))
+            n_real = int(slot_valid.sum())  # the processed tokens, one host read
+            token_fraction = n_real / max(1, st.n_valid(B, T, x.device))
             compacted = True
         elif skip_padding:  # every real token, none of the padding
             idx, slot_valid = st.per_call(("real_rows", B, T, x.device), lambda: compact(valid))  # (B, m)
             x_sub, gate, token_fraction, compacted = gather_rows(x, idx), None, 1.0, True  # (B, m, C)
+            n_real = st.n_valid(B, T, x.device)
         else:
             idx = slot_valid = None  # every token, in order, every slot real
             x_sub, gate, token_fraction, compacted = x, None, 1.0, False
+            n_real = B * T
         m = x_sub.shape[1]
         if m == 0:  # no token chose this layer (e.g. a skipped decode step): nothing attends, nothing is cached
             return self._none_selected(x, cache, past, dense, router_flops)
@@ -192,7 +203,6 @@ class ElasticAttention(ElasticSubLayer):
         if compacted and kw.get("position_ids") is not None:
             kw["position_ids"] = kw["position_ids"].expand(B, -1).gather(1, idx)
 
-        n_real = int(slot_valid.sum()) if compacted else B * m  # (compact already read the counts on the host)
         if head_cap < 1.0:
             out_sub, flops, unit_fraction = self._head_routed(x_sub, slot_valid, mask, kw, cache, head_cap, q_pos)
             out_sub = self.finish(out_sub, x_sub, self.spec.attention_weights(self.base_layer).norm)
@@ -307,8 +317,7 @@ class ElasticAttention(ElasticSubLayer):
         xp = x.reshape(B * m, C).index_select(0, rows)  # (n, C)
         lora = HeadPathLoRA(w, xp)  # q / k / v adapters on the packed tokens (a fused c_attn shares one A)
         q = norm_heads(lora.add(F.linear(xp, w.q_w, w.q_b), "q"), D, w.q_norm, w.qk_norm_per_head)  # (n, H, D)
-        k = norm_heads(lora.add(F.linear(xp, w.k_w, w.k_b), "k"), D, w.k_norm, w.qk_norm_per_head)  # (n, KVH, D)
-        v = lora.add(F.linear(xp, w.v_w, w.v_b), "v").view(n, KVH, D)  # (n, KVH, D)
+        k, v = keys_values(xp, w, lora, D)  # (n, KVH, D) each
 
         def padded(t: torch.Tensor) -> torch.Tensor:  # (n, h, D) -> (B, h, m, D), zeros in the padding slots
             return t.new_zeros(B * m, *t.shape[1:]).index_copy(0, rows, t).view(B, m, *t.shape[1:]).transpose(1, 2)
@@ -358,9 +367,7 @@ class ElasticAttention(ElasticSubLayer):
             heads = self.head_router(x, capacity, method=st.method, generator=st.generator,
                                      positions=st.real_positions(q_pos), layer=self.layer_idx)  # (B, m, H)
         lora = HeadPathLoRA(w, x)  # the adapters' updates (if any), as thin matmuls, and their FLOPs
-        k = norm_heads(lora.add(F.linear(x, w.k_w, w.k_b), "k"), D, w.k_norm, w.qk_norm_per_head).transpose(1, 2)
-        # k: (B, KVH, m, D), QK-normed where the family does
-        v = lora.add(F.linear(x, w.v_w, w.v_b), "v").view(B, m, KVH, D).transpose(1, 2)  # (B, KVH, m, D)
+        k, v = (t.transpose(1, 2) for t in keys_values(x, w, lora, D))  # (B, KVH, m, D) each
         cos_sin = kw.get("position_embeddings") if self.spec.rotary and w.rotary else None
         if cos_sin is not None:
             k = rotate(k, *cos_sin)

@@ -147,14 +147,12 @@ class ElasticMLP(ElasticSubLayer):
 
         if idx is not None:  # scatter back; skipped tokens leave the residual stream alone, or get the stand-in
             y = y if gate is None else self.apply_gate(y, x_in, gate)
-            if tok_cap < 1.0 and self._stands_in():
-                skipped = (valid & ~sel.selected).flatten().nonzero().squeeze(1)  # (N-n,) real tokens skipped
-                stand_in = self.skipped_output(xf.index_select(0, skipped))  # (N-n, C)
-                # padding: what it got before (nothing added, or unchanged after a post-LN)
-                y = super().skipped_output(xf).index_copy(0, skipped, stand_in).index_copy(0, idx, y.to(xf.dtype))
+            rest = super().skipped_output(xf)  # (N, C) padding: nothing added, or unchanged after a post-LN
+            if tok_cap < 1.0 and self._stands_in():  # the stand-in on the skipped real tokens only
+                skipped = (valid & ~sel.selected).flatten().nonzero().squeeze(1)  # (N-n,)
+                rest = rest.index_copy(0, skipped, self.skipped_output(xf.index_select(0, skipped)))
                 exp_flops += self.stand_in.flops(skipped.numel())
-            else:
-                y = self.scatter(xf, idx, y)
+            y = rest.index_copy(0, idx, y.to(xf.dtype))
         st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, exp_flops + router_flops, router_flops,
                                       token_fraction, unit_fraction))
         return y.view(B, T, C)
