@@ -144,7 +144,7 @@ def weight_fingerprint(model: nn.Module) -> str:
     """A cheap, deterministic hash of the base weights: names, shapes and a strided sample of every tensor."""
     h = hashlib.sha256()
     for name, p in model.named_parameters():
-        if any(tag in name for tag in ("token_router", "head_router", "expert_router", "lora_")):
+        if any(tag in name for tag in ("token_router", "head_router", "expert_router", "stand_in.", "lora_")):
             continue
         flat = p.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu()

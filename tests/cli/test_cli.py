@@ -68,7 +68,8 @@ def test_train_objective_and_allocation_options(workspace, tmp_path, capsys):
     for bad, message in ((["--router-targets", "self", "--target-steps", "2"], "--target-steps"),
                          (["--allocation-floor", "1.5"], "--allocation-floor"),
                          (["--router-inputs", "future"], "--router-inputs"),
-                         (["--stand-in-rank", "-1"], "--stand-in-rank")):
+                         (["--stand-in-rank", "-1"], "--stand-in-rank"),
+                         (["--stand-in-lr-scale", "-0.1"], "--stand-in-lr-scale")):
         code, out, err = run(train_args(workspace, tmp_path / "bad", *bad), capsys)
         assert code == 2 and message in err and "Traceback" not in err, (bad, err)
         assert not (tmp_path / "bad").exists()

@@ -25,8 +25,8 @@ def test_round_trip_gives_identical_outputs(tmp_path, arch):
 
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["elastic_config.json", "routers.safetensors"]
     saved = load_file(tmp_path / "r" / "routers.safetensors")
-    assert sum(v.numel() for k, v in saved.items() if "calib_" not in k and ".stand_in." not in k) == \
-        em.num_router_parameters()  # (the stand-ins of skipped MLP tokens are fitted buffers, not parameters)
+    assert sum(v.numel() for k, v in saved.items() if "calib_" not in k and not k.endswith(".stand_in.fitted")) == \
+        em.num_router_parameters()  # (the stand-ins' weights are parameters: they train with the routers)
     meta = json.loads((tmp_path / "r" / "elastic_config.json").read_text())
     assert meta["base_model"]["model_type"] == MODELS[arch](0).config.model_type
 

@@ -138,6 +138,36 @@ def test_stand_ins_are_saved_with_the_routers_and_old_artifacts_load_without(tmp
     assert ef.ElasticConfig.from_dict(meta["elastic_config"]).stand_in_rank == 0
 
 
+def test_only_skipped_tokens_send_the_stand_ins_a_gradient():
+    em = _fitted()
+    em.train()
+    ids = tokens(2, 10, seed=8)
+    em.set_budget(1.0)  # every token processed: neither the stand-ins nor the routers are on the output's path
+    assert not em(input_ids=ids).logits.requires_grad
+    em.set_budget(0.5)
+    em(input_ids=ids).logits.pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for m in _mlps(em) for p in m.stand_in.parameters())
+
+
+def test_train_routers_trains_the_fitted_stand_ins_unless_told_to_keep_them():
+    from elastiformer.training.routers import _split_batches, batch_at
+
+    data = tokens(16, 16, seed=2)
+    options = dict(steps=4, batch_size=4, warmup=1, target_steps=2, allocation=False, checkpoint_every=None,
+                   progress=False)
+    kept, trained, fitted = (make_elastic("llama", "mlp_tokens") for _ in range(3))
+    ef.train_routers(kept, data, stand_in_lr_scale=0.0, **options)
+    ef.train_routers(trained, data, stand_in_lr_scale=0.5, **options)
+    fitted.fit_stand_ins(_split_batches([batch_at(data, 0, i, 4, 0 + 3) for i in range(8)]))  # what training fits
+    for k, t, f in zip(_mlps(kept), _mlps(trained), _mlps(fitted)):
+        for name in ("down", "up", "bias"):
+            assert torch.equal(getattr(k.stand_in, name), getattr(f.stand_in, name)), name  # kept as fitted
+            assert not torch.allclose(getattr(t.stand_in, name), getattr(f.stand_in, name)), name  # trained
+        assert all(p.requires_grad for p in t.stand_in.parameters()) and t.stand_in.is_fitted
+    with pytest.raises(ef.ConfigError, match="stand_in_lr_scale"):
+        ef.train_routers(make_elastic("llama", "mlp_tokens"), data, stand_in_lr_scale=-1, **options)
+
+
 def test_bad_stand_in_options_are_refused():
     with pytest.raises(ef.ConfigError, match="stand_in_rank"):
         ef.ElasticConfig(mlp_tokens=0.5, stand_in_rank=-1)

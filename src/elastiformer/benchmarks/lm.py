@@ -30,10 +30,12 @@ from .settings import SETTINGS, baselines_of, component_of
 BENCH_OPTIONS = {
     "model": Option("smollm2-135m", "The base model."),
     "components": Option("mlp_tokens,mlp_tokens_paper,mlp_tokens_sensitivity,mlp_tokens_student,"
-                         "mlp_tokens_no_stand_in,attn_tokens,attn_heads,mlp_experts,mlp_experts_cluster,combined",
+                         "mlp_tokens_no_stand_in,mlp_tokens_fitted_stand_in,attn_tokens,attn_heads,mlp_experts,"
+                         "mlp_experts_cluster,combined",
                          "Settings to run: mlp_tokens, mlp_tokens_paper, mlp_tokens_sensitivity, mlp_tokens_student "
-                         "(router objectives), mlp_tokens_no_stand_in (skipped tokens get nothing), attn_tokens, "
-                         "attn_heads, mlp_experts, mlp_experts_cluster, combined."),
+                         "(router objectives), mlp_tokens_no_stand_in (skipped tokens get nothing), "
+                         "mlp_tokens_fitted_stand_in (stand-ins not trained), attn_tokens, attn_heads, mlp_experts, "
+                         "mlp_experts_cluster, combined."),
     "budgets": Option("0.6,0.75,0.8,0.9", "Budgets of the sweep."),
     "dense_layers": Option("", "Layers never routed, e.g. 0,-1 (default: none; the fitted allocation decides)."),
     "steps": Option(60, "Training steps per setting."),

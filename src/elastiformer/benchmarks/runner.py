@@ -164,7 +164,8 @@ def update_readme(result: dict[str, Any], readme: Path, image: str | None, *, ma
 VARIANT_NAMES = {"mlp_experts_cluster": "mlp_experts (clustered)", "mlp_tokens_paper": "mlp_tokens, paper objective",
                  "mlp_tokens_sensitivity": "mlp_tokens, sensitivity targets",
                  "mlp_tokens_student": "mlp_tokens, student inputs",
-                 "mlp_tokens_no_stand_in": "mlp_tokens, no stand-in (skipped tokens get nothing)"}
+                 "mlp_tokens_no_stand_in": "mlp_tokens, no stand-in (skipped tokens get nothing)",
+                 "mlp_tokens_fitted_stand_in": "mlp_tokens, stand-ins as fitted (not trained)"}
 
 
 def label(r: dict[str, Any]) -> str:

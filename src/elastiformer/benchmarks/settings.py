@@ -13,6 +13,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "mlp_tokens_student": dict(mlp_tokens=0.8, train=dict(router_inputs="student")),
     # skipped tokens get nothing (the paper), not the fitted stand-in of the default
     "mlp_tokens_no_stand_in": dict(mlp_tokens=0.8, stand_in_rank=0),
+    # the stand-ins kept as fitted by regression, not trained with the routers
+    "mlp_tokens_fitted_stand_in": dict(mlp_tokens=0.8, train=dict(stand_in_lr_scale=0.0)),
     "attn_tokens": dict(attn_tokens=0.8),
     "attn_heads": dict(attn_heads=0.75),
     "mlp_experts": dict(mlp_experts=8, mlp_experts_active=0.75),
@@ -24,7 +26,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 def component_of(setting: str) -> str:
     """The routed component a bench setting measures (settings may be variants of one component)."""
-    for suffix in ("_cluster", "_paper", "_sensitivity", "_student", "_no_stand_in"):
+    for suffix in ("_cluster", "_paper", "_sensitivity", "_student", "_no_stand_in", "_fitted_stand_in"):
         setting = setting.removesuffix(suffix)
     return setting
 

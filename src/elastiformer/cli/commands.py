@@ -70,6 +70,8 @@ TRAIN_OPTIONS = {
     "lora_rank": Option(0, "Also train rank-r LoRA on the attention projections (0: none)."),
     "stand_in_rank": Option(32, "Tokens that skip a routed MLP get a rank-r linear estimate of its update, fitted "
                             "before training (0: nothing, as in the paper; r at most hidden/16)."),
+    "stand_in_lr_scale": Option(0.1, "The stand-ins then train with the routers at this fraction of --lr (0: kept "
+                                "as fitted)."),
     "steps": Option(200, "Optimizer steps."),
     "batch_size": Option(4, "Sequences per micro-batch."),
     "seq_len": Option(128, "Tokens per sequence."),
@@ -141,6 +143,9 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
     if o["target_steps"] and o["router_targets"] == "self":
         raise ConfigError("--target-steps trains routers on the teacher's targets, and router_targets='self' has "
                           "none: pass --target-steps 0, or --router-targets teacher / sensitivity")
+    if not float(o["stand_in_lr_scale"]) >= 0:
+        raise ConfigError(f"--stand-in-lr-scale {o['stand_in_lr_scale']}: pass a fraction of --lr >= 0, e.g. 0.1 (0: "
+                          "the stand-ins stay as fitted)")
     if not 0 < float(o["allocation_floor"]) < 1:
         raise ConfigError(f"--allocation-floor {o['allocation_floor']}: pass a fraction of routed FLOPs in (0, 1), "
                           "e.g. 0.5")
@@ -183,7 +188,7 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
         resume=bool(o["resume"]), device=o["device"], overwrite=bool(o["overwrite"]),
         router_targets=o["router_targets"], router_inputs=o["router_inputs"], target_steps=o["target_steps"],
         target_repeats=int(o["target_repeats"]), allocation=bool(o["allocation"]),
-        allocation_floor=float(o["allocation_floor"]),
+        allocation_floor=float(o["allocation_floor"]), stand_in_lr_scale=float(o["stand_in_lr_scale"]),
     )
     return report.to_dict() | {"routers": str(out / "routers")}
 

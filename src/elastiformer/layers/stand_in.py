@@ -6,8 +6,9 @@ loss. A stand-in is a rank-r linear estimate of the update from the sub-layer's 
 
     stand_in(x) = ((x - mean_x) @ down) @ up + mean_y,        down: (C, r), up: (r, C)
 
-fitted once by reduced-rank ridge regression on calibration tokens (`fit_stand_ins`), on the tokens whose update is
-smallest, the ones a router skips. It costs 4 C r FLOPs per skipped token (rank 32 on SmolLM2: 1.4% of the MLP),
+fitted by reduced-rank ridge regression on calibration tokens (`fit_stand_ins`), on the tokens whose update is
+smallest, the ones a router skips, then trained with the routers by the distillation loss (`train_routers`,
+`stand_in_lr_scale`): the student's own output tells it what the skipped tokens should have got. It costs 4 C r FLOPs per skipped token (rank 32 on SmolLM2: 1.4% of the MLP),
 counted in the executed FLOPs. A post-LN MLP (BERT) gives a skipped token LayerNorm(x + stand_in(x)), as it gives a
 processed one LayerNorm(x + MLP(x)). Unfitted (all zeros), the skipped token gets nothing, as before.
 """
@@ -21,9 +22,10 @@ from torch import nn
 class StandIn(nn.Module):
     def __init__(self, hidden: int, rank: int):
         super().__init__()
-        self.register_buffer("down", torch.zeros(hidden, rank))  # (C, r)
-        self.register_buffer("up", torch.zeros(rank, hidden))  # (r, C)
-        self.register_buffer("bias", torch.zeros(hidden))  # (C,) mean_y - mean_x @ down @ up
+        # parameters, not buffers: they train with the routers, and DDP all-reduces their gradients
+        self.down = nn.Parameter(torch.zeros(hidden, rank))  # (C, r)
+        self.up = nn.Parameter(torch.zeros(rank, hidden))  # (r, C)
+        self.bias = nn.Parameter(torch.zeros(hidden))  # (C,) mean_y - mean_x @ down @ up, once fitted
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     @property
@@ -38,7 +40,7 @@ class StandIn(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., C) -> the estimated update (..., C)."""
-        dt = x.dtype  # (the buffers follow the model's dtype; a no-op cast then)
+        dt = x.dtype  # (the weights follow the model's dtype; a no-op cast then)
         low = x.reshape(-1, x.shape[-1]) @ self.down.to(dt)  # (N, C) @ (C, r) -> (N, r)
         return torch.addmm(self.bias.to(dt), low, self.up.to(dt)).view(x.shape)  # (N, r) @ (r, C) + (C,)
 

@@ -43,11 +43,16 @@ class TrainingLoop:
 
     def __init__(self, accelerator, model: torch.nn.Module, params: list[torch.nn.Parameter], *, lr: float,
                  schedule: str, steps: int, warmup: int, weight_decay: float = 0.0,
-                 max_grad_norm: float | None = None):
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+                 max_grad_norm: float | None = None, slow_params: tuple[list[torch.nn.Parameter], float] | None = None):
+        """slow_params: (more parameters, their learning rate as a fraction of `lr`), one more AdamW group on the
+        same schedule."""
+        groups = [{"params": params}]
+        if slow_params is not None and slow_params[0]:
+            groups.append({"params": slow_params[0], "lr": lr * slow_params[1]})
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(schedule, s, steps, warmup))
         self.accelerator = accelerator
-        self.params = params
+        self.params = [p for g in groups for p in g["params"]]
         self.max_grad_norm = max_grad_norm
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
 

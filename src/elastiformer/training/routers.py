@@ -169,6 +169,7 @@ def train_routers(
     allocation_levels: tuple[float, ...] | None = None,
     target_steps: int | None = None,
     target_repeats: int = 4,
+    stand_in_lr_scale: float = 0.1,
 ) -> TrainReport:
     """Train `em`'s routers by self-distillation against its own base model; returns a `TrainReport`.
 
@@ -199,6 +200,9 @@ def train_routers(
     (`ElasticModel.fit_allocation`, down to `allocation_floor` of the routed FLOPs, or the lowest training budget if
     lower) before calibrating; False keeps every routed layer at the same capacity. allocation_levels: the capacities
     each unit's cost curve is measured at (default `allocation.LEVELS`; fewer levels, fewer forwards).
+    stand_in_lr_scale: the stand-ins of skipped MLP tokens (`ElasticConfig.stand_in_rank`) are fitted by regression
+    before the target phase, then trained by the distillation loss beside the routers at this fraction of `lr`
+    (0: kept as fitted). Only the student's skipped tokens reach them, so they learn what those tokens need.
 
     A NaN / inf loss or gradient stops the run with an `ElastiformerError` naming the step; the last checkpoint
     (written before it) is kept, so `resume=True` with a lower learning rate continues from there.
@@ -219,6 +223,10 @@ def train_routers(
     if target_steps and router_targets == "self":
         raise ConfigError("target_steps trains routers on the teacher's targets, and router_targets='self' has none: "
                           "pass target_steps=0, or router_targets='teacher' / 'sensitivity'")
+    if isinstance(stand_in_lr_scale, bool) or not (isinstance(stand_in_lr_scale, (int, float))
+                                                   and 0 <= stand_in_lr_scale and math.isfinite(stand_in_lr_scale)):
+        raise ConfigError(f"stand_in_lr_scale={stand_in_lr_scale!r}: pass a fraction of lr >= 0, e.g. 0.1 (0: the "
+                          "stand-ins stay as fitted)")
     if not (isinstance(allocation_floor, (int, float)) and 0 < allocation_floor < 1):
         raise ConfigError(f"allocation_floor={allocation_floor!r}: pass a fraction of routed FLOPs in (0, 1), e.g. 0.5")
     check_int("seed", seed, minimum=0)
@@ -295,8 +303,15 @@ def train_routers(
         # what skipped MLP tokens get, before the routers learn which tokens to skip: on held-back batches
         em.fit_stand_ins(_split_batches([batch_at(data, 0, i, batch_size, seed + 3) for i in range(8)]))
         logger.info("stand-ins of skipped MLP tokens fitted on 8 batches")
-    params = em.router_parameters()
-    loop = TrainingLoop(accelerator, em, params, lr=lr, schedule=schedule, steps=steps, warmup=warmup)
+    stand_in_params = [p for m in stand_ins for p in m.parameters()]
+    for p in stand_in_params:  # (before DDP wraps the model: it syncs what requires grad then)
+        p.requires_grad_(stand_in_lr_scale > 0)
+    if stand_in_params and stand_in_lr_scale > 0:  # (only when trained, so older checkpoints still resume)
+        options["stand_in_lr_scale"] = stand_in_lr_scale
+    slow = {id(p) for p in stand_in_params}
+    params = [p for p in em.router_parameters() if id(p) not in slow]
+    loop = TrainingLoop(accelerator, em, params, lr=lr, schedule=schedule, steps=steps, warmup=warmup,
+                        slow_params=(stand_in_params, stand_in_lr_scale) if stand_in_lr_scale > 0 else None)
     model, optimizer, scheduler = loop.model, loop.optimizer, loop.scheduler
     core: ElasticModel = accelerator.unwrap_model(model)
 
@@ -376,6 +391,8 @@ def train_routers(
              postfix=lambda e: {"loss": f"{e['loss']:.3f}", loss_kind: f"{e['distill']:.4f}",
                                 "compute": f"{e['flops_ratio']:.2f}"})
     accelerator.wait_for_everyone()
+    for p in stand_in_params:
+        p.requires_grad_(True)  # (as every router parameter)
 
     cal = calibration_data if calibration_data is not None else [batch_at(data, 0, i, batch_size, seed + 1)
                                                                  for i in range(2)]
@@ -406,7 +423,7 @@ def fit_router_targets(core: ElasticModel, data, steps: int, repeats: int, *, ba
     routers on the targets it measured (importance of each token / head / expert; see `RoutingState.add_target_loss`).
     No student pass, no distillation loss: this only teaches the routers to rank. Every process runs the same batches
     (so the routers stay identical across processes without a gradient all-reduce). Returns the losses per step."""
-    params = [p for r in core.routers() for p in r.parameters()]
+    params = [p for r in core.routers() if not isinstance(r, StandIn) for p in r.parameters()]  # (targets only rank)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sampler = torch.Generator(device=device).manual_seed(seed + 5)
     history = []
