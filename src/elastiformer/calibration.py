@@ -1,6 +1,6 @@
 """Fitting an ElasticModel to data, once, after its routers exist: the token routers' inference thresholds
 (`calibrate`), the per-layer allocation of a global budget (`fit_allocation`), the co-activation expert split
-(`split_experts`), what tokens that skip a routed MLP get (`fit_stand_ins`) and what the static-pruning baseline
+(`split_experts`), what tokens that skip a routed MLP or attention get (`fit_stand_ins`) and what the static-pruning baseline
 drops (`fit_static`).
 
 Each function takes the `ElasticModel` and changes its routing state or router buffers in place; the model's
@@ -19,7 +19,8 @@ from .allocation import LEVELS, fit_path
 from .data.batches import as_batches
 from .config import TOKEN_COMPONENTS
 from .errors import ConfigError, DataError, ElastiformerError
-from .layers import ElasticMLP
+from .layers import ElasticAttention, ElasticMLP  # (before .arch: importing arch first closes an import circle)
+from .arch import get_dotted
 from .layers.state import ALLOCATED_METHODS
 from .routers import ExpertRouter, HeadRouter, TokenRouter
 from .routers.token import N_CALIBRATION, merge_points
@@ -207,35 +208,59 @@ def split_experts(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches
         m.expert_router.neuron_order.copy_(order.to(m.expert_router.neuron_order.device))
         m.align_weights()  # permute the MLP's weights once: each expert becomes a contiguous slice
 
+
 @torch.no_grad()
 def fit_stand_ins(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 8, *,
                   quantile: float = 0.3) -> None:
-    """Fit the stand-in of every token-routed MLP (`layers.stand_in`): a rank-r least-squares estimate of the MLP's
-    update from its input, on the real tokens of `data` whose update norm is in the lowest `quantile` of the layer
-    (per batch): the tokens a router skips, whose updates differ from the average token's (the largest updates
-    would dominate a fit on every token, which then misestimates the small ones). The teacher runs: one forward
-    per batch, routers off."""
+    """Fit the stand-in of every token-routed MLP and attention (`layers.stand_in`): a rank-r least-squares estimate
+    of the sub-layer's update from its input, on the real tokens of `data` whose update norm is in the lowest
+    `quantile` of the layer (per batch): the tokens a router skips, whose updates differ from the average token's
+    (the largest updates would dominate a fit on every token, which then misestimates the small ones). The teacher
+    runs: one forward per batch, routers off. An attention's update is read at its output projection (before the
+    post-LN of a post-LN model)."""
     from .layers.stand_in import RegressionStats
 
     if not 0.0 < quantile <= 1.0:
         raise ConfigError(f"quantile={quantile!r}: pass the fraction of each layer's tokens (smallest updates) the "
                           "stand-ins are fitted on, e.g. 0.3")
-    mlps = [m for m in em.base_model.modules() if isinstance(m, ElasticMLP) and m.stand_in is not None]
-    if not mlps:
-        raise ConfigError("fit_stand_ins() found no stand-in: it needs mlp_tokens routing and stand_in_rank > 0")
+    subs = [m for m in em.base_model.modules()
+            if isinstance(m, (ElasticMLP, ElasticAttention)) and m.stand_in is not None]
+    if not subs:
+        raise ConfigError("fit_stand_ins() found no stand-in: it needs mlp_tokens / attn_tokens routing and "
+                          "stand_in_rank / attn_stand_in_rank > 0")
     batches = collect_batches(em, data, max_batches, "fit_stand_ins()")
-    stats = {id(m): RegressionStats(em.dims["C"], next(m.stand_in.buffers()).device) for m in mlps}
+    stats = {id(m): RegressionStats(em.dims["C"], m.stand_in.down.device) for m in subs}
+    inputs: dict[int, torch.Tensor] = {}  # each attention's input, until its output projection has run
 
-    def grab(module, args):
-        x = args[0]
-        valid = em.state.token_valid(x.shape[0], x.shape[1], x.device).flatten()  # padding does not count
-        x = x.reshape(-1, x.shape[-1])[valid]  # (n, C)
-        y = module.update(x)  # (n, C) what the MLP adds (before a post-LN)
+    def add(module, x: torch.Tensor, y: torch.Tensor) -> None:  # x, y: (n, C) real tokens, their updates
         norms = y.float().norm(dim=-1)
         low = norms <= torch.quantile(norms, quantile)
         stats[id(module)].add(x[low], y[low])
 
-    hooks = [m.register_forward_pre_hook(grab) for m in mlps]
+    def real(x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (n, C): padding does not count
+        valid = em.state.token_valid(x.shape[0], x.shape[1], x.device).flatten()
+        return x.reshape(-1, x.shape[-1])[valid]
+
+    def grab_mlp(module, args):
+        x = real(args[0])
+        add(module, x, module.update(x))  # what the MLP adds (before a post-LN)
+
+    def grab_attention_input(module, args, kwargs):
+        inputs[id(module)] = args[0] if args else kwargs["hidden_states"]
+
+    def grab_attention_update(owner):
+        def hook(proj, args, out):  # the output projection's output: what the attention adds (with its bias)
+            x = inputs.pop(id(owner))
+            add(owner, real(x), real(out.view(x.shape)))
+        return hook
+
+    hooks = []
+    for m in subs:
+        if isinstance(m, ElasticMLP):
+            hooks.append(m.register_forward_pre_hook(grab_mlp))
+        else:
+            hooks.append(m.register_forward_pre_hook(grab_attention_input, with_kwargs=True))
+            hooks.append(get_dotted(m.base_layer, m.spec.o_proj_name).register_forward_hook(grab_attention_update(m)))
     try:
         with em.disable_routers():
             for b in batches:
@@ -243,7 +268,7 @@ def fit_stand_ins(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches
     finally:
         for h in hooks:
             h.remove()
-    for m in mlps:
+    for m in subs:
         m.stand_in.fit(stats[id(m)])
 
 

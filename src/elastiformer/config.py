@@ -64,6 +64,13 @@ class ElasticConfig:
                   "train_routers calls first), at 4*hidden*r FLOPs per skipped token (r at most hidden/16, about "
                   "1.5% of a SwiGLU MLP). 0: skipped tokens get nothing, as in the paper."},
     )
+    attn_stand_in_rank: int = field(
+        default=8,
+        metadata={"help": "The same for tokens that skip a token-routed attention: a rank-r linear estimate of the "
+                  "attention's update from the token's own input (the part that does not depend on the context: "
+                  "on SmolLM2 most of what a skipped token loses), 4*hidden*r FLOPs per skipped token (r at most "
+                  "hidden/16). 0: skipped tokens get nothing, as in the paper."},
+    )
     router: str = field(default="linear", metadata={"help": "Router network: 'linear' or 'mlp' (one hidden layer)."})
     router_hidden: int = field(default=32, metadata={"help": "Hidden width of 'mlp' routers."})
     lora_rank: int = field(default=0, metadata={"help": "Rank of LoRA trained with the routers (0: none)."})
@@ -111,6 +118,10 @@ class ElasticConfig:
         if isinstance(self.stand_in_rank, bool) or not isinstance(self.stand_in_rank, int) or self.stand_in_rank < 0:
             raise ConfigError(f"stand_in_rank={self.stand_in_rank!r}: pass 0 (skipped MLP tokens get nothing) or a "
                               "positive rank, e.g. 32")
+        if isinstance(self.attn_stand_in_rank, bool) or not isinstance(self.attn_stand_in_rank, int) \
+                or self.attn_stand_in_rank < 0:
+            raise ConfigError(f"attn_stand_in_rank={self.attn_stand_in_rank!r}: pass 0 (skipped attention tokens get "
+                              "nothing) or a positive rank, e.g. 8")
         if not isinstance(self.keep_first_token, bool):
             raise ConfigError(f"keep_first_token={self.keep_first_token!r}: pass True or False")
         if not isinstance(self.dense_layers, (list, tuple, range)) or any(
@@ -144,5 +155,6 @@ class ElasticConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             warnings.warn(f"ignoring unknown ElasticConfig keys {unknown} (written by a newer elastiformer?)")
-        d = {"stand_in_rank": 0} | d  # saved before stand-ins existed: its skipped tokens got nothing
+        # saved before stand-ins existed (of MLPs, then of attention): its skipped tokens got nothing
+        d = {"stand_in_rank": 0, "attn_stand_in_rank": 0} | d
         return cls(**{k: v for k, v in d.items() if k in known})

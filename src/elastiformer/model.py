@@ -166,10 +166,12 @@ class ElasticModel(WrappedModel):
             if c.lora_rank and any(r is not None for r in (token_attn, heads, token_mlp, experts)):
                 for proj, conv1d in self.spec.lora_targets:  # adapters live inside the unmodified attention
                     set_dotted(attn, proj, LoRALinear(get_dotted(attn, proj), c.lora_rank, st, conv1d=conv1d))
-            setattr(block, self.spec.attn_name, ElasticAttention(attn, i, self.spec, d, st, token_attn, heads))
-            stand_in = StandIn(d["C"], min(c.stand_in_rank, max(1, d["C"] // 16))).to(device) \
-                if token_mlp is not None and c.stand_in_rank else None
-            self.spec.set_mlp(block, ElasticMLP(mlp, i, self.spec, d, st, token_mlp, experts, stand_in))
+            stand_in = (lambda rank: StandIn(d["C"], min(rank, max(1, d["C"] // 16))).to(device))  # noqa: E731
+            attn_stand_in = stand_in(c.attn_stand_in_rank) if token_attn is not None and c.attn_stand_in_rank else None
+            mlp_stand_in = stand_in(c.stand_in_rank) if token_mlp is not None and c.stand_in_rank else None
+            setattr(block, self.spec.attn_name,
+                    ElasticAttention(attn, i, self.spec, d, st, token_attn, heads, attn_stand_in))
+            self.spec.set_mlp(block, ElasticMLP(mlp, i, self.spec, d, st, token_mlp, experts, mlp_stand_in))
             self.targeted_module_names += [f"{prefix}.{i}.{self.spec.attn_name}", f"{prefix}.{i}.{self.spec.mlp_name}"]
         if not any(True for _ in self.routers()):
             raise ConfigError("no layer is routed: dense_layers covers every layer of the model")
@@ -529,8 +531,9 @@ class ElasticModel(WrappedModel):
 
     def fit_stand_ins(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 8, *,
                       quantile: float = 0.3) -> "ElasticModel":
-        """Fit what tokens that skip a routed MLP get, a low-rank estimate of its update (`calibration.fit_stand_ins`);
-        `train_routers` does it before training, so the routers, the allocation and the thresholds see it."""
+        """Fit what tokens that skip a routed MLP or attention get, a low-rank estimate of its update
+        (`calibration.fit_stand_ins`); `train_routers` does it before training, so the routers, the allocation and
+        the thresholds see it."""
         calibration.fit_stand_ins(self, data, max_batches, quantile=quantile)
         return self
 

@@ -70,6 +70,7 @@ TRAIN_OPTIONS = {
     "lora_rank": Option(0, "Also train rank-r LoRA on the attention projections (0: none)."),
     "stand_in_rank": Option(32, "Tokens that skip a routed MLP get a rank-r linear estimate of its update, fitted "
                             "before training (0: nothing, as in the paper; r at most hidden/16)."),
+    "attn_stand_in_rank": Option(8, "The same for tokens that skip a routed attention (0: nothing)."),
     "stand_in_lr_scale": Option(0.1, "The stand-ins then train with the routers at this fraction of --lr (0: kept "
                                 "as fitted)."),
     "steps": Option(200, "Optimizer steps."),
@@ -112,7 +113,7 @@ def _elastic_config(o: dict[str, Any]):
         mlp_experts=o["mlp_experts"], mlp_experts_active=o["mlp_experts_active"],
         expert_split=o["expert_split"], router=o["router"],
         dense_layers=_ints(o["dense_layers"], "dense_layers"), lora_rank=int(o["lora_rank"]),
-        stand_in_rank=int(o["stand_in_rank"]),
+        stand_in_rank=int(o["stand_in_rank"]), attn_stand_in_rank=int(o["attn_stand_in_rank"]),
     )
 
 
@@ -131,8 +132,8 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
     from ..validation import check_device
 
     check_numbers(o, dict(steps=1, batch_size=1, seq_len=2, max_sequences=1, warmup=0, grad_accum=1, seed=0,
-                           checkpoint_every=1, lora_rank=0, stand_in_rank=0, mlp_experts=2, target_steps=0,
-                           target_repeats=1),
+                           checkpoint_every=1, lora_rank=0, stand_in_rank=0, attn_stand_in_rank=0,
+                           mlp_experts=2, target_steps=0, target_repeats=1),
                    ("lr", "temperature"))
     from ..training.routers import ROUTER_TARGETS
 
@@ -408,7 +409,9 @@ def router_summary(shown: dict[str, Any], folder: Path) -> str:
         f"routed:         {', '.join(routed) or 'nothing'}; router {cfg.get('router')}; LoRA rank {cfg.get('lora_rank', 0)}"
         + (f"; dense layers {cfg['dense_layers']}" if cfg.get("dense_layers") else "")
         + (f"; skipped MLP tokens get a rank-{cfg['stand_in_rank']} stand-in"
-           if cfg.get("stand_in_rank") and cfg.get("mlp_tokens") is not None else ""),
+           if cfg.get("stand_in_rank") and cfg.get("mlp_tokens") is not None else "")
+        + (f"; skipped attention tokens get a rank-{cfg['attn_stand_in_rank']} stand-in"
+           if cfg.get("attn_stand_in_rank") and cfg.get("attn_tokens") is not None else ""),
         "trained on:     budgets " + ("-".join(str(b) for b in shown["trained_budgets"])
                                        if shown.get("trained_budgets") else "(not recorded)"),
         f"format:         router format {shown.get('format_version')}, elastiformer "

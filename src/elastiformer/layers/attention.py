@@ -2,7 +2,9 @@
 
 Token routing: the selected tokens of each sequence are gathered (order kept, padded to the longest selection in
 the batch), the attention runs on them alone with their original rotary positions, and the result is scattered
-back; unselected tokens neither query nor serve as keys / values in this layer. When the rows selected different
+back; unselected tokens neither query nor serve as keys / values in this layer, and get the layer's stand-in (a
+fitted low-rank estimate of the attention's update from their own input, `layers.stand_in`; nothing while it is
+unfitted, or with `attn_stand_in_rank=0`). When the rows selected different
 numbers of tokens, the q / k / v and output projections run on the real tokens of the whole batch packed together,
 and only the attention itself on the padded rows (`_packed`); otherwise the module itself runs on the rows. With a KV cache, this layer's cache
 holds only the tokens it processed, so the wrapper keeps, on the cache object, the sequence index of every cached
@@ -23,7 +25,7 @@ that take no rotary at all, as the module's own forward does, and so does the pa
 
 Non-causal models (encoders, `spec.causal=False`) attend with the padding mask only, no causal mask. Post-LN
 sub-layers (`spec.post_norm`, BERT) return LayerNorm(input + attention) themselves: a skipped token comes out
-unchanged, and the head-routed path applies that LayerNorm to what the active heads add.
+unchanged (LayerNorm(input + stand-in) with a stand-in), and the head-routed path applies that LayerNorm to what the active heads add.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ..flops import attention_projection_flops, attention_score_flops, dense_att
 from .lora import HeadPathLoRA, adapter_flops
 from ..routers import HeadRouter, TokenRouter
 from .mlp import contiguous_runs
+from .stand_in import StandIn
 from .state import ElasticSubLayer, RoutingState, SubLayerStats
 
 _CACHE_INDEX_ATTR = "_elastiformer_kv_index"  # {layer_idx: (B, P) long} sequence index of each cached entry
@@ -108,10 +111,12 @@ class ElasticAttention(ElasticSubLayer):
     pack_rows = True
 
     def __init__(self, base_layer: nn.Module, layer_idx: int, spec: ArchSpec, dims: dict[str, int],
-                 state: RoutingState, token_router: TokenRouter | None, head_router: HeadRouter | None):
+                 state: RoutingState, token_router: TokenRouter | None, head_router: HeadRouter | None,
+                 stand_in: StandIn | None = None):
         super().__init__(base_layer, layer_idx, spec, dims, state)
         self.token_router = token_router
         self.head_router = head_router
+        self.stand_in = stand_in  # what a token that skips this attention gets (None, or unfitted: nothing)
         # this layer's window (sliding-window layers, alone or mixed with global ones): the masks built here apply it
         self.sliding_window = spec.attention_weights(base_layer).sliding_window
 
@@ -139,13 +144,13 @@ class ElasticAttention(ElasticSubLayer):
             if st.statically_dropped("attn_tokens", self.layer_idx):  # baseline: the whole sub-layer is skipped
                 if cache is not None:
                     self._remember_index(cache, past, past[:, :0])
-                st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, 0, 0, 0.0, 0.0))
+                st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, self.skip_flops(B * T), 0, 0.0, 0.0))
                 return self.skipped_output(x), None
             tok_cap = 1.0
         if tok_cap <= 0.0 or head_cap <= 0.0:  # allocated nothing: the sub-layer is skipped for every token
             if cache is not None:
                 self._remember_index(cache, past, past[:, :0])
-            st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, 0, 0, 0.0, 0.0))
+            st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, self.skip_flops(B * T), 0, 0.0, 0.0))
             return self.skipped_output(x), None
         skip_padding = st.skips_padding(B, T, x.device)  # non-causal and padded: no cache, nothing to remember
         if tok_cap >= 1.0 and head_cap >= 1.0 and not skip_padding:  # full capacity: the base sub-layer, untouched
@@ -188,7 +193,7 @@ class ElasticAttention(ElasticSubLayer):
             n_real = B * T
         m = x_sub.shape[1]
         if m == 0:  # no token chose this layer (e.g. a skipped decode step): nothing attends, nothing is cached
-            return self._none_selected(x, cache, past, dense, router_flops)
+            return self._none_selected(x, cache, past, dense, router_flops, valid)
         # (B, m) sequence index of each processed token, -1 marks batch padding
         q_pos = torch.where(slot_valid, positions.gather(1, idx), -1) if compacted else positions
         kv_pos = torch.cat([past, q_pos], dim=1)  # (B, P + m)
@@ -219,11 +224,14 @@ class ElasticAttention(ElasticSubLayer):
         if cache is not None:
             self._remember_index(cache, past, q_pos, routed=gate is not None)
 
-        if compacted:  # scatter the processed tokens back; skipped tokens leave the residual stream alone
-            if gate is not None:
+        if compacted:  # scatter the processed tokens back; skipped tokens leave the residual stream alone, or get the
+            if gate is not None:  # stand-in
                 out_sub = self.apply_gate(out_sub, x_sub, gate)
             flat = (idx + torch.arange(B, device=x.device)[:, None] * T)[slot_valid]  # (n,) into (B*T)
-            out = self.scatter(x.reshape(B * T, C), flat, out_sub[slot_valid]).view(B, T, C)
+            skipped = (valid & ~sel.selected).flatten().nonzero().squeeze(1) \
+                if tok_cap < 1.0 and self.stands_in() else None  # (N - n,) the skipped real tokens
+            out, stand_in_flops = self.scatter(x.reshape(B * T, C), flat, out_sub[slot_valid], skipped)
+            out, flops = out.view(B, T, C), flops + stand_in_flops
         else:
             out = out_sub
         st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, flops + router_flops, router_flops,
@@ -240,8 +248,8 @@ class ElasticAttention(ElasticSubLayer):
         sel = self.token_router(x, capacity, st.token_valid(1, 1, x.device), st.forced_tokens(1, 1, x.device),
                                 topk=False, method=st.method, self_target=False, generator=st.generator)
         router_flops = self.token_router.flops(1) if st.method == "learned" else 0
-        if not bool(sel.selected):  # skipped: no weight of this attention is read, nothing is cached
-            return self._none_selected(x, cache, past, dense, router_flops)
+        if not bool(sel.selected):  # skipped: no weight of this attention is read (the stand-in's, if any), nothing
+            return self._none_selected(x, cache, past, dense, router_flops)  # is cached
         current = st.current_positions(1, x.device).expand(1, 1)  # (1, 1)
         if self._cache_routed(cache):  # transformers' mask assumes every past token is cached, in order
             kwargs["attention_mask"] = self._cached_entries_mask(past, current, x.dtype)
@@ -253,12 +261,21 @@ class ElasticAttention(ElasticSubLayer):
         st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, flops + router_flops, router_flops, 1.0, 1.0))
         return out, None
 
-    def _none_selected(self, x, cache, past, dense: int, router_flops: int):
-        """Token routing chose no token of the batch: only the router ran; no mask, rotary or projection is built."""
+    def _none_selected(self, x, cache, past, dense: int, router_flops: int, valid: torch.Tensor | None = None):
+        """Token routing chose no token of the batch: only the router ran (and the stand-in, on the real tokens); no
+        mask, rotary or projection is built. valid: (B, T) the real tokens (None: every token)."""
         if cache is not None:
             self._remember_index(cache, past, past[:, :0], routed=True)
-        self.state.stats.append(SubLayerStats(self.layer_idx, "attn", dense, router_flops, router_flops, 0.0, 1.0))
-        return self.skipped_output(x), None
+        B, T, C = x.shape
+        if valid is None or not self.stands_in():
+            out, stand_in_flops = self.skipped_output(x), self.skip_flops(B * T)
+        else:
+            real = valid.flatten().nonzero().squeeze(1)  # (n,)
+            out, stand_in_flops = self.scatter(x.reshape(B * T, C), real[:0], x.new_zeros(0, C), real)
+            out = out.view(B, T, C)
+        self.state.stats.append(SubLayerStats(self.layer_idx, "attn", dense, router_flops + stand_in_flops,
+                                              router_flops, 0.0, 1.0))
+        return out, None
 
     # ---- training targets, measured on the teacher ----
     def _teacher_with_targets(self, x, args, kwargs):
@@ -279,8 +296,8 @@ class ElasticAttention(ElasticSubLayer):
         finally:
             if hook is not None:
                 hook.remove()
-        y = out[0] - x if self.spec.post_norm else out[0]  # (B, T, C) what the sub-layer changes
-        out = (self.teach_token_router(x, out[0], y), *out[1:])
+        if self.token_router is not None:  # what skipping would remove: the output, less what a skipped token gets
+            out = (self.teach_token_router(x, out[0], out[0] - self.skipped_output(x)), *out[1:])
         with torch.enable_grad():
             if head_cap < 1.0:
                 H, D = self.dims["H"], self.dims["D"]
@@ -295,6 +312,9 @@ class ElasticAttention(ElasticSubLayer):
                 else:
                     st.add_target_loss("head_rank", self.head_router, x.detach(), importance.detach(), head_cap)
         return out
+
+    def output_norm(self) -> nn.Module | None:
+        return self.spec.attention_weights(self.base_layer).norm
 
     def _scaling(self, w) -> float:
         """The softmax scale the module applies (BERT keeps it on its inner `self`, not on the wrapped module)."""

@@ -147,12 +147,10 @@ class ElasticMLP(ElasticSubLayer):
 
         if idx is not None:  # scatter back; skipped tokens leave the residual stream alone, or get the stand-in
             y = y if gate is None else self.apply_gate(y, x_in, gate)
-            rest = super().skipped_output(xf)  # (N, C) padding: nothing added, or unchanged after a post-LN
-            if tok_cap < 1.0 and self._stands_in():  # the stand-in on the skipped real tokens only
-                skipped = (valid & ~sel.selected).flatten().nonzero().squeeze(1)  # (N-n,)
-                rest = rest.index_copy(0, skipped, self.skipped_output(xf.index_select(0, skipped)))
-                exp_flops += self.stand_in.flops(skipped.numel())
-            y = rest.index_copy(0, idx, y.to(xf.dtype))
+            skipped = (valid & ~sel.selected).flatten().nonzero().squeeze(1) \
+                if tok_cap < 1.0 and self.stands_in() else None  # (N - n,) the skipped real tokens
+            y, stand_in_flops = self.scatter(xf, idx, y, skipped)  # (N, C)
+            exp_flops += stand_in_flops
         st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, exp_flops + router_flops, router_flops,
                                       token_fraction, unit_fraction))
         return y.view(B, T, C)
@@ -165,28 +163,19 @@ class ElasticMLP(ElasticSubLayer):
                                 topk=False, method=st.method, self_target=False, generator=st.generator)
         router_flops = self.token_router.flops(1) if st.method == "learned" else 0
         if not bool(sel.selected):  # skipped: no weight of this MLP is read (the stand-in's, if any)
-            stand_in = self.stand_in.flops(1) if self._stands_in() else 0
-            st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, router_flops + stand_in, router_flops, 0.0,
-                                          1.0))
+            st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, router_flops + self.skip_flops(1), router_flops,
+                                          0.0, 1.0))
             return self.skipped_output(x)
         st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, dense + router_flops, router_flops, 1.0, 1.0))
         return self.base_layer(x)
 
-    def _stands_in(self) -> bool:
-        return self.stand_in is not None and self.stand_in.is_fitted
-
-    def skipped_output(self, x: torch.Tensor) -> torch.Tensor:
-        """What tokens that skip this MLP get: the stand-in's estimate of its update (through the post-LN of a post-LN
-        MLP), once fitted; else nothing added (pre-LN) or the input unchanged (post-LN)."""
-        if not self._stands_in():
-            return super().skipped_output(x)
-        return self.finish(self.stand_in(x), x, self.spec.mlp_weights(self.base_layer).norm)
+    def output_norm(self) -> nn.Module | None:
+        return self.spec.mlp_weights(self.base_layer).norm
 
     def _skip_every_token(self, x: torch.Tensor, dense: int) -> torch.Tensor:
         """The sub-layer skipped for every token (allocated nothing, or dropped by the static baseline)."""
         B, T, _ = x.shape
-        stand_in = self.stand_in.flops(B * T) if self._stands_in() else 0
-        self.state.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, stand_in, 0, 0.0, 0.0))
+        self.state.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, self.skip_flops(B * T), 0, 0.0, 0.0))
         return self.skipped_output(x)
 
     def _teacher_with_targets(self, x: torch.Tensor, dense: int) -> torch.Tensor:

@@ -251,10 +251,32 @@ class SubLayerWrapper(nn.Module):
 class ElasticSubLayer(SubLayerWrapper):
     """ElastiFormer's attention and MLP wrappers: a SubLayerWrapper over the RoutingState, plus what skipping means."""
 
+    # (each subclass sets `self.stand_in`: a `StandIn`, what a token that skips it gets, or None: nothing. Not a class
+    # attribute: one would shadow the submodule nn.Module keeps in _modules)
+
     # ---- what "skipped" means for this sub-layer (spec.post_norm: the sub-layer adds the residual itself) ----
-    def skipped_output(self, x: torch.Tensor) -> torch.Tensor:
-        """The sub-layer's output for tokens that skip it: nothing added (pre-LN), or the input unchanged (post-LN)."""
+    def output_norm(self) -> nn.Module | None:
+        """The norm a post-LN sub-layer applies to x + its update (None: pre-LN)."""
+        raise NotImplementedError
+
+    def stands_in(self) -> bool:
+        return self.stand_in is not None and self.stand_in.is_fitted
+
+    def passthrough(self, x: torch.Tensor) -> torch.Tensor:
+        """What a token gets that nothing is computed for (padding, or any skipped token without a stand-in):
+        nothing added (pre-LN), or the input unchanged (post-LN)."""
         return x if self.spec.post_norm else x.new_zeros(x.shape)
+
+    def skipped_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The sub-layer's output for real tokens that skip it: the stand-in's estimate of its update (through the
+        post-LN of a post-LN sub-layer), once fitted; else `passthrough`."""
+        if not self.stands_in():
+            return self.passthrough(x)
+        return self.finish(self.stand_in(x), x, self.output_norm())
+
+    def skip_flops(self, n_tokens: int) -> int:
+        """FLOPs of what `n_tokens` skipped tokens get (the stand-in's, or none)."""
+        return self.stand_in.flops(n_tokens) if self.stands_in() else 0
 
     def finish(self, delta: torch.Tensor, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
         """From what the sub-layer adds (output projection, with bias) to what it returns: a post-LN sub-layer
@@ -304,7 +326,13 @@ class ElasticSubLayer(SubLayerWrapper):
         if loss is not None:
             st.aux_losses["token_importance"].append(loss)
 
-    def scatter(self, x_flat: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Put the processed tokens' outputs `y` (n, C) at `idx` (n,) among all tokens `x_flat` (N, C); the others
-        get `skipped_output`."""
-        return self.skipped_output(x_flat).index_copy(0, idx, y.to(x_flat.dtype))
+    def scatter(self, x_flat: torch.Tensor, idx: torch.Tensor, y: torch.Tensor,
+                skipped: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """Put the processed tokens' outputs `y` (n, C) at `idx` (n,) among all tokens `x_flat` (N, C): the skipped
+        real tokens at `skipped` (flat indices) get `skipped_output`, the rest (padding) `passthrough`. Returns the
+        (N, C) output and the FLOPs of the stand-in, which runs on the skipped real tokens only."""
+        out, flops = self.passthrough(x_flat), 0
+        if skipped is not None and self.stands_in():
+            out = out.index_copy(0, skipped, self.skipped_output(x_flat.index_select(0, skipped)))
+            flops = self.skip_flops(skipped.numel())
+        return out.index_copy(0, idx, y.to(x_flat.dtype)), flops
