@@ -237,12 +237,12 @@ def fit_stand_ins(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches
         low = norms <= torch.quantile(norms, quantile)
         stats[id(module)].add(x[low], y[low])
 
-    def real(x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (n, C): padding does not count
-        valid = em.state.token_valid(x.shape[0], x.shape[1], x.device).flatten()
+    def real(module, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (n, C): padding does not count
+        valid = module.state.token_valid(x.shape[0], x.shape[1], x.device).flatten()  # (its layer stack's padding)
         return x.reshape(-1, x.shape[-1])[valid]
 
     def grab_mlp(module, args):
-        x = real(args[0])
+        x = real(module, args[0])
         add(module, x, module.update(x))  # what the MLP adds (before a post-LN)
 
     def grab_attention_input(module, args, kwargs):
@@ -251,7 +251,7 @@ def fit_stand_ins(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches
     def grab_attention_update(owner):
         def hook(proj, args, out):  # the output projection's output: what the attention adds (with its bias)
             x = inputs.pop(id(owner))
-            add(owner, real(x), real(out.view(x.shape)))
+            add(owner, real(owner, x), real(owner, out.view(x.shape)))
         return hook
 
     hooks = []

@@ -200,9 +200,9 @@ def train_routers(
     (`ElasticModel.fit_allocation`, down to `allocation_floor` of the routed FLOPs, or the lowest training budget if
     lower) before calibrating; False keeps every routed layer at the same capacity. allocation_levels: the capacities
     each unit's cost curve is measured at (default `allocation.LEVELS`; fewer levels, fewer forwards).
-    stand_in_lr_scale: the stand-ins of skipped MLP tokens (`ElasticConfig.stand_in_rank`) are fitted by regression
-    before the target phase, then trained by the distillation loss beside the routers at this fraction of `lr`
-    (0: kept as fitted). Only the student's skipped tokens reach them, so they learn what those tokens need.
+    stand_in_lr_scale: the stand-ins of skipped MLP / attention tokens (`ElasticConfig.stand_in_rank`,
+    `attn_stand_in_rank`) are fitted by regression before the target phase, then trained by the distillation loss
+    beside the routers at this fraction of `lr` (0: kept as fitted). Only the student's skipped tokens reach them, so they learn what those tokens need.
 
     A NaN / inf loss or gradient stops the run with an `ElastiformerError` naming the step; the last checkpoint
     (written before it) is kept, so `resume=True` with a lower learning rate continues from there.
@@ -300,9 +300,9 @@ def train_routers(
         logger.info("experts split by co-activation on 2 batches")
     stand_ins = [m for _, m in em.named_routers() if isinstance(m, StandIn)]
     if stand_ins and not resume and not all(m.is_fitted for m in stand_ins):
-        # what skipped MLP tokens get, before the routers learn which tokens to skip: on held-back batches
+        # what skipped tokens get, before the routers learn which tokens to skip: on held-back batches
         em.fit_stand_ins(_split_batches([batch_at(data, 0, i, batch_size, seed + 3) for i in range(8)]))
-        logger.info("stand-ins of skipped MLP tokens fitted on 8 batches")
+        logger.info("stand-ins of skipped tokens fitted on 8 batches")
     stand_in_params = [p for m in stand_ins for p in m.parameters()]
     for p in stand_in_params:  # (before DDP wraps the model: it syncs what requires grad then)
         p.requires_grad_(stand_in_lr_scale > 0)
