@@ -1,7 +1,7 @@
 """Fitting an ElasticModel to data, once, after its routers exist: the token routers' inference thresholds
 (`calibrate`), the per-layer allocation of a global budget (`fit_allocation`), the co-activation expert split
-(`split_experts`), what tokens that skip a routed MLP or attention get (`fit_stand_ins`) and what the static-pruning baseline
-drops (`fit_static`).
+(`split_experts`), what tokens that skip a routed MLP or attention get (`fit_stand_ins`) and what the static-pruning
+baseline drops (`fit_static`).
 
 Each function takes the `ElasticModel` and changes its routing state or router buffers in place; the model's
 methods of the same names call them (`em.calibrate(data)`, ...). None of them trains anything.

@@ -25,7 +25,8 @@ that take no rotary at all, as the module's own forward does, and so does the pa
 
 Non-causal models (encoders, `spec.causal=False`) attend with the padding mask only, no causal mask. Post-LN
 sub-layers (`spec.post_norm`, BERT) return LayerNorm(input + attention) themselves: a skipped token comes out
-unchanged (LayerNorm(input + stand-in) with a stand-in), and the head-routed path applies that LayerNorm to what the active heads add.
+unchanged (LayerNorm(input + stand-in) with a stand-in), and the head-routed path applies that LayerNorm to what the
+active heads add.
 """
 
 from __future__ import annotations
@@ -224,8 +225,8 @@ class ElasticAttention(ElasticSubLayer):
         if cache is not None:
             self._remember_index(cache, past, q_pos, routed=gate is not None)
 
-        if compacted:  # scatter the processed tokens back; skipped tokens leave the residual stream alone, or get the
-            if gate is not None:  # stand-in
+        if compacted:  # scatter the processed tokens back; skipped ones get the stand-in (or leave the stream alone)
+            if gate is not None:
                 out_sub = self.apply_gate(out_sub, x_sub, gate)
             flat = (idx + torch.arange(B, device=x.device)[:, None] * T)[slot_valid]  # (n,) into (B*T)
             skipped = (valid & ~sel.selected).flatten().nonzero().squeeze(1) \
@@ -248,8 +249,8 @@ class ElasticAttention(ElasticSubLayer):
         sel = self.token_router(x, capacity, st.token_valid(1, 1, x.device), st.forced_tokens(1, 1, x.device),
                                 topk=False, method=st.method, self_target=False, generator=st.generator)
         router_flops = self.token_router.flops(1) if st.method == "learned" else 0
-        if not bool(sel.selected):  # skipped: no weight of this attention is read (the stand-in's, if any), nothing
-            return self._none_selected(x, cache, past, dense, router_flops)  # is cached
+        if not bool(sel.selected):  # skipped: only the stand-in's weights (if any) are read, nothing is cached
+            return self._none_selected(x, cache, past, dense, router_flops)
         current = st.current_positions(1, x.device).expand(1, 1)  # (1, 1)
         if self._cache_routed(cache):  # transformers' mask assumes every past token is cached, in order
             kwargs["attention_mask"] = self._cached_entries_mask(past, current, x.dtype)

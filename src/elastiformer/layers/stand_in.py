@@ -1,4 +1,4 @@
-"""`StandIn`: what a token that skips a routed MLP gets instead of nothing.
+"""`StandIn`: what a token that skips a routed MLP (or attention) gets instead of nothing.
 
 Mixture-of-Depths and the paper add nothing for a skipped token. But an MLP's update is far from zero on the tokens
 a router skips: on SmolLM2 it has a large mean and a part linear in the input, and skipping it costs most of the
@@ -8,9 +8,11 @@ loss. A stand-in is a rank-r linear estimate of the update from the sub-layer's 
 
 fitted by reduced-rank ridge regression on calibration tokens (`fit_stand_ins`), on the tokens whose update is
 smallest, the ones a router skips, then trained with the routers by the distillation loss (`train_routers`,
-`stand_in_lr_scale`): the student's own output tells it what the skipped tokens should have got. It costs 4 C r FLOPs per skipped token (rank 32 on SmolLM2: 1.4% of the MLP),
-counted in the executed FLOPs. A post-LN MLP (BERT) gives a skipped token LayerNorm(x + stand_in(x)), as it gives a
-processed one LayerNorm(x + MLP(x)). Unfitted (all zeros), the skipped token gets nothing, as before.
+`stand_in_lr_scale`): the student's own output tells it what the skipped tokens should have got. It costs 4 C r
+FLOPs per skipped token (rank 32 on SmolLM2: 1.4% of the MLP), counted in the executed FLOPs. Token-routed attention
+gets one too (`attn_stand_in_rank`), an estimate of the attention's update from the token's own input. A post-LN
+sub-layer (BERT) gives a skipped token LayerNorm(x + stand_in(x)), as it gives a processed one LayerNorm(x + MLP(x)).
+Unfitted (all zeros), the skipped token gets nothing, as before.
 """
 
 from __future__ import annotations

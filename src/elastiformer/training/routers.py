@@ -202,7 +202,8 @@ def train_routers(
     each unit's cost curve is measured at (default `allocation.LEVELS`; fewer levels, fewer forwards).
     stand_in_lr_scale: the stand-ins of skipped MLP / attention tokens (`ElasticConfig.stand_in_rank`,
     `attn_stand_in_rank`) are fitted by regression before the target phase, then trained by the distillation loss
-    beside the routers at this fraction of `lr` (0: kept as fitted). Only the student's skipped tokens reach them, so they learn what those tokens need.
+    beside the routers at this fraction of `lr` (0: kept as fitted). Only the student's skipped tokens reach them, so
+    they learn what those tokens need.
 
     A NaN / inf loss or gradient stops the run with an `ElastiformerError` naming the step; the last checkpoint
     (written before it) is kept, so `resume=True` with a lower learning rate continues from there.
