@@ -148,6 +148,10 @@ class ElasticModel(WrappedModel):
         kw = dict(kind=c.router, router_hidden=c.router_hidden)
         layers = self.spec.layers(self.base_model)
         prefix = self.spec.find_layers_path(self.base_model)
+
+        def stand_in(rank: int, device) -> StandIn:  # (rank at most hidden / 16)
+            return StandIn(d["C"], min(rank, max(1, d["C"] // 16))).to(device)
+
         for i, block in enumerate(layers):
             routed = lambda comp: getattr(c, comp) is not None and i not in st.dense_layers[comp]  # noqa: E731
             attn = getattr(block, self.spec.attn_name)
@@ -166,9 +170,9 @@ class ElasticModel(WrappedModel):
             if c.lora_rank and any(r is not None for r in (token_attn, heads, token_mlp, experts)):
                 for proj, conv1d in self.spec.lora_targets:  # adapters live inside the unmodified attention
                     set_dotted(attn, proj, LoRALinear(get_dotted(attn, proj), c.lora_rank, st, conv1d=conv1d))
-            stand_in = (lambda rank: StandIn(d["C"], min(rank, max(1, d["C"] // 16))).to(device))  # noqa: E731
-            attn_stand_in = stand_in(c.attn_stand_in_rank) if token_attn is not None and c.attn_stand_in_rank else None
-            mlp_stand_in = stand_in(c.stand_in_rank) if token_mlp is not None and c.stand_in_rank else None
+            attn_stand_in = stand_in(c.attn_stand_in_rank, device) if token_attn is not None and c.attn_stand_in_rank \
+                else None
+            mlp_stand_in = stand_in(c.stand_in_rank, device) if token_mlp is not None and c.stand_in_rank else None
             setattr(block, self.spec.attn_name,
                     ElasticAttention(attn, i, self.spec, d, st, token_attn, heads, attn_stand_in))
             self.spec.set_mlp(block, ElasticMLP(mlp, i, self.spec, d, st, token_mlp, experts, mlp_stand_in))

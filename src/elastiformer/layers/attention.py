@@ -229,8 +229,7 @@ class ElasticAttention(ElasticSubLayer):
             if gate is not None:
                 out_sub = self.apply_gate(out_sub, x_sub, gate)
             flat = (idx + torch.arange(B, device=x.device)[:, None] * T)[slot_valid]  # (n,) into (B*T)
-            skipped = (valid & ~sel.selected).flatten().nonzero().squeeze(1) \
-                if tok_cap < 1.0 and self.stands_in() else None  # (N - n,) the skipped real tokens
+            skipped = valid & ~sel.selected if tok_cap < 1.0 else None  # (B, T) the skipped real tokens
             out, stand_in_flops = self.scatter(x.reshape(B * T, C), flat, out_sub[slot_valid], skipped)
             out, flops = out.view(B, T, C), flops + stand_in_flops
         else:
@@ -271,8 +270,8 @@ class ElasticAttention(ElasticSubLayer):
         if valid is None or not self.stands_in():
             out, stand_in_flops = self.skipped_output(x), self.skip_flops(B * T)
         else:
-            real = valid.flatten().nonzero().squeeze(1)  # (n,)
-            out, stand_in_flops = self.scatter(x.reshape(B * T, C), real[:0], x.new_zeros(0, C), real)
+            none = torch.zeros(0, dtype=torch.long, device=x.device)  # (0,) no processed token
+            out, stand_in_flops = self.scatter(x.reshape(B * T, C), none, x.new_zeros(0, C), valid)
             out = out.view(B, T, C)
         self.state.stats.append(SubLayerStats(self.layer_idx, "attn", dense, router_flops + stand_in_flops,
                                               router_flops, 0.0, 1.0))

@@ -147,8 +147,7 @@ class ElasticMLP(ElasticSubLayer):
 
         if idx is not None:  # scatter back; skipped tokens leave the residual stream alone, or get the stand-in
             y = y if gate is None else self.apply_gate(y, x_in, gate)
-            skipped = (valid & ~sel.selected).flatten().nonzero().squeeze(1) \
-                if tok_cap < 1.0 and self.stands_in() else None  # (N - n,) the skipped real tokens
+            skipped = valid & ~sel.selected if tok_cap < 1.0 else None  # (B, T) the skipped real tokens
             y, stand_in_flops = self.scatter(xf, idx, y, skipped)  # (N, C)
             exp_flops += stand_in_flops
         st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, exp_flops + router_flops, router_flops,

@@ -329,10 +329,12 @@ class ElasticSubLayer(SubLayerWrapper):
     def scatter(self, x_flat: torch.Tensor, idx: torch.Tensor, y: torch.Tensor,
                 skipped: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """Put the processed tokens' outputs `y` (n, C) at `idx` (n,) among all tokens `x_flat` (N, C): the skipped
-        real tokens at `skipped` (flat indices) get `skipped_output`, the rest (padding) `passthrough`. Returns the
-        (N, C) output and the FLOPs of the stand-in, which runs on the skipped real tokens only."""
+        real tokens (`skipped`, a bool mask of N tokens, any shape) get `skipped_output`, the rest (padding)
+        `passthrough`. Returns the (N, C) output and the FLOPs of the stand-in, which runs on the skipped real tokens
+        only."""
         out, flops = self.passthrough(x_flat), 0
         if skipped is not None and self.stands_in():
-            out = out.index_copy(0, skipped, self.skipped_output(x_flat.index_select(0, skipped)))
-            flops = self.skip_flops(skipped.numel())
+            where = skipped.flatten().nonzero().squeeze(1)  # (N - n,) flat indices
+            out = out.index_copy(0, where, self.skipped_output(x_flat.index_select(0, where)))
+            flops = self.skip_flops(where.numel())
         return out.index_copy(0, idx, y.to(x_flat.dtype)), flops
