@@ -57,8 +57,11 @@ def one_setting_bench(workspace, out, **overrides) -> dict:
 
 def test_bench_append_keeps_other_settings(workspace, tmp_path):
     out = tmp_path / "lm.json"
-    o = one_setting_bench(workspace, out)
+    o = one_setting_bench(workspace, out, routers_dir=str(tmp_path / "routers"))
     run_lm_bench(o, echo=lambda *_: None)
+    from elastiformer.artifacts import read_router_config  # the setting's routers, saved beside the results
+
+    assert read_router_config(tmp_path / "routers" / "mlp_tokens")["elastic_config"]["mlp_tokens"] == 0.8
     run_lm_bench(o | dict(lora_rank=1, append=True), echo=lambda *_: None)
     records = json.loads(out.read_text())["records"]
     assert sorted({r["lora_rank"] for r in records}) == [0, 1]

@@ -96,7 +96,7 @@ def test_resume_from_the_command_line(workspace, tmp_path, capsys):
 @pytest.mark.parametrize("case", ["missing data", "empty data", "budget 0", "budget 1.5", "eval budget 1.5",
                                   "unknown key", "unknown model", "output exists", "unwritable", "no routers",
                                   "bad routers", "budget and range", "split without experts", "resume overwrite",
-                                  "bench resume overwrite"])
+                                  "bench resume overwrite", "eval bad match", "bench bad match"])
 def test_bad_input_gives_one_line_error(workspace, tmp_path, capsys, case):
     ws = workspace
     blocker = tmp_path / "blocker"
@@ -122,6 +122,8 @@ def test_bad_input_gives_one_line_error(workspace, tmp_path, capsys, case):
         "split without experts": train_args(ws, tmp_path / "o", "--expert-split", "cluster"),
         "resume overwrite": train_args(ws, tmp_path / "o", "--resume", "--overwrite"),
         "bench resume overwrite": ["bench", "--resume", "--overwrite", "--output", tmp_path / "o" / "lm.json"],
+        "eval bad match": ["eval", "--routers", tmp_path, "--match", "blocks"],
+        "bench bad match": ["bench", "--match", "blocks", "--output", tmp_path / "o" / "lm.json"],
     }[case]
     expected = {
         "missing data": "nope.txt", "empty data": "empty", "budget 0": "(0, 1]", "budget 1.5": "(0, 1]",
@@ -129,7 +131,7 @@ def test_bad_input_gives_one_line_error(workspace, tmp_path, capsys, case):
         "output exists": "--overwrite", "unwritable": "writable", "no routers": "no router folder",
         "bad routers": "no elastic_config.json", "budget and range": "pass one of them",
         "split without experts": "--mlp-experts", "resume overwrite": "pass one of them",
-        "bench resume overwrite": "pass one",
+        "bench resume overwrite": "pass one", "eval bad match": "'target'", "bench bad match": "'target'",
     }[case]
     code, out, err = run(args, capsys)
     assert code == 2, (out, err)

@@ -159,6 +159,23 @@ def test_baselines_run_at_the_learned_routers_flops():
     assert any(stepped)  # with 4 layers, static's whole-layer steps miss the learned FLOPs at one budget at least
 
 
+def test_match_target_runs_every_method_at_the_budget_read_as_block_flops():
+    """match="target": the learned routers are bisected too, so "0.85" means 15% of the block FLOPs removed, whatever
+    budget each method needs for it (with only the MLP's tokens routed, a block-FLOPs ratio of 0.85 takes a lower
+    MLP budget)."""
+    em = ef.get_elastic_model(pretrained_like(), ef.ElasticConfig(mlp_tokens=0.5, dense_layers=()))
+    calib = tokens(B=8, T=32, seed=6)
+    train_routers(em, tokens(B=16, T=32, seed=3), steps=2, progress=False, calibration_data=calib)
+    result = evaluate(em, tokens(B=8, T=32, seed=5), budgets=[0.85], calibration_data=calib, timing_reps=0,
+                      baselines=("random", "norm"), progress=False, match="target")
+    recs = {r["method"]: r for r in result["records"]}
+    for m in ("learned", "random", "norm"):
+        assert abs(recs[m]["block_flops_ratio"] - 0.85) < 0.03, (m, recs[m])
+        assert recs[m]["budget"] == 0.85 and recs[m]["method_budget"] < 0.85  # MLP budget below the block target
+    with pytest.raises(ef.ConfigError, match="'target'"):
+        evaluate(em, tokens(B=2, T=8), budgets=[0.5], match="blocks", progress=False)
+
+
 def test_summary_pairs_static_with_the_learned_routers_at_its_own_flops():
     from elastiformer.benchmarks.runner import summarize
 

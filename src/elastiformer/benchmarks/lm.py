@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..config import ElasticConfig
 from ..options import Option, defaults
+from ..evaluation.baselines import check_match
 from ..evaluation.lm import evaluate, time_ratio
 from ..evaluation.timing import interleaved, machine
 from .runner import Measured, parse_components, label, plot_allocation, plot_quality, run_settings, summarize, summary_line
@@ -37,6 +38,9 @@ BENCH_OPTIONS = {
                          "mlp_tokens_fitted_stand_in (stand-ins not trained), attn_tokens, attn_heads, mlp_experts, "
                          "mlp_experts_cluster, combined."),
     "budgets": Option("0.6,0.75,0.8,0.9", "Budgets of the sweep."),
+    "match": Option("flops", "flops: each baseline bisected to the learned routers' block FLOPs at each budget; "
+                    "target: every method, learned too, bisected to execute the budget as its block-FLOPs ratio "
+                    "(0.9 = 10% of the block FLOPs removed)."),
     "dense_layers": Option("", "Layers never routed, e.g. 0,-1 (default: none; the fitted allocation decides)."),
     "steps": Option(60, "Training steps per setting."),
     "allocation_batches": Option(1, "Calibration batches the per-layer allocation is fitted on."),
@@ -51,6 +55,9 @@ BENCH_OPTIONS = {
     "timing_reps": Option(2, "Interleaved timing repetitions (0: quality only)."),
     "lm_eval_docs": Option(200, "Passages of the last-word task run through lm-evaluation-harness (0: skip)."),
     "output": Option("bench/results/lm.json", "Result JSON (a PNG beside it).", kind=Path),
+    "routers_dir": Option(None, "Also save each setting's trained routers (allocation and thresholds fitted) to "
+                          "ROUTERS_DIR/<setting>, for `elastiformer eval` / `info` afterwards (default: not saved).",
+                          kind=Path),
     "seed": Option(0, "Seed of data order, budgets and router init."),
     "lora_rank": Option(0, "Train rank-r LoRA on the attention projections too."),
     "append": Option(False, "Keep the other settings' records in OUTPUT."),
@@ -83,6 +90,7 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
     from ..validation import parse_floats, parse_ints
 
     parse_components(o["components"], SETTINGS)  # an unknown setting is refused before any work
+    check_match(o["match"])
     budgets = parse_floats(o["budgets"], "budgets")
     dense = parse_ints(o["dense_layers"], "dense_layers")
     tokenizer = load_tokenizer(o["model"])
@@ -116,6 +124,8 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
         em.fit_allocation(calib, max_batches=int(o["allocation_batches"]), min_budget=min(0.5, min(budgets) - 0.05))
         em.calibrate(calib)
         t_alloc = time.perf_counter() - t_alloc
+        if o.get("routers_dir"):
+            em.save_pretrained(Path(o["routers_dir"]) / comp, overwrite=True)
         baselines = baselines_of(comp)
         ablation = comp != component_of(comp) and comp != "mlp_experts_cluster"  # objective variants: quality only
         last_word = {}
@@ -129,7 +139,8 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
                 em.set_budget(b)
                 last_word[b] = evaluate_last_word(lm, task)
         echo(f"[{comp}] evaluating at budgets {budgets} beside {', '.join(baselines)} at matched block FLOPs...")
-        ev = evaluate(em, held, budgets=budgets, baselines=baselines, calibration_data=calib, timing_reps=0)
+        ev = evaluate(em, held, budgets=budgets, baselines=baselines, calibration_data=calib, timing_reps=0,
+                      match=o["match"])
         timing = {}
         if not ablation and int(o["timing_reps"]):  # (timing_reps 0: quality only, e.g. on a busy machine)
             echo(f"[{comp}] timing prefill ({tuple(prefill.shape)}) and generation ({o['decode_tokens']} tokens)...")

@@ -224,8 +224,9 @@ EVAL_OPTIONS = {
                         "('' for none)."),
     "calibration_data": Option(None, "Text the norm / static baselines are fitted on (default: the Gutenberg "
                                "training books).", kind=str),
-    "match": Option("flops", "flops (each baseline at the learned routers' block FLOPs, its budget bisected) or "
-                    "budget (at the same budget)."),
+    "match": Option("flops", "flops (each baseline at the learned routers' block FLOPs, its budget bisected), "
+                    "budget (every method at the same budget) or target (every method, the learned routers too, "
+                    "bisected to execute each budget as its block-FLOPs ratio: 0.9 = 10% of the block FLOPs removed)."),
     "overwrite": Option(False, "Replace existing output files."),
 }
 EVAL_DEFAULTS = defaults(EVAL_OPTIONS)
@@ -244,10 +245,12 @@ def _check_seq_len(seq_len: int, model) -> None:
 def run_eval(o: dict[str, Any], em=None) -> dict[str, Any]:
     from ..config import check_fraction
     from ..data.text import load_texts, pack_sequences
+    from ..evaluation.baselines import check_match
     from ..evaluation.lm import evaluate
     from ..model import ElasticModel
     from ..loading.models import load_model, load_tokenizer
 
+    check_match(o["match"])
     budgets = _floats(o["budgets"], "budgets")
     if not budgets:
         raise ConfigError(f"--budgets {o['budgets']!r}: pass at least one budget, e.g. 0.5,0.7,0.9")
@@ -574,6 +577,9 @@ def bench(given: Given, task: str, readme: bool):
         check_numbers(o, dict(steps=1, batch_size=1, seq_len=2, train_sequences=1, eval_sequences=1, eval_seq_len=2,
                                prefill_batch=1, prefill_len=1, decode_tokens=1, timing_reps=0, seed=0, lora_rank=0,
                                lm_eval_docs=0))
+        from ..evaluation.baselines import check_match
+
+        check_match(o["match"])
     check_output_file(o["output"], bool(o["overwrite"] or o["append"] or o["resume"]),
                       flag="--overwrite (or --append, --resume)")
     result = t["run"](o, plot=t["plot"], echo=typer.echo)

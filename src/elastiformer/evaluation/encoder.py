@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
-from .baselines import (again_key, apply_budget, budget_settings, method_of, nominal, plan_budgets,
+from .baselines import (again_key, apply_budget, budget_settings, check_match, method_of, nominal, plan_budgets,
                         prepare_baselines)
 from .lm import time_ratio
 from ..data.batches import as_batches
@@ -66,7 +66,8 @@ def evaluate_encoder(
     Baselines: "random", "norm" (token components only; "norm_allocated" with the learned routers' fitted
     allocation) and "static" (fitted on `calibration_data`), each at the budget where it executes the learned
     routers' block FLOPs (`match="flops"`, bisected on the first batch; its record's `method_budget`) or at the same
-    budget (`match="budget"`). Returns `{"inputs", "tokens", "router_param_fraction", "records": [...]}` (plus
+    budget (`match="budget"`), or every method, learned too, at the budget that executes the budget as block FLOPs
+    (`match="target"`). Returns `{"inputs", "tokens", "router_param_fraction", "records": [...]}` (plus
     "teacher_accuracy" with labels), one record per (method, budget) with: cosine (mean cosine similarity of the
     pooled embedding to the teacher's), cosine_p05 (its 5th percentile), token_cosine (mean over real tokens of the
     final states' cosine), retrieval_agreement, block_flops_ratio / model_flops_ratio (executed / dense, routers
@@ -83,8 +84,7 @@ def evaluate_encoder(
     device = next(em.base_model.parameters()).device
     items = [({k: v.to(device) for k, v in b.items()}, None if y is None else y.to(device)) for b, y in items]
     methods = ["learned"] + list(baselines)
-    if match not in ("flops", "budget"):
-        raise ConfigError(f"match={match!r}: pass 'flops' (baselines at the learned routers' FLOPs) or 'budget'")
+    check_match(match)
     saved_budget, was_training = em.get_budget(), em.training
     em.eval()
     bar = tqdm(desc="evaluating", disable=not progress)  # (its total is known once the FLOPs are matched)

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.batches import as_batches
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..model import ElasticModel
-from .baselines import (again_key, apply_budget, budget_settings, method_of, nominal, plan_budgets,
+from .baselines import (again_key, apply_budget, budget_settings, check_match, method_of, nominal, plan_budgets,
                         prepare_baselines)
 from .timing import interleaved
 from ..validation import check_int
@@ -69,7 +69,8 @@ def evaluate(
     score with the learned routers' fitted allocation) and "static" (pruning chosen once); all but random are
     fitted on `calibration_data`. `match="flops"` (default) runs each baseline at the budget where it executes the
     learned routers' block FLOPs (bisected on the first batch; `method_budget` in its record); `match="budget"`
-    runs it at the same budget. Static pruning moves in steps, so it runs at the nearest budget that executes at least
+    runs it at the same budget; `match="target"` reads each budget as a block-FLOPs ratio and bisects every method
+    to it, the learned routers too (0.9: 10% of the block FLOPs removed, whatever budget that takes). Static pruning moves in steps, so it runs at the nearest budget that executes at least
     the learned FLOPs; when that is more (or when any other baseline's FLOPs could not be matched, see
     `baselines.plan_budgets`), its record also holds `learned_at_same_flops`: the learned routers measured again at
     that baseline's FLOPs (their budget bisected), the fair partner for that pair.
@@ -82,8 +83,7 @@ def evaluate(
     check_int("batch_size", batch_size)
     check_int("timing_reps", timing_reps, minimum=0, hint="0 skips timing")
     check_int("seed", seed, minimum=0)
-    if match not in ("flops", "budget"):
-        raise ConfigError(f"match={match!r}: pass 'flops' (baselines at the learned routers' FLOPs) or 'budget'")
+    check_match(match)
     if isinstance(budgets, (int, float)):  # one budget given bare
         budgets = [budgets]
     if isinstance(baselines, str):

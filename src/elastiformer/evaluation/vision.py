@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..model import ElasticModel
-from .baselines import again_key, apply_budget, method_of, plan_budgets, prepare_baselines
+from .baselines import again_key, apply_budget, check_match, method_of, plan_budgets, prepare_baselines
 
 
 @torch.no_grad()
@@ -37,8 +37,7 @@ def evaluate_images(em: ElasticModel, pixels: torch.Tensor, labels: torch.Tensor
     if "static" in baselines and calibration_data is None:
         raise ConfigError("the static baseline is chosen on calibration images: pass calibration_data")
     prepare_baselines(em, baselines, calibration_data)
-    if match not in ("flops", "budget"):
-        raise ConfigError(f"match={match!r}: pass 'flops' (baselines at the learned routers' FLOPs) or 'budget'")
+    check_match(match)
     methods = ["learned", *baselines]
     batches = [(pixels[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, pixels.shape[0], batch_size)]
     saved_budget, was_training = em.get_budget(), em.training
