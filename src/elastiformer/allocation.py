@@ -106,6 +106,28 @@ class Allocation:
         scale = flops / f[-1] if f[-1] > 0 else 0.0
         return {c: v * scale for c, v in end.items()}
 
+    def points_covering(self, components: Sequence[str]) -> list[int]:
+        """The fewest points of the path (as numbers of moves made) at which every unit of `components` is seen at
+        each capacity strictly between 0 and 1 that it holds on the path: where calibrate() runs the data, so each
+        router's threshold for a capacity comes from the scores it sees when it runs at that capacity. A unit holds
+        a level from the move that sets it to the unit's next move; choosing the points is interval stabbing
+        (greedy by right end, which is optimal)."""
+        held: list[tuple[int, int]] = []  # (first point, last point) at which a unit holds a partial level
+        since: dict[tuple[str, int], int | None] = {}
+        for j, m in enumerate(self.moves):
+            if m.component not in components:
+                continue
+            unit = (m.component, m.layer)
+            if since.get(unit) is not None:
+                held.append((since[unit], j))  # after moves 0..j-1 the unit still holds it; move j changes it
+            since[unit] = j + 1 if 0.0 < m.end < 1.0 else None
+        held += [(k, len(self.moves)) for k in since.values() if k is not None]
+        points: list[int] = []
+        for first, last in sorted(held, key=lambda t: t[1]):
+            if not points or first > points[-1]:
+                points.append(last)
+        return points
+
     @property
     def min_flops(self) -> float:
         return self.flops[-1]

@@ -9,7 +9,6 @@ methods of the same names call them (`em.calibrate(data)`, ...). None of them tr
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any, Iterable
 
@@ -23,7 +22,7 @@ from .layers import ElasticAttention, ElasticMLP  # (before .arch: importing arc
 from .arch import get_dotted
 from .layers.state import ALLOCATED_METHODS
 from .routers import ExpertRouter, HeadRouter, TokenRouter
-from .routers.token import N_CALIBRATION, merge_points
+from .routers.token import calibration_thresholds
 
 
 @torch.no_grad()
@@ -31,13 +30,17 @@ def calibrate(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: in
               n_budgets: int = 12, method: str = "learned", progress: bool = False) -> None:
     """Fit the token routers' inference thresholds on `data`, so `set_budget` takes effect at once for any budget.
 
-    For each of `n_budgets` budgets spread over the usable range, the data runs with routing on, and each routed
-    layer keeps the tokens whose score reaches the quantile that leaves its capacity of this batch's tokens; the
-    thresholds (averaged over batches) are stored per capacity and interpolated at inference. With a fitted
-    allocation the budgets walk its path (each layer at the capacities it will run at); a layer the path only
-    ever runs dense or skips gets thresholds at uniform capacities. Fitting with routing on matters: when
-    earlier layers skip tokens, later layers' scores shift, and thresholds fitted on the dense model would spend
-    visibly less than the budget. Cost: about `n_budgets` x `max_batches` forwards.
+    The data runs with routing on at several points of the allocation path: the fewest at which every token router
+    runs at each capacity it holds on the path (`Allocation.points_covering`), every component (heads and experts
+    too) as it will run there. Each routed layer keeps the tokens whose score reaches the quantile that leaves its
+    capacity of the batch, and logs the quantiles of every capacity of a fixed grid (`CALIBRATION_CAPACITIES`); each
+    grid capacity's threshold comes from the forwards where the layer ran nearest to it (averaged over batches) and
+    is interpolated at inference. Without an allocation, and for layers the path only ever runs dense or skips,
+    every layer runs at the same capacity, at `n_budgets` capacities spread over the usable range. Fitting with
+    routing on matters: when earlier layers skip tokens, later layers' scores shift, and thresholds fitted on the
+    dense model, or with every layer at a uniform capacity, spend visibly more or less than the budget (on SmolLM2
+    with all four components routed, thresholds from uniform capacities kept 96-100% of the tokens of layers the
+    path runs at 75%). Cost: (path points, or `n_budgets`) x `max_batches` forwards.
     `method="norm"` / `"norm_allocated"` fit the thresholds of those training-free baselines instead (not saved
     with the routers). Non-causal models (encoders) route by top-k at inference and need no thresholds.
     """
@@ -52,36 +55,40 @@ def calibrate(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: in
     saved = (dict(st.budget), st.method, em.training)
     em.eval()
     em.calibrating = True
-    points: dict[int, list[tuple[float, float]]] = {id(r): [] for r in token_routers}
+    logs: dict[int, list[tuple[float, torch.Tensor]]] = {id(r): [] for r in token_routers}
 
     from tqdm.auto import tqdm
 
     bar = tqdm(desc="calibrating thresholds", unit="fwd", disable=not progress)
 
-    def run(set_caps) -> None:
-        for b in grid:
-            set_caps(b)
+    def run(states) -> None:  # each state: a function that sets every layer's capacity
+        for set_state in states:
+            set_state()
             for r in token_routers:
                 r.calibration_log = []
             for batch in batches:
                 em.base_model(**batch)
                 bar.update()
-            for r in token_routers:
-                if r.calibration_log:  # one capacity per layer and budget; none where it ran dense / skipped
-                    cap = r.calibration_log[0][0]
-                    points[id(r)].append((cap, sum(t for _, t in r.calibration_log) / len(r.calibration_log)))
+            for r in token_routers:  # (nothing logged where a layer ran dense or skipped every token)
+                logs[id(r)] += r.calibration_log
+
+    def after(k: int):  # the allocation after its first k moves, every component (heads and experts too)
+        return lambda: st.budget.update({c: alloc.component_fraction_after(c, k) for c in alloc.components})
+
+    def uniform(b: float):
+        return lambda: setattr(st, "capacity_override", {
+            k: [b if i not in st.dense_layers[k] else 1.0 for i in range(st.n_layers)] for k in st.budget})
 
     st.method = method
+    alloc = st.allocation
     try:
-        if st.allocation is not None and method in ALLOCATED_METHODS:
-            run(lambda b: st.budget.update({k: b for k in components}))
-        need = [r for r in token_routers if len({c for c, _ in points[id(r)]}) < 2]
+        if alloc is not None and method in ALLOCATED_METHODS:
+            run([after(k) for k in alloc.points_covering(components)])
+        need = [r for r in token_routers if not logs[id(r)]]
         if need:  # no allocation (uniform capacities), or layers its path never routes partially
-            uniform = lambda b: setattr(st, "capacity_override", {  # noqa: E731
-                k: [b if i not in st.dense_layers[k] else 1.0 for i in range(st.n_layers)] for k in st.budget})
-            keep = {id(r): list(points[id(r)]) for r in token_routers if r not in need}
-            run(uniform)
-            points.update(keep)
+            keep = {id(r): list(logs[id(r)]) for r in token_routers if r not in need}
+            run([uniform(b) for b in grid])
+            logs.update(keep)
     finally:
         bar.close()
         em.calibrating = False
@@ -90,13 +97,13 @@ def calibrate(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: in
         for r in token_routers:
             r.calibration_log = None
         em.train(saved[2])
-    if not all(math.isfinite(t) for r in token_routers for _, t in points[id(r)]):
+    if not all(torch.isfinite(t).all() for r in token_routers for _, t in logs[id(r)]):
         raise ElastiformerError("calibrate() got non-finite router scores (NaN / inf in the model's hidden "
                                 "states or the routers): check the data and the router weights")
-    if any(not points[id(r)] for r in token_routers):
+    if any(not logs[id(r)] for r in token_routers):
         raise ElastiformerError("calibrate() saw no tokens in a routed layer: pass longer sequences")
     for r in token_routers:
-        r.set_calibration(method, *merge_points(points[id(r)], N_CALIBRATION))
+        r.set_calibration(method, *calibration_thresholds(logs[id(r)]))
 
 def collect_batches(em, data, max_batches: int | None, what: str) -> list[dict[str, torch.Tensor]]:
     batches = [b for _, b in zip(range(max_batches or 10**9), as_batches(data))]

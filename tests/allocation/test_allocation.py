@@ -127,6 +127,72 @@ def test_a_joint_budget_is_the_fraction_of_routed_flops():
         assert em.last_stats()["flops_ratio"] == pytest.approx(b, abs=0.03)
 
 
+def test_calibration_points_see_every_partial_level_of_the_path():
+    moves = [Move("mlp_tokens", 0, 1.0, 0.75), Move("attn_heads", 1, 1.0, 0.5), Move("mlp_tokens", 1, 1.0, 0.5),
+             Move("mlp_tokens", 0, 0.75, 0.25), Move("mlp_tokens", 2, 1.0, 0.0), Move("mlp_tokens", 1, 0.5, 0.25)]
+    alloc = Allocation(n_layers=4, components=("mlp_tokens", "attn_heads"), moves=moves,
+                       flops=[1.0, 0.9, 0.85, 0.8, 0.7, 0.6, 0.55], cost=[0.0] * 7)
+    points = alloc.points_covering(["mlp_tokens"])
+    # layer 0 holds 0.75 after 1 move until move 3, 0.25 from 4 on; layer 1 holds 0.5 at 3..5, 0.25 at 6
+    assert points == [3, 6]
+    held = {(i, c) for k in points for i, c in enumerate(alloc.capacities("mlp_tokens",
+                                                                          alloc.component_fraction_after("mlp_tokens", k)))
+            if 0.0 < c < 1.0}
+    assert held == {(0, 0.75), (0, 0.25), (1, 0.5), (1, 0.25)}
+    assert alloc.points_covering(["attn_tokens"]) == []
+
+
+def test_calibrated_thresholds_keep_each_layers_allocated_capacity():
+    """At inference (thresholds, not top-k) each token-routed layer processes the fraction of the calibration
+    tokens the allocation gives it, at every budget, with all four components routed (thresholds are taken where
+    the path runs each layer at that capacity, heads and experts as they run there)."""
+    em = fitted("combined", stand_in_rank=0, attn_stand_in_rank=0)
+    calib = tokens(8, 24, seed=3)
+    em.eval()
+    for b in (0.9, 0.8, 0.7):
+        em.set_budget(b)
+        caps = em.capacities()
+        with torch.no_grad():
+            em(input_ids=calib)
+        stats = em.last_stats()
+        for s in stats["per_layer"]:
+            key = "mlp_tokens" if s["sublayer"] == "mlp" else "attn_tokens"
+            cap = caps[key][s["layer"]]
+            if 0.0 < cap < 1.0:
+                assert s["token_fraction"] == pytest.approx(cap, abs=0.06), (b, key, s["layer"], cap)
+        assert stats["flops_ratio"] == pytest.approx(b, abs=0.03), b
+
+
+def test_thresholds_hold_every_capacity_of_a_long_path_between_its_levels():
+    """A path on 8 layers whose layers reach their levels between any evenly spaced budgets (layer 5 holds 0.75 only
+    after move 4; layer 4 is part-way through its move at budget 0.7): each layer still processes its allocated
+    fraction of the calibration tokens at inference. (Thresholds once came from a grid of budgets and were
+    interpolated between the capacities seen there: layer 4 at capacity 0.85 processed 0.52 of the tokens.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from helpers.models import VOCAB
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=8, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=128, initializer_range=0.2)
+    em = ef.get_elastic_model(LlamaForCausalLM(cfg).eval(), ef.ElasticConfig(mlp_tokens=0.8, dense_layers=(),
+                                                                            stand_in_rank=0))
+    order = [(0, 0.5), (1, 0.5), (2, 0.5), (5, 0.75), (3, 0.5), (4, 0.5), (6, 0.5), (7, 0.5)]
+    moves = [Move("mlp_tokens", i, 1.0, end) for i, end in order]
+    em.state.allocation = Allocation(n_layers=8, components=("mlp_tokens",), moves=moves,
+                                     flops=[1.0 - 0.05 * k for k in range(9)], cost=[0.0] * 9)
+    calib = tokens(8, 24, seed=3)
+    em.calibrate(calib)
+    em.eval()
+    for b in (0.78125, 0.7, 0.6):
+        em.set_budget(mlp_tokens=b)
+        caps = em.capacities()["mlp_tokens"]
+        with torch.no_grad():
+            em(input_ids=calib)
+        kept = [s["token_fraction"] for s in em.last_stats()["per_layer"] if s["sublayer"] == "mlp"]
+        assert kept == pytest.approx(caps, abs=0.05), (b, caps, kept)
+
+
 def test_capacity_zero_skips_the_sub_layer_for_every_token():
     em = fitted("mlp_tokens", stand_in_rank=0)  # (with a stand-in, see tests/layers/test_stand_in.py)
     em.state.capacity_override = {"mlp_tokens": [1.0, 0.0, 1.0, 1.0]}

@@ -6,7 +6,9 @@ taught, on its own, how important its token is: by default by regression onto th
 decide at inference from one token's score alone: selected = score >= the threshold calibrated for the capacity,
 so the decision never looks at later tokens. Thresholds are fitted by `ElasticModel.calibrate` with routing on, at a
 grid of budgets: a layer's scores shift when earlier layers skip work, so thresholds fitted on the dense model would
-spend less than the budget.
+spend less than the budget. Each calibration forward logs, for every capacity of `CALIBRATION_CAPACITIES`, the score
+that keeps that fraction of the batch's tokens; each capacity's threshold is then taken from the forwards where the
+layer ran nearest to it (`calibration_thresholds`), i.e. where earlier layers skipped what they will skip then.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from torch import nn
 from ..errors import NotCalibratedError
 from .net import make_router_net, router_net_flops, straight_through_gate
 
-N_CALIBRATION = 16  # capacities at which calibrate() keeps thresholds per router (interpolated in between)
+# capacities at which calibrate() keeps thresholds per router (interpolated in between): sixteenths, so the
+# allocation's levels (0.25, 0.5, 0.75) are exact, and 0.99 for a layer part-way through its first move
+CALIBRATION_CAPACITIES = tuple(k / 16 for k in range(1, 16)) + (0.99,)
+N_CALIBRATION = len(CALIBRATION_CAPACITIES)
 
 
 class TokenSelection(NamedTuple):
@@ -49,10 +54,12 @@ class TokenRouter(nn.Module):
         super().__init__()
         self.net = make_router_net(hidden, 1, kind, router_hidden)
         # calibrate() fills these: at this layer's capacity calib_capacity[i], process the tokens whose score is at
-        # least calib_threshold[i] (ascending capacities, the last repeated to fill; NaN until calibrated)
+        # least calib_threshold[i] (ascending capacities; NaN until calibrated; artifacts of earlier versions hold
+        # other capacities, the last repeated to fill)
         self.register_buffer("calib_capacity", torch.full((N_CALIBRATION,), float("nan")))
         self.register_buffer("calib_threshold", torch.full((N_CALIBRATION,), float("nan")))
-        self.calibration_log: list[tuple[float, float]] | None = None  # (capacity, threshold) while calibrating
+        # while calibrating: per forward, (capacity it ran at, thresholds keeping each CALIBRATION_CAPACITIES)
+        self.calibration_log: list[tuple[float, torch.Tensor]] | None = None
         self.baseline_calibration: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # method -> (caps, thresholds)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,11 +155,15 @@ class TokenRouter(nn.Module):
             learn = valid & ~forced
             if self_target and learn.any() and method == "learned":
                 aux = F.binary_cross_entropy_with_logits(scores[learn], selected[learn].float())
-        elif self.calibration_log is not None:  # calibrating: the threshold that keeps `capacity` of this batch
+        elif self.calibration_log is not None:  # calibrating: keep `capacity` of this batch; log every grid capacity's
             eligible = valid & ~forced
-            thr = torch.quantile(scores[eligible].float(), 1.0 - capacity) if eligible.any() else scores.min()
-            self.calibration_log.append((capacity, float(thr)))
-            selected = ((scores >= thr) | forced) & valid
+            if eligible.any():
+                keep = torch.tensor((capacity, *CALIBRATION_CAPACITIES), device=scores.device)  # (1 + N,)
+                thrs = torch.quantile(scores[eligible].float(), 1.0 - keep)  # scores keeping each fraction
+                self.calibration_log.append((capacity, thrs[1:].cpu()))
+                selected = ((scores >= thrs[0]) | forced) & valid
+            else:  # only forced tokens: nothing to learn from this batch
+                selected = forced & valid
         else:
             selected = ((scores >= self.threshold(capacity, method)) | forced) & valid
         if method == "learned" and torch.is_grad_enabled():
@@ -162,14 +173,15 @@ class TokenRouter(nn.Module):
         return TokenSelection(selected, gate, aux, scores)
 
 
-def merge_points(points: list[tuple[float, float]], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(capacity, threshold) pairs measured by calibrate() -> `n` ascending capacities and their thresholds: equal
-    capacities averaged, at most `n` kept (evenly spread), the last repeated up to `n`."""
-    by_cap: dict[float, list[float]] = {}
-    for c, t in points:
-        by_cap.setdefault(round(c, 4), []).append(t)
-    merged = sorted((c, sum(ts) / len(ts)) for c, ts in by_cap.items())
-    if len(merged) > n:
-        merged = [merged[round(i * (len(merged) - 1) / (n - 1))] for i in range(n)]
-    merged += [merged[-1]] * (n - len(merged))  # padded by repeating the last point (threshold() clamps there)
-    return torch.tensor([c for c, _ in merged]), torch.tensor([t for _, t in merged])
+def calibration_thresholds(log: list[tuple[float, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What calibrate() logged for one router ((capacity it ran at, thresholds at CALIBRATION_CAPACITIES) per
+    forward) -> (CALIBRATION_CAPACITIES, their thresholds): each capacity's threshold averaged over the forwards where
+    the layer ran nearest to it, since a layer's scores depend on what earlier layers skipped at that point of the
+    budget; then made non-increasing in the capacity, so more capacity never processes fewer tokens."""
+    caps = torch.tensor(CALIBRATION_CAPACITIES)
+    ran = torch.tensor([c for c, _ in log])  # (n_forwards,)
+    thrs = torch.stack([t.float() for _, t in log])  # (n_forwards, N)
+    dist = (ran[:, None] - caps[None, :]).abs()  # (n_forwards, N)
+    nearest = (dist <= dist.min(dim=0).values + 1e-6).float()  # (n_forwards, N) the forwards each capacity uses
+    merged = (thrs * nearest).sum(dim=0) / nearest.sum(dim=0)  # (N,)
+    return caps, torch.cummin(merged, dim=0).values
