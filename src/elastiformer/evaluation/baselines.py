@@ -26,6 +26,7 @@ MATCHES = {"flops": "each baseline at the learned routers' block FLOPs, its budg
 
 
 def check_match(match: str) -> str:
+    """`match` if it names a way to pair methods (see `plan_budgets`), else a one-line ConfigError listing them."""
     if match not in MATCHES:
         raise ConfigError(f"match={match!r}: pass " + "; ".join(f"'{k}' ({v})" for k, v in MATCHES.items()))
     return match
