@@ -61,15 +61,15 @@ def calibrate(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: in
 
     bar = tqdm(desc="calibrating thresholds", unit="fwd", disable=not progress)
 
-    def run(states) -> None:  # each state: a function that sets every layer's capacity
+    def run(states, into) -> None:  # each state: a function that sets every layer's capacity; log `into` routers
         for set_state in states:
             set_state()
-            for r in token_routers:
+            for r in token_routers:  # (every router selects by this batch's quantile while calibrating)
                 r.calibration_log = []
             for batch in batches:
                 em.base_model(**batch)
                 bar.update()
-            for r in token_routers:  # (nothing logged where a layer ran dense or skipped every token)
+            for r in into:  # (nothing logged where a layer ran dense or skipped every token)
                 logs[id(r)] += r.calibration_log
 
     def after(k: int):  # the allocation after its first k moves, every component (heads and experts too)
@@ -83,12 +83,10 @@ def calibrate(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: in
     alloc = st.allocation
     try:
         if alloc is not None and method in ALLOCATED_METHODS:
-            run([after(k) for k in alloc.points_covering(components)])
+            run([after(k) for k in alloc.points_covering(components)], token_routers)
         need = [r for r in token_routers if not logs[id(r)]]
         if need:  # no allocation (uniform capacities), or layers its path never routes partially
-            keep = {id(r): list(logs[id(r)]) for r in token_routers if r not in need}
-            run([uniform(b) for b in grid])
-            logs.update(keep)
+            run([uniform(b) for b in grid], need)
     finally:
         bar.close()
         em.calibrating = False

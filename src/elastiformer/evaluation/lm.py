@@ -68,12 +68,13 @@ def evaluate(
     Baselines: "random", "norm" (training-free token scores; token components only), "norm_allocated" (the same
     score with the learned routers' fitted allocation) and "static" (pruning chosen once); all but random are
     fitted on `calibration_data`. `match="flops"` (default) runs each baseline at the budget where it executes the
-    learned routers' block FLOPs (bisected on the first batch; `method_budget` in its record); `match="budget"`
-    runs it at the same budget; `match="target"` reads each budget as a block-FLOPs ratio and bisects every method
-    to it, the learned routers too (0.9: 10% of the block FLOPs removed, whatever budget that takes). Static pruning moves in steps, so it runs at the nearest budget that executes at least
-    the learned FLOPs; when that is more (or when any other baseline's FLOPs could not be matched, see
-    `baselines.plan_budgets`), its record also holds `learned_at_same_flops`: the learned routers measured again at
-    that baseline's FLOPs (their budget bisected), the fair partner for that pair.
+    learned routers' block FLOPs (bisected on the first batch; `method_budget` in its record); `match="budget"` runs
+    it at the same budget; `match="target"` reads each budget as a block-FLOPs ratio and bisects every method to it,
+    the learned routers too (0.9: 10% of the block FLOPs removed, whatever budget that takes). Static pruning moves
+    in steps, so it runs at the nearest budget that executes at least the learned FLOPs; when that is more (or when
+    any other baseline's FLOPs could not be matched, see `baselines.plan_budgets`), its record also holds
+    `learned_at_same_flops`: the learned routers measured again at that baseline's FLOPs (their budget bisected),
+    the fair partner for that pair.
 
     Returns `{"teacher_nll", "teacher_perplexity", "tokens", "router_param_fraction", "records": [...]}`, one
     record per (method, budget) with: delta_lm_loss (elastic NLL - teacher NLL, nats/token), kl (per token),

@@ -3,12 +3,13 @@
 Training: per sequence, the top-k scoring tokens at the capacity (k = round(capacity * valid tokens)). Each score is
 taught, on its own, how important its token is: by default by regression onto the importance measured on the teacher
 (`importance_loss`), else (`router_targets="self"`) by a BCE towards its own top-k. That is what lets a causal model
-decide at inference from one token's score alone: selected = score >= the threshold calibrated for the capacity,
-so the decision never looks at later tokens. Thresholds are fitted by `ElasticModel.calibrate` with routing on, at
+decide at inference from one token's score alone: selected = score >= the threshold calibrated for the capacity, so
+the decision never looks at later tokens. Thresholds are fitted by `ElasticModel.calibrate` with routing on, at
 points of the allocation path (or at uniform capacities): a layer's scores shift when earlier layers skip work, so
-thresholds fitted on the dense model would spend less than the budget. Each calibration forward logs, for every capacity of `CALIBRATION_CAPACITIES`, the score
-that keeps that fraction of the batch's tokens; each capacity's threshold is then taken from the forwards where the
-layer ran nearest to it (`calibration_thresholds`), i.e. where earlier layers skipped what they will skip then.
+thresholds fitted on the dense model would spend less than the budget. Each calibration forward logs, for every
+capacity of `CALIBRATION_CAPACITIES`, the score that keeps that fraction of the batch's tokens; each capacity's
+threshold is then taken from the forwards where the layer ran nearest to it (`calibration_thresholds`), i.e. where
+earlier layers skipped what they will skip then.
 """
 
 from __future__ import annotations
