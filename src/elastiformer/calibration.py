@@ -113,15 +113,16 @@ def collect_batches(em, data, max_batches: int | None, what: str) -> list[dict[s
 @torch.no_grad()
 def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 1, *,
                    min_budget: float = 0.5, levels: tuple[float, ...] = LEVELS, lookahead: int = 2,
-                   progress: bool = True) -> None:
+                   max_lookahead: int = 8, progress: bool = True) -> None:
     """Fit where the budget is spent: the per-layer allocation path (see `elastiformer.allocation`).
 
     Measured on `data` (calibration text, never the evaluation text) with the learned routers choosing by
     top-k inside each layer: first each routed (component, layer) alone at each of `levels`, then greedily,
-    move by move, the cheapest next reduction per FLOP saved with routing on, until the routed sub-layers run
-    `min_budget` of their dense FLOPs (below it, capacities shrink in proportion). Cost: about
-    (units x levels + moves x lookahead) forwards of `data`. Stored with the routers by `save_pretrained`; call
-    `calibrate` afterwards (`train_routers` does both when it ends)."""
+    move by move, the cheapest next reduction per FLOP saved with routing on (each move re-measures `lookahead` to
+    `max_lookahead` candidates), until the routed sub-layers run `min_budget` of their dense FLOPs (below it,
+    capacities shrink in proportion). Cost: about (units x levels + moves x lookahead..max_lookahead) forwards of
+    `data`. Stored with the routers by `save_pretrained`; call `calibrate` afterwards (`train_routers` does both
+    when it ends)."""
     from tqdm.auto import tqdm
 
     if not 0.0 < min_budget < 1.0:
@@ -167,7 +168,8 @@ def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batche
 
         fixed = {k: sorted(st.dense_layers[k]) for k in components}
         alloc = fit_path(measure, units, st.n_layers, components, min_flops=min_budget, levels=levels,
-                         lookahead=lookahead, progress=bar.set_postfix_str, fixed=fixed)
+                         lookahead=lookahead, max_lookahead=max_lookahead, progress=bar.set_postfix_str,
+                         fixed=fixed)
         bar.close()
     finally:
         st.capacity_override = None

@@ -83,6 +83,27 @@ def test_fit_path_spends_where_it_is_cheap_and_drops_whole_units_when_that_is_ch
     assert len(calls) < 3 * 4 + 3 * len(alloc.moves) + 2
 
 
+def test_fit_path_measures_on_while_an_unmeasured_move_may_still_be_cheaper():
+    """Units 0-2 look cheapest alone but compound (each one dropped after the first costs +10); unit 3 looks
+    dearer alone and does not compound. After the first drop, the two re-measured candidates (1 and 2) both cost
+    far more than unit 3's estimate: the path must measure unit 3 too and take it, not the best of the first two."""
+    units = [("mlp_tokens", i) for i in range(4)]
+
+    def measure(caps):
+        c = caps["mlp_tokens"]
+        group = sum(1 for i in range(3) if c[i] < 1)
+        cost = sum(1.0 * (1 - c[i]) for i in range(3)) + 10.0 * max(0, group - 1) + 1.5 * (1 - c[3])
+        return cost, sum(c) / 4
+
+    alloc = fit_path(measure, units, 4, ("mlp_tokens",), min_flops=0.5, levels=(0.0,), lookahead=2)
+    assert [m.layer for m in alloc.moves][:1] in ([0], [1], [2])  # one of the cheap-alone units first
+    assert alloc.moves[1].layer == 3, alloc.moves  # then the unit that does not compound
+    assert alloc.cost[2] == pytest.approx(2.5)
+    stopped = fit_path(measure, units, 4, ("mlp_tokens",), min_flops=0.5, levels=(0.0,), lookahead=2,
+                       max_lookahead=2)
+    assert stopped.moves[1].layer != 3 and stopped.cost[2] == pytest.approx(12.0)  # what stopping at two gives
+
+
 def fitted(component: str, **overrides) -> ef.ElasticModel:
     em = make_elastic("llama", component, **overrides)
     data = tokens(8, 24, seed=3)

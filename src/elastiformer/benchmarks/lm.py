@@ -98,7 +98,8 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
                            max_sequences=int(o["train_sequences"]))
     held_texts = load_texts(None, split="heldout")
     held = pack_sequences(held_texts, tokenizer, int(o["eval_seq_len"]), max_sequences=int(o["eval_sequences"]))
-    calib = [{"input_ids": train[-8:-4]}, {"input_ids": train[-4:]}]  # training text the steps rarely reach
+    b = int(o["batch_size"])  # two calibration batches shaped like the training ones, from training text the steps
+    calib = [{"input_ids": train[-2 * b:-b]}, {"input_ids": train[-b:]}]  # rarely reach
     prefill = pack_sequences(held_texts, tokenizer, int(o["prefill_len"]), max_sequences=int(o["prefill_batch"]))
     prompt = held[:1, :32]
     task = None
