@@ -73,6 +73,12 @@ class ElasticConfig:
     )
     router: str = field(default="linear", metadata={"help": "Router network: 'linear' or 'mlp' (one hidden layer)."})
     router_hidden: int = field(default=32, metadata={"help": "Hidden width of 'mlp' routers."})
+    router_norm_feature: bool = field(
+        default=False,
+        metadata={"help": "Token routers also see the log-norm of their input, which the LayerNorm in front of every "
+                  "router removes (the norm is the training-free baseline's whole score); its weight starts at 1, so "
+                  "a router starts as that baseline's ranking and learns what to add."},
+    )
     lora_rank: int = field(default=0, metadata={"help": "Rank of LoRA trained with the routers (0: none)."})
     head_granularity: str = field(
         default="query",
@@ -122,6 +128,8 @@ class ElasticConfig:
                 or self.attn_stand_in_rank < 0:
             raise ConfigError(f"attn_stand_in_rank={self.attn_stand_in_rank!r}: pass 0 (skipped attention tokens get "
                               "nothing) or a positive rank, e.g. 8")
+        if not isinstance(self.router_norm_feature, bool):
+            raise ConfigError(f"router_norm_feature={self.router_norm_feature!r}: pass True or False")
         if not isinstance(self.keep_first_token, bool):
             raise ConfigError(f"keep_first_token={self.keep_first_token!r}: pass True or False")
         if not isinstance(self.dense_layers, (list, tuple, range)) or any(

@@ -158,9 +158,10 @@ class ElasticModel(WrappedModel):
             mlp = self.spec.get_mlp(block)
             if isinstance(attn, ElasticAttention) or isinstance(mlp, ElasticMLP):
                 raise ConfigError("this model already has routers: call get_elastic_model on a fresh base model")
-            token_attn = TokenRouter(d["C"], **kw) if routed("attn_tokens") else None
+            token_kw = kw | dict(norm_feature=c.router_norm_feature)
+            token_attn = TokenRouter(d["C"], **token_kw) if routed("attn_tokens") else None
             heads = HeadRouter(d["C"], d["H"], d["KVH"], c.head_granularity, **kw) if routed("attn_heads") else None
-            token_mlp = TokenRouter(d["C"], **kw) if routed("mlp_tokens") else None
+            token_mlp = TokenRouter(d["C"], **token_kw) if routed("mlp_tokens") else None
             experts = (ExpertRouter(d["C"], c.mlp_experts, **kw, mlp_width=d["I"], clustered=c.expert_split == "cluster")
                        if routed("mlp_experts_active") else None)
             device = next(block.parameters()).device

@@ -46,6 +46,7 @@ def test_budget_below_what_dense_layers_need():
     (dict(mlp_tokens=0.5, router="transformer"), "'linear' or 'mlp'"),
     (dict(mlp_tokens=0.5, head_granularity="kv"), "'query' or 'group'"),
     (dict(mlp_tokens=0.5, lora_rank=-1), "lora_rank"),
+    (dict(mlp_tokens=0.5, router_norm_feature="yes"), "router_norm_feature"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ef.ConfigError, match=match):

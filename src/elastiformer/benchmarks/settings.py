@@ -16,6 +16,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # the stand-ins kept as fitted by regression, not trained with the routers
     "mlp_tokens_fitted_stand_in": dict(mlp_tokens=0.8, train=dict(stand_in_lr_scale=0.0)),
     "attn_tokens": dict(attn_tokens=0.8),
+    # token routers that also see the log-norm of their input (starting as the norm baseline's ranking)
+    "mlp_tokens_norm_feature": dict(mlp_tokens=0.8, router_norm_feature=True),
+    "attn_tokens_norm_feature": dict(attn_tokens=0.8, router_norm_feature=True),
     "attn_heads": dict(attn_heads=0.75),
     "mlp_experts": dict(mlp_experts=8, mlp_experts_active=0.75),
     # the same experts and budgets, neurons grouped by co-activation instead of contiguous slices
@@ -26,7 +29,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 def component_of(setting: str) -> str:
     """The routed component a bench setting measures (settings may be variants of one component)."""
-    for suffix in ("_cluster", "_paper", "_sensitivity", "_student", "_no_stand_in", "_fitted_stand_in"):
+    for suffix in ("_cluster", "_paper", "_sensitivity", "_student", "_no_stand_in", "_fitted_stand_in",
+                   "_norm_feature"):
         setting = setting.removesuffix(suffix)
     return setting
 

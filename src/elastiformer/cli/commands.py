@@ -66,6 +66,8 @@ TRAIN_OPTIONS = {
     "expert_split": Option("contiguous", "How neurons form experts: contiguous (slices) or cluster (neurons that "
                            "fire together, fitted on training text)."),
     "router": Option("linear", "Router network: linear or mlp."),
+    "router_norm_feature": Option(False, "Token routers also see the log-norm of their input (which their LayerNorm "
+                                  "removes), starting as the training-free norm score's ranking."),
     "dense_layers": Option("", "Layers never routed, e.g. 0,-2,-1 (default: none; the fitted allocation decides)."),
     "lora_rank": Option(0, "Also train rank-r LoRA on the attention projections (0: none)."),
     "stand_in_rank": Option(32, "Tokens that skip a routed MLP get a rank-r linear estimate of its update, fitted "
@@ -111,7 +113,7 @@ def _elastic_config(o: dict[str, Any]):
     return ElasticConfig(
         mlp_tokens=o["mlp_tokens"], attn_tokens=o["attn_tokens"], attn_heads=o["attn_heads"],
         mlp_experts=o["mlp_experts"], mlp_experts_active=o["mlp_experts_active"],
-        expert_split=o["expert_split"], router=o["router"],
+        expert_split=o["expert_split"], router=o["router"], router_norm_feature=bool(o["router_norm_feature"]),
         dense_layers=_ints(o["dense_layers"], "dense_layers"), lora_rank=int(o["lora_rank"]),
         stand_in_rank=int(o["stand_in_rank"]), attn_stand_in_rank=int(o["attn_stand_in_rank"]),
     )

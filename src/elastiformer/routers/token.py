@@ -51,9 +51,16 @@ def topk_mask(ranking: torch.Tensor, capacity: float, valid: torch.Tensor, force
 
 
 class TokenRouter(nn.Module):
-    def __init__(self, hidden: int, kind: str = "linear", router_hidden: int = 32):
+    def __init__(self, hidden: int, kind: str = "linear", router_hidden: int = 32, norm_feature: bool = False):
         super().__init__()
         self.net = make_router_net(hidden, 1, kind, router_hidden)
+        if norm_feature:  # ElasticConfig.router_norm_feature: the score also sees log |x|, which the net's LayerNorm
+            # removes; standardized by the mean / variance of the training tokens' log-norms, weight starting at 1,
+            # so the router starts as the training-free norm score's ranking and learns what to add to it
+            self.norm_weight = nn.Parameter(torch.ones(()))
+            self.register_buffer("norm_stats", torch.tensor([0.0, 1.0, 0.0]))  # (mean, variance, tokens seen)
+        else:
+            self.norm_weight = None
         # calibrate() fills these: at this layer's capacity calib_capacity[i], process the tokens whose score is at
         # least calib_threshold[i] (ascending capacities; NaN until calibrated; artifacts of earlier versions hold
         # other capacities, the last repeated to fill)
@@ -63,11 +70,34 @@ class TokenRouter(nn.Module):
         self.calibration_log: list[tuple[float, torch.Tensor]] | None = None
         self.baseline_calibration: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # method -> (caps, thresholds)
 
-    def score(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)  # (B, T, C) -> (B, T)
+    def score(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T). `valid` (B, T): the real tokens, whose log-norms update the norm feature's statistics
+        while training."""
+        scores = self.net(x).squeeze(-1)
+        if self.norm_weight is None:
+            return scores
+        log_norm = x.float().norm(dim=-1).clamp(min=1e-6).log()  # (B, T)
+        if self.training and torch.is_grad_enabled():
+            self._update_norm_stats(log_norm.detach()[valid] if valid is not None else log_norm.detach().flatten())
+        mean, var, _ = self.norm_stats.float()
+        feature = (log_norm - mean) / var.clamp(min=1e-4).sqrt()  # (std floor: inputs of near-constant norm)
+        return scores + (self.norm_weight * feature).to(scores.dtype)
+
+    def _update_norm_stats(self, values: torch.Tensor) -> None:
+        """Running mean / variance of the training tokens' log-norms (every token seen so far, equal weights), updated
+        before use, so the first batch is standardized by its own statistics. values: (n,)"""
+        if values.numel() < 2:
+            return
+        mean, var, n = self.norm_stats.float().tolist()
+        m, v, k = float(values.mean()), float(values.var()), values.numel()
+        total = n + k
+        new_mean = mean + (m - mean) * k / total
+        new_var = (n * (var + (mean - new_mean) ** 2) + k * (v + (m - new_mean) ** 2)) / total
+        self.norm_stats.copy_(torch.tensor([new_mean, new_var, total]))
 
     def flops(self, n_tokens: int) -> int:
-        return router_net_flops(self.net, n_tokens)
+        extra = 2 * n_tokens * self.net[0].normalized_shape[0] if self.norm_weight is not None else 0  # the norm
+        return router_net_flops(self.net, n_tokens) + extra
 
     def importance_loss(self, x: torch.Tensor, importance: torch.Tensor, capacity: float, valid: torch.Tensor,
                         forced: torch.Tensor) -> torch.Tensor | None:
@@ -84,7 +114,7 @@ class TokenRouter(nn.Module):
             return None
         z = importance[learn].float().clamp(min=1e-6).log()
         z = (z - z.mean()) / z.std().clamp(min=1e-6)  # standardized log-importance of this layer's tokens
-        return F.mse_loss(self.score(x)[learn], z)
+        return F.mse_loss(self.score(x, valid)[learn], z)
 
     @property
     def is_calibrated(self) -> bool:
@@ -149,7 +179,7 @@ class TokenRouter(nn.Module):
         elif method in ("norm", "norm_allocated"):  # the training-free baseline: the norm of the sub-layer's input
             scores = x.float().norm(dim=-1)
         else:
-            scores = self.score(x)  # (B, T)
+            scores = self.score(x, valid)  # (B, T)
         aux = None
         if topk:
             selected = topk_mask(scores, capacity, valid, forced)
