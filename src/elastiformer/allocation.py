@@ -34,6 +34,10 @@ from .errors import RouterFileError
 logger = logging.getLogger(__name__)
 
 LEVELS = (0.75, 0.5, 0.25, 0.0)  # capacities a unit may be lowered to, from dense (1.0)
+# A sub-layer is dropped whole (capacity 0) through its token component when the layer routes one: its skipped
+# tokens then get the stand-in (layers/stand_in.py), while no head / expert left gives them nothing. So heads and
+# experts do not go to 0 in a layer whose tokens are routed too (same FLOPs saved, a dearer loss).
+DROPPED_BY = {"attn_heads": "attn_tokens", "mlp_experts_active": "mlp_tokens"}
 
 
 @dataclass(frozen=True)
@@ -177,7 +181,8 @@ def fit_path(measure: Measure, units: Sequence[tuple[str, int]], n_layers: int, 
     `measure(capacities)` runs the model on calibration data with `capacities` ({component: [per layer]}) and
     returns (distillation loss, executed / full-capacity FLOPs of the routed sub-layers). Phase 1 measures every
     unit alone at every level: single-unit cost curves, the first estimates. Phase 2 repeats, until those FLOPs fall to
-    `min_flops`: rank the candidate moves (each unit to any lower level) by estimated cost per FLOP saved,
+    `min_flops`: rank the candidate moves (each unit to any lower level; not heads / experts to 0 where the layer's
+    tokens are routed too, see `DROPPED_BY`) by estimated cost per FLOP saved,
     re-measure the `lookahead` best at the current allocation, and go on down the ranking (up to `max_lookahead`)
     while the next candidate's estimate is below the best measured cost per FLOP (lazy greedy: a move whose estimate
     is already worse than a measured one cannot win); take the best measured. Each re-measure updates its unit's
@@ -193,9 +198,12 @@ def fit_path(measure: Measure, units: Sequence[tuple[str, int]], n_layers: int, 
     alloc = Allocation(n_layers, tuple(components), flops=[base_flops], cost=[base_cost], fixed=fixed or {})
     # ---- phase 1: each unit alone, at every level ----
     curve: dict[tuple[str, int], dict[float, tuple[float, float]]] = {}
+    unit_set = set(units)
     for n, (c, i) in enumerate(units):
         curve[(c, i)] = {1.0: (0.0, 0.0)}
         for lev in levels:
+            if lev == 0.0 and (DROPPED_BY.get(c), i) in unit_set:
+                continue  # dropped whole through the layer's token component instead
             caps = {k: list(v) for k, v in dense.items()}
             caps[c][i] = lev
             cost, flops = measure(caps)

@@ -104,6 +104,24 @@ def test_fit_path_measures_on_while_an_unmeasured_move_may_still_be_cheaper():
     assert stopped.moves[1].layer != 3 and stopped.cost[2] == pytest.approx(12.0)  # what stopping at two gives
 
 
+def test_heads_and_experts_are_not_dropped_whole_where_the_layers_tokens_are_routed():
+    """Dropping a layer's experts (or heads) entirely saves what dropping its tokens saves, but the tokens' route
+    gives skipped tokens the stand-in: the path takes a sub-layer to 0 only through its token component."""
+    units = [("mlp_tokens", 0), ("mlp_experts_active", 0), ("mlp_experts_active", 1), ("attn_heads", 0)]
+    seen = []
+
+    def measure(caps):
+        seen.append({k: list(v) for k, v in caps.items()})
+        cost = sum(0.1 * (1 - v) for c in caps.values() for v in c)  # every move equally cheap
+        return cost, sum(sum(v) for v in caps.values()) / 8
+
+    alloc = fit_path(measure, units, 2, ("mlp_tokens", "mlp_experts_active", "attn_heads"), min_flops=0.3)
+    assert all(caps["mlp_experts_active"][0] > 0 for caps in seen)  # never even measured at 0
+    assert any(caps["mlp_experts_active"][1] == 0 for caps in seen)  # layer 1 routes no MLP tokens: it may
+    assert any(caps["attn_heads"][0] == 0 for caps in seen)  # no attention tokens routed: heads may go to 0
+    assert any(m.component == "mlp_tokens" and m.end == 0.0 for m in alloc.moves)
+
+
 def fitted(component: str, **overrides) -> ef.ElasticModel:
     em = make_elastic("llama", component, **overrides)
     data = tokens(8, 24, seed=3)
