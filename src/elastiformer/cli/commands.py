@@ -76,8 +76,9 @@ TRAIN_OPTIONS = {
     "stand_in_lr_scale": Option(0.1, "The stand-ins then train with the routers at this fraction of --lr (0: kept "
                                 "as fitted)."),
     "steps": Option(200, "Optimizer steps."),
-    "batch_size": Option(4, "Sequences per micro-batch."),
-    "seq_len": Option(128, "Tokens per sequence."),
+    "batch_size": Option(2, "Sequences per micro-batch."),
+    "seq_len": Option(256, "Tokens per sequence: train on sequences as long as those you will run (`eval` reads 256 "
+                      "by default; routers trained on 128 tokens lost more at positions 128-255 than before them)."),
     "max_sequences": Option(None, "Use at most this many training sequences (default: all).", kind=int),
     "lr": Option(2e-3, "Peak learning rate of the routers."),
     "schedule": Option("cosine", "cosine, linear or constant (after warmup)."),
@@ -664,7 +665,7 @@ def demo(
     typer.echo("elastiformer demo: SmolLM2-135M, MLP token routing (Mixture-of-Depths style), trained by "
                "self-distillation on Gutenberg books, evaluated on held-out books.\n")
     opts = dict(TRAIN_DEFAULTS) | dict(output=str(output), mlp_tokens=0.8, dense_layers="", steps=steps,
-                                       batch_size=4, seq_len=128, max_sequences=2000, budget_range="0.6,0.95",
+                                       batch_size=2, seq_len=256, max_sequences=2000, budget_range="0.6,0.95",
                                        overwrite=overwrite, checkpoint_every=20)
     typer.echo(f"1/2 training routers for {steps} steps, then fitting where each budget is spent: the per-layer "
                "allocation, measured on calibration text with the trained routers...")
