@@ -188,9 +188,9 @@ def fit_path(measure: Measure, units: Sequence[tuple[str, int]], n_layers: int, 
     is already worse than a measured one cannot win); take the best measured. Each re-measure updates its unit's
     estimates (costs compound: what a move costs grows as others are made), and the estimates of units of the same
     component that were not re-measured recently are scaled by that component's typical ratio of measured to
-    estimated cost (on SmolLM2 with all four components routed, dropping a layer's experts compounded 3-6x while
-    thinning its MLP tokens compounded ~2x; a shared ratio, and stopping after two candidates, let the path drop
-    whole MLPs through their experts at twice the cost per FLOP of the MLP-token moves it passed over).
+    estimated cost (components compound differently; with one shared ratio and the better of two candidates taken,
+    the SmolLM2 combined path dropped whole MLPs through their experts at 3.3-6.5 nats per unit of FLOPs while the
+    MLP-token moves around them cost 1.8-4.3).
     """
     note = progress or (lambda s: None)
     dense = {c: [1.0] * n_layers for c in components}
