@@ -84,8 +84,10 @@ class TokenRouter(nn.Module):
         return scores + (self.norm_weight * feature).to(scores.dtype)
 
     def _update_norm_stats(self, values: torch.Tensor) -> None:
-        """Running mean / variance of the training tokens' log-norms (every token seen so far, equal weights), updated
-        before use, so the first batch is standardized by its own statistics. values: (n,)"""
+        """Running mean / variance of the log-norms of every training-mode call's tokens, updated before use, so the
+        first batch is standardized by its own statistics. Each call counts: the target phase's reused teacher
+        batches (`target_repeats`) count again each time, and a distillation step counts the teacher's inputs
+        (importance regression) beside the student's (the routed forward). values: (n,)"""
         if values.numel() < 2:
             return
         mean, var, n = self.norm_stats.float().tolist()
