@@ -331,3 +331,58 @@ def test_one_token_head_choice_equals_the_batched_choice():
                     for t in range(24):
                         one = router.one_token_heads(x[:, t:t + 1], capacity, t, layer=layer)
                         assert one == batched[0, t].nonzero().squeeze(1).tolist(), (granularity, capacity, layer, t)
+
+
+def test_batch_1_decoding_routes_tokens_with_heads_and_experts_on_the_one_token_paths(monkeypatch):
+    """All four components at batch 1: a token-routed attention that also routes heads (an MLP that also routes
+    experts) decides with one score and then runs the token's heads (experts) on the token as it is, without the
+    batched gathers; every decode step's logits equal the uncached forward's, and steps both run and skip layers
+    with fewer heads / experts than the layer has."""
+    from elastiformer.layers import ElasticAttention
+
+    calls = {"attn": 0, "mlp": 0}
+    for cls, key in ((ElasticAttention, "attn"), (ElasticMLP, "mlp")):
+        original = cls._one_token
+        monkeypatch.setattr(cls, "_one_token", lambda self, *a, _o=original, _k=key: calls.__setitem__(
+            _k, calls[_k] + 1) or _o(self, *a))
+    config = ef.ElasticConfig(attn_tokens=0.6, attn_heads=0.6, mlp_tokens=0.6, mlp_experts=4, mlp_experts_active=0.5)
+    for arch in sorted(MODELS):
+        em = _randomized(ef.get_elastic_model(MODELS[arch](), config))
+        em.calibrate([{"input_ids": tokens(4, 24)}], progress=False)
+        em.set_budget(0.6)
+        ids = tokens(1, 16)
+        per_layer = []
+        with torch.no_grad():
+            full = em(input_ids=ids).logits
+            out = em(input_ids=ids[:, :10], use_cache=True)
+            for t in range(10, ids.shape[1]):
+                out = em(input_ids=ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+                torch.testing.assert_close(out.logits[:, -1], full[:, t], atol=2e-5, rtol=1e-4)
+                per_layer += em.last_stats()["per_layer"]
+        for sub in ("attn", "mlp"):
+            ran = [s for s in per_layer if s["sublayer"] == sub and s["token_fraction"] == 1.0]
+            assert any(s["token_fraction"] == 0.0 for s in per_layer if s["sublayer"] == sub)
+            assert any(s["unit_fraction"] < 1.0 for s in ran)  # the token ran on part of the heads / experts
+    assert calls["attn"] and calls["mlp"]
+
+
+def test_decoding_weight_views_follow_the_weights():
+    """The per-set weight views of batch-1 decoding are reused while the weights stay in place (changes in place
+    show through them) and rebuilt once a weight is another tensor."""
+    from elastiformer.layers.state import views_per_weights
+
+    layer = torch.nn.Linear(4, 6)
+    made = []
+
+    def make():
+        made.append(1)
+        return layer.weight[2:4]
+
+    first = views_per_weights(layer, (layer.weight,), (1,), make)
+    assert views_per_weights(layer, (layer.weight,), (1,), make) is first and len(made) == 1
+    with torch.no_grad():
+        layer.weight.mul_(2)  # in place: the kept view reads the new values
+    torch.testing.assert_close(first, layer.weight[2:4])
+    layer.weight = torch.nn.Parameter(torch.randn(6, 4))  # another storage: the views are made again
+    again = views_per_weights(layer, (layer.weight,), (1,), make)
+    assert len(made) == 2 and torch.equal(again, layer.weight[2:4])

@@ -44,7 +44,7 @@ from .lora import HeadPathLoRA, adapter_flops
 from ..routers import HeadRouter, TokenRouter
 from .mlp import contiguous_runs
 from .stand_in import StandIn
-from .state import ElasticSubLayer, RoutingState, SubLayerStats
+from .state import ElasticSubLayer, RoutingState, SubLayerStats, views_per_weights
 
 _CACHE_INDEX_ATTR = "_elastiformer_kv_index"  # {layer_idx: (B, P) long} sequence index of each cached entry
 _CACHE_ROUTED_ATTR = "_elastiformer_kv_routed"  # {layer_idx}: layers whose cache skips tokens (or pads rows)
@@ -163,9 +163,9 @@ class ElasticAttention(ElasticSubLayer):
             st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, dense + adapter_flops(self.base_layer, B * T)))
             return self.base_layer(hidden_states, *args, **kwargs)
 
-        if B * T == 1 and tok_cap < 1.0 and head_cap >= 1.0 and not st.topk and not torch.is_grad_enabled() \
+        if B * T == 1 and tok_cap < 1.0 and not st.topk and not torch.is_grad_enabled() \
                 and self.token_router.calibration_log is None:
-            return self._one_token(x, args, kwargs, cache, past, tok_cap, dense)
+            return self._one_token(x, args, kwargs, cache, past, tok_cap, head_cap, dense)
 
         # ---- which tokens this layer processes ----
         positions = st.current_positions(T, x.device).expand(B, T)  # (B, T) sequence index of each token
@@ -238,27 +238,36 @@ class ElasticAttention(ElasticSubLayer):
                                       token_fraction, unit_fraction))
         return out, None
 
-    def _one_token(self, x, args, kwargs, cache, past, capacity: float, dense: int):
+    def _one_token(self, x, args, kwargs, cache, past, capacity: float, head_capacity: float, dense: int):
         """Decoding one token (batch 1) with token routing: one score and one host read decide whether the attention
-        runs on `x` as it is or not at all, without the gathers, index bookkeeping and mask of the batched path. At
-        batch 1 every cached entry is a real earlier token, so the query may attend to all of them: no mask is built
-        unless the call has padding or the layer a sliding window. x: (1, 1, C)."""
+        runs on `x` as it is (the module itself, or its routed heads) or not at all, without the gathers, index
+        bookkeeping and mask of the batched path. At batch 1 every cached entry is a real earlier token, so the
+        query may attend to all of them: no mask is built unless the call has padding or the layer a sliding
+        window. x: (1, 1, C)."""
         st = self.state
         d = self.dims
-        sel = self.token_router(x, capacity, st.token_valid(1, 1, x.device), st.forced_tokens(1, 1, x.device),
-                                topk=False, method=st.method, self_target=False, generator=st.generator)
+        selected = self.token_router.one_token_selected(x, capacity, st.one_token_rule(x.device), method=st.method,
+                                                        generator=st.generator)
         router_flops = self.token_router.flops(1) if st.method == "learned" else 0
-        if not bool(sel.selected):  # skipped: only the stand-in's weights (if any) are read, nothing is cached
+        if not selected:  # skipped: only the stand-in's weights (if any) are read, nothing is cached
             return self._none_selected(x, cache, past, dense, router_flops)
         current = st.current_positions(1, x.device).expand(1, 1)  # (1, 1)
-        if self._cache_routed(cache):  # transformers' mask assumes every past token is cached, in order
-            kwargs["attention_mask"] = self._cached_entries_mask(past, current, x.dtype)
-        out = self.base_layer(x, *args, **kwargs)[0]  # (1, 1, C)
+        unit_fraction = 1.0
+        if head_capacity < 1.0:  # the token's heads only (they update the cache themselves)
+            mask = self._cached_entries_mask(past, current, x.dtype)  # (1, 1, 1, P + 1), or None: every key
+            out, flops, unit_fraction = self._head_routed(x, None, mask, kwargs, cache, head_capacity, current)
+            out = self.finish(out, x, self.spec.attention_weights(self.base_layer).norm)  # (1, 1, C)
+            router_flops += self.head_router.flops(1) if st.method == "learned" else 0
+        else:
+            if self._cache_routed(cache):  # transformers' mask assumes every past token is cached, in order
+                kwargs["attention_mask"] = self._cached_entries_mask(past, current, x.dtype)
+            out = self.base_layer(x, *args, **kwargs)[0]  # (1, 1, C)
+            flops = attention_projection_flops(1, 1, d["C"], d["H"], d["KVH"], d["D"]) + \
+                attention_score_flops(1, past.shape[1] + 1, d["H"], d["D"]) + adapter_flops(self.base_layer, 1)
         if cache is not None:
             self._remember_index(cache, past, current, routed=True)
-        flops = attention_projection_flops(1, 1, d["C"], d["H"], d["KVH"], d["D"]) + \
-            attention_score_flops(1, past.shape[1] + 1, d["H"], d["D"]) + adapter_flops(self.base_layer, 1)
-        st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, flops + router_flops, router_flops, 1.0, 1.0))
+        st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, flops + router_flops, router_flops, 1.0,
+                                      unit_fraction))
         return out, None
 
     def _none_selected(self, x, cache, past, dense: int, router_flops: int, valid: torch.Tensor | None = None):
@@ -427,32 +436,44 @@ class ElasticAttention(ElasticSubLayer):
         before the output projection. x: (B, 1, C), k / v: (B, KVH, kv, D), mask: (B, 1, 1, kv), active: (B, 1, H).
         -> (B, C) what the heads add (no bias), FLOPs, how many heads ran."""
         B, _, C = x.shape
-        H, KVH, D = self.dims["H"], self.dims["KVH"], self.dims["D"]
+        D = self.dims["D"]
         if heads is None:  # the heads some row chose: one read per layer
             heads = active[:, 0].any(dim=0).nonzero().squeeze(1).tolist()
         if not heads:
             return x.new_zeros(B, C), 0, 0
         U, kv_len = len(heads), k.shape[2]
-        runs = [slice(a * D, (b + 1) * D) for a, b in contiguous_runs(heads)]  # q rows / o columns of each run
+        plan = self._head_runs(w, heads, x.device)
         xf = x.view(B, C)  # (B, 1, C) -> (B, C)
-        q = torch.cat([F.linear(xf, w.q_w[r], None if w.q_b is None else w.q_b[r]) for r in runs], dim=1)  # (B, U*D)
+        q = torch.cat([F.linear(xf, q_w, q_b) for q_w, q_b in plan.q], dim=1)  # (B, U*D)
         q = q.view(B, U, 1, D)  # (B, U*D) -> (B, U, 1, D)
         if w.q_norm is not None:  # (per head here: a whole-projection norm takes the bucket path)
             q = w.q_norm(q)
         if cos_sin is not None:
             q = rotate(q, *cos_sin)
-        groups = torch.tensor([h // (H // KVH) for h in heads], device=x.device)  # (U,) the KV group of each head
-        o = attend(q, k.index_select(1, groups), v.index_select(1, groups), mask, scaling, w.softcap)  # (B, U, 1, D)
+        o = attend(q, k.index_select(1, plan.groups), v.index_select(1, plan.groups), mask, scaling,
+                   w.softcap)  # (B, U, 1, D)
         if B > 1:  # a head another row chose runs here too: its output is dropped
             o = o * active[:, 0, heads].to(o.dtype)[:, :, None, None]
         o = o.reshape(B, U * D)  # (B, U, 1, D) -> (B, U*D)
         out, start = None, 0
-        for r in runs:
-            width = r.stop - r.start
-            part = F.linear(o[:, start:start + width], w.o_w[:, r])  # (B, C)
+        for o_w in plan.o:
+            width = o_w.shape[1]
+            part = F.linear(o[:, start:start + width], o_w)  # (B, C)
             out = part if out is None else out + part
             start += width
         return out, 2 * B * U * C * D * 2 + attention_score_flops(B * U, kv_len, 1, D), U
+
+    def _head_runs(self, w, heads: list[int], device) -> "HeadRuns":
+        """The weight views and KV groups of one set of heads (sorted), made once per set and reused (see
+        `views_per_weights`): a decode step would otherwise slice the q rows and o columns of every run and build
+        the group tensor again in every layer."""
+        def make() -> HeadRuns:
+            H, KVH, D = self.dims["H"], self.dims["KVH"], self.dims["D"]
+            runs = [slice(a * D, (b + 1) * D) for a, b in contiguous_runs(heads)]  # q rows / o columns of each run
+            return HeadRuns(q=[(w.q_w[r], None if w.q_b is None else w.q_b[r]) for r in runs],
+                            o=[w.o_w[:, r] for r in runs],
+                            groups=torch.tensor([h // (H // KVH) for h in heads], device=device))  # (U,)
+        return views_per_weights(self, (w.q_w, w.o_w), tuple(heads), make)
 
     def _run_head_bucket(self, bk: "HeadBuckets", x, w, lora, k, v, mask, cos_sin, gate, scaling, out,
                          q_all=None) -> int:
@@ -565,6 +586,13 @@ class ElasticAttention(ElasticSubLayer):
             allowed = allowed & real[:, None, :]
         zero = torch.zeros((), dtype=dtype, device=q_pos.device)
         return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
+
+
+class HeadRuns(NamedTuple):
+    """One set of heads taken in runs of adjacent heads (decoding): views of the weights, no copies."""
+    q: list[tuple[torch.Tensor, torch.Tensor | None]]  # per run: q rows (run*D, C), q bias (run*D,) or None
+    o: list[torch.Tensor]  # per run: o columns (C, run*D)
+    groups: torch.Tensor  # (U,) long, the KV group of each head
 
 
 # heads share a bucket length when theirs is at least this fraction of the longest: fewer, larger matmuls for

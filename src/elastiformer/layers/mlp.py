@@ -22,7 +22,7 @@ from ..arch import ArchSpec
 from ..flops import mlp_flops
 from ..routers import ExpertRouter, TokenRouter
 from .stand_in import StandIn
-from .state import ElasticSubLayer, RoutingState, SubLayerStats
+from .state import ElasticSubLayer, RoutingState, SubLayerStats, views_per_weights
 
 
 class ElasticMLP(ElasticSubLayer):
@@ -101,9 +101,9 @@ class ElasticMLP(ElasticSubLayer):
             st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, dense))
             return self.base_layer(x, *args, **kwargs)
 
-        if B * T == 1 and tok_cap < 1.0 and exp_cap >= 1.0 and not st.topk and not torch.is_grad_enabled() \
+        if B * T == 1 and tok_cap < 1.0 and not st.topk and not torch.is_grad_enabled() \
                 and self.token_router.calibration_log is None:
-            return self._one_token(x, tok_cap, dense)
+            return self._one_token(x, tok_cap, exp_cap, dense)
 
         xf = x.reshape(B * T, C)  # (B, T, C) -> (N, C)
         router_flops = 0
@@ -154,19 +154,29 @@ class ElasticMLP(ElasticSubLayer):
                                       token_fraction, unit_fraction))
         return y.view(B, T, C)
 
-    def _one_token(self, x: torch.Tensor, capacity: float, dense: int) -> torch.Tensor:
-        """Decoding one token (batch 1) with token routing: one score and one host read decide whether the MLP runs
-        on `x` as it is or not at all, without the gather / scatter of the batched path. x: (1, 1, C)."""
+    def _one_token(self, x: torch.Tensor, capacity: float, expert_capacity: float, dense: int) -> torch.Tensor:
+        """Decoding one token (batch 1) with token routing: one score and one host read decide whether the MLP (or
+        the token's experts) runs on `x` as it is or not at all, without the gather / scatter of the batched path.
+        x: (1, 1, C)."""
         st = self.state
-        sel = self.token_router(x, capacity, st.token_valid(1, 1, x.device), st.forced_tokens(1, 1, x.device),
-                                topk=False, method=st.method, self_target=False, generator=st.generator)
+        selected = self.token_router.one_token_selected(x, capacity, st.one_token_rule(x.device), method=st.method,
+                                                        generator=st.generator)
         router_flops = self.token_router.flops(1) if st.method == "learned" else 0
-        if not bool(sel.selected):  # skipped: no weight of this MLP is read (the stand-in's, if any)
+        if not selected:  # skipped: no weight of this MLP is read (the stand-in's, if any)
             st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, router_flops + self.skip_flops(1), router_flops,
                                           0.0, 1.0))
             return self.skipped_output(x)
-        st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, dense + router_flops, router_flops, 1.0, 1.0))
-        return self.base_layer(x)
+        if expert_capacity >= 1.0:
+            st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, dense + router_flops, router_flops, 1.0, 1.0))
+            return self.base_layer(x)
+        xf = x.view(1, -1)  # (1, 1, C) -> (1, C)
+        position = st.real_positions(st.current_positions(1, x.device).expand(1, 1)).view(1)  # (1,)
+        y, flops, unit_fraction = self._run_experts(xf, expert_capacity, position)  # the token's experts only
+        y = self.finish(y, xf, self.spec.mlp_weights(self.base_layer).norm)
+        router_flops += self.expert_router.flops(1) if st.method == "learned" else 0
+        st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, flops + router_flops, router_flops, 1.0,
+                                      unit_fraction))
+        return y.view_as(x)
 
     def output_norm(self) -> nn.Module | None:
         return self.spec.mlp_weights(self.base_layer).norm
@@ -282,16 +292,18 @@ class ElasticMLP(ElasticSubLayer):
         so each run of them is a single up / gate / down matmul, reading exactly the chosen rows. x: (1, C)."""
         C, I = self.dims["C"], self.dims["I"]
         width = I // self.expert_router.n_experts
+
+        def make() -> list[tuple[torch.Tensor | None, ...]]:  # per run of experts: views of its rows / columns
+            runs = [slice(first * width, (last + 1) * width) for first, last in contiguous_runs(experts)]
+            return [(w.up_w[s], None if w.up_b is None else w.up_b[s], None if w.gate_w is None else w.gate_w[s],
+                     None if w.gate_b is None else w.gate_b[s], w.down_w[:, s]) for s in runs]
+
         flops = 0
-        for first, last in contiguous_runs(experts):
-            s = slice(first * width, (last + 1) * width)  # neurons of experts first..last
-            h = F.linear(x, w.up_w[s], None if w.up_b is None else w.up_b[s])  # (1, run width)
-            if w.gate_w is not None:
-                h = w.act(F.linear(x, w.gate_w[s], None if w.gate_b is None else w.gate_b[s])) * h
-            else:
-                h = w.act(h)
-            out = out + F.linear(h, w.down_w[:, s])  # (1, C)
-            flops += mlp_flops(1, C, s.stop - s.start, w.gate_w is not None)
+        for up_w, up_b, gate_w, gate_b, down_w in views_per_weights(self, (w.up_w, w.down_w), tuple(experts), make):
+            h = F.linear(x, up_w, up_b)  # (1, run width): the neurons of one run of adjacent experts
+            h = w.act(F.linear(x, gate_w, gate_b)) * h if gate_w is not None else w.act(h)
+            out = out + F.linear(h, down_w)  # (1, C)
+            flops += mlp_flops(1, C, up_w.shape[0], gate_w is not None)
         return out, flops
 
 

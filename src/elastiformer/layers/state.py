@@ -198,6 +198,12 @@ class RoutingState:
             first = self.pad_mask.long().argmax(dim=1)  # (B,) index of the first True
         return positions[None, :] == first[:, None]
 
+    def one_token_rule(self, device) -> bool | None:
+        """Decoding one token (batch 1): True if token routing must process it (forced), False if it is padding,
+        None if its score decides. Read on the host once per call, not in every layer."""
+        return self.per_call(("one_token_rule", device), lambda: False if not bool(self.token_valid(1, 1, device))
+                             else True if bool(self.forced_tokens(1, 1, device)) else None)
+
     def current_positions(self, T: int, device) -> torch.Tensor:
         self.check_in_call()
         if self.positions is None:  # the call showed no token count (pixel_values): the first sub-layer sets it
@@ -338,3 +344,19 @@ class ElasticSubLayer(SubLayerWrapper):
             out = out.index_copy(0, where, self.skipped_output(x_flat.index_select(0, where)))
             flops = self.skip_flops(where.numel())
         return out.index_copy(0, idx, y.to(x_flat.dtype)), flops
+
+
+MAX_VIEW_SETS = 512  # unit sets (heads, experts) whose weight views a layer keeps for decoding (2^9 for 9 heads)
+
+
+def views_per_weights(module: nn.Module, weights: tuple[torch.Tensor, ...], key: tuple, make: Callable[[], object]):
+    """`make()` (views of `weights` for one set of heads or experts), made once per `key` and kept on `module`.
+    Views read the weights as they are now, so they stay right while the weights change in place; all are dropped
+    when a weight moves to another storage (`.to()`, a new Parameter), or when `MAX_VIEW_SETS` sets are kept."""
+    ptrs = tuple(w.data_ptr() for w in weights)
+    kept = module.__dict__.get("_views_per_weights")
+    if kept is None or kept[0] != ptrs or len(kept[1]) >= MAX_VIEW_SETS:
+        kept = module.__dict__["_views_per_weights"] = (ptrs, {})
+    if key not in kept[1]:
+        kept[1][key] = make()
+    return kept[1][key]

@@ -83,6 +83,18 @@ class TokenRouter(nn.Module):
         feature = (log_norm - mean) / var.clamp(min=1e-4).sqrt()  # (std floor: inputs of near-constant norm)
         return scores + (self.norm_weight * feature).to(scores.dtype)
 
+    def one_token_selected(self, x: torch.Tensor, capacity: float, rule: bool | None, method: str = "learned",
+                           generator: torch.Generator | None = None) -> bool:
+        """Decoding one token: whether it is processed, by the rule of `forward` without its (1, 1) selection
+        tensors. x: (1, 1, C); rule: `RoutingState.one_token_rule` (True forced, False padding, None: the score)."""
+        if method == "random":  # the same draw as forward's, so the baseline's stream of choices is unchanged
+            drawn = bool(torch.rand(x.shape[:2], device=x.device, generator=generator) >= 1.0 - capacity)
+            return drawn if rule is None else rule
+        if rule is not None:
+            return rule
+        score = x.float().norm(dim=-1) if method in ("norm", "norm_allocated") else self.score(x)  # (1, 1)
+        return bool(score >= self.threshold(capacity, method))
+
     def _update_norm_stats(self, values: torch.Tensor) -> None:
         """Running mean / variance of the log-norms of every training-mode call's tokens, updated before use, so the
         first batch is standardized by its own statistics. Each call counts: the target phase's reused teacher
