@@ -77,3 +77,13 @@ def test_speed_table_checks_the_targets():
     assert target_check(row | dict(kind="decode", batch=8, time_ratio=2.0)) == ""  # no target at batch 8
     text = speed_markdown({"model": "m", "machine": {}, "settings": {}, "records": [row, row | dict(time_ratio=1.2)]})
     assert "Targets met in 1 of 2 checked rows." in text and text.count("| elastiformer |") == 2
+    assert "| 0.880 | - |" in text  # a record without paired ratios (written before they were) shows none
+
+
+def test_speed_records_keep_each_repetitions_paired_ratio():
+    from elastiformer.benchmarks.speed import paired_range, timing_record
+
+    r = timing_record("decode", 64, dense=[2.0, 4.0, 3.0], elastic=[1.0, 3.0, 3.3], flops_ratio=0.8)
+    assert r["time_ratio"] == 3.0 / 3.0  # the ratio of the medians, as before
+    assert r["paired_ratios"] == pytest.approx([0.5, 0.75, 1.1]) and paired_range(r) == "0.50-1.10"
+    assert r["dense_tokens_per_s"] == 64 / 3.0

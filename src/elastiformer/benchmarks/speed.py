@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import statistics
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +26,7 @@ import torch
 
 from ..cache import atomic_path
 from ..config import ElasticConfig
-from ..evaluation.timing import interleaved, machine
+from ..evaluation.timing import interleaved_runs, machine
 from ..options import Option, defaults
 from .runner import Measured, parse_components, run_settings, save_result
 from .settings import SETTINGS
@@ -62,10 +63,14 @@ FLEXTRON_MENUS = dict(mlp_widths=(1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25), he
 
 
 # ---------------------------------------------------------------- timing
-def timing_record(kind: str, tokens: int, dense_s: float, elastic_s: float, flops_ratio: float) -> dict[str, Any]:
-    """One measurement: `tokens` processed (prefill) or generated (decode) per run."""
+def timing_record(kind: str, tokens: int, dense: list[float], elastic: list[float], flops_ratio: float
+                  ) -> dict[str, Any]:
+    """One measurement from the interleaved runs' seconds: `tokens` processed (prefill) or generated (decode) per
+    run. time_ratio is the ratio of the medians; paired_ratios each repetition's elastic / dense, its noise."""
+    dense_s, elastic_s = statistics.median(dense), statistics.median(elastic)
     return {"kind": kind, "time_ratio": elastic_s / dense_s, "model_flops_ratio": flops_ratio,
             "dense_s": dense_s, "elastic_s": elastic_s,
+            "paired_ratios": [e / d for d, e in zip(dense, elastic)],
             "dense_tokens_per_s": tokens / dense_s, "elastic_tokens_per_s": tokens / elastic_s}
 
 
@@ -92,14 +97,14 @@ def measure_subject(subject: Subject, prefill: torch.Tensor, prompts: dict[int, 
         return go
 
     forward = lambda: m(input_ids=prefill)  # noqa: E731
-    d, e = interleaved(run(subject.dense, forward), run(subject.elastic, forward), reps)
+    d, e = interleaved_runs(run(subject.dense, forward), run(subject.elastic, forward), reps)
     with torch.no_grad(), subject.elastic():
         forward()
     records = [timing_record("prefill", int(prefill.numel()), d, e, subject.flops(False)) |
                {"batch": int(prefill.shape[0]), "tokens": int(prefill.shape[1])}]
     for batch, prompt in prompts.items():
         generate = lambda p=prompt: m.generate(p, **gen)  # noqa: E731
-        d, e = interleaved(run(subject.dense, generate), run(subject.elastic, generate), reps)
+        d, e = interleaved_runs(run(subject.dense, generate), run(subject.elastic, generate), reps)
         with torch.no_grad(), subject.elastic():
             generate()
         records.append(timing_record("decode", batch * new_tokens, d, e, subject.flops(True)) |
@@ -309,6 +314,12 @@ def target_check(r: dict[str, Any]) -> str:
     return "met" if not misses else "missed: " + ", ".join(misses)
 
 
+def paired_range(r: dict[str, Any]) -> str:
+    """'0.91-0.95': the lowest and highest paired ratio of a record ('-' in results written before they were)."""
+    p = r.get("paired_ratios")
+    return f"{min(p):.2f}-{max(p):.2f}" if p else "-"
+
+
 def speed_markdown(result: dict[str, Any]) -> str:
     """The README's speed table: one row per system, component, budget and measurement."""
     m, s = result["machine"], result["settings"]
@@ -318,11 +329,14 @@ def speed_markdown(result: dict[str, Any]) -> str:
              f"dense runs interleaved, median of {s.get('reps')}. Targets: prefill time ratio <= model-FLOPs ratio + "
              "0.05 and decode at batch 1 <= FLOPs ratio + 0.10, never slower than dense. Regenerate: "
              "`make bench-speed`, then `elastiformer bench-speed --readme`.", "",
-             "| system | setting | budget | run | batch | model FLOPs | time / dense | tokens/s (dense) | target |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "Paired: each repetition's elastic / dense time (lowest - highest), how steady the machine was.", "",
+             "| system | setting | budget | run | batch | model FLOPs | time / dense | paired | tokens/s (dense) "
+             "| target |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["records"]:
         lines.append(f"| {r['system']} | {r['component']} | {r['budget']:.2f} | {r['kind']} | {r['batch']} | "
-                     f"{r['model_flops_ratio']:.3f} | {r['time_ratio']:.3f} | {r['elastic_tokens_per_s']:.1f} "
+                     f"{r['model_flops_ratio']:.3f} | {r['time_ratio']:.3f} | {paired_range(r)} | "
+                     f"{r['elastic_tokens_per_s']:.1f} "
                      f"({r['dense_tokens_per_s']:.1f}) | {target_check(r)} |")
     checked = [target_check(r) for r in result["records"] if target_check(r)]
     lines += ["", f"Targets met in {sum(c == 'met' for c in checked)} of {len(checked)} checked rows."]

@@ -26,6 +26,12 @@ def time_setups(setups: dict[str, tuple[Callable[[], Any], Callable[[], Any]]], 
     or speeds up meanwhile weighs on every setup alike). setups: name -> (prepare, run): `prepare()` (untimed) puts
     the model in that setup, `run()` (timed) does the work. The first `warmup` rounds are not counted. `desc`: show
     a progress bar with that label."""
+    return {name: statistics.median(t) for name, t in time_setups_all(setups, reps, warmup, desc).items()}
+
+
+def time_setups_all(setups: dict[str, tuple[Callable[[], Any], Callable[[], Any]]], reps: int = 5, warmup: int = 1,
+                    desc: str | None = None) -> dict[str, list[float]]:
+    """`time_setups`, every counted repetition's seconds in order (repetition i of every setup ran in round i)."""
     times: dict[str, list[float]] = {name: [] for name in setups}
     bar = tqdm(total=(warmup + reps) * len(setups), desc=desc, disable=desc is None)
     for rep in range(warmup + reps):
@@ -37,11 +43,19 @@ def time_setups(setups: dict[str, tuple[Callable[[], Any], Callable[[], Any]]], 
                 times[name].append(time.perf_counter() - t0)
             bar.update()
     bar.close()
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def interleaved(dense: Callable[[], Any], elastic: Callable[[], Any], reps: int) -> tuple[float, float]:
     """Median seconds of `dense()` and `elastic()`, each warmed up once, then run alternately `reps` times."""
+    d, e = interleaved_runs(dense, elastic, reps)
+    return statistics.median(d), statistics.median(e)
+
+
+def interleaved_runs(dense: Callable[[], Any], elastic: Callable[[], Any], reps: int
+                     ) -> tuple[list[float], list[float]]:
+    """`interleaved`, every repetition's seconds: run i of `elastic()` directly followed run i of `dense()`, so
+    e[i] / d[i] are paired ratios whose spread shows how steady the machine was."""
     nothing = lambda: None  # noqa: E731
-    t = time_setups({"dense": (nothing, dense), "elastic": (nothing, elastic)}, reps=reps, warmup=1)
+    t = time_setups_all({"dense": (nothing, dense), "elastic": (nothing, elastic)}, reps=reps, warmup=1)
     return t["dense"], t["elastic"]
