@@ -27,7 +27,7 @@ bench: $(STAMP)
 
 # wall-clock against executed FLOPs, per component and budget (prefill, decode at batch 1 and 8): a quiet machine
 bench-speed: $(STAMP)
-	$(BIN)/elastiformer bench-speed --overwrite
+	$(BIN)/elastiformer bench-speed --config bench/configs/speed.yaml
 
 # Flextron routers on SmolLM2 (needs the sorted + continued-trained checkpoints of `elastiformer flextron sort|train`)
 bench-flextron: $(STAMP)
