@@ -336,8 +336,8 @@ def test_one_token_head_choice_equals_the_batched_choice():
 def test_batch_1_decoding_routes_tokens_with_heads_and_experts_on_the_one_token_paths(monkeypatch):
     """All four components at batch 1: a token-routed attention that also routes heads (an MLP that also routes
     experts) decides with one score and then runs the token's heads (experts) on the token as it is, without the
-    batched gathers; every decode step's logits equal the uncached forward's, and steps both run and skip layers
-    with fewer heads / experts than the layer has."""
+    batched gathers; every decode step's logits equal the uncached forward's (with LoRA and per-group heads too), and
+    steps both run and skip layers with fewer heads / experts than the layer has."""
     from elastiformer.layers import ElasticAttention
 
     calls = {"attn": 0, "mlp": 0}
@@ -345,9 +345,9 @@ def test_batch_1_decoding_routes_tokens_with_heads_and_experts_on_the_one_token_
         original = cls._one_token
         monkeypatch.setattr(cls, "_one_token", lambda self, *a, _o=original, _k=key: calls.__setitem__(
             _k, calls[_k] + 1) or _o(self, *a))
-    config = ef.ElasticConfig(attn_tokens=0.6, attn_heads=0.6, mlp_tokens=0.6, mlp_experts=4, mlp_experts_active=0.5)
-    for arch in sorted(MODELS):
-        em = _randomized(ef.get_elastic_model(MODELS[arch](), config))
+    routed = dict(attn_tokens=0.6, attn_heads=0.6, mlp_tokens=0.6, mlp_experts=4, mlp_experts_active=0.5)
+    for arch, extra in [(a, e) for a in sorted(MODELS) for e in ({}, dict(lora_rank=1), dict(head_granularity="group"))]:
+        em = _randomized(ef.get_elastic_model(MODELS[arch](), ef.ElasticConfig(**routed, **extra)))
         em.calibrate([{"input_ids": tokens(4, 24)}], progress=False)
         em.set_budget(0.6)
         ids = tokens(1, 16)
