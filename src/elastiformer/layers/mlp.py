@@ -110,8 +110,7 @@ class ElasticMLP(ElasticSubLayer):
         idx = None
         positions = None  # (N,) each token's place among its row's real tokens: what expert routing keys on
         if exp_cap < 1.0:
-            positions = st.per_call(("real_positions", B, T, x.device), lambda: st.real_positions(
-                st.current_positions(T, x.device).expand(B, T)).reshape(B * T))
+            positions = self._flat_positions(B, T, x.device)
         if tok_cap < 1.0:
             valid = st.token_valid(B, T, x.device)
             forced = st.forced_tokens(B, T, x.device)
@@ -170,13 +169,18 @@ class ElasticMLP(ElasticSubLayer):
             st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, dense + router_flops, router_flops, 1.0, 1.0))
             return self.base_layer(x)
         xf = x.view(1, -1)  # (1, 1, C) -> (1, C)
-        position = st.real_positions(st.current_positions(1, x.device).expand(1, 1)).view(1)  # (1,)
-        y, flops, unit_fraction = self._run_experts(xf, expert_capacity, position)  # the token's experts only
+        y, flops, unit_fraction = self._run_experts(xf, expert_capacity, self._flat_positions(1, 1, x.device))
         y = self.finish(y, xf, self.spec.mlp_weights(self.base_layer).norm)
         router_flops += self.expert_router.flops(1) if st.method == "learned" else 0
         st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, flops + router_flops, router_flops, 1.0,
                                       unit_fraction))
         return y.view_as(x)
+
+    def _flat_positions(self, B: int, T: int, device) -> torch.Tensor:
+        """(B*T,) each token's place among its row's real tokens, what expert routing keys on; once per call."""
+        st = self.state
+        return st.per_call(("real_positions", B, T, device), lambda: st.real_positions(
+            st.current_positions(T, device).expand(B, T)).reshape(B * T))
 
     def output_norm(self) -> nn.Module | None:
         return self.spec.mlp_weights(self.base_layer).norm

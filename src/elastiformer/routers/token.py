@@ -83,6 +83,11 @@ class TokenRouter(nn.Module):
         feature = (log_norm - mean) / var.clamp(min=1e-4).sqrt()  # (std floor: inputs of near-constant norm)
         return scores + (self.norm_weight * feature).to(scores.dtype)
 
+    def method_scores(self, x: torch.Tensor, method: str, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T) scores of a non-random method: the router's, or (training-free baselines) the norm of
+        the sub-layer's input."""
+        return x.float().norm(dim=-1) if method in ("norm", "norm_allocated") else self.score(x, valid)
+
     def one_token_selected(self, x: torch.Tensor, capacity: float, rule: bool | None, method: str = "learned",
                            generator: torch.Generator | None = None) -> bool:
         """Decoding one token: whether it is processed, by the rule of `forward` without its (1, 1) selection
@@ -92,8 +97,7 @@ class TokenRouter(nn.Module):
             return drawn if rule is None else rule
         if rule is not None:
             return rule
-        score = x.float().norm(dim=-1) if method in ("norm", "norm_allocated") else self.score(x)  # (1, 1)
-        return bool(score >= self.threshold(capacity, method))
+        return bool(self.method_scores(x, method) >= self.threshold(capacity, method))  # (1, 1) score
 
     def _update_norm_stats(self, values: torch.Tensor) -> None:
         """Running mean / variance of the log-norms of every training-mode call's tokens, updated before use, so the
@@ -190,10 +194,8 @@ class TokenRouter(nn.Module):
             if not topk:
                 selected = ((scores >= 1.0 - capacity) | forced) & valid
                 return TokenSelection(selected, torch.ones_like(scores), None, scores)
-        elif method in ("norm", "norm_allocated"):  # the training-free baseline: the norm of the sub-layer's input
-            scores = x.float().norm(dim=-1)
         else:
-            scores = self.score(x, valid)  # (B, T)
+            scores = self.method_scores(x, method, valid)  # (B, T)
         aux = None
         if topk:
             selected = topk_mask(scores, capacity, valid, forced)
