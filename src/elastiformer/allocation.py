@@ -175,7 +175,8 @@ Measure = Callable[[dict[str, list[float]]], tuple[float, float]]  # capacities 
 
 def fit_path(measure: Measure, units: Sequence[tuple[str, int]], n_layers: int, components: Sequence[str],
              min_flops: float = 0.4, levels: Sequence[float] = LEVELS, lookahead: int = 3, max_lookahead: int = 8,
-             progress: Callable[[str], None] | None = None, fixed: dict[str, list[int]] | None = None) -> Allocation:
+             progress: Callable[[str], None] | None = None, fixed: dict[str, list[int]] | None = None,
+             on_move: Callable[[dict[str, list[float]]], None] | None = None) -> Allocation:
     """Fit an allocation path by lazy greedy on measured costs.
 
     `measure(capacities)` runs the model on calibration data with `capacities` ({component: [per layer]}) and
@@ -190,7 +191,8 @@ def fit_path(measure: Measure, units: Sequence[tuple[str, int]], n_layers: int, 
     component that were not re-measured recently are scaled by that component's typical ratio of measured to
     estimated cost (components compound differently; with one shared ratio and the better of two candidates taken,
     the SmolLM2 combined path dropped whole MLPs through their experts at 3.3-6.5 nats per unit of FLOPs while the
-    MLP-token moves around them cost 1.8-4.3).
+    MLP-token moves around them cost 1.8-4.3). `on_move(capacities)` is told the allocation after each move taken
+    (fit_allocation then replays its leading blocks for the next candidates, see `block_replay`).
     """
     note = progress or (lambda s: None)
     dense = {c: [1.0] * n_layers for c in components}
@@ -275,6 +277,8 @@ def fit_path(measure: Measure, units: Sequence[tuple[str, int]], n_layers: int, 
         caps[c][i] = lev
         alloc.flops.append(flops)
         alloc.cost.append(cost)
+        if on_move is not None:
+            on_move({k: list(v) for k, v in caps.items()})
         note(f"path: {len(alloc.moves)} moves, routed FLOPs {flops:.3f}, cost {cost - base_cost:+.4f}")
     _make_monotone(alloc)
     return alloc

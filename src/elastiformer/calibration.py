@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import torch
 
 from .allocation import LEVELS, fit_path
+from .block_replay import BlockReplay
 from .data.batches import as_batches
 from .config import TOKEN_COMPONENTS
 from .errors import ConfigError, DataError, ElastiformerError
@@ -113,7 +114,7 @@ def collect_batches(em, data, max_batches: int | None, what: str) -> list[dict[s
 @torch.no_grad()
 def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 1, *,
                    min_budget: float = 0.5, levels: tuple[float, ...] = LEVELS, lookahead: int = 2,
-                   max_lookahead: int = 8, progress: bool = True) -> None:
+                   max_lookahead: int = 8, progress: bool = True, replay: bool = True) -> None:
     """Fit where the budget is spent: the per-layer allocation path (see `elastiformer.allocation`).
 
     Measured on `data` (calibration text, never the evaluation text) with the learned routers choosing by
@@ -121,8 +122,9 @@ def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batche
     move by move, the cheapest next reduction per FLOP saved with routing on (each move re-measures `lookahead` to
     `max_lookahead` candidates), until the routed sub-layers run `min_budget` of their dense FLOPs (below it,
     capacities shrink in proportion). Cost: about (units x levels + moves x lookahead..max_lookahead) forwards of
-    `data`. Stored with the routers by `save_pretrained`; call `calibrate` afterwards (`train_routers` does both
-    when it ends)."""
+    `data`, less the blocks before each candidate's changed layer, which are replayed from the current
+    allocation's forward (`block_replay`; `replay=False` runs every block, for the same path). Stored with the
+    routers by `save_pretrained`; call `calibrate` afterwards (`train_routers` does both when it ends)."""
     from tqdm.auto import tqdm
 
     if not 0.0 < min_budget < 1.0:
@@ -143,14 +145,27 @@ def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batche
         st.method, st.topk = "learned", True  # top-k inside each layer: thresholds are fitted afterwards
         st.budget = {k: 0.5 for k in components}  # any value: the override sets every capacity
         bar = tqdm(desc="fitting the allocation", unit="fwd", disable=not progress)
+        blocks = BlockReplay(em.spec.layers(em.base_model), len(batches))
 
-        def run(caps: dict[str, list[float]]) -> tuple[float, int]:
-            """-> (distillation loss, executed FLOPs of the routed sub-layers) with these capacities."""
+        def run(caps: dict[str, list[float]], record: bool = False) -> tuple[float, int]:
+            """-> (distillation loss, executed FLOPs of the routed sub-layers) with these capacities. The blocks
+            before the first layer whose capacities differ from the reference's are replayed; `record` makes
+            `caps` the reference."""
             st.capacity_override = caps
+            start = blocks.first_change(caps) if replay else 0
             cost, executed = 0.0, 0
-            for t, b in zip(teachers, batches):
-                cost += float(em.distill_distance(t, em.distill_target(b), b)) / len(batches)
-                executed += sum(s.executed_flops for s in st.stats if s.sublayer in sublayers)
+            for n, (t, b) in enumerate(zip(teachers, batches)):
+                with blocks.replaying(n, start, record):
+                    cost += float(em.distill_distance(t, em.distill_target(b), b)) / len(batches)
+                per_block: dict[int, int] = defaultdict(int)
+                for s in st.stats:
+                    if s.sublayer in sublayers:
+                        per_block[s.layer] += s.executed_flops
+                executed += blocks.prefix_flops(n, start) + sum(per_block.values())
+                if record:
+                    blocks.record_flops(n, start, per_block)
+            if record:
+                blocks.reference = {k: list(v) for k, v in caps.items()}
             bar.update()
             return cost, executed
 
@@ -158,7 +173,7 @@ def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batche
         # encoder batch skips it under routing), so the path's FLOPs ratio starts at 1 and a joint budget is a
         # fraction of the compute the real tokens need
         dense = {k: [1.0] * st.n_layers for k in components}
-        dense_cost, full = run(dense)
+        dense_cost, full = run(dense, record=replay)
         full = max(1, full)
 
         def measure(caps: dict[str, list[float]]) -> tuple[float, float]:
@@ -169,7 +184,7 @@ def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batche
         fixed = {k: sorted(st.dense_layers[k]) for k in components}
         alloc = fit_path(measure, units, st.n_layers, components, min_flops=min_budget, levels=levels,
                          lookahead=lookahead, max_lookahead=max_lookahead, progress=bar.set_postfix_str,
-                         fixed=fixed)
+                         fixed=fixed, on_move=(lambda caps: run(caps, record=True)) if replay else None)
         bar.close()
     finally:
         st.capacity_override = None

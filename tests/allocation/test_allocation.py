@@ -181,6 +181,49 @@ def test_calibration_points_see_every_partial_level_of_the_path():
     assert alloc.points_covering(["attn_tokens"]) == []
 
 
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_fit_allocation_replays_the_blocks_before_each_candidates_layer_and_finds_the_same_path(arch):
+    """A candidate differs from the current allocation in one layer; the blocks before it are replayed from the
+    current allocation's forward (`block_replay`). The path, its costs and FLOPs must be what running every block
+    gives, with fewer routed sub-layers run (fails if a replayed block's output or FLOPs were stale)."""
+    from elastiformer import calibration
+    from elastiformer.layers import ElasticMLP
+
+    if arch == "bert":
+        from transformers import BertConfig, BertModel
+        torch.manual_seed(0)
+        base = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                    intermediate_size=48, max_position_embeddings=64, pad_token_id=0,
+                                    initializer_range=0.2)).eval()
+        cfg = ef.ElasticConfig(mlp_tokens=0.8, attn_tokens=0.8, attn_heads=0.8, mlp_experts=4,
+                               mlp_experts_active=0.5)
+        em = ef.get_elastic_model(base, cfg)
+        mask = torch.ones(3, 14, dtype=torch.long)
+        mask[-1, 9:] = 0  # padding: replayed blocks must keep the real tokens' FLOPs
+        calib = [{"input_ids": torch.randint(3, 64, (3, 14), generator=torch.Generator().manual_seed(s)),
+                  "attention_mask": mask} for s in (7, 8)]
+    else:
+        em = make_elastic(arch, "combined")
+        data = tokens(8, 24, seed=3)
+        train_routers(em, data, steps=2, progress=False, calibration_data=[{"input_ids": data}], allocation=False)
+        calib = [{"input_ids": tokens(4, 24, seed=7)}, {"input_ids": tokens(4, 24, seed=8)}]
+    runs = [0]
+    hooks = [m.register_forward_hook(lambda *a: runs.__setitem__(0, runs[0] + 1))
+             for m in em.base_model.modules() if isinstance(m, ElasticMLP)]
+    paths = []
+    for replay in (False, True):
+        runs[0] = 0
+        calibration.fit_allocation(em, calib, max_batches=2, min_budget=0.4, progress=False, replay=replay)
+        paths.append((em.allocation.moves, em.allocation.flops, em.allocation.cost, runs[0]))
+    for h in hooks:
+        h.remove()
+    (moves, flops, cost, full_runs), (r_moves, r_flops, r_cost, replay_runs) = paths
+    assert len(moves) > 5 and r_moves == moves
+    assert r_flops == pytest.approx(flops, abs=1e-9) and r_cost == pytest.approx(cost, abs=1e-6)
+    assert replay_runs < 0.8 * full_runs, (replay_runs, full_runs)
+    assert all("forward" not in vars(b) for b in em.spec.layers(em.base_model))  # every block's forward restored
+
 def test_calibrated_thresholds_keep_each_layers_allocated_capacity():
     """At inference (thresholds, not top-k) each token-routed layer processes the fraction of the calibration
     tokens the allocation gives it, at every budget, with all four components routed (thresholds are taken where

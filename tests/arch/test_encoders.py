@@ -373,8 +373,13 @@ def bert_workspace(tmp_path_factory):
     return root
 
 
-def test_encoder_bench_writes_the_result_schema_and_readme(bert_workspace, tmp_path):
+def test_encoder_bench_writes_the_result_schema_and_readme(bert_workspace, tmp_path, monkeypatch):
     import json
+
+    fits = []
+    fit = ef.ElasticModel.fit_allocation
+    monkeypatch.setattr(ef.ElasticModel, "fit_allocation", lambda self, data, max_batches=1, **kw: (
+        fits.append((len(data), max_batches)), fit(self, data, max_batches, **kw))[1])
 
     from elastiformer.benchmarks.runner import update_readme
     from elastiformer.benchmarks.encoder import (ENCODER_BENCH_DEFAULTS, encoder_results_markdown,
@@ -384,10 +389,12 @@ def test_encoder_bench_writes_the_result_schema_and_readme(bert_workspace, tmp_p
     o = dict(ENCODER_BENCH_DEFAULTS) | dict(
         model=str(bert_workspace / "model"), train_data=str(bert_workspace / "train.txt"),
         eval_data=str(bert_workspace / "held.txt"), components="mlp_tokens,combined", budgets="0.5,0.9", steps=2,
-        batch_size=8, train_sentences=32, eval_sentences=20, timing_reps=1, output=str(out))
+        batch_size=8, train_sentences=32, eval_sentences=20, timing_reps=1, allocation_batches=3, output=str(out))
     result = run_encoder_bench(o, plot=plot_encoder_bench, echo=lambda *_: None)
     saved = json.loads(out.read_text())
     assert saved["records"] == result["records"] and saved["eval_sentences"] == 20 and saved["train_tokens"] > 0
+    assert fits == [(3, 3), (3, 3)]  # each setting's allocation fitted on 3 calibration batches of 8 sentences
+    assert all(saved["components"][c]["allocation_tokens"] > 0 for c in ("mlp_tokens", "combined"))
     schema = {"method": str, "component": str, "budget": float, "block_flops_ratio": float, "cosine": float,
               "retrieval_agreement": float}
     for r in saved["records"]:

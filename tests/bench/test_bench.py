@@ -82,3 +82,40 @@ def test_bench_resume_runs_only_unfinished_settings(workspace, tmp_path):
     mlp = [r for r in saved["records"] if r["setting"] == "mlp_tokens"]
     assert mlp == first["records"]  # kept as measured
     assert {r["setting"] for r in saved["records"]} == {"mlp_tokens", "attn_tokens"}
+
+
+def test_bench_refits_the_allocation_of_routers_an_earlier_run_saved(workspace, tmp_path):
+    """`--routers-from`: the routers of an earlier run's `--routers-dir`, not trained again; the allocation is fitted
+    again on this run's calibration batches (here 3, so more than the two the thresholds take)."""
+    import torch
+
+    from elastiformer.errors import ConfigError
+    from elastiformer.model import ElasticModel
+
+    routers = tmp_path / "routers"
+    run_lm_bench(one_setting_bench(workspace, tmp_path / "first.json", timing_reps=0, routers_dir=str(routers)),
+                 echo=lambda *_: None)
+    before = ElasticModel.from_pretrained(str(workspace / "model"), routers / "mlp_tokens")
+    said = []
+    out = tmp_path / "refit.json"
+    o = one_setting_bench(workspace, out, timing_reps=0, routers_from=str(routers), allocation_batches=3,
+                          routers_dir=str(tmp_path / "refit"), train_sequences=16)
+    with pytest.raises(ConfigError, match="--allocation-batches 3 needs 12 calibration sequences"):
+        run_lm_bench(o | dict(train_sequences=8), echo=lambda *_: None)
+    run_lm_bench(o, echo=said.append)
+    assert not any("training routers" in line for line in said), said
+    saved = json.loads(out.read_text())
+    info = saved["components"]["mlp_tokens"]
+    assert info["train_tokens"] == 0 and info["routers_from"] == str(routers / "mlp_tokens")
+    assert info["allocation_tokens"] == 3 * 4 * 16  # 3 calibration batches of batch_size 4 x seq_len 16
+    after = ElasticModel.from_pretrained(str(workspace / "model"), tmp_path / "refit" / "mlp_tokens")
+    weights = lambda em: {k: v for k, v in em.router_state_dict().items() if "threshold" not in k}  # noqa: E731
+    assert all(torch.equal(v, weights(after)[k]) for k, v in weights(before).items())  # the same routers
+    assert after.allocation.tokens == 3 * before.allocation.tokens  # the allocation fitted again, on more text
+    import shutil
+
+    shutil.copytree(routers / "mlp_tokens", routers / "attn_tokens")  # routers of another setting under its name
+    with pytest.raises(ConfigError, match="route mlp_tokens .* not this setting's attn_tokens"):
+        run_lm_bench(one_setting_bench(workspace, tmp_path / "x.json", components="attn_tokens",
+                                       routers_from=str(routers), timing_reps=0), echo=lambda *_: None)
+    assert not (tmp_path / "x.json").exists()

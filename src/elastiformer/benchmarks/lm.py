@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ElasticConfig
+from ..errors import ConfigError
 from ..options import Option, defaults
 from ..evaluation.baselines import check_match
 from ..evaluation.lm import evaluate, time_ratio
@@ -58,6 +59,9 @@ BENCH_OPTIONS = {
     "routers_dir": Option(None, "Also save each setting's trained routers (allocation and thresholds fitted) to "
                           "ROUTERS_DIR/<setting>, for `elastiformer eval` / `info` afterwards (default: not saved).",
                           kind=Path),
+    "routers_from": Option(None, "Take each setting's routers from ROUTERS_FROM/<setting> (an earlier run's "
+                           "--routers-dir) instead of training them; the allocation and thresholds are fitted again "
+                           "on this run's calibration batches (e.g. with more --allocation-batches).", kind=Path),
     "seed": Option(0, "Seed of data order, budgets and router init."),
     "lora_rank": Option(0, "Train rank-r LoRA on the attention projections too."),
     "append": Option(False, "Keep the other settings' records in OUTPUT."),
@@ -82,6 +86,20 @@ def decode_ratio(em, prompt: torch.Tensor, new_tokens: int, reps: int) -> float:
     return elastic / dense
 
 
+def load_trained(path: Path, model, config: ElasticConfig):
+    """Routers an earlier bench saved for this setting (`--routers-dir`); refused unless they route what the
+    setting routes."""
+    from ..model import ElasticModel
+
+    em = ElasticModel.from_pretrained(model, path)
+    saved = em.elastic_config
+    if saved.components() != config.components() or saved.lora_rank != config.lora_rank:
+        raise ConfigError(f"the routers in {path} route {', '.join(saved.components())} (LoRA rank "
+                          f"{saved.lora_rank}), not this setting's {', '.join(config.components())} (rank "
+                          f"{config.lora_rank}): pass the --routers-dir of a run of the same settings")
+    return em
+
+
 def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
     from ..data.text import load_texts, pack_sequences
     from ..model import get_elastic_model
@@ -98,8 +116,14 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
                            max_sequences=int(o["train_sequences"]))
     held_texts = load_texts(None, split="heldout")
     held = pack_sequences(held_texts, tokenizer, int(o["eval_seq_len"]), max_sequences=int(o["eval_sequences"]))
-    b = int(o["batch_size"])  # two calibration batches shaped like the training ones, from training text the steps
-    calib = [{"input_ids": train[-2 * b:-b]}, {"input_ids": train[-b:]}]  # rarely reach
+    # calibration batches shaped like the training ones, from training text the steps rarely reach: two, or as many
+    # as the allocation is fitted on (thresholds and static pruning take the first two, the same whatever the count)
+    b, n_cal = int(o["batch_size"]), max(2, int(o["allocation_batches"]))
+    if n_cal * b > len(train):
+        raise ConfigError(f"--allocation-batches {o['allocation_batches']} needs {n_cal * b} calibration sequences "
+                          f"and the training text gave {len(train)}: pass fewer, or more --train-sequences")
+    tail = [train[len(train) - (k + 1) * b:len(train) - k * b] for k in range(n_cal)]  # the last b, the b before...
+    calib = [{"input_ids": ids} for ids in (tail[1], tail[0], *tail[2:])]
     prefill = pack_sequences(held_texts, tokenizer, int(o["prefill_len"]), max_sequences=int(o["prefill_batch"]))
     prompt = held[:1, :32]
     task = None
@@ -115,11 +139,17 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
     def measure(comp: str) -> Measured:
         spec = dict(SETTINGS[comp])
         train_options = spec.pop("train", {})
-        echo(f"[{comp}] training routers ({o['steps']} steps{', ' + str(train_options) if train_options else ''})...")
-        em = get_elastic_model(load_model(o["model"]), ElasticConfig(**spec, dense_layers=dense, lora_rank=lora))
-        report = train_routers(em, train, steps=int(o["steps"]), batch_size=int(o["batch_size"]),
-                               budget_range=(min(budgets) - 0.05, 0.95), seed=int(o["seed"]),
-                               calibration_data=calib, allocation=False, **train_options)
+        config = ElasticConfig(**spec, dense_layers=dense, lora_rank=lora)
+        if o.get("routers_from"):
+            em, report = load_trained(Path(o["routers_from"]) / comp, load_model(o["model"]), config), None
+            echo(f"[{comp}] routers from {Path(o['routers_from']) / comp} (not trained here)")
+        else:
+            echo(f"[{comp}] training routers ({o['steps']} steps"
+                 f"{', ' + str(train_options) if train_options else ''})...")
+            em = get_elastic_model(load_model(o["model"]), config)
+            report = train_routers(em, train, steps=int(o["steps"]), batch_size=int(o["batch_size"]),
+                                   budget_range=(min(budgets) - 0.05, 0.95), seed=int(o["seed"]),
+                                   calibration_data=calib, allocation=False, **train_options)
         echo(f"[{comp}] fitting the per-layer allocation on {int(o['allocation_batches'])} calibration batch(es)...")
         t_alloc = time.perf_counter()
         em.fit_allocation(calib, max_batches=int(o["allocation_batches"]), min_budget=min(0.5, min(budgets) - 0.05))
@@ -169,12 +199,13 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
                 "last_word_ppl": last_word[r["budget"]]["perplexity"] if timed and last_word else None,
             } | ({"learned_at_same_flops": r["learned_at_same_flops"]} if "learned_at_same_flops" in r else {}))
         result["teacher_nll"] = ev["teacher_nll"]
-        info = {"train_tokens": report.tokens, "train_seconds": report.seconds, "final_kl": report.final_kl,
-                "train_options": train_options, "router_param_fraction": ev["router_param_fraction"],
+        trained = ({"train_tokens": report.tokens, "train_seconds": report.seconds, "final_kl": report.final_kl}
+                   if report is not None else {"train_tokens": 0, "routers_from": str(Path(o["routers_from"]) / comp)})
+        info = trained | {"train_options": train_options, "router_param_fraction": ev["router_param_fraction"],
                 "dense_layers": list(dense), "allocation_seconds": t_alloc,
                 "allocation_tokens": em.allocation.tokens, "allocation_moves": len(em.allocation.moves),
                 "allocation": allocations}
-        return Measured(records, info, report.tokens)
+        return Measured(records, info, info["train_tokens"])
 
     def finish(result: dict[str, Any]) -> None:
         result["summary"] = summarize(result["records"])

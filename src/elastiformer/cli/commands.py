@@ -101,6 +101,8 @@ TRAIN_OPTIONS = {
     "allocation": Option(True, "Fit the per-layer allocation of the budget when training ends."),
     "allocation_floor": Option(0.5, "Fraction of routed FLOPs where the fitted allocation path ends (below, "
                                "capacities shrink in proportion)."),
+    "allocation_batches": Option(1, "Calibration batches the allocation is fitted on (each adds the fit's forwards "
+                                 "again; more batches, a less noisy allocation)."),
     "resume": Option(False, "Continue from OUTPUT/checkpoint."),
     "device": Option(None, "cpu or cuda (default: a GPU when there is one).", kind=str),
     "overwrite": Option(False, "Replace an existing OUTPUT."),
@@ -153,6 +155,8 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
     if not 0 < float(o["allocation_floor"]) < 1:
         raise ConfigError(f"--allocation-floor {o['allocation_floor']}: pass a fraction of routed FLOPs in (0, 1), "
                           "e.g. 0.5")
+    if int(o["allocation_batches"]) < 1:
+        raise ConfigError(f"--allocation-batches {o['allocation_batches']}: pass 1 or more calibration batches")
     lr_factor(o["schedule"], 0, 1, 0)
     check_device(o["device"])
     cfg = _elastic_config(o)
@@ -192,7 +196,8 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
         resume=bool(o["resume"]), device=o["device"], overwrite=bool(o["overwrite"]),
         router_targets=o["router_targets"], router_inputs=o["router_inputs"], target_steps=o["target_steps"],
         target_repeats=int(o["target_repeats"]), allocation=bool(o["allocation"]),
-        allocation_floor=float(o["allocation_floor"]), stand_in_lr_scale=float(o["stand_in_lr_scale"]),
+        allocation_floor=float(o["allocation_floor"]), allocation_batches=int(o["allocation_batches"]),
+        stand_in_lr_scale=float(o["stand_in_lr_scale"]),
     )
     return report.to_dict() | {"routers": str(out / "routers")}
 

@@ -166,6 +166,7 @@ def train_routers(
     overwrite: bool = False,
     allocation: bool = True,
     allocation_floor: float = 0.5,
+    allocation_batches: int = 1,
     allocation_levels: tuple[float, ...] | None = None,
     target_steps: int | None = None,
     target_repeats: int = 4,
@@ -198,7 +199,8 @@ def train_routers(
     router_targets="self", which has no targets); 0 turns the phase off.
     allocation: when training ends, fit the per-layer allocation of the budget on the calibration batches
     (`ElasticModel.fit_allocation`, down to `allocation_floor` of the routed FLOPs, or the lowest training budget if
-    lower) before calibrating; False keeps every routed layer at the same capacity. allocation_levels: the capacities
+    lower) before calibrating, on the first `allocation_batches` of them (the fit's cost grows with each, its noise
+    falls); False keeps every routed layer at the same capacity. allocation_levels: the capacities
     each unit's cost curve is measured at (default `allocation.LEVELS`; fewer levels, fewer forwards).
     stand_in_lr_scale: the stand-ins of skipped MLP / attention tokens (`ElasticConfig.stand_in_rank`,
     `attn_stand_in_rank`) are fitted by regression before the target phase, then trained by the distillation loss
@@ -231,6 +233,7 @@ def train_routers(
     if not (isinstance(allocation_floor, (int, float)) and 0 < allocation_floor < 1):
         raise ConfigError(f"allocation_floor={allocation_floor!r}: pass a fraction of routed FLOPs in (0, 1), e.g. 0.5")
     check_int("seed", seed, minimum=0)
+    check_int("allocation_batches", allocation_batches)
     if stop_after is not None:
         check_int("stop_after", stop_after)
     check_device(device)
@@ -396,11 +399,11 @@ def train_routers(
         p.requires_grad_(True)  # (as every router parameter)
 
     cal = calibration_data if calibration_data is not None else [batch_at(data, 0, i, batch_size, seed + 1)
-                                                                 for i in range(2)]
+                                                                 for i in range(max(2, allocation_batches))]
     cal = _split_batches(cal)  # fit_allocation() / calibrate() move the batches to the model's device
     if allocation:  # where each budget is spent: fitted on calibration batches with the trained routers
         lowest = min(fixed.values()) if fixed else budget_range[0]
-        core.fit_allocation(cal, min_budget=min(allocation_floor, max(0.05, lowest - 0.05)),
+        core.fit_allocation(cal, allocation_batches, min_budget=min(allocation_floor, max(0.05, lowest - 0.05)),
                             **({"levels": tuple(allocation_levels)} if allocation_levels else {}),
                             progress=progress and accelerator.is_main_process)
     core.trained_budgets = ((min(fixed.values()), max(fixed.values())) if fixed
