@@ -18,13 +18,17 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 Capacities = dict[str, list[float]]  # {component: per-layer capacities}
 
 
 def _copy(value: Any) -> Any:
-    return tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
+    """A block's output with fresh tensors (the model's loop may update a returned tensor in place)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copy(v) for v in value)
+    return value
 
 
 class BlockReplay:
