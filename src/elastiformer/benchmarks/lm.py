@@ -26,7 +26,8 @@ from ..options import Option, defaults
 from ..evaluation.baselines import check_match
 from ..evaluation.lm import evaluate, time_ratio
 from ..evaluation.timing import interleaved, machine
-from .runner import Measured, parse_components, label, plot_allocation, plot_quality, run_settings, summarize, summary_line
+from .runner import (Measured, calibration_tail, parse_components, label, plot_allocation, plot_quality, run_settings,
+                     summarize, summary_line)
 from .settings import SETTINGS, baselines_of, component_of
 
 BENCH_OPTIONS = {
@@ -116,14 +117,9 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
                            max_sequences=int(o["train_sequences"]))
     held_texts = load_texts(None, split="heldout")
     held = pack_sequences(held_texts, tokenizer, int(o["eval_seq_len"]), max_sequences=int(o["eval_sequences"]))
-    # calibration batches shaped like the training ones, from training text the steps rarely reach: two, or as many
-    # as the allocation is fitted on (thresholds and static pruning take the first two, the same whatever the count)
-    b, n_cal = int(o["batch_size"]), max(2, int(o["allocation_batches"]))
-    if n_cal * b > len(train):
-        raise ConfigError(f"--allocation-batches {o['allocation_batches']} needs {n_cal * b} calibration sequences "
-                          f"and the training text gave {len(train)}: pass fewer, or more --train-sequences")
-    tail = [train[len(train) - (k + 1) * b:len(train) - k * b] for k in range(n_cal)]  # the last b, the b before...
-    calib = [{"input_ids": ids} for ids in (tail[1], tail[0], *tail[2:])]
+    b = int(o["batch_size"])  # calibration batches shaped like the training ones
+    whole = [{"input_ids": train[len(train) - k * b:len(train) - (k - 1) * b]} for k in range(len(train) // b, 0, -1)]
+    calib = calibration_tail(whole, int(o["allocation_batches"]))
     prefill = pack_sequences(held_texts, tokenizer, int(o["prefill_len"]), max_sequences=int(o["prefill_batch"]))
     prompt = held[:1, :32]
     task = None
@@ -140,9 +136,10 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
         spec = dict(SETTINGS[comp])
         train_options = spec.pop("train", {})
         config = ElasticConfig(**spec, dense_layers=dense, lora_rank=lora)
-        if o.get("routers_from"):
-            em, report = load_trained(Path(o["routers_from"]) / comp, load_model(o["model"]), config), None
-            echo(f"[{comp}] routers from {Path(o['routers_from']) / comp} (not trained here)")
+        saved = Path(o["routers_from"]) / comp if o.get("routers_from") else None
+        if saved is not None:
+            em, report = load_trained(saved, load_model(o["model"]), config), None
+            echo(f"[{comp}] routers from {saved} (not trained here)")
         else:
             echo(f"[{comp}] training routers ({o['steps']} steps"
                  f"{', ' + str(train_options) if train_options else ''})...")
@@ -200,7 +197,7 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
             } | ({"learned_at_same_flops": r["learned_at_same_flops"]} if "learned_at_same_flops" in r else {}))
         result["teacher_nll"] = ev["teacher_nll"]
         trained = ({"train_tokens": report.tokens, "train_seconds": report.seconds, "final_kl": report.final_kl}
-                   if report is not None else {"train_tokens": 0, "routers_from": str(Path(o["routers_from"]) / comp)})
+                   if report is not None else {"train_tokens": 0, "routers_from": str(saved)})
         info = trained | {"train_options": train_options, "router_param_fraction": ev["router_param_fraction"],
                 "dense_layers": list(dense), "allocation_seconds": t_alloc,
                 "allocation_tokens": em.allocation.tokens, "allocation_moves": len(em.allocation.moves),

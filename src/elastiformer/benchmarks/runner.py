@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..cache import atomic_write_json
+from ..errors import ConfigError
 
 
 @dataclass
@@ -37,6 +38,17 @@ def parse_components(text: Any, settings: dict[str, Any]) -> list[str]:
     if unknown:
         raise ConfigError(f"unknown bench components {unknown}: pick from {', '.join(settings)}")
     return components
+
+
+def calibration_tail(batches: list, allocation_batches: int) -> list:
+    """Calibration batches from the end of the training batches, which the steps rarely reach: the last two in
+    order (what thresholds and the baselines are fitted on, whatever the count), then as many more before them,
+    newest first, as the allocation is fitted on."""
+    n = max(2, allocation_batches)
+    if n > len(batches):
+        raise ConfigError(f"--allocation-batches {allocation_batches} needs {n} calibration batches and the "
+                          f"training data gave {len(batches)}: pass fewer, or more training data")
+    return [batches[-2], batches[-1], *batches[-n:-2][::-1]]
 
 
 def save_result(result: dict[str, Any], out: Path, plot: Callable[[dict, Path], None] | None = None) -> None:
