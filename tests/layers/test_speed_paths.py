@@ -386,3 +386,31 @@ def test_decoding_weight_views_follow_the_weights():
     layer.weight = torch.nn.Parameter(torch.randn(6, 4))  # another storage: the views are made again
     again = views_per_weights(layer, (layer.weight,), (1,), make)
     assert len(made) == 2 and torch.equal(again, layer.weight[2:4])
+
+
+def test_one_token_heads_read_the_cache_per_group_in_every_layout():
+    """Decoding at batch 1, the used heads attend as the queries of their KV groups (no per-head copy of the cache):
+    every group, one run of groups (a view), scattered groups and groups with unused heads all give the logits of
+    the uncached forward. 6 query heads on 3 KV groups, so all four layouts come up."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=48, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=3,
+                      intermediate_size=48, max_position_embeddings=128)
+    torch.manual_seed(0)
+    em = _randomized(ef.get_elastic_model(LlamaForCausalLM(cfg).eval(), ef.ElasticConfig(attn_heads=0.5)), seed=5)
+    layouts = set()
+    for budget in (0.35, 0.5, 0.7, 0.9):
+        em.set_budget(budget)
+        ids = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(int(budget * 10)))
+        with torch.no_grad():
+            full = em(input_ids=ids).logits
+            out = em(input_ids=ids[:, :8], use_cache=True)
+            for t in range(8, ids.shape[1]):
+                out = em(input_ids=ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+                torch.testing.assert_close(out.logits[:, -1], full[:, t], atol=2e-5, rtol=1e-4)
+        for module in em.base_model.modules():
+            for plan in module.__dict__.get("_views_per_weights", (None, {}))[1].values():
+                layouts.add(("all" if plan.kv_groups is None else type(plan.kv_groups).__name__,
+                             plan.slots is not None))
+    assert {"all", "slice", "Tensor"} <= {kind for kind, _ in layouts}
+    assert any(partial for _, partial in layouts)  # a group whose heads did not all run

@@ -450,18 +450,28 @@ class ElasticAttention(ElasticSubLayer):
             q = w.q_norm(q)
         if cos_sin is not None:
             q = rotate(q, *cos_sin)
-        o = attend(q, k.index_select(1, plan.groups), v.index_select(1, plan.groups), mask, scaling,
-                   w.softcap)  # (B, U, 1, D)
+        # the heads of one KV group attend together, as the group's queries (transformers' `pack_gqa`): the cache is
+        # read once per used group, never copied per head; a used group's unused heads get zero queries, dropped
+        n_rep, G = self.dims["H"] // self.dims["KVH"], plan.n_groups
+        if plan.slots is not None:  # (B, U, 1, D) -> (B, G*n_rep, D), zeros for the unused heads
+            q = q.new_zeros(B, G * n_rep, D).index_copy(1, plan.slots, q.view(B, U, D))
+        q = q.reshape(B, G, n_rep, D)  # (B, G*n_rep, D) -> (B, G, n_rep, D)
+        k_g, v_g = (t if plan.kv_groups is None else t[:, plan.kv_groups] if isinstance(plan.kv_groups, slice)
+                    else t.index_select(1, plan.kv_groups) for t in (k, v))  # (B, G, kv, D): views unless scattered
+        o = attend(q, k_g, v_g, mask, scaling, w.softcap)  # (B, G, n_rep, D)
+        o = o.reshape(B, G * n_rep, D)  # (B, G, n_rep, D) -> (B, G*n_rep, D)
+        if plan.slots is not None:
+            o = o.index_select(1, plan.slots)  # (B, U, D)
         if B > 1:  # a head another row chose runs here too: its output is dropped
-            o = o * active[:, 0, heads].to(o.dtype)[:, :, None, None]
-        o = o.reshape(B, U * D)  # (B, U, 1, D) -> (B, U*D)
+            o = o * active[:, 0, heads].to(o.dtype)[:, :, None]
+        o = o.reshape(B, U * D)  # (B, U, D) -> (B, U*D)
         out, start = None, 0
         for o_w in plan.o:
             width = o_w.shape[1]
             part = F.linear(o[:, start:start + width], o_w)  # (B, C)
             out = part if out is None else out + part
             start += width
-        return out, 2 * B * U * C * D * 2 + attention_score_flops(B * U, kv_len, 1, D), U
+        return out, 2 * B * U * C * D * 2 + attention_score_flops(B * plan.n_groups * n_rep, kv_len, 1, D), U
 
     def _head_runs(self, w, heads: list[int], device) -> "HeadRuns":
         """The weight views and KV groups of one set of heads (sorted), made once per set and reused (see
@@ -469,10 +479,22 @@ class ElasticAttention(ElasticSubLayer):
         the group tensor again in every layer."""
         def make() -> HeadRuns:
             H, KVH, D = self.dims["H"], self.dims["KVH"], self.dims["D"]
+            n_rep = H // KVH
             runs = [slice(a * D, (b + 1) * D) for a, b in contiguous_runs(heads)]  # q rows / o columns of each run
+            groups = sorted({h // n_rep for h in heads})  # the KV groups the heads read
+            group_runs = contiguous_runs(groups)
+            if len(groups) == KVH:
+                kv_groups = None  # every group: the cache as it is
+            elif len(group_runs) == 1:
+                kv_groups = slice(group_runs[0][0], group_runs[0][1] + 1)  # one run of groups: a view
+            else:
+                kv_groups = torch.tensor(groups, device=device)  # (G,) scattered groups: one small copy per step
+            slot_of = {g: i for i, g in enumerate(groups)}
+            slots = [slot_of[h // n_rep] * n_rep + h % n_rep for h in heads]  # each head's place among G*n_rep
             return HeadRuns(q=[(w.q_w[r], None if w.q_b is None else w.q_b[r]) for r in runs],
-                            o=[w.o_w[:, r] for r in runs],
-                            groups=torch.tensor([h // (H // KVH) for h in heads], device=device))  # (U,)
+                            o=[w.o_w[:, r] for r in runs], n_groups=len(groups), kv_groups=kv_groups,
+                            slots=None if slots == list(range(len(groups) * n_rep))
+                            else torch.tensor(slots, device=device))
         return views_per_weights(self, (w.q_w, w.o_w), tuple(heads), make)
 
     def _run_head_bucket(self, bk: "HeadBuckets", x, w, lora, k, v, mask, cos_sin, gate, scaling, out,
@@ -592,7 +614,9 @@ class HeadRuns(NamedTuple):
     """One set of heads taken in runs of adjacent heads (decoding): views of the weights, no copies."""
     q: list[tuple[torch.Tensor, torch.Tensor | None]]  # per run: q rows (run*D, C), q bias (run*D,) or None
     o: list[torch.Tensor]  # per run: o columns (C, run*D)
-    groups: torch.Tensor  # (U,) long, the KV group of each head
+    n_groups: int  # G, the KV groups the heads read
+    kv_groups: torch.Tensor | slice | None  # which: None every group, a slice one run of them, else (G,) long
+    slots: torch.Tensor | None  # (U,) long, each head's place among the G*n_rep queries; None: all of them, in order
 
 
 # heads share a bucket length when theirs is at least this fraction of the longest: fewer, larger matmuls for
