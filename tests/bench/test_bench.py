@@ -119,3 +119,23 @@ def test_bench_refits_the_allocation_of_routers_an_earlier_run_saved(workspace, 
         run_lm_bench(one_setting_bench(workspace, tmp_path / "x.json", components="attn_tokens",
                                        routers_from=str(routers), timing_reps=0), echo=lambda *_: None)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_allocation_levels_reach_the_fitted_path_and_bad_ones_are_refused_first(workspace, tmp_path):
+    """--allocation-levels: the moves of the saved path land on the levels asked for (0.875 among them), and the
+    path ends no lower than --allocation-floor allows; a bad level or floor is refused before any training."""
+    from elastiformer.errors import ConfigError
+    from elastiformer.model import ElasticModel
+
+    out = tmp_path / "lm.json"
+    for bad, match in ((dict(allocation_levels="0.9,1.5"), "--allocation-levels 0.9,1.5"),
+                       (dict(allocation_floor=1.2), "--allocation-floor 1.2")):
+        said = []
+        with pytest.raises(ConfigError, match=match):
+            run_lm_bench(one_setting_bench(workspace, out, timing_reps=0) | bad, echo=said.append)
+        assert not said and not out.exists()
+    run_lm_bench(one_setting_bench(workspace, out, timing_reps=0, routers_dir=str(tmp_path / "r"), budgets="0.85",
+                                   allocation_levels="0.875,0.5,0", allocation_floor=0.75), echo=lambda *_: None)
+    alloc = ElasticModel.from_pretrained(str(workspace / "model"), tmp_path / "r" / "mlp_tokens").allocation
+    assert alloc.moves and {m.end for m in alloc.moves} <= {0.875, 0.5, 0.0}
+    assert alloc.flops[-2] > 0.75 >= alloc.flops[-1]  # stopped once past the floor (0.85 - 0.05 is lower)

@@ -46,6 +46,12 @@ BENCH_OPTIONS = {
     "dense_layers": Option("", "Layers never routed, e.g. 0,-1 (default: none; the fitted allocation decides)."),
     "steps": Option(60, "Training steps per setting."),
     "allocation_batches": Option(1, "Calibration batches the per-layer allocation is fitted on."),
+    "allocation_floor": Option(0.5, "Fraction of routed FLOPs where the fitted allocation path ends: "
+                               "min(ALLOCATION_FLOOR, lowest budget - 0.05). Higher: fewer moves, a faster fit, "
+                               "for a bench that needs no budget below it."),
+    "allocation_levels": Option("", "Capacities each unit's cost curve is measured at and a move may lower it to, "
+                                "e.g. 0.875,0.75,0.5,0.25,0 (default: 0.75,0.5,0.25,0; finer levels, more "
+                                "forwards)."),
     "batch_size": Option(4, "Sequences per training step."),
     "seq_len": Option(128, "Tokens per training sequence."),
     "train_sequences": Option(2000, "Training sequences (Gutenberg training books)."),
@@ -101,6 +107,21 @@ def load_trained(path: Path, model, config: ElasticConfig):
     return em
 
 
+def allocation_levels(o: dict[str, Any]) -> dict[str, Any]:
+    """fit_allocation's keyword for --allocation-levels ({} for its default), checked with --allocation-floor before
+    any work: a bad value found after training would throw the training away."""
+    from ..validation import parse_floats
+
+    if not 0 < float(o["allocation_floor"]) < 1:
+        raise ConfigError(f"--allocation-floor {o['allocation_floor']}: pass a fraction of routed FLOPs in (0, 1), "
+                          "e.g. 0.5")
+    levels = parse_floats(o["allocation_levels"], "allocation_levels")
+    if any(not 0.0 <= v < 1.0 for v in levels):
+        raise ConfigError(f"--allocation-levels {o['allocation_levels']}: pass capacities in [0, 1) a unit may be "
+                          "lowered to, e.g. 0.875,0.75,0.5,0.25,0")
+    return {"levels": tuple(sorted(set(levels), reverse=True))} if levels else {}
+
+
 def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
     from ..data.text import load_texts, pack_sequences
     from ..model import get_elastic_model
@@ -112,6 +133,7 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
     check_match(o["match"])
     budgets = parse_floats(o["budgets"], "budgets")
     dense = parse_ints(o["dense_layers"], "dense_layers")
+    levels = allocation_levels(o)
     tokenizer = load_tokenizer(o["model"])
     train = pack_sequences(load_texts(None, split="train"), tokenizer, int(o["seq_len"]),
                            max_sequences=int(o["train_sequences"]))
@@ -149,7 +171,8 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
                                    calibration_data=calib, allocation=False, **train_options)
         echo(f"[{comp}] fitting the per-layer allocation on {int(o['allocation_batches'])} calibration batch(es)...")
         t_alloc = time.perf_counter()
-        em.fit_allocation(calib, max_batches=int(o["allocation_batches"]), min_budget=min(0.5, min(budgets) - 0.05))
+        em.fit_allocation(calib, max_batches=int(o["allocation_batches"]),
+                          min_budget=min(float(o["allocation_floor"]), min(budgets) - 0.05), **levels)
         em.calibrate(calib)
         t_alloc = time.perf_counter() - t_alloc
         if o.get("routers_dir"):
