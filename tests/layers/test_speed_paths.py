@@ -1,5 +1,6 @@
 """Issue 15: the faster execution paths compute what the straightforward ones did (same function, less work)."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -351,14 +352,21 @@ def test_batch_1_decoding_routes_tokens_with_heads_and_experts_on_the_one_token_
         em.calibrate([{"input_ids": tokens(4, 24)}], progress=False)
         em.set_budget(0.6)
         ids = tokens(1, 16)
-        per_layer = []
+        per_layer, router_calls = [], []
+        nets = [m.token_router.net for m in em.base_model.modules()
+                if isinstance(m, (ElasticAttention, ElasticMLP)) and m.token_router is not None]
         with torch.no_grad():
             full = em(input_ids=ids).logits
             out = em(input_ids=ids[:, :10], use_cache=True)
+            hooks = [n.register_forward_hook(lambda *_: router_calls.append(1)) for n in nets]
             for t in range(10, ids.shape[1]):
                 out = em(input_ids=ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
                 torch.testing.assert_close(out.logits[:, -1], full[:, t], atol=2e-5, rtol=1e-4)
                 per_layer += em.last_stats()["per_layer"]
+            for h in hooks:
+                h.remove()
+        # a token router is scored with its layer's head / expert router, in one matmul
+        assert not router_calls, (arch, extra)
         for sub in ("attn", "mlp"):
             ran = [s for s in per_layer if s["sublayer"] == sub and s["token_fraction"] == 1.0]
             assert any(s["token_fraction"] == 0.0 for s in per_layer if s["sublayer"] == sub)
@@ -414,3 +422,24 @@ def test_one_token_heads_read_the_cache_per_group_in_every_layout():
                              plan.slots is not None))
     assert {"all", "slice", "Tensor"} <= {kind for kind, _ in layouts}
     assert any(partial for _, partial in layouts)  # a group whose heads did not all run
+
+
+def test_joint_one_token_logits_stack_the_routers_of_a_sublayer():
+    """A sub-layer's token router and head / expert router read the same input: one norm and one matmul give the
+    logits each computes alone; the stacked weight follows in-place updates; a router net of another kind (with a
+    hidden layer) is not stacked."""
+    from elastiformer.routers import ExpertRouter, TokenRouter, joint_one_token_logits
+
+    torch.manual_seed(0)
+    owner = torch.nn.Module()
+    token, expert = TokenRouter(16), ExpertRouter(16, 4)
+    for p in list(token.parameters()) + list(expert.parameters()):
+        torch.nn.init.normal_(p)
+    x = torch.randn(1, 1, 16)
+    with torch.no_grad():
+        alone = torch.cat([token.net(x)[0, 0], expert.net(x)[0, 0]]).tolist()
+        assert joint_one_token_logits(owner, x, (token.net, expert.net)) == pytest.approx(alone, abs=1e-5)
+        expert.net[1].weight.mul_(-1)  # an optimizer step, a loaded state: the stacked copy is rebuilt
+        alone = torch.cat([token.net(x)[0, 0], expert.net(x)[0, 0]]).tolist()
+        assert joint_one_token_logits(owner, x, (token.net, expert.net)) == pytest.approx(alone, abs=1e-5)
+    assert joint_one_token_logits(owner, x, (token.net, ExpertRouter(16, 4, kind="mlp").net)) is None

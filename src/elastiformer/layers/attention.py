@@ -246,8 +246,7 @@ class ElasticAttention(ElasticSubLayer):
         window. x: (1, 1, C)."""
         st = self.state
         d = self.dims
-        selected = self.token_router.one_token_selected(x, capacity, st.one_token_rule(x.device), method=st.method,
-                                                        generator=st.generator)
+        selected, head_logits = self.one_token_choice(x, capacity, self.head_router, head_capacity)
         router_flops = self.token_router.flops(1) if st.method == "learned" else 0
         if not selected:  # skipped: only the stand-in's weights (if any) are read, nothing is cached
             return self._none_selected(x, cache, past, dense, router_flops)
@@ -255,7 +254,8 @@ class ElasticAttention(ElasticSubLayer):
         unit_fraction = 1.0
         if head_capacity < 1.0:  # the token's heads only (they update the cache themselves)
             mask = self._cached_entries_mask(past, current, x.dtype)  # (1, 1, 1, P + 1), or None: every key
-            out, flops, unit_fraction = self._head_routed(x, None, mask, kwargs, cache, head_capacity, current)
+            out, flops, unit_fraction = self._head_routed(x, None, mask, kwargs, cache, head_capacity, current,
+                                                          head_logits)
             out = self.finish(out, x, self.spec.attention_weights(self.base_layer).norm)  # (1, 1, C)
             router_flops += self.head_router.flops(1) if st.method == "learned" else 0
         else:
@@ -370,8 +370,9 @@ class ElasticAttention(ElasticSubLayer):
         return out.new_zeros(B * m, C).index_copy(0, rows, out).view(B, m, C), flops
 
     # ---- head routing: each query head runs only on the tokens that chose it ----
-    def _head_routed(self, x, slot_valid, mask, kw, cache, capacity, q_pos):
-        """What the active heads add (output projection with its bias), before any post-LN. -> (B, m, C)
+    def _head_routed(self, x, slot_valid, mask, kw, cache, capacity, q_pos, logits: list[float] | None = None):
+        """What the active heads add (output projection with its bias), before any post-LN. -> (B, m, C). logits:
+        decoding one token at batch 1, the head router's logits already on the host (see `_one_token`).
 
         The heads run together, not one by one: the tokens that chose each used head are packed into buckets, heads
         whose buckets have about the same length share one batched q projection, attention and output projection
@@ -389,7 +390,7 @@ class ElasticAttention(ElasticSubLayer):
         if one_token and B == 1:  # the token's heads as a list, decided on the host: no (B, m, H) mask is built
             position = int(st.real_positions(q_pos))
             used = self.head_router.one_token_heads(x, capacity, position, method=st.method, generator=st.generator,
-                                                    layer=self.layer_idx)
+                                                    layer=self.layer_idx, logits=logits)
             heads = active = None
         else:
             used = None

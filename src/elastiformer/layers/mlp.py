@@ -158,8 +158,7 @@ class ElasticMLP(ElasticSubLayer):
         the token's experts) runs on `x` as it is or not at all, without the gather / scatter of the batched path.
         x: (1, 1, C)."""
         st = self.state
-        selected = self.token_router.one_token_selected(x, capacity, st.one_token_rule(x.device), method=st.method,
-                                                        generator=st.generator)
+        selected, expert_logits = self.one_token_choice(x, capacity, self.expert_router, expert_capacity)
         router_flops = self.token_router.flops(1) if st.method == "learned" else 0
         if not selected:  # skipped: no weight of this MLP is read (the stand-in's, if any)
             st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, router_flops + self.skip_flops(1), router_flops,
@@ -169,7 +168,8 @@ class ElasticMLP(ElasticSubLayer):
             st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, dense + router_flops, router_flops, 1.0, 1.0))
             return self.base_layer(x)
         xf = x.view(1, -1)  # (1, 1, C) -> (1, C)
-        y, flops, unit_fraction = self._run_experts(xf, expert_capacity, self._flat_positions(1, 1, x.device))
+        y, flops, unit_fraction = self._run_experts(xf, expert_capacity, self._flat_positions(1, 1, x.device),
+                                                    expert_logits)
         y = self.finish(y, xf, self.spec.mlp_weights(self.base_layer).norm)
         router_flops += self.expert_router.flops(1) if st.method == "learned" else 0
         st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, flops + router_flops, router_flops, 1.0,
@@ -238,10 +238,11 @@ class ElasticMLP(ElasticSubLayer):
         h = F.linear(x, w.up_w, w.up_b)  # (N, I)
         return w.act(F.linear(x, w.gate_w, w.gate_b)) * h if w.gate_w is not None else w.act(h)
 
-    def _run_experts(self, x: torch.Tensor, capacity: float, positions: torch.Tensor
-                     ) -> tuple[torch.Tensor, int, float]:
+    def _run_experts(self, x: torch.Tensor, capacity: float, positions: torch.Tensor,
+                     logits: list[float] | None = None) -> tuple[torch.Tensor, int, float]:
         """Dispatch each token to its chosen experts only; what they add (with the down bias), before any post-LN.
-        x: (n, C), positions: (n,) -> (n, C)."""
+        x: (n, C), positions: (n,); logits: one token's expert logits already on the host (see `_one_token`)
+        -> (n, C)."""
         C, I = self.dims["C"], self.dims["I"]
         w = self.spec.mlp_weights(self.base_layer)
         E = self.expert_router.n_experts
@@ -254,7 +255,8 @@ class ElasticMLP(ElasticSubLayer):
         one_token = n == 1 and not torch.is_grad_enabled()  # decoding one token: its experts' rows, in runs
         if one_token and not st.topk:  # its experts decided on the host, no selection tensors
             experts = self.expert_router.one_token_experts(x, capacity, int(positions), method=st.method,
-                                                           generator=st.generator, layer=self.layer_idx)
+                                                           generator=st.generator, layer=self.layer_idx,
+                                                           logits=logits)
         else:
             sel = self.expert_router(x, capacity, with_aux=st.topk, method=st.method, generator=st.generator,
                                      positions=positions, layer=self.layer_idx)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..allocation import Allocation, uniform_capacity
 from ..errors import ConfigError
+from ..routers import joint_one_token_logits
 
 # routing methods that spend the budget by the fitted allocation; the other baselines share it uniformly
 ALLOCATED_METHODS = ("learned", "norm_allocated")
@@ -259,6 +260,23 @@ class ElasticSubLayer(SubLayerWrapper):
 
     # (each subclass sets `self.stand_in`: a `StandIn`, what a token that skips it gets, or None: nothing. Not a class
     # attribute: one would shadow the submodule nn.Module keeps in _modules)
+
+    def one_token_choice(self, x: torch.Tensor, capacity: float, unit_router: nn.Module | None,
+                         unit_capacity: float) -> tuple[bool, list[float] | None]:
+        """Decoding one token at batch 1: whether the token router processes `x` at `capacity`, and, when the layer
+        routes its heads / experts too (`unit_capacity` < 1) with learned scores, that router's logits, from the
+        same norm and matmul as the token's score (`joint_one_token_logits`). x: (1, 1, C) -> (selected, the unit
+        router's logits on the host, or None: the unit router scores the token itself)."""
+        st = self.state
+        rule = st.one_token_rule(x.device)
+        joint = None
+        if rule is None and st.method == "learned" and unit_capacity < 1.0 and not st.topk \
+                and self.token_router.norm_weight is None:
+            joint = joint_one_token_logits(self, x, (self.token_router.net, unit_router.net))
+        if joint is None:
+            return self.token_router.one_token_selected(x, capacity, rule, method=st.method,
+                                                        generator=st.generator), None
+        return joint[0] >= self.token_router.threshold(capacity), joint[1:]
 
     # ---- what "skipped" means for this sub-layer (spec.post_norm: the sub-layer adds the residual itself) ----
     def output_norm(self) -> nn.Module | None:

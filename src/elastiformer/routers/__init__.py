@@ -3,7 +3,7 @@ training behaviour (top-k at the capacity) and inference behaviour (calibrated t
 
 from .expert import ExpertRouter, ExpertSelection
 from .head import HeadRouter, HeadSelection
-from .net import make_router_net, straight_through_gate
+from .net import joint_one_token_logits, make_router_net, straight_through_gate
 from .token import TokenRouter, TokenSelection
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "HeadSelection",
     "TokenRouter",
     "TokenSelection",
+    "joint_one_token_logits",
     "make_router_net",
     "straight_through_gate",
 ]

@@ -86,10 +86,13 @@ class ExpertRouter(nn.Module):
         return self.net(x)
 
     def one_token_experts(self, x: torch.Tensor, capacity: float, position: int, method: str = "learned",
-                          generator: torch.Generator | None = None, layer: int = 0) -> list[int]:
+                          generator: torch.Generator | None = None, layer: int = 0,
+                          logits: list[float] | None = None) -> list[int]:
         """Decoding one token: its experts as a sorted list, the same choice as `forward` makes at inference,
-        decided on the host. x: (1, C); position: the token's place among its row's real tokens."""
-        return one_token_units(self.logits(x, method, generator), capacity, position, layer)
+        decided on the host. x: (1, C); position: the token's place among its row's real tokens; logits: this
+        router's logits already read to the host (`joint_one_token_logits`), else computed."""
+        return one_token_units(self.logits(x, method, generator) if logits is None else logits, capacity, position,
+                               layer)
 
     def importance_loss(self, x: torch.Tensor, importance: torch.Tensor, capacity: float) -> torch.Tensor:
         """Cross-entropy of the router's distribution against the top-k experts by `importance` (the norm of each

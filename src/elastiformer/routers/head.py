@@ -65,11 +65,13 @@ class HeadRouter(nn.Module):
         return self.net(x)
 
     def one_token_heads(self, x: torch.Tensor, capacity: float, position: int, method: str = "learned",
-                        generator: torch.Generator | None = None, layer: int = 0) -> list[int]:
+                        generator: torch.Generator | None = None, layer: int = 0,
+                        logits: list[float] | None = None) -> list[int]:
         """Decoding one token at batch 1: its active heads as a sorted list, the same choice as `forward` makes,
         without building the (B, T, H) mask. x: (1, 1, C); position: the token's place among its row's real
-        tokens."""
-        units = one_token_units(self.logits(x, method, generator), capacity, position, layer)
+        tokens; logits: this router's logits already read to the host (`joint_one_token_logits`), else computed."""
+        units = one_token_units(self.logits(x, method, generator) if logits is None else logits, capacity, position,
+                                layer)
         return [u * self.n_rep + r for u in units for r in range(self.n_rep)]
 
     def importance_loss(self, x: torch.Tensor, importance: torch.Tensor, capacity: float) -> torch.Tensor:

@@ -82,16 +82,47 @@ def fractional_count(capacity: float, U: int) -> tuple[int, float, int]:
     return k_lo, frac, min(U, k_lo + (1 if frac > 0 else 0))
 
 
-def one_token_units(logits: torch.Tensor, capacity: float, position: int, layer: int = 0) -> list[int]:
+def one_token_units(logits: torch.Tensor | list[float], capacity: float, position: int, layer: int = 0) -> list[int]:
     """`fractional_top_units` for one token, decided on the host (decoding at batch 1: a list of units is what the
-    caller needs, so no mask is built). logits: (U,) or (1, U); position: its sequence index. -> sorted units."""
-    k_lo, frac, k = fractional_count(capacity, logits.shape[-1])
+    caller needs, so no mask is built). logits: (U,) or (1, U), or a list of U floats already read to the host
+    (`joint_one_token_logits`); position: its sequence index. -> sorted units."""
+    k_lo, frac, k = fractional_count(capacity, len(logits) if isinstance(logits, list) else logits.shape[-1])
     if k == 0:
         return []
-    chosen = logits.reshape(-1).topk(k).indices.tolist()
+    if isinstance(logits, list):  # best first, as topk orders them
+        chosen = sorted(range(len(logits)), key=logits.__getitem__, reverse=True)[:k]
+    else:
+        chosen = logits.reshape(-1).topk(k).indices.tolist()
     if k > k_lo and not slot_phase(position, layer) < frac:  # the same rule, in Python's float64
         chosen.pop()
     return sorted(chosen)
+
+
+def joint_one_token_logits(owner: nn.Module, x: torch.Tensor, nets: tuple[nn.Module, ...]) -> list[float] | None:
+    """Decoding one token at batch 1: the logits of the routers of one sub-layer that read the same input (its token
+    router and its head or expert router) as one LayerNorm and one matmul over their stacked last layers, read to
+    the host at once, instead of a norm, a matmul and a host read per router. None unless every net is the plain
+    `linear` kind (a LayerNorm without affine, then a Linear) with the same norm. The stacked weight is kept on
+    `owner` while the routers' parameters stay the same tensors, unmodified (storage and version counter).
+    x: (1, 1, C) or (1, C) -> the logits of each net, in order, concatenated."""
+    linears = []
+    for net in nets:
+        plain = isinstance(net, nn.Sequential) and len(net) == 2 and isinstance(net[0], nn.LayerNorm) \
+            and isinstance(net[1], nn.Linear) and not net[0].elementwise_affine
+        if not plain or (net[0].normalized_shape, net[0].eps) != (nets[0][0].normalized_shape, nets[0][0].eps):
+            return None
+        linears.append(net[1])
+    params = [t for lin in linears for t in (lin.weight, lin.bias)]
+    key = tuple((t.data_ptr(), t._version) for t in params)
+    kept = owner.__dict__.get("_joint_router")
+    if kept is None or kept[0] != key:
+        with torch.no_grad():
+            weight = torch.cat([lin.weight for lin in linears])  # (sum of outputs, C)
+            bias = torch.cat([lin.bias for lin in linears])
+        kept = owner.__dict__["_joint_router"] = (key, weight, bias)
+    norm = nets[0][0]
+    z = nn.functional.layer_norm(x.reshape(1, -1), norm.normalized_shape, eps=norm.eps)  # (1, C)
+    return nn.functional.linear(z, kept[1], kept[2])[0].tolist()
 
 
 def slot_phase(position, layer: int):
