@@ -45,6 +45,22 @@ def parse_ints(text: Any, name: str) -> tuple[int, ...]:
         raise ConfigError(f"--{name.replace('_', '-')} {text!r}: pass integers separated by commas, e.g. 0,-1") from err
 
 
+def allocation_path_options(floor: Any, levels: Any) -> dict[str, Any]:
+    """--allocation-floor and --allocation-levels, checked before any work (a bad value found after training would
+    throw the training away) -> the keyword `fit_allocation` takes for the levels ({} for its default)."""
+    try:
+        ok = not isinstance(floor, bool) and 0 < float(floor) < 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"--allocation-floor {floor}: pass a fraction of routed FLOPs in (0, 1), e.g. 0.5")
+    values = parse_floats(levels or "", "allocation_levels")
+    if any(not 0.0 <= v < 1.0 for v in values):
+        raise ConfigError(f"--allocation-levels {levels}: pass capacities in [0, 1) a unit may be lowered to, e.g. "
+                          "0.875,0.75,0.5,0.25,0")
+    return {"levels": tuple(sorted(set(values), reverse=True))} if values else {}
+
+
 def check_int(name: str, value: Any, minimum: int = 1, hint: str = "") -> int:
     """An integer (not a bool, not a float) >= `minimum`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

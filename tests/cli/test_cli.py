@@ -60,16 +60,19 @@ def test_train_objective_and_allocation_options(workspace, tmp_path, capsys):
     code, out, _ = run(["info", tmp_path / "run" / "routers", "--json"], capsys)
     assert code == 0 and json.loads(out).get("allocation") in (None, {})  # --no-allocation: uniform capacities
     code, out, err = run(train_args(workspace, tmp_path / "run2", "--allocation-floor", "0.3",
-                                    "--allocation-batches", "3"), capsys)
+                                    "--allocation-batches", "3", "--allocation-levels", "0.875,0.5,0"), capsys)
     assert code == 0, err
     code, out, _ = run(["info", tmp_path / "run2" / "routers", "--json"], capsys)
     assert code == 0 and json.loads(out)["allocation"]
+    moves = ef.ElasticModel.from_pretrained(str(workspace / "model"), tmp_path / "run2" / "routers").allocation.moves
+    assert moves and {m.end for m in moves} <= {0.875, 0.5, 0.0}  # every move lands on a level asked for
     assert json.loads(out)["allocation"]["calibration_tokens"] == 3 * 2 * 16  # 3 batches of 2 x 16 tokens
     code, out, _ = run(["info", tmp_path / "run2" / "routers"], capsys)
     assert code == 0 and "per-layer capacities" in out and "budget 0.80" in out, out
     for bad, message in ((["--router-targets", "self", "--target-steps", "2"], "--target-steps"),
                          (["--allocation-floor", "1.5"], "--allocation-floor"),
                          (["--allocation-batches", "0"], "--allocation-batches"),
+                         (["--allocation-levels", "0.5,1"], "--allocation-levels"),
                          (["--router-inputs", "future"], "--router-inputs"),
                          (["--stand-in-rank", "-1"], "--stand-in-rank"),
                          (["--stand-in-lr-scale", "-0.1"], "--stand-in-lr-scale")):

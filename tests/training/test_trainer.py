@@ -83,6 +83,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     (dict(steps=0), ef.ConfigError, "steps"),
     (dict(lr=-1.0), ef.ConfigError, "learning rate"),
     (dict(resume=True), ef.ConfigError, "output_dir"),
+    (dict(allocation_levels=(0.875, 1.0)), ef.ConfigError, "allocation_levels"),
+    (dict(allocation_levels=()), ef.ConfigError, "allocation_levels"),
 ])
 def test_bad_training_options(kwargs, error, match):
     em = ef.get_elastic_model(pretrained_like(), ef.ElasticConfig(mlp_tokens=0.8))

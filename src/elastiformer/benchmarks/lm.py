@@ -107,33 +107,18 @@ def load_trained(path: Path, model, config: ElasticConfig):
     return em
 
 
-def allocation_levels(o: dict[str, Any]) -> dict[str, Any]:
-    """fit_allocation's keyword for --allocation-levels ({} for its default), checked with --allocation-floor before
-    any work: a bad value found after training would throw the training away."""
-    from ..validation import parse_floats
-
-    if not 0 < float(o["allocation_floor"]) < 1:
-        raise ConfigError(f"--allocation-floor {o['allocation_floor']}: pass a fraction of routed FLOPs in (0, 1), "
-                          "e.g. 0.5")
-    levels = parse_floats(o["allocation_levels"], "allocation_levels")
-    if any(not 0.0 <= v < 1.0 for v in levels):
-        raise ConfigError(f"--allocation-levels {o['allocation_levels']}: pass capacities in [0, 1) a unit may be "
-                          "lowered to, e.g. 0.875,0.75,0.5,0.25,0")
-    return {"levels": tuple(sorted(set(levels), reverse=True))} if levels else {}
-
-
 def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
     from ..data.text import load_texts, pack_sequences
     from ..model import get_elastic_model
     from ..loading.models import load_model, load_tokenizer
     from ..training.routers import train_routers
-    from ..validation import parse_floats, parse_ints
+    from ..validation import allocation_path_options, parse_floats, parse_ints
 
     parse_components(o["components"], SETTINGS)  # an unknown setting is refused before any work
     check_match(o["match"])
     budgets = parse_floats(o["budgets"], "budgets")
     dense = parse_ints(o["dense_layers"], "dense_layers")
-    levels = allocation_levels(o)
+    levels = allocation_path_options(o["allocation_floor"], o["allocation_levels"])
     tokenizer = load_tokenizer(o["model"])
     train = pack_sequences(load_texts(None, split="train"), tokenizer, int(o["seq_len"]),
                            max_sequences=int(o["train_sequences"]))

@@ -103,6 +103,10 @@ TRAIN_OPTIONS = {
                                "capacities shrink in proportion)."),
     "allocation_batches": Option(1, "Calibration batches the allocation is fitted on (each adds the fit's forwards "
                                  "again; more batches, a less noisy allocation)."),
+    "allocation_levels": Option("", "Capacities each unit's cost curve is measured at and a move may lower it to, "
+                                "e.g. 0.875,0.75,0.5,0.25,0 (default: 0.75,0.5,0.25,0). 0.875 spreads a budget near "
+                                "1 over more layers, each at its cheapest work; every level adds forwards to the "
+                                "fit."),
     "resume": Option(False, "Continue from OUTPUT/checkpoint."),
     "device": Option(None, "cpu or cuda (default: a GPU when there is one).", kind=str),
     "overwrite": Option(False, "Replace an existing OUTPUT."),
@@ -134,7 +138,7 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
 
     # validate everything cheap before any heavy work (loading the model, tokenizing)
     from ..training.routers import check_train_options, lr_factor
-    from ..validation import check_device
+    from ..validation import allocation_path_options, check_device
 
     check_numbers(o, dict(steps=1, batch_size=1, seq_len=2, max_sequences=1, warmup=0, grad_accum=1, seed=0,
                            checkpoint_every=1, lora_rank=0, stand_in_rank=0, attn_stand_in_rank=0,
@@ -152,9 +156,7 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
     if not float(o["stand_in_lr_scale"]) >= 0:
         raise ConfigError(f"--stand-in-lr-scale {o['stand_in_lr_scale']}: pass a fraction of --lr >= 0, e.g. 0.1 (0: "
                           "the stand-ins stay as fitted)")
-    if not 0 < float(o["allocation_floor"]) < 1:
-        raise ConfigError(f"--allocation-floor {o['allocation_floor']}: pass a fraction of routed FLOPs in (0, 1), "
-                          "e.g. 0.5")
+    levels = allocation_path_options(o["allocation_floor"], o["allocation_levels"])
     if int(o["allocation_batches"]) < 1:
         raise ConfigError(f"--allocation-batches {o['allocation_batches']}: pass 1 or more calibration batches")
     lr_factor(o["schedule"], 0, 1, 0)
@@ -197,6 +199,7 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
         router_targets=o["router_targets"], router_inputs=o["router_inputs"], target_steps=o["target_steps"],
         target_repeats=int(o["target_repeats"]), allocation=bool(o["allocation"]),
         allocation_floor=float(o["allocation_floor"]), allocation_batches=int(o["allocation_batches"]),
+        allocation_levels=levels.get("levels"),
         stand_in_lr_scale=float(o["stand_in_lr_scale"]),
     )
     return report.to_dict() | {"routers": str(out / "routers")}

@@ -232,6 +232,10 @@ def train_routers(
                           "stand-ins stay as fitted)")
     if not (isinstance(allocation_floor, (int, float)) and 0 < allocation_floor < 1):
         raise ConfigError(f"allocation_floor={allocation_floor!r}: pass a fraction of routed FLOPs in (0, 1), e.g. 0.5")
+    if allocation_levels is not None and (not allocation_levels or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1 for v in allocation_levels)):
+        raise ConfigError(f"allocation_levels={allocation_levels!r}: pass capacities in [0, 1) a unit may be lowered "
+                          "to, e.g. (0.875, 0.75, 0.5, 0.25, 0.0), or None for the default")
     check_int("seed", seed, minimum=0)
     check_int("allocation_batches", allocation_batches)
     if stop_after is not None:
