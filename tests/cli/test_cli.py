@@ -55,6 +55,10 @@ def test_train_objective_and_allocation_options(workspace, tmp_path, capsys):
                       "--target-steps", "2", "--target-repeats", "2", "--no-allocation")
     code, out, err = run(args, capsys)
     assert code == 0, err
+    code, out, err = run(train_args(workspace, tmp_path / "run_kv", "--attn-tokens", "0.6", "--key-value-targets",
+                                    "--target-steps", "1", "--no-allocation"), capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "run_kv" / "train_log.json").read_text())["finished"]
     log = json.loads((tmp_path / "run" / "train_log.json").read_text())
     assert len(log["target_history"]) == 2 and "token_importance" in log["history"][0]
     code, out, _ = run(["info", tmp_path / "run" / "routers", "--json"], capsys)
@@ -73,6 +77,7 @@ def test_train_objective_and_allocation_options(workspace, tmp_path, capsys):
                          (["--allocation-floor", "1.5"], "--allocation-floor"),
                          (["--allocation-batches", "0"], "--allocation-batches"),
                          (["--allocation-levels", "0.5,1"], "--allocation-levels"),
+                         (["--key-value-targets", "--router-targets", "sensitivity"], "--key-value-targets"),
                          (["--router-inputs", "future"], "--router-inputs"),
                          (["--stand-in-rank", "-1"], "--stand-in-rank"),
                          (["--stand-in-lr-scale", "-0.1"], "--stand-in-lr-scale")):

@@ -107,23 +107,25 @@ def run_encoder_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any
     }
 
     def measure(comp: str) -> Measured:
-        echo(f"[{comp}] training routers ({o['steps']} steps, cosine distillation)...")
-        em = get_elastic_model(load_model(o["model"]),
-                               ElasticConfig(**SETTINGS[comp], dense_layers=dense, lora_rank=lora))
+        spec = dict(SETTINGS[comp])
+        train_options = spec.pop("train", {})  # a setting's own training options (another router objective)
+        echo(f"[{comp}] training routers ({o['steps']} steps, cosine distillation"
+             f"{', ' + str(train_options) if train_options else ''})...")
+        em = get_elastic_model(load_model(o["model"]), ElasticConfig(**spec, dense_layers=dense, lora_rank=lora))
         steps = int(o["steps"])
         report = train_routers(em, train, steps=steps, lr=float(o["lr"]), warmup=min(10, max(1, steps // 4)),
                                budget_range=(min(budgets) - 0.05, 0.95),
                                seed=int(o["seed"]), loss="cosine", pooling=o["pooling"],
                                token_weight=float(o["token_weight"]), calibration_data=calib,
                                allocation_floor=min(0.5, min(budgets) - 0.05),
-                               allocation_batches=int(o["allocation_batches"]))
+                               allocation_batches=int(o["allocation_batches"]), **train_options)
         baselines = baselines_of(comp)
         echo(f"[{comp}] evaluating at budgets {budgets} beside {', '.join(baselines)} at matched block FLOPs...")
         ev = evaluate_encoder(em, held, budgets=budgets, baselines=baselines, calibration_data=calib,
                               pooling=o["pooling"], timing_reps=int(o["timing_reps"]), seed=int(o["seed"]))
         records = [{"component": comp, "lora_rank": lora} | {k: v for k, v in r.items() if k != "budgets"}
                    for r in ev["records"]]
-        info = {"train_tokens": report.tokens, "train_seconds": report.seconds,
+        info = {"train_tokens": report.tokens, "train_seconds": report.seconds, "train_options": train_options,
                 "final_cosine_distance": report.final_distill,
                 "router_param_fraction": ev["router_param_fraction"], "dense_layers": list(dense),
                 "allocation_moves": len(em.allocation.moves) if em.allocation else 0,

@@ -306,7 +306,11 @@ class ElasticAttention(ElasticSubLayer):
             if hook is not None:
                 hook.remove()
         if self.token_router is not None:  # what skipping would remove: the output, less what a skipped token gets
-            out = (self.teach_token_router(x, out[0], out[0] - self.skipped_output(x)), *out[1:])
+            extra = None
+            if st.key_value_targets and st.sensitivity_probes is None and st.importance_log is None \
+                    and st.past_len == 0:
+                extra = self.key_value_importance(x, kwargs)
+            out = (self.teach_token_router(x, out[0], out[0] - self.skipped_output(x), extra), *out[1:])
         with torch.enable_grad():
             if head_cap < 1.0:
                 H, D = self.dims["H"], self.dims["D"]
@@ -321,6 +325,45 @@ class ElasticAttention(ElasticSubLayer):
                 else:
                     st.add_target_loss("head_rank", self.head_router, x.detach(), importance.detach(), head_cap)
         return out
+
+    @torch.no_grad()
+    def key_value_importance(self, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """What each token is worth to the other tokens as a key / value, in the units of an update's norm: a token
+        this layer skips is no key for anyone, so each query i that attended to it (weight a_ij, per head) moves by
+        a_ij / (1 - a_ij) * (o_i - v_j) (the softmax renormalised without j), projected by that head's slice of the
+        output projection. Summed over heads and over the other real queries. Its own update is not counted here
+        (the caller adds it). On the teacher, dense attention recomputed in float32 (q, k, v, rotary, QK-norm,
+        grouped KV, soft-capping, sliding window, causal and padding masks as the layer applies them); the norms
+        after the projection come from each head's Gram matrix W_o^T W_o (D x D), so no (T, T, C) tensor is built.
+        x: (B, T, C) -> (B, T)."""
+        st = self.state
+        B, T, C = x.shape
+        H, KVH, D = self.dims["H"], self.dims["KVH"], self.dims["D"]
+        w = self.spec.attention_weights(self.base_layer)
+        lora = HeadPathLoRA(w, x)
+        q = norm_heads(lora.add(F.linear(x, w.q_w, w.q_b), "q"), D, w.q_norm, w.qk_norm_per_head)  # (B, T, H, D)
+        k, v = keys_values(x, w, lora, D)  # (B, T, KVH, D) each
+        q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, heads, T, D)
+        cos_sin = kwargs.get("position_embeddings") if self.spec.rotary and w.rotary else None
+        if cos_sin is not None:
+            cos, sin = (t.float() for t in cos_sin)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        k, v = (t.repeat_interleave(H // KVH, dim=1) for t in (k, v))  # (B, KVH, T, D) -> (B, H, T, D)
+        logits = q @ k.transpose(-1, -2) * self._scaling(w)  # (B, H, T, T)
+        if w.softcap is not None:
+            logits = torch.tanh(logits / w.softcap) * w.softcap
+        positions = st.current_positions(T, x.device).expand(B, T)
+        a = (logits + self._additive_mask(positions, positions, torch.float32)).softmax(-1)  # (B, H, Tq, Tk)
+        o = a @ v  # (B, H, T, D)
+        w_o = w.o_w.float().view(C, H, D).transpose(0, 1)  # (H, C, D) each head's columns of the projection
+        gram = w_o.transpose(1, 2) @ w_o  # (H, D, D)
+        o_g, v_g = o @ gram, v @ gram  # (B, H, T, D)
+        # |(o_i - v_j) W_o|^2 = o_i G o_i + v_j G v_j - 2 o_i G v_j
+        dist2 = (o_g * o).sum(-1)[..., :, None] + (v_g * v).sum(-1)[..., None, :] - 2 * o_g @ v.transpose(-1, -2)
+        weight = a / (1 - a).clamp(min=1e-3)  # (B, H, Tq, Tk) how far query i moves per unit of (o_i - v_j)
+        weight = weight * st.token_valid(B, T, x.device)[:, None, :, None]  # real queries only
+        weight = weight.masked_fill(torch.eye(T, dtype=torch.bool, device=x.device), 0.0)  # not its own query
+        return (weight * dist2.clamp(min=0).sqrt()).sum(dim=(1, 2))  # (B, Tk)
 
     def output_norm(self) -> nn.Module | None:
         return self.spec.attention_weights(self.base_layer).norm

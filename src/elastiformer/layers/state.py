@@ -57,6 +57,9 @@ class RoutingState:
     # what the token routers learn to predict (see `ElasticSubLayer.teach_token_router`): None = the norm of the
     # token's update, computed at once; a list = sensitivity probes, collected for one backward of the teacher
     sensitivity_probes: list[TokenTarget] | None = None
+    # attention-token targets also count what the token is worth to the other tokens as a key / value (see
+    # `ElasticAttention.key_value_importance`), not only its own update
+    key_value_targets: bool = False
     # {id(token router): (importance, valid, forced)} measured on the teacher, taught on the student's inputs
     student_targets: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     target_records: list[tuple[str, Callable[[], torch.Tensor | None]]] | None = None  # see add_target_loss
@@ -312,10 +315,13 @@ class ElasticSubLayer(SubLayerWrapper):
         what the sub-layer changes, so the forward value is `y` itself and the gradient reaches the router."""
         return x + gate * (y - x) if self.spec.post_norm else y * gate
 
-    def teach_token_router(self, x: torch.Tensor, out: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+    def teach_token_router(self, x: torch.Tensor, out: torch.Tensor, change: torch.Tensor,
+                           extra: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher pass of training: give this sub-layer's token router its target, the importance of each token's
-        update (`change`, (B, T, C), what skipping the token would remove). Returns `out`, the sub-layer's output
-        (with a zero probe added when sensitivities are measured, so the teacher's backward reaches it).
+        update (`change`, (B, T, C), what skipping the token would remove), plus `extra` (B, T) where skipping it
+        also costs the other tokens something (an attention token's role as key / value). Returns `out`, the
+        sub-layer's output (with a zero probe added when sensitivities are measured, so the teacher's backward
+        reaches it).
 
         By default the target is the update's norm, and the loss is computed now on the teacher's inputs. With
         `state.sensitivity_probes`, the target waits for the teacher's backward (`ElasticModel.sensitivity_losses`);
@@ -332,6 +338,8 @@ class ElasticSubLayer(SubLayerWrapper):
             st.sensitivity_probes.append(TokenTarget(router, x.detach(), change.detach(), valid, forced, probe))
             return out + probe
         importance = change.detach().norm(dim=-1)  # (B, T)
+        if extra is not None:
+            importance = importance + extra.to(importance.dtype)
         if st.student_targets is not None:
             st.student_targets[id(router)] = (importance, valid, forced)
             return out

@@ -171,6 +171,7 @@ def train_routers(
     target_steps: int | None = None,
     target_repeats: int = 4,
     stand_in_lr_scale: float = 0.1,
+    key_value_targets: bool = False,
 ) -> TrainReport:
     """Train `em`'s routers by self-distillation against its own base model; returns a `TrainReport`.
 
@@ -206,6 +207,9 @@ def train_routers(
     `attn_stand_in_rank`) are fitted by regression before the target phase, then trained by the distillation loss
     beside the routers at this fraction of `lr` (0: kept as fitted). Only the student's skipped tokens reach them, so
     they learn what those tokens need.
+    key_value_targets: attention-token routers learn, beside their token's own update, what the token is worth to
+    the other tokens as a key / value (`ElasticAttention.key_value_importance`: a skipped token is no key for anyone).
+    With router_targets="teacher" only.
 
     A NaN / inf loss or gradient stops the run with an `ElastiformerError` naming the step; the last checkpoint
     (written before it) is kept, so `resume=True` with a lower learning rate continues from there.
@@ -251,6 +255,11 @@ def train_routers(
     if router_inputs == "student" and router_targets == "self":
         raise ConfigError("router_inputs='student' moves the teacher's targets onto the student's inputs: use it with "
                           "router_targets='teacher' or 'sensitivity'")
+    if not isinstance(key_value_targets, bool):
+        raise ConfigError(f"key_value_targets={key_value_targets!r}: pass True or False")
+    if key_value_targets and router_targets != "teacher":
+        raise ConfigError(f"key_value_targets=True adds a term to the teacher's update-norm targets, and "
+                          f"router_targets={router_targets!r} has none: pass router_targets='teacher'")
     loss_kind = loss if loss is not None else ("kl" if em.is_causal else "cosine")
     if loss_kind not in LOSSES:
         raise ConfigError(f"loss={loss!r}: pass 'kl' (causal LMs) or 'cosine' (encoders), or leave it out")
@@ -293,6 +302,8 @@ def train_routers(
                    router_targets=router_targets, elastic_config=em.elastic_config.to_dict())
     if router_inputs != "teacher":  # (only when set, so older checkpoints still resume)
         options["router_inputs"] = router_inputs
+    if key_value_targets:
+        options["key_value_targets"] = True
     if explicit_target_steps and target_steps:  # (the default follows `steps`, which a resumed run may extend)
         options |= {"target_steps": target_steps, "target_repeats": target_repeats}
 
@@ -331,73 +342,75 @@ def train_routers(
 
     rank, world = accelerator.process_index, accelerator.num_processes
     core.state.set_allocation(None)  # an allocation fitted for other routers would be stale: refitted at the end
-    target_history = []
-    if target_steps and start == 0:  # (a resumed run's checkpoint already holds the routers this phase trained)
-        target_history = fit_router_targets(core, data, target_steps, target_repeats, batch_size=batch_size,
-                                            seed=seed, lr=lr, router_targets=router_targets, weights=weights,
-                                            loss_kind=loss_kind, pooling=pooling, device=accelerator.device,
-                                            progress=progress and accelerator.is_main_process)
-    student_targets = {} if router_inputs == "student" else None  # filled by each teacher pass, read by the student
-    sampler = torch.Generator(device=accelerator.device).manual_seed(seed)  # the sensitivity targets' Fisher samples
-    step_budget: dict[str, float] = {}
+    with core.override("key_value_targets", key_value_targets):  # the targets of both phases
+        target_history = []
+        if target_steps and start == 0:  # (a resumed run's checkpoint already holds the routers this phase trained)
+            target_history = fit_router_targets(core, data, target_steps, target_repeats, batch_size=batch_size,
+                                                seed=seed, lr=lr, router_targets=router_targets, weights=weights,
+                                                loss_kind=loss_kind, pooling=pooling, device=accelerator.device,
+                                                progress=progress and accelerator.is_main_process)
+        # filled by each teacher pass, read by the student
+        student_targets = {} if router_inputs == "student" else None
+        sampler = torch.Generator(device=accelerator.device).manual_seed(seed)  # the sensitivity targets' samples
+        step_budget: dict[str, float] = {}
 
-    def before_step(step: int) -> None:  # one budget per step, the same for every micro-batch
-        step_budget.clear()
-        step_budget.update(fixed or sample_budget(components, budget_range, step, seed,
-                                                  {k: core.state.min_budget(k) for k in components}))
-        core.set_budget(**step_budget)
+        def before_step(step: int) -> None:  # one budget per step, the same for every micro-batch
+            step_budget.clear()
+            step_budget.update(fixed or sample_budget(components, budget_range, step, seed,
+                                                      {k: core.state.min_budget(k) for k in components}))
+            core.set_budget(**step_budget)
 
-    def micro_step(step: int, micro: int, sync: bool) -> dict[str, float]:
-        batch = batch_at(data, step, micro * world + rank, batch_size, seed, stride=grad_accum * world)
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with loop.no_sync(sync), core.override("student_targets", student_targets):
-            if router_targets == "sensitivity":  # the teacher's forward and one backward (of a Fisher sample)
-                teacher, teacher_aux = core.teacher_sensitivities(batch, generator=sampler)
-                if loss_kind == "cosine":
-                    with torch.no_grad(), core.disable_routers():
+        def micro_step(step: int, micro: int, sync: bool) -> dict[str, float]:
+            batch = batch_at(data, step, micro * world + rank, batch_size, seed, stride=grad_accum * world)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with loop.no_sync(sync), core.override("student_targets", student_targets):
+                if router_targets == "sensitivity":  # the teacher's forward and one backward (of a Fisher sample)
+                    teacher, teacher_aux = core.teacher_sensitivities(batch, generator=sampler)
+                    if loss_kind == "cosine":
+                        with torch.no_grad(), core.disable_routers():
+                            teacher = _distill_target(core, model, batch, loss_kind, pooling)
+                else:
+                    with torch.no_grad(), core.disable_routers(), core.teacher_targets(router_targets == "teacher"):
                         teacher = _distill_target(core, model, batch, loss_kind, pooling)
-            else:
-                with torch.no_grad(), core.disable_routers(), core.teacher_targets(router_targets == "teacher"):
-                    teacher = _distill_target(core, model, batch, loss_kind, pooling)
-                teacher_aux = core.aux_losses()  # importance targets measured on the teacher (grad to routers)
-            student = _distill_target(core, model, batch, loss_kind, pooling)
-            if loss_kind == "kl":
-                distill = kl_teacher_student(teacher, student, batch.get("attention_mask"), temperature)
-            else:
-                distill = embedding_distance(teacher, student, token_weight)
-            aux = core.aux_losses()
-            if router_targets != "self":  # the teacher's importance targets replace self-consistency
-                aux.pop("token_bce", None)
-            aux |= teacher_aux
-            total = distill + sum(weights.get(k, 0.0) * v for k, v in aux.items())
-            if not finite_on_every_rank(accelerator, total):
-                _stop_diverged(f"{loss_failure(total, {loss_kind: distill, **aux})} at step {step + 1}",
-                               out_dir if accelerator.is_main_process else None, history)
-            accelerator.backward(total)  # (accelerate divides by grad_accum)
-        return {"distill": distill.item() / grad_accum, "loss": total.item() / grad_accum,
-                **{k: v.item() / grad_accum for k, v in aux.items()}, "tokens": _batch_tokens(batch, core) * world}
+                    teacher_aux = core.aux_losses()  # importance targets measured on the teacher (grad to routers)
+                student = _distill_target(core, model, batch, loss_kind, pooling)
+                if loss_kind == "kl":
+                    distill = kl_teacher_student(teacher, student, batch.get("attention_mask"), temperature)
+                else:
+                    distill = embedding_distance(teacher, student, token_weight)
+                aux = core.aux_losses()
+                if router_targets != "self":  # the teacher's importance targets replace self-consistency
+                    aux.pop("token_bce", None)
+                aux |= teacher_aux
+                total = distill + sum(weights.get(k, 0.0) * v for k, v in aux.items())
+                if not finite_on_every_rank(accelerator, total):
+                    _stop_diverged(f"{loss_failure(total, {loss_kind: distill, **aux})} at step {step + 1}",
+                                   out_dir if accelerator.is_main_process else None, history)
+                accelerator.backward(total)  # (accelerate divides by grad_accum)
+            return {"distill": distill.item() / grad_accum, "loss": total.item() / grad_accum,
+                    **{k: v.item() / grad_accum for k, v in aux.items()}, "tokens": _batch_tokens(batch, core) * world}
 
-    def step_entry(step: int, logs: dict[str, float]) -> dict[str, Any]:
-        return {"kl" if loss_kind == "kl" else "cosine_distance": logs["distill"],
-                "flops_ratio": core.last_stats()["flops_ratio"], "tokens": int(logs["tokens"]),
-                **{f"budget_{k}": v for k, v in step_budget.items()}}
+        def step_entry(step: int, logs: dict[str, float]) -> dict[str, Any]:
+            return {"kl" if loss_kind == "kl" else "cosine_distance": logs["distill"],
+                    "flops_ratio": core.last_stats()["flops_ratio"], "tokens": int(logs["tokens"]),
+                    **{f"budget_{k}": v for k, v in step_budget.items()}}
 
-    def nonfinite_grad(step: int) -> None:
-        _stop_diverged(f"a router gradient became NaN / inf at step {step + 1}",
-                       out_dir if accelerator.is_main_process else None, history)
+        def nonfinite_grad(step: int) -> None:
+            _stop_diverged(f"a router gradient became NaN / inf at step {step + 1}",
+                           out_dir if accelerator.is_main_process else None, history)
 
-    def save(done: int) -> None:
-        save_checkpoint(core, optimizer, scheduler, done, history, out_dir / CHECKPOINT, options)
-        atomic_write_json(out_dir / "train_log.json", {"steps": done, "history": history, "finished": False})
+        def save(done: int) -> None:
+            save_checkpoint(core, optimizer, scheduler, done, history, out_dir / CHECKPOINT, options)
+            atomic_write_json(out_dir / "train_log.json", {"steps": done, "history": history, "finished": False})
 
-    core.train()
-    t0 = time.perf_counter()
-    last = min(steps, stop_after) if stop_after is not None else steps
-    loop.run(start, last, history, grad_accum=grad_accum, micro_step=micro_step, before_step=before_step,
-             step_entry=step_entry, on_nonfinite_grad=nonfinite_grad, save=save if out_dir is not None else None,
-             checkpoint_every=checkpoint_every, desc="training routers", progress=progress,
-             postfix=lambda e: {"loss": f"{e['loss']:.3f}", loss_kind: f"{e['distill']:.4f}",
-                                "compute": f"{e['flops_ratio']:.2f}"})
+        core.train()
+        t0 = time.perf_counter()
+        last = min(steps, stop_after) if stop_after is not None else steps
+        loop.run(start, last, history, grad_accum=grad_accum, micro_step=micro_step, before_step=before_step,
+                 step_entry=step_entry, on_nonfinite_grad=nonfinite_grad, save=save if out_dir is not None else None,
+                 checkpoint_every=checkpoint_every, desc="training routers", progress=progress,
+                 postfix=lambda e: {"loss": f"{e['loss']:.3f}", loss_kind: f"{e['distill']:.4f}",
+                                    "compute": f"{e['flops_ratio']:.2f}"})
     accelerator.wait_for_everyone()
     for p in stand_in_params:
         p.requires_grad_(True)  # (as every router parameter)
