@@ -209,6 +209,27 @@ def test_a_padded_encoders_joint_budget_spends_the_real_tokens_compute():
     assert ratios[1] < n_real / n_all + 0.05  # just below 1: the padding is gone, and only a little real work
 
 
+def test_learned_routers_are_matched_to_the_routing_free_point_of_a_padded_encoder():
+    """Static pruning that drops nothing runs every real token with the padding skipped: the learned routers just
+    below budget 1 run the same function at the same FLOPs, and the FLOPs matching finds that point (bisection steps
+    alone stop at a budget that still routes a few tokens, so the pair read as a loss)."""
+    from elastiformer.evaluation.baselines import EDGE, match_flops, probe_flops
+
+    em = make_encoder("bert", "mlp_tokens")
+    batch = text_batch(B=3, T=60)  # long enough rows that a budget a bisection step below 1 still routes a token
+    em.fit_allocation([batch], progress=False)
+    learned = lambda: em.routing_method("learned")  # noqa: E731
+    edge = probe_flops(em, batch, EDGE, learned, None, 0)
+    assert edge < probe_flops(em, batch, 1.0, learned, None, 0)  # the padding is skipped just below 1
+    budget, got = match_flops(em, batch, 0.9, edge, learned, 0.1, None, 0)
+    assert got == edge
+    with torch.no_grad(), em.budget(budget):
+        routed = em(**batch).last_hidden_state
+    with torch.no_grad(), em.disable_routers():
+        dense = em(**batch).last_hidden_state
+    torch.testing.assert_close(real_tokens(routed, batch), real_tokens(dense, batch), atol=1e-5, rtol=1e-4)
+
+
 def test_save_load_round_trip(tmp_path, encoder):
     build, data = ENCODERS[encoder]
     em = make_encoder(encoder, "combined", lora_rank=1)

@@ -93,6 +93,9 @@ def probe_flops(em: ElasticModel, batch: dict, setting, context, generator: torc
     return em.last_stats()["flops_ratio"]
 
 
+EDGE = 1.0 - 1e-6  # the highest budget below 1 that `match_flops` tries
+
+
 def match_flops(em: ElasticModel, batch: dict, setting, target: float, context, lowest: float,
                 generator: torch.Generator | None, seed: int, steps: int = 8, from_above: bool = False):
     """(budget in the form of `setting`, the block FLOPs it executes on `batch`): where a method executes `target`
@@ -111,6 +114,9 @@ def match_flops(em: ElasticModel, batch: dict, setting, target: float, context, 
             lo = mid
     for b in (lo, hi):
         tried.append((b, probe_flops(em, batch, scaled(setting, b), context, generator, seed)))
+    if hi == 1.0:  # just below 1: the routing-free point of a padded encoder (padding skipped, every real token run),
+        # which FLOPs jump past at 1.0 itself and no bisection step lands on
+        tried.append((EDGE, probe_flops(em, batch, scaled(setting, EDGE), context, generator, seed)))
     pool = [t for t in tried if t[1] >= target - 1e-9] if from_above else tried
     best = min(pool or tried, key=lambda t: abs(t[1] - target))
     return scaled(setting, best[0]), best[1]
