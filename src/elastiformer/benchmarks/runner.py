@@ -248,7 +248,8 @@ def plot_allocation(result: dict[str, Any], path: Path) -> None:
         return
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 2.9 * rows), squeeze=False)
+    fig.subplots_adjust(hspace=0.6, wspace=0.3)  # (each panel's layer axis clear of the title below it)
     for ax in axes.flat:
         ax.set_visible(False)
     for ax, (title, budgets, grid) in zip(axes.flat, panels):
