@@ -211,11 +211,11 @@ class ElasticAttention(ElasticSubLayer):
 
         if head_cap < 1.0:
             out_sub, flops, unit_fraction = self._head_routed(x_sub, slot_valid, mask, kw, cache, head_cap, q_pos)
-            out_sub = self.finish(out_sub, x_sub, self.spec.attention_weights(self.base_layer).norm)
+            out_sub = self.finish(out_sub, x_sub, self.weights().norm)
             router_flops += self.head_router.flops(B * m) if st.method == "learned" else 0
         elif n_real < B * m and self.pack_rows:  # rows of different lengths: no projection on the padding slots
             out_sub, flops = self._packed(x_sub, slot_valid, mask, kw, cache)
-            out_sub = self.finish(out_sub, x_sub, self.spec.attention_weights(self.base_layer).norm)
+            out_sub = self.finish(out_sub, x_sub, self.weights().norm)
             unit_fraction = 1.0
         else:
             out_sub = self.base_layer(x_sub, *args, **kw)[0]  # (B, m, C)
@@ -256,7 +256,7 @@ class ElasticAttention(ElasticSubLayer):
             mask = self._cached_entries_mask(past, current, x.dtype)  # (1, 1, 1, P + 1), or None: every key
             out, flops, unit_fraction = self._head_routed(x, None, mask, kwargs, cache, head_capacity, current,
                                                           head_logits)
-            out = self.finish(out, x, self.spec.attention_weights(self.base_layer).norm)  # (1, 1, C)
+            out = self.finish(out, x, self.weights().norm)  # (1, 1, C)
             router_flops += self.head_router.flops(1) if st.method == "learned" else 0
         else:
             if self._cache_routed(cache):  # transformers' mask assumes every past token is cached, in order
@@ -314,7 +314,7 @@ class ElasticAttention(ElasticSubLayer):
         with torch.enable_grad():
             if head_cap < 1.0:
                 H, D = self.dims["H"], self.dims["D"]
-                o_w = self.spec.attention_weights(self.base_layer).o_w  # (C, H*D)
+                o_w = self.weights().o_w  # (C, H*D)
                 heads = captured["heads"].view(B, T, H, D)
                 share = torch.einsum("bthd,chd->bthc", heads, o_w.view(-1, H, D))  # (B, T, H, C) each head's output
                 importance = share.norm(dim=-1)  # (B, T, H)
@@ -339,7 +339,7 @@ class ElasticAttention(ElasticSubLayer):
         st = self.state
         B, T, C = x.shape
         H, KVH, D = self.dims["H"], self.dims["KVH"], self.dims["D"]
-        w = self.spec.attention_weights(self.base_layer)
+        w = self.weights()
         lora = HeadPathLoRA(w, x)
         q = norm_heads(lora.add(F.linear(x, w.q_w, w.q_b), "q"), D, w.q_norm, w.qk_norm_per_head)  # (B, T, H, D)
         k, v = keys_values(x, w, lora, D)  # (B, T, KVH, D) each
@@ -365,8 +365,15 @@ class ElasticAttention(ElasticSubLayer):
         weight = weight.masked_fill(torch.eye(T, dtype=torch.bool, device=x.device), 0.0)  # not its own query
         return (weight * dist2.clamp(min=0).sqrt()).sum(dim=(1, 2))  # (B, Tk)
 
+    def weights(self):
+        """The attention's weights (`ArchSpec.attention_weights`), looked up once per model call: a decode step
+        would otherwise rebuild them two or three times in every layer (views and adapters, a few dozen attribute
+        reads each)."""
+        return self.state.per_call(("attention_weights", self.layer_idx),
+                                   lambda: self.spec.attention_weights(self.base_layer))
+
     def output_norm(self) -> nn.Module | None:
-        return self.spec.attention_weights(self.base_layer).norm
+        return self.weights().norm
 
     def _scaling(self, w) -> float:
         """The softmax scale the module applies (BERT keeps it on its inner `self`, not on the wrapped module)."""
@@ -383,7 +390,7 @@ class ElasticAttention(ElasticSubLayer):
         d = self.dims
         B, m, C = x.shape
         H, KVH, D = d["H"], d["KVH"], d["D"]
-        w = self.spec.attention_weights(self.base_layer)
+        w = self.weights()
         rows = slot_valid.flatten().nonzero().squeeze(1)  # (n,) the real slots among B*m
         n = rows.numel()
         xp = x.reshape(B * m, C).index_select(0, rows)  # (n, C)
@@ -423,7 +430,7 @@ class ElasticAttention(ElasticSubLayer):
         d = self.dims
         B, m, C = x.shape
         H, KVH, D = d["H"], d["KVH"], d["D"]
-        w = self.spec.attention_weights(self.base_layer)
+        w = self.weights()
         scaling = self._scaling(w)
         st = self.state
         whole_q_norm = w.q_norm is not None and not w.qk_norm_per_head  # OLMo 2: over the whole q projection

@@ -66,7 +66,7 @@ class ElasticMLP(ElasticSubLayer):
             return
         # row r of the new weights is row `perm[r]` of the current ones: current[perm] == order
         perm = torch.argsort(current)[order]  # (I,)
-        w = self.spec.mlp_weights(self.base_layer)
+        w = self.weights()
         for rows in (w.up_w, w.up_b, w.gate_w, w.gate_b):  # views of the base tensors: written in place
             if rows is not None:
                 rows.copy_(rows[perm])
@@ -138,7 +138,7 @@ class ElasticMLP(ElasticSubLayer):
         n = x_in.shape[0]
         if exp_cap < 1.0:
             y, exp_flops, unit_fraction = self._run_experts(x_in, exp_cap, positions)
-            y = self.finish(y, x_in, self.spec.mlp_weights(self.base_layer).norm)
+            y = self.finish(y, x_in, self.weights().norm)
             router_flops += self.expert_router.flops(n) if st.method == "learned" else 0
         else:
             y = self.base_layer(x_in) if n else x_in.new_zeros(0, C)  # (n, C)
@@ -170,7 +170,7 @@ class ElasticMLP(ElasticSubLayer):
         xf = x.view(1, -1)  # (1, 1, C) -> (1, C)
         y, flops, unit_fraction = self._run_experts(xf, expert_capacity, self._flat_positions(1, 1, x.device),
                                                     expert_logits)
-        y = self.finish(y, xf, self.spec.mlp_weights(self.base_layer).norm)
+        y = self.finish(y, xf, self.weights().norm)
         router_flops += self.expert_router.flops(1) if st.method == "learned" else 0
         st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, flops + router_flops, router_flops, 1.0,
                                       unit_fraction))
@@ -182,8 +182,13 @@ class ElasticMLP(ElasticSubLayer):
         return st.per_call(("real_positions", B, T, device), lambda: st.real_positions(
             st.current_positions(T, device).expand(B, T)).reshape(B * T))
 
+    def weights(self):
+        """The MLP's weights (`ArchSpec.mlp_weights`), looked up once per model call (see
+        `ElasticAttention.weights`)."""
+        return self.state.per_call(("mlp_weights", self.layer_idx), lambda: self.spec.mlp_weights(self.base_layer))
+
     def output_norm(self) -> nn.Module | None:
-        return self.spec.mlp_weights(self.base_layer).norm
+        return self.weights().norm
 
     def _skip_every_token(self, x: torch.Tensor, dense: int) -> torch.Tensor:
         """The sub-layer skipped for every token (allocated nothing, or dropped by the static baseline)."""
@@ -204,7 +209,7 @@ class ElasticMLP(ElasticSubLayer):
             xf = x.reshape(B * T, C)
             per_expert = self._expert_outputs(xf)  # (E, N, C)
             y = per_expert.sum(0)
-            w = self.spec.mlp_weights(self.base_layer)
+            w = self.weights()
             if w.down_b is not None:
                 y = y + w.down_b
             y = self.finish(y, xf, w.norm)
@@ -222,19 +227,19 @@ class ElasticMLP(ElasticSubLayer):
     def _expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's output for every token (no down-projection bias). x: (N, C) -> (E, N, C)."""
         self.align_weights()
-        w = self.spec.mlp_weights(self.base_layer)
+        w = self.weights()
         h = self.hidden_activations(x)  # (N, I)
         return torch.stack([F.linear(h[:, self.expert_slice(e)], w.down_w[:, self.expert_slice(e)])
                             for e in range(self.expert_router.n_experts)])
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """What the MLP adds to the residual stream, before any post-LN. x: (N, C) -> (N, C)."""
-        w = self.spec.mlp_weights(self.base_layer)
+        w = self.weights()
         return F.linear(self.hidden_activations(x), w.down_w, w.down_b)
 
     def hidden_activations(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP's hidden units before the down projection. x: (N, C) -> (N, I)."""
-        w = self.spec.mlp_weights(self.base_layer)
+        w = self.weights()
         h = F.linear(x, w.up_w, w.up_b)  # (N, I)
         return w.act(F.linear(x, w.gate_w, w.gate_b)) * h if w.gate_w is not None else w.act(h)
 
@@ -244,7 +249,7 @@ class ElasticMLP(ElasticSubLayer):
         x: (n, C), positions: (n,); logits: one token's expert logits already on the host (see `_one_token`)
         -> (n, C)."""
         C, I = self.dims["C"], self.dims["I"]
-        w = self.spec.mlp_weights(self.base_layer)
+        w = self.weights()
         E = self.expert_router.n_experts
         width = I // E
         n = x.shape[0]

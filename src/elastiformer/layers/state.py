@@ -237,8 +237,10 @@ class RoutingState:
             self.aux_losses[kind].append(loss)
 
     def reset_forward(self) -> None:
+        """At the start of each model call: its stats, auxiliary losses and per-call values start empty."""
         self.stats = []
         self.aux_losses = defaultdict(list)
+        self._per_call, self._per_call_owner = {}, (None, None)
 
 
 class SubLayerWrapper(nn.Module):
