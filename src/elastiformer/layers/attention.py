@@ -438,7 +438,7 @@ class ElasticAttention(ElasticSubLayer):
         one_token = m == 1 and not torch.is_grad_enabled() and w.q_lora is None and w.o_lora is None \
             and not whole_q_norm
         if one_token and B == 1:  # the token's heads as a list, decided on the host: no (B, m, H) mask is built
-            position = int(st.real_positions(q_pos))
+            position = st.per_call(("one_token_position",), lambda: int(st.real_positions(q_pos)))  # one host read
             used = self.head_router.one_token_heads(x, capacity, position, method=st.method, generator=st.generator,
                                                     layer=self.layer_idx, logits=logits)
             heads = active = None
