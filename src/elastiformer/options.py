@@ -25,7 +25,7 @@ from typing import Any
 class Option:
     """One option. `kind` is its value's type (int, float, str, bool, Path); it defaults to the type of `default`,
     and must be given when `default` is None. A bool option is a switch: `--name` when it defaults to False,
-    `--name/--no-name` when it defaults to True."""
+    `--name/--no-name` when it defaults to True or to None (the library chooses, e.g. by the model)."""
 
     default: Any
     help: str

@@ -73,6 +73,9 @@ def test_train_objective_and_allocation_options(workspace, tmp_path, capsys):
     assert json.loads(out)["allocation"]["calibration_tokens"] == 3 * 2 * 16  # 3 batches of 2 x 16 tokens
     code, out, _ = run(["info", tmp_path / "run2" / "routers"], capsys)
     assert code == 0 and "per-layer capacities" in out and "budget 0.80" in out, out
+    code, out, err = run(train_args(workspace, tmp_path / "run_off", "--router-targets", "sensitivity",
+                                    "--no-key-value-targets", "--steps", "1", "--no-allocation"), capsys)
+    assert code == 0, err  # explicitly off: allowed with any objective
     for bad, message in ((["--router-targets", "self", "--target-steps", "2"], "--target-steps"),
                          (["--allocation-floor", "1.5"], "--allocation-floor"),
                          (["--allocation-batches", "0"], "--allocation-batches"),

@@ -48,7 +48,7 @@ def test_each_command_takes_exactly_its_declared_options_with_their_defaults_sho
         assert p.help == opt.help
         if opt.switch:
             assert p.is_flag and p.opts == [f"--{name.replace('_', '-')}"]
-            if opt.default:  # on by default: --name / --no-name
+            if opt.default is not False:  # on by default, or the library's choice: --name / --no-name
                 assert p.secondary_opts == [f"--no-{name.replace('_', '-')}"]
         elif opt.default not in (None, ""):
             assert p.show_default == str(opt.default), name  # --help shows the table's default

@@ -116,3 +116,20 @@ def test_training_with_key_value_targets_teaches_other_scores():
             train_routers(em, tokens(8, 16), steps=1, progress=False, key_value_targets=True, **bad)
     with pytest.raises(ef.ConfigError, match="key_value_targets"):
         train_routers(em, tokens(8, 16), steps=1, progress=False, key_value_targets="yes")
+
+
+def test_key_value_targets_are_on_by_default_for_encoders_only(monkeypatch):
+    """None (the default): an encoder's attention-token targets count the key / value role, a causal LM's do not;
+    False turns it off for an encoder too."""
+    calls = []
+    original = ElasticAttention.key_value_importance
+    monkeypatch.setattr(ElasticAttention, "key_value_importance",
+                        lambda self, x, kw: calls.append(self.layer_idx) or original(self, x, kw))
+    batch = padded_text(B=4, T=12)
+    for make, data, kv, expect in ((tiny_bert, [batch], None, True), (tiny_bert, [batch], False, False),
+                                   (pretrained_like, tokens(8, 16), None, False)):
+        calls.clear()
+        em = ef.get_elastic_model(make(), ef.ElasticConfig(attn_tokens=0.5))
+        train_routers(em, data, steps=1, target_steps=1, batch_size=4, progress=False, allocation=False,
+                      key_value_targets=kv, **({"loss": "cosine"} if make is tiny_bert else {}))
+        assert bool(calls) == expect, (make.__name__, kv)

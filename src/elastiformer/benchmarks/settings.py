@@ -16,8 +16,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # the stand-ins kept as fitted by regression, not trained with the routers
     "mlp_tokens_fitted_stand_in": dict(mlp_tokens=0.8, train=dict(stand_in_lr_scale=0.0)),
     "attn_tokens": dict(attn_tokens=0.8),
-    # attention-token routers that also learn what each token is worth to the others as a key / value
+    # attention-token routers that also learn what each token is worth to the others as a key / value (the default
+    # for encoders), and ones that learn their token's own update only (the default for causal LMs)
     "attn_tokens_kv": dict(attn_tokens=0.8, train=dict(key_value_targets=True)),
+    "attn_tokens_own_update": dict(attn_tokens=0.8, train=dict(key_value_targets=False)),
     # token routers that also see the log-norm of their input (starting as the norm baseline's ranking)
     "mlp_tokens_norm_feature": dict(mlp_tokens=0.8, router_norm_feature=True),
     "attn_tokens_norm_feature": dict(attn_tokens=0.8, router_norm_feature=True),
@@ -32,7 +34,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 def component_of(setting: str) -> str:
     """The routed component a bench setting measures (settings may be variants of one component)."""
     for suffix in ("_cluster", "_paper", "_sensitivity", "_student", "_no_stand_in", "_fitted_stand_in",
-                   "_norm_feature", "_kv"):
+                   "_norm_feature", "_kv", "_own_update"):
         setting = setting.removesuffix(suffix)
     return setting
 

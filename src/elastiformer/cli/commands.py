@@ -92,9 +92,10 @@ TRAIN_OPTIONS = {
     "router_targets": Option("teacher", "What token routers learn to predict: teacher (the norm of each token's "
                              "update), sensitivity (how much skipping it moves the output; one extra backward per "
                              "step) or self (the paper's BCE towards their own top-k)."),
-    "key_value_targets": Option(False, "Attention-token routers also learn what each token is worth to the other "
+    "key_value_targets": Option(None, "Attention-token routers also learn what each token is worth to the other "
                                 "tokens as a key / value (a skipped token is no key for anyone), not only its own "
-                                "update; with --router-targets teacher."),
+                                "update; with --router-targets teacher. Default: on for encoders, off for causal "
+                                "LMs (where it measured no better).", kind=bool),
     "router_inputs": Option("teacher", "teacher or student: the hidden states token routers are regressed on "
                             "(student: what they see at inference)."),
     "target_steps": Option(None, "Teacher forwards before distillation whose targets the routers are trained on (no "
@@ -203,7 +204,7 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
         budget_range=budget_range, output_dir=out, checkpoint_every=int(o["checkpoint_every"]),
         resume=bool(o["resume"]), device=o["device"], overwrite=bool(o["overwrite"]),
         router_targets=o["router_targets"], router_inputs=o["router_inputs"], target_steps=o["target_steps"],
-        key_value_targets=bool(o["key_value_targets"]),
+        key_value_targets=o["key_value_targets"],
         target_repeats=int(o["target_repeats"]), allocation=bool(o["allocation"]),
         allocation_floor=float(o["allocation_floor"]), allocation_batches=int(o["allocation_batches"]),
         allocation_levels=levels.get("levels"),

@@ -43,10 +43,11 @@ def command(group, options: dict[str, Option], name: str | None = None, *, confi
         params, hints = [], {}
         for key, opt in options.items():
             dash = key.replace("_", "-")
-            if opt.switch and not opt.default:  # --name, off unless given
+            if opt.switch and opt.default is False:  # --name, off unless given
                 default = typer.Option(False, f"--{dash}", help=opt.help)
                 hint: Any = bool
-            else:  # None: not given on the command line, so a YAML file or the default decides
+            else:  # None: not given on the command line, so a YAML file or the default decides (a switch whose
+                # default is None, chosen by the library, takes --name / --no-name)
                 flags = (f"--{dash}/--no-{dash}",) if opt.switch else ()
                 shown = opt.default if opt.default not in (None, "") else False
                 default = typer.Option(None, *flags, help=opt.help,
@@ -69,7 +70,7 @@ def command(group, options: dict[str, Option], name: str | None = None, *, confi
             cfg = kwargs.pop("config", None)
             # (an off-by-default switch reads False when absent: not given, so a YAML file may still turn it on)
             given = {k: v for k, v in kwargs.items()
-                     if v is not None and not (options[k].switch and not options[k].default and v is False)}
+                     if v is not None and not (options[k].switch and options[k].default is False and v is False)}
             return fn(Given(given, cfg, options), **more)
 
         del run.__wrapped__  # (typer reads the signature below, not fn's)

@@ -171,7 +171,7 @@ def train_routers(
     target_steps: int | None = None,
     target_repeats: int = 4,
     stand_in_lr_scale: float = 0.1,
-    key_value_targets: bool = False,
+    key_value_targets: bool | None = None,
 ) -> TrainReport:
     """Train `em`'s routers by self-distillation against its own base model; returns a `TrainReport`.
 
@@ -209,7 +209,9 @@ def train_routers(
     they learn what those tokens need.
     key_value_targets: attention-token routers learn, beside their token's own update, what the token is worth to
     the other tokens as a key / value (`ElasticAttention.key_value_importance`: a skipped token is no key for anyone).
-    With router_targets="teacher" only.
+    With router_targets="teacher" only. None (the default): on for bidirectional encoders (BERT, ViT), where it
+    turned learned attention-token routing from losing to the norm score into winning, off for causal LMs, where it
+    measured no better on SmolLM2 (see the README).
 
     A NaN / inf loss or gradient stops the run with an `ElastiformerError` naming the step; the last checkpoint
     (written before it) is kept, so `resume=True` with a lower learning rate continues from there.
@@ -255,8 +257,10 @@ def train_routers(
     if router_inputs == "student" and router_targets == "self":
         raise ConfigError("router_inputs='student' moves the teacher's targets onto the student's inputs: use it with "
                           "router_targets='teacher' or 'sensitivity'")
-    if not isinstance(key_value_targets, bool):
-        raise ConfigError(f"key_value_targets={key_value_targets!r}: pass True or False")
+    if key_value_targets is not None and not isinstance(key_value_targets, bool):
+        raise ConfigError(f"key_value_targets={key_value_targets!r}: pass True, False, or None (on for encoders)")
+    if key_value_targets is None:
+        key_value_targets = not em.is_causal and router_targets == "teacher"
     if key_value_targets and router_targets != "teacher":
         raise ConfigError(f"key_value_targets=True adds a term to the teacher's update-norm targets, and "
                           f"router_targets={router_targets!r} has none: pass router_targets='teacher'")
