@@ -142,3 +142,29 @@ def test_short_name_loads_the_cached_teacher_with_its_normalisation(tmp_path, mo
     x, _ = images(3)
     with torch.no_grad():
         assert torch.equal(em2(pixel_values=x).logits, em(pixel_values=x).logits)
+
+
+def test_the_vision_bench_runs_end_to_end_on_a_tiny_teacher(tmp_path, monkeypatch):
+    """Training, evaluation beside the baselines at matched FLOPs and the domain runs, on tiny idx files and a tiny
+    cached teacher: every method has a record, and every domain run its records."""
+    import json
+
+    from elastiformer.data import images as data_images
+    from elastiformer.data.images import ImageFormat
+    from elastiformer.training.vit_teacher import save_teacher
+    from helpers.images import fake_fashion_mnist
+
+    monkeypatch.setenv("ELASTIFORMER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data_images, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "not-installed")
+    fake_fashion_mnist(tmp_path / "cache" / "data" / "fashion-mnist", n_train=96, n_test=20)
+    save_teacher(tiny_vit(), tmp_path / "cache" / "models" / "vit-fashion-mnist", ImageFormat(28, 1, (0.29,), (0.35,)),
+                 {"test_accuracy": 0.1})
+    out = tmp_path / "vision.json"
+    o = dict(bench_vision.VISION_BENCH_DEFAULTS, components="mlp_tokens,attn_tokens", budgets="0.7", steps=2,
+             batch_size=16, train_images=96, test_images=20, domain_budgets="0.7", domain_steps=1, timing_reps=0,
+             output=out)
+    bench_vision.run_vision_bench(o, echo=lambda *_: None)
+    result = json.loads(out.read_text())
+    methods = {(r["component"], r["method"]) for r in result["records"]}
+    assert {(c, m) for c in ("mlp_tokens", "attn_tokens") for m in ("learned", "random", "norm", "static")} <= methods
+    assert {r["train_classes"] for r in result["domain"]["records"]} == {"0-4", "5-9", "all"}

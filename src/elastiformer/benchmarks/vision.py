@@ -70,7 +70,7 @@ VISION_BENCH_DEFAULTS = defaults(VISION_BENCH_OPTIONS)
 def _train(em: ElasticModel, pixels: torch.Tensor, o: dict[str, Any], budgets: Sequence[float], steps: int) -> Any:
     """Cosine self-distillation on the final [CLS] features; images [N, C, H, W] are shuffled and batched by the
     trainer; one budget drawn per step from a range that covers the sweep."""
-    from .trainer import train_routers
+    from ..training.routers import train_routers
 
     return train_routers(em, pixels, steps=steps, batch_size=int(o["batch_size"]), lr=float(o["lr"]),
                          seed=int(o["seed"]), budget_range=(max(0.05, min(budgets) - 0.1), 0.95),
