@@ -126,6 +126,9 @@ def match_flops(em: ElasticModel, batch: dict, setting, target: float, context, 
 # the learned routers' FLOPs, and the learned routers are measured again at theirs ("learned_at_same_flops")
 STEP_BASELINES = ("static",)
 MATCH_TOLERANCE = 0.005  # a continuous baseline further than this from the learned FLOPs gets its own learned partner
+# a step baseline above the learned FLOPs by more than this does: on a small model one head of one layer is ~1e-3 of
+# the block FLOPs, and a pair that far apart can flip
+STEP_TOLERANCE = 1e-4
 
 
 def again_key(baseline: str) -> str:
@@ -166,7 +169,7 @@ def plan_budgets(em: ElasticModel, batch: dict, settings: Sequence, baselines: S
             step = m in STEP_BASELINES
             plan[(m, i)], got = match_flops(em, batch, setting, target, contexts[m], lowest, generator, seed * 1009,
                                             from_above=step)
-            if (got > target + 1e-3) if step else abs(got - target) > MATCH_TOLERANCE:
+            if (got > target + STEP_TOLERANCE) if step else abs(got - target) > MATCH_TOLERANCE:
                 plan[(again_key(m), i)], _ = match_flops(em, batch, setting, got, contexts["learned"], lowest,
                                                            generator, seed * 1009)
     return plan
