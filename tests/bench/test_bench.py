@@ -51,7 +51,8 @@ def one_setting_bench(workspace, out, **overrides) -> dict:
     """Options of a one-step, one-budget `mlp_tokens` bench on the tiny workspace model."""
     return dict(BENCH_DEFAULTS) | dict(model=str(workspace / "model"), components="mlp_tokens", budgets="0.8",
                                        dense_layers="", steps=1, train_sequences=8, eval_sequences=2, eval_seq_len=32,
-                                       seq_len=16, prefill_len=16, decode_tokens=2, timing_reps=1, lm_eval_docs=0,
+                                       batch_size=4, seq_len=16, prefill_len=16, decode_tokens=2, timing_reps=1,
+                                       lm_eval_docs=0,
                                        output=str(out)) | overrides
 
 

@@ -52,8 +52,9 @@ BENCH_OPTIONS = {
     "allocation_levels": Option("", "Capacities each unit's cost curve is measured at and a move may lower it to, "
                                 "e.g. 0.875,0.75,0.5,0.25,0 (default: 0.75,0.5,0.25,0; finer levels, more "
                                 "forwards)."),
-    "batch_size": Option(4, "Sequences per training step."),
-    "seq_len": Option(128, "Tokens per training sequence."),
+    "batch_size": Option(2, "Sequences per training step."),
+    "seq_len": Option(256, "Tokens per training sequence (as long as the held-out ones: routers trained on shorter "
+                      "sequences lost more on later positions)."),
     "train_sequences": Option(2000, "Training sequences (Gutenberg training books)."),
     "eval_sequences": Option(8, "Held-out sequences evaluated."),
     "eval_seq_len": Option(256, "Tokens per held-out sequence."),
