@@ -18,6 +18,12 @@ point on the path, so the allocations of all budgets are nested and one artifact
   the routed sub-layers' FLOPs, as measured at each point of the path while it was fitted: it sets how far along
   the path the model goes, hence each component's budget.
 
+A unit of heads or experts is lowered either routed (each token's router chooses its heads / experts) or *pinned*:
+the same heads / experts for every token, the ones that matter most on the calibration text (static pruning of
+heads / experts, the special case the path may choose per unit). The path measures both and takes whichever costs
+less; a unit keeps the variant of its first move at every budget, so allocations stay nested. A pinned unit runs no
+router at all.
+
 Costs compound (skipping in one layer makes skipping in the next costlier), so the path is fitted with routing on:
 single-unit cost curves measured once give first estimates, and every move is re-measured at the current
 allocation before it is taken (lazy greedy, see `fit_allocation`).
@@ -46,6 +52,7 @@ class Move:
     layer: int
     start: float  # the unit's capacity before the move
     end: float  # and after
+    pinned: bool = False  # the unit runs the same heads / experts for every token (see the module docstring)
 
 
 @dataclass
@@ -61,6 +68,9 @@ class Allocation:
     cost: list[float] = field(default_factory=lambda: [0.0])  # distillation loss measured after 0..len(moves) moves
     fixed: dict[str, list[int]] = field(default_factory=dict)  # units that never move (dense layers)
     tokens: int = 0  # calibration tokens the path was measured on
+    # {component: {layer: per-unit importance}}: the scores a pinned unit chooses its heads / experts by, the same
+    # for every token (mean output norm of each head / expert on the calibration text)
+    pinned: dict[str, dict[int, list[float]]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ lookups
     def component_fraction_after(self, component: str, k: int) -> float:
@@ -132,6 +142,10 @@ class Allocation:
                 points.append(last)
         return points
 
+    def pinned_units(self) -> set[tuple[str, int]]:
+        """(component, layer) of the units the path pinned."""
+        return {(m.component, m.layer) for m in self.moves if m.pinned}
+
     @property
     def min_flops(self) -> float:
         return self.flops[-1]
@@ -144,7 +158,8 @@ class Allocation:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["components"] = list(self.components)
-        d["moves"] = [[m.component, m.layer, m.start, m.end] for m in self.moves]
+        d["moves"] = [[m.component, m.layer, m.start, m.end] + ([True] if m.pinned else []) for m in self.moves]
+        d["pinned"] = {c: {str(i): list(v) for i, v in per.items()} for c, per in self.pinned.items()}
         return d
 
     @classmethod
@@ -152,17 +167,21 @@ class Allocation:
                   ) -> "Allocation":
         """Read a saved allocation; refuse one that does not fit this model (other layer count or components)."""
         try:
-            moves = [Move(str(c), int(i), float(s), float(e)) for c, i, s, e in d["moves"]]
+            moves = [Move(str(c), int(i), float(s), float(e), bool(p[0]) if p else False)
+                     for c, i, s, e, *p in d["moves"]]
             alloc = cls(n_layers=int(d["n_layers"]), components=tuple(d["components"]), moves=moves,
                         flops=[float(v) for v in d["flops"]], cost=[float(v) for v in d["cost"]],
                         fixed={str(k): [int(i) for i in v] for k, v in d.get("fixed", {}).items()},
-                        tokens=int(d.get("tokens", 0)))
+                        tokens=int(d.get("tokens", 0)),
+                        pinned={str(c): {int(i): [float(x) for x in v] for i, v in per.items()}
+                                for c, per in d.get("pinned", {}).items()})
         except (KeyError, TypeError, ValueError) as err:
             raise RouterFileError(f"the allocation in {where} is malformed ({err!r}): fit it again with "
                                   "em.fit_allocation(data), or train the routers again") from err
         bad = [m for m in alloc.moves if m.component not in components or not 0 <= m.layer < n_layers
                or not 0.0 <= m.end < m.start <= 1.0]
-        if alloc.n_layers != n_layers or set(alloc.components) - set(components) or bad \
+        unscored = alloc.pinned_units() - {(c, i) for c, per in alloc.pinned.items() for i in per}
+        if alloc.n_layers != n_layers or set(alloc.components) - set(components) or bad or unscored \
                 or len(alloc.flops) != len(alloc.moves) + 1 or len(alloc.cost) != len(alloc.moves) + 1:
             raise RouterFileError(f"the allocation in {where} does not fit this model ({n_layers} layers, routed "
                                   f"{', '.join(components)}): fit it again with em.fit_allocation(data)")
@@ -170,18 +189,23 @@ class Allocation:
 
 
 # ---------------------------------------------------------------------- fitting
-Measure = Callable[[dict[str, list[float]]], tuple[float, float]]  # capacities -> (cost, routed FLOPs ratio)
+# (capacities, pinned units) -> (cost, routed FLOPs ratio)
+Measure = Callable[[dict[str, list[float]], frozenset], tuple[float, float]]  # pins: frozenset of (component, layer)
+Candidate = tuple[str, int, bool]  # (component, layer, pinned): a unit, lowered routed or pinned
 
 
 def fit_path(measure: Measure, units: Sequence[tuple[str, int]], n_layers: int, components: Sequence[str],
              min_flops: float = 0.4, levels: Sequence[float] = LEVELS, lookahead: int = 3, max_lookahead: int = 8,
              progress: Callable[[str], None] | None = None, fixed: dict[str, list[int]] | None = None,
-             on_move: Callable[[dict[str, list[float]]], None] | None = None) -> Allocation:
+             on_move: Callable[[dict[str, list[float]], frozenset], None] | None = None,
+             pinnable: Sequence[str] = ()) -> Allocation:
     """Fit an allocation path by lazy greedy on measured costs.
 
-    `measure(capacities)` runs the model on calibration data with `capacities` ({component: [per layer]}) and
-    returns (distillation loss, executed / full-capacity FLOPs of the routed sub-layers). Phase 1 measures every
-    unit alone at every level: single-unit cost curves, the first estimates. Phase 2 repeats, until those FLOPs fall to
+    `measure(capacities, pins)` runs the model on calibration data with `capacities` ({component: [per layer]}),
+    the units in `pins` pinned, and returns (distillation loss, executed / full-capacity FLOPs of the routed
+    sub-layers). The units of `pinnable` components (heads / experts) are candidates twice, routed and pinned; a
+    unit's first move fixes which, for the rest of the path. Phase 1 measures every candidate alone at every level:
+    single-unit cost curves, the first estimates. Phase 2 repeats, until those FLOPs fall to
     `min_flops`: rank the candidate moves (each unit to any lower level; not heads / experts to 0 where the layer's
     tokens are routed too, see `DROPPED_BY`) by estimated cost per FLOP saved,
     re-measure the `lookahead` best at the current allocation, and go on down the ranking (up to `max_lookahead`)
@@ -191,36 +215,46 @@ def fit_path(measure: Measure, units: Sequence[tuple[str, int]], n_layers: int, 
     component that were not re-measured recently are scaled by that component's typical ratio of measured to
     estimated cost (components compound differently; with one shared ratio and the better of two candidates taken,
     the SmolLM2 combined path dropped whole MLPs through their experts at 3.3-6.5 nats per unit of FLOPs while the
-    MLP-token moves around them cost 1.8-4.3). `on_move(capacities)` is told the allocation after each move taken
-    (fit_allocation then replays its leading blocks for the next candidates, see `block_replay`).
+    MLP-token moves around them cost 1.8-4.3). `on_move(capacities, pins)` is told the allocation after each move
+    taken (fit_allocation then replays its leading blocks for the next candidates, see `block_replay`).
     """
     note = progress or (lambda s: None)
     dense = {c: [1.0] * n_layers for c in components}
-    base_cost, base_flops = measure(dense)
+    base_cost, base_flops = measure(dense, frozenset())
     alloc = Allocation(n_layers, tuple(components), flops=[base_flops], cost=[base_cost], fixed=fixed or {})
-    # ---- phase 1: each unit alone, at every level ----
-    curve: dict[tuple[str, int], dict[float, tuple[float, float]]] = {}
+    candidates: list[Candidate] = [(c, i, False) for c, i in units] + [(c, i, True) for c, i in units
+                                                                        if c in pinnable]
+    # ---- phase 1: each candidate alone, at every level ----
+    curve: dict[Candidate, dict[float, tuple[float, float]]] = {}
     unit_set = set(units)
-    for n, (c, i) in enumerate(units):
-        curve[(c, i)] = {1.0: (0.0, 0.0)}
+    for n, u in enumerate(candidates):
+        c, i, pin = u
+        curve[u] = {1.0: (0.0, 0.0)}
         for lev in levels:
             if lev == 0.0 and (DROPPED_BY.get(c), i) in unit_set:
                 continue  # dropped whole through the layer's token component instead
+            if lev == 0.0 and pin:  # nothing runs either way: the routed unit's measurement
+                curve[u][lev] = curve[(c, i, False)][lev]
+                continue
             caps = {k: list(v) for k, v in dense.items()}
             caps[c][i] = lev
-            cost, flops = measure(caps)
-            curve[(c, i)][lev] = (cost - base_cost, base_flops - flops)  # (added cost, FLOPs saved)
-        note(f"cost curves: {n + 1}/{len(units)} units")
+            cost, flops = measure(caps, frozenset({(c, i)} if pin else ()))
+            curve[u][lev] = (cost - base_cost, base_flops - flops)  # (added cost, FLOPs saved)
+        note(f"cost curves: {n + 1}/{len(candidates)} units")
     # ---- phase 2: lazy greedy with routing on ----
     caps = {k: list(v) for k, v in dense.items()}
+    pins: set[tuple[str, int]] = set()
+    variant: dict[tuple[str, int], bool] = {}  # a unit's variant, from its first move on
     cost, flops = base_cost, base_flops
-    unit_scale = {u: 1.0 for u in units}  # measured / single-unit-curve cost, per unit, at its last re-measure
+    unit_scale = {u: 1.0 for u in candidates}  # measured / single-unit-curve cost, at the candidate's last re-measure
     seen_scale: dict[str, list[float]] = {c: [] for c in components}  # recent ratios per component, for units
     # not re-measured lately
 
-    def estimate(u):
+    def estimate(u: Candidate):
         """(estimated cost per FLOP saved, target level) of u's best move, or None if u cannot move."""
-        c, i = u
+        c, i, pin = u
+        if variant.get((c, i), pin) != pin:
+            return None  # the unit moved as the other variant
         cur = caps[c][i]
         here = curve[u].get(cur)
         if here is None:  # between levels (never, levels are exact) -> nearest
@@ -239,17 +273,17 @@ def fit_path(measure: Measure, units: Sequence[tuple[str, int]], n_layers: int, 
         return best
 
     while flops > min_flops + 1e-9:
-        ranked = sorted((e[0], u, e[1]) for u in units if (e := estimate(u)) is not None)
+        ranked = sorted((e[0], u, e[1]) for u in candidates if (e := estimate(u)) is not None)
         if not ranked:
             break
         trials, measured = [], set()
         for n, (est, u, lev) in enumerate(ranked[:max(lookahead, max_lookahead)]):
             if n >= lookahead and trials and est >= min(t[0] for t in trials):
                 break  # every candidate left is estimated worse than one already measured
-            c, i = u
+            c, i, pin = u
             old = caps[c][i]
             caps[c][i] = lev
-            new_cost, new_flops = measure(caps)
+            new_cost, new_flops = measure(caps, frozenset(pins | {(c, i)} if pin else pins))
             caps[c][i] = old
             saved = flops - new_flops
             added = new_cost - cost
@@ -268,17 +302,20 @@ def fit_path(measure: Measure, units: Sequence[tuple[str, int]], n_layers: int, 
             if seen:
                 recent = sorted(seen[-16:])
                 typical = recent[len(recent) // 2]
-                for u in units:
+                for u in candidates:
                     if u[0] == c and u not in measured:
                         unit_scale[u] = max(unit_scale[u], typical)
         _, u, lev, cost, flops = min(trials, key=lambda t: t[0])
-        c, i = u
-        alloc.moves.append(Move(c, i, caps[c][i], lev))
+        c, i, pin = u
+        alloc.moves.append(Move(c, i, caps[c][i], lev, pin))
         caps[c][i] = lev
+        variant[(c, i)] = pin
+        if pin:
+            pins.add((c, i))
         alloc.flops.append(flops)
         alloc.cost.append(cost)
         if on_move is not None:
-            on_move({k: list(v) for k, v in caps.items()})
+            on_move({k: list(v) for k, v in caps.items()}, frozenset(pins))
         note(f"path: {len(alloc.moves)} moves, routed FLOPs {flops:.3f}, cost {cost - base_cost:+.4f}")
     _make_monotone(alloc)
     return alloc

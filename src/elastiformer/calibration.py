@@ -114,7 +114,7 @@ def collect_batches(em, data, max_batches: int | None, what: str) -> list[dict[s
 @torch.no_grad()
 def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 1, *,
                    min_budget: float = 0.5, levels: tuple[float, ...] = LEVELS, lookahead: int = 2,
-                   max_lookahead: int = 8, progress: bool = True, replay: bool = True) -> None:
+                   max_lookahead: int = 8, progress: bool = True, replay: bool = True, pin: bool = True) -> None:
     """Fit where the budget is spent: the per-layer allocation path (see `elastiformer.allocation`).
 
     Measured on `data` (calibration text, never the evaluation text) with the learned routers choosing by
@@ -124,7 +124,11 @@ def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batche
     capacities shrink in proportion). Cost: about (units x levels + moves x lookahead..max_lookahead) forwards of
     `data`, less the blocks before each candidate's changed layer, which are replayed from the current
     allocation's forward (`block_replay`; `replay=False` runs every block, for the same path). Stored with the
-    routers by `save_pretrained`; call `calibrate` afterwards (`train_routers` does both when it ends)."""
+    routers by `save_pretrained`; call `calibrate` afterwards (`train_routers` does both when it ends).
+
+    With `pin` (the default), each unit of heads / experts may instead be lowered *pinned*: the same heads / experts
+    for every token, those with the largest mean output norm on `data` (no router runs for it); the path measures
+    both variants and keeps the cheaper."""
     from tqdm.auto import tqdm
 
     if not 0.0 < min_budget < 1.0:
@@ -142,16 +146,23 @@ def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batche
     try:
         with em.disable_routers():
             teachers = [em.distill_target(b) for b in batches]
+        pinnable = [k for k in ("attn_heads", "mlp_experts_active") if k in components] if pin else []
+        scores = unit_scores(em, batches) if pinnable else {}  # {(component, layer): (U,) mean output norms}
         st.method, st.topk = "learned", True  # top-k inside each layer: thresholds are fitted afterwards
         st.budget = {k: 0.5 for k in components}  # any value: the override sets every capacity
         bar = tqdm(desc="fitting the allocation", unit="fwd", disable=not progress)
         blocks = BlockReplay(em.spec.layers(em.base_model), len(batches))
 
-        def run(caps: dict[str, list[float]], record: bool = False) -> tuple[float, int]:
-            """-> (distillation loss, executed FLOPs of the routed sub-layers) with these capacities. The blocks
-            before the first layer whose capacities differ from the reference's are replayed; `record` makes
+        def run(caps: dict[str, list[float]], pins: frozenset = frozenset(), record: bool = False
+                ) -> tuple[float, int]:
+            """-> (distillation loss, executed FLOPs of the routed sub-layers) with these capacities and these
+            (component, layer) units pinned. The blocks before the first layer whose capacities differ from the
+            reference's are replayed (a unit is pinned only by a move that changes its capacity); `record` makes
             `caps` the reference."""
             st.capacity_override = caps
+            st.pin_override = {}
+            for c, i in pins:
+                st.pin_override.setdefault(c, {})[i] = scores[(c, i)]
             start = blocks.first_change(caps) if replay else 0
             cost, executed = 0.0, 0
             for n, (t, b) in enumerate(zip(teachers, batches)):
@@ -176,22 +187,59 @@ def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batche
         dense_cost, full = run(dense, record=replay)
         full = max(1, full)
 
-        def measure(caps: dict[str, list[float]]) -> tuple[float, float]:
+        def measure(caps: dict[str, list[float]], pins: frozenset) -> tuple[float, float]:
             # fit_path starts from the dense capacities: measured above already
-            cost, executed = (dense_cost, full) if caps == dense else run(caps)
+            cost, executed = (dense_cost, full) if caps == dense else run(caps, pins)
             return cost, executed / full
 
         fixed = {k: sorted(st.dense_layers[k]) for k in components}
         alloc = fit_path(measure, units, st.n_layers, components, min_flops=min_budget, levels=levels,
                          lookahead=lookahead, max_lookahead=max_lookahead, progress=bar.set_postfix_str,
-                         fixed=fixed, on_move=(lambda caps: run(caps, record=True)) if replay else None)
+                         fixed=fixed, on_move=(lambda caps, pins: run(caps, pins, record=True)) if replay else None,
+                         pinnable=pinnable)
         bar.close()
+        for c, i in sorted(alloc.pinned_units()):
+            alloc.pinned.setdefault(c, {})[i] = [float(v) for v in scores[(c, i)]]
     finally:
-        st.capacity_override = None
+        st.capacity_override = st.pin_override = None
         st.budget, st.method = saved[0], saved[1]
         em.train(saved[2])
     alloc.tokens = sum(int(b["input_ids"].numel()) for b in batches if "input_ids" in b)
     st.set_allocation(alloc)
+
+def unit_routed(em) -> list[ElasticAttention | ElasticMLP]:
+    """The sub-layers of this layer stack that route heads or experts."""
+    st = em.state
+    return [m for m in em.base_model.modules() if getattr(m, "state", None) is st and (
+        isinstance(m, ElasticAttention) and m.head_router is not None
+        or isinstance(m, ElasticMLP) and m.expert_router is not None)]
+
+
+def unit_key(m: ElasticAttention | ElasticMLP) -> tuple[str, int]:
+    """The allocation unit of a head- or expert-routed sub-layer: (component, layer)."""
+    return ("attn_heads" if isinstance(m, ElasticAttention) else "mlp_experts_active", m.layer_idx)
+
+
+def unit_router(m: ElasticAttention | ElasticMLP) -> HeadRouter | ExpertRouter:
+    return m.head_router if isinstance(m, ElasticAttention) else m.expert_router
+
+
+@torch.no_grad()
+def unit_scores(em, batches: list[dict[str, torch.Tensor]]) -> dict[tuple[str, int], torch.Tensor]:
+    """How much each head (or KV group) and expert matters, once for every token: its mean output norm on the base
+    model over `batches`. -> {(component, layer): (U,)} for every head / expert-routed sub-layer. The static
+    baseline drops the lowest; a pinned unit of the allocation keeps the highest."""
+    st = em.state
+    with em.disable_routers(), em.teacher_targets():  # importances of heads / experts on the base model
+        st.importance_log = defaultdict(list)
+        try:
+            for b in batches:
+                em.base_model(**b)
+            log = st.importance_log
+        finally:
+            st.importance_log = None
+    return {unit_key(m): torch.stack(log[id(unit_router(m))]).mean(0) for m in unit_routed(em)}
+
 
 @torch.no_grad()
 def split_experts(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 2,
@@ -322,14 +370,9 @@ def fit_static(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: i
                                   for t, b in zip(teachers, batches))
             st.static_layer_order[comp] = sorted(routed, key=cost.get)
         st.budget = saved[0]
-        with em.disable_routers(), em.teacher_targets():  # importances of heads / experts on the base model
-            st.importance_log = defaultdict(list)
-            for b in batches:
-                em.base_model(**b)
-            log, st.importance_log = st.importance_log, None
-        for name, r in em.stack_routers():
-            if isinstance(r, (HeadRouter, ExpertRouter)):
-                r.static_importance = torch.stack(log[id(r)]).mean(0)
+        scores = unit_scores(em, batches)
+        for m in unit_routed(em):
+            unit_router(m).static_importance = scores[unit_key(m)]
     finally:
         st.budget, st.method = saved[0], saved[1]
         st.importance_log = None

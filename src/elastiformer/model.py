@@ -520,11 +520,12 @@ class ElasticModel(WrappedModel):
 
     def fit_allocation(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 1, *,
                        min_budget: float = 0.5, levels: tuple[float, ...] = LEVELS, lookahead: int = 2,
-                       max_lookahead: int = 8, progress: bool = True) -> "ElasticModel":
-        """Fit where the budget is spent: the per-layer allocation path (`calibration.fit_allocation`). Call
+                       max_lookahead: int = 8, progress: bool = True, pin: bool = True) -> "ElasticModel":
+        """Fit where the budget is spent: the per-layer allocation path (`calibration.fit_allocation`); `pin`: a
+        layer's heads / experts may be lowered as the same set for every token where that costs less. Call
         `calibrate` afterwards (`train_routers` does both when it ends)."""
         calibration.fit_allocation(self, data, max_batches, min_budget=min_budget, levels=levels,
-                                   lookahead=lookahead, max_lookahead=max_lookahead, progress=progress)
+                                   lookahead=lookahead, max_lookahead=max_lookahead, progress=progress, pin=pin)
         return self
 
     def split_experts(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 2,

@@ -67,7 +67,7 @@ def test_fit_path_spends_where_it_is_cheap_and_drops_whole_units_when_that_is_ch
     curve = {0: lambda c: 5.0 * (1 - c), 1: lambda c: 0.1 * (1 - c), 2: lambda c: 0.0 if c == 0 else 3.0 * (1 - c)}
     calls = []
 
-    def measure(caps):
+    def measure(caps, pins=frozenset()):
         calls.append(1)
         c = caps["mlp_tokens"]
         moved = sum(1 for v in c if v < 1)
@@ -89,7 +89,7 @@ def test_fit_path_measures_on_while_an_unmeasured_move_may_still_be_cheaper():
     far more than unit 3's estimate: the path must measure unit 3 too and take it, not the best of the first two."""
     units = [("mlp_tokens", i) for i in range(4)]
 
-    def measure(caps):
+    def measure(caps, pins=frozenset()):
         c = caps["mlp_tokens"]
         group = sum(1 for i in range(3) if c[i] < 1)
         cost = sum(1.0 * (1 - c[i]) for i in range(3)) + 10.0 * max(0, group - 1) + 1.5 * (1 - c[3])
@@ -110,7 +110,7 @@ def test_heads_and_experts_are_not_dropped_whole_where_the_layers_tokens_are_rou
     units = [("mlp_tokens", 0), ("mlp_experts_active", 0), ("mlp_experts_active", 1), ("attn_heads", 0)]
     seen = []
 
-    def measure(caps):
+    def measure(caps, pins=frozenset()):
         seen.append({k: list(v) for k, v in caps.items()})
         cost = sum(0.1 * (1 - v) for c in caps.values() for v in c)  # every move equally cheap
         return cost, sum(sum(v) for v in caps.values()) / 8

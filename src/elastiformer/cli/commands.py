@@ -335,9 +335,12 @@ def describe_allocation(meta: dict[str, Any], folder: Path, budgets=(0.9, 0.8, 0
         split = alloc.component_budgets(b) if len(components) > 1 else {components[0]: b}
         table[str(b)] = {"budgets": {k: round(v, 4) for k, v in split.items()},
                          "capacities": {k: [round(c, 3) for c in alloc.capacities(k, v)] for k, v in split.items()}}
+    pinned: dict[str, list[int]] = {}
+    for c, i in sorted(alloc.pinned_units()):
+        pinned.setdefault(c, []).append(i)
     return {"moves": len(alloc.moves), "calibration_tokens": alloc.tokens,
             "path_end_routed_flops": round(alloc.flops[-1], 4), "path_end_cost": round(alloc.cost[-1] - alloc.cost[0], 5),
-            "per_budget": table}
+            "pinned": pinned, "per_budget": table}
 
 
 def print_allocation(table: dict[str, Any], fitted: bool) -> None:
@@ -445,6 +448,9 @@ def router_summary(shown: dict[str, Any], folder: Path) -> str:
         return "\n".join(lines)
     lines.append(f"allocation:     fitted on {alloc['calibration_tokens']} tokens, {alloc['moves']} moves; the "
                  f"cheapest end of the path runs {alloc['path_end_routed_flops']:.2f} of the routed FLOPs")
+    for comp, layers in alloc.get("pinned", {}).items():
+        lines.append(f"pinned:         {comp} of layers {', '.join(map(str, layers))}: the same for every token "
+                     "(the calibration's most important), no router")
     lines.append("per-layer capacities (fraction of each layer's work kept; 0 = skipped for every token):")
     for b, entry in alloc["per_budget"].items():
         for comp, caps in entry["capacities"].items():

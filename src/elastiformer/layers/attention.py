@@ -212,7 +212,7 @@ class ElasticAttention(ElasticSubLayer):
         if head_cap < 1.0:
             out_sub, flops, unit_fraction = self._head_routed(x_sub, slot_valid, mask, kw, cache, head_cap, q_pos)
             out_sub = self.finish(out_sub, x_sub, self.weights().norm)
-            router_flops += self.head_router.flops(B * m) if st.method == "learned" else 0
+            router_flops += self.head_router_flops(B * m)
         elif n_real < B * m and self.pack_rows:  # rows of different lengths: no projection on the padding slots
             out_sub, flops = self._packed(x_sub, slot_valid, mask, kw, cache)
             out_sub = self.finish(out_sub, x_sub, self.weights().norm)
@@ -246,7 +246,9 @@ class ElasticAttention(ElasticSubLayer):
         window. x: (1, 1, C)."""
         st = self.state
         d = self.dims
-        selected, head_logits = self.one_token_choice(x, capacity, self.head_router, head_capacity)
+        pinned = st.pinned_scores("attn_heads", self.layer_idx) is not None  # its heads need no router
+        selected, head_logits = self.one_token_choice(x, capacity, None if pinned else self.head_router,
+                                                      head_capacity)
         router_flops = self.token_router.flops(1) if st.method == "learned" else 0
         if not selected:  # skipped: only the stand-in's weights (if any) are read, nothing is cached
             return self._none_selected(x, cache, past, dense, router_flops)
@@ -257,7 +259,7 @@ class ElasticAttention(ElasticSubLayer):
             out, flops, unit_fraction = self._head_routed(x, None, mask, kwargs, cache, head_capacity, current,
                                                           head_logits)
             out = self.finish(out, x, self.weights().norm)  # (1, 1, C)
-            router_flops += self.head_router.flops(1) if st.method == "learned" else 0
+            router_flops += self.head_router_flops(1)
         else:
             if self._cache_routed(cache):  # transformers' mask assumes every past token is cached, in order
                 kwargs["attention_mask"] = self._cached_entries_mask(past, current, x.dtype)
@@ -434,18 +436,20 @@ class ElasticAttention(ElasticSubLayer):
         scaling = self._scaling(w)
         st = self.state
         whole_q_norm = w.q_norm is not None and not w.qk_norm_per_head  # OLMo 2: over the whole q projection
+        pinned = st.pinned_scores("attn_heads", self.layer_idx)  # (U,) the same heads for every token, or None
         # decoding one token per row: the runs-of-heads path (a whole-projection QK-norm needs every head's query)
         one_token = m == 1 and not torch.is_grad_enabled() and w.q_lora is None and w.o_lora is None \
             and not whole_q_norm
         if one_token and B == 1:  # the token's heads as a list, decided on the host: no (B, m, H) mask is built
             position = st.per_call(("one_token_position",), lambda: int(st.real_positions(q_pos)))  # one host read
             used = self.head_router.one_token_heads(x, capacity, position, method=st.method, generator=st.generator,
-                                                    layer=self.layer_idx, logits=logits)
+                                                    layer=self.layer_idx, logits=logits, pinned=pinned)
             heads = active = None
         else:
             used = None
             heads = self.head_router(x, capacity, method=st.method, generator=st.generator,
-                                     positions=st.real_positions(q_pos), layer=self.layer_idx)  # (B, m, H)
+                                     positions=st.real_positions(q_pos), layer=self.layer_idx,
+                                     pinned=pinned)  # (B, m, H)
         lora = HeadPathLoRA(w, x)  # the adapters' updates (if any), as thin matmuls, and their FLOPs
         k, v = (t.transpose(1, 2) for t in keys_values(x, w, lora, D))  # (B, KVH, m, D) each
         cos_sin = kw.get("position_embeddings") if self.spec.rotary and w.rotary else None
@@ -479,6 +483,14 @@ class ElasticAttention(ElasticSubLayer):
             n_slots = B * m if slot_valid is None else int(slot_valid.sum())
             unit_fraction = float(active.sum()) / max(1, n_slots * H)
         return out.view(B, m, C), flops, unit_fraction
+
+    def head_router_flops(self, n_tokens: int) -> int:
+        """What the head router costs on `n_tokens` tokens: nothing for a baseline or a pinned unit (no router
+        runs)."""
+        st = self.state
+        if st.method != "learned" or st.pinned_scores("attn_heads", self.layer_idx) is not None:
+            return 0
+        return self.head_router.flops(n_tokens)
 
     def _one_token_heads(self, x, w, k, v, mask, cos_sin, active, scaling, heads: list[int] | None = None
                          ) -> tuple[torch.Tensor, int, int]:

@@ -139,7 +139,7 @@ class ElasticMLP(ElasticSubLayer):
         if exp_cap < 1.0:
             y, exp_flops, unit_fraction = self._run_experts(x_in, exp_cap, positions)
             y = self.finish(y, x_in, self.weights().norm)
-            router_flops += self.expert_router.flops(n) if st.method == "learned" else 0
+            router_flops += self.expert_router_flops(n)
         else:
             y = self.base_layer(x_in) if n else x_in.new_zeros(0, C)  # (n, C)
             exp_flops, unit_fraction = mlp_flops(n, C, I, self.gated), 1.0
@@ -153,12 +153,22 @@ class ElasticMLP(ElasticSubLayer):
                                       token_fraction, unit_fraction))
         return y.view(B, T, C)
 
+    def expert_router_flops(self, n_tokens: int) -> int:
+        """What the expert router costs on `n_tokens` tokens: nothing for a baseline or a pinned unit (no router
+        runs)."""
+        st = self.state
+        if st.method != "learned" or st.pinned_scores("mlp_experts_active", self.layer_idx) is not None:
+            return 0
+        return self.expert_router.flops(n_tokens)
+
     def _one_token(self, x: torch.Tensor, capacity: float, expert_capacity: float, dense: int) -> torch.Tensor:
         """Decoding one token (batch 1) with token routing: one score and one host read decide whether the MLP (or
         the token's experts) runs on `x` as it is or not at all, without the gather / scatter of the batched path.
         x: (1, 1, C)."""
         st = self.state
-        selected, expert_logits = self.one_token_choice(x, capacity, self.expert_router, expert_capacity)
+        pinned = st.pinned_scores("mlp_experts_active", self.layer_idx) is not None  # its experts need no router
+        selected, expert_logits = self.one_token_choice(x, capacity, None if pinned else self.expert_router,
+                                                        expert_capacity)
         router_flops = self.token_router.flops(1) if st.method == "learned" else 0
         if not selected:  # skipped: no weight of this MLP is read (the stand-in's, if any)
             st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, router_flops + self.skip_flops(1), router_flops,
@@ -171,7 +181,7 @@ class ElasticMLP(ElasticSubLayer):
         y, flops, unit_fraction = self._run_experts(xf, expert_capacity, self._flat_positions(1, 1, x.device),
                                                     expert_logits)
         y = self.finish(y, xf, self.weights().norm)
-        router_flops += self.expert_router.flops(1) if st.method == "learned" else 0
+        router_flops += self.expert_router_flops(1)
         st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, flops + router_flops, router_flops, 1.0,
                                       unit_fraction))
         return y.view_as(x)
@@ -258,13 +268,14 @@ class ElasticMLP(ElasticSubLayer):
             return out, 0, 1.0
         st = self.state
         one_token = n == 1 and not torch.is_grad_enabled()  # decoding one token: its experts' rows, in runs
+        pinned = st.pinned_scores("mlp_experts_active", self.layer_idx)  # (E,) the same experts for every token
         if one_token and not st.topk:  # its experts decided on the host, no selection tensors
             experts = self.expert_router.one_token_experts(x, capacity, int(positions), method=st.method,
                                                            generator=st.generator, layer=self.layer_idx,
-                                                           logits=logits)
+                                                           logits=logits, pinned=pinned)
         else:
             sel = self.expert_router(x, capacity, with_aux=st.topk, method=st.method, generator=st.generator,
-                                     positions=positions, layer=self.layer_idx)
+                                     positions=positions, layer=self.layer_idx, pinned=pinned)
             if sel.aux_loss is not None:
                 st.aux_losses["expert_balance"].append(sel.aux_loss)
             experts = sorted(e for e in sel.chosen[0].tolist() if e >= 0) if one_token else None

@@ -68,7 +68,9 @@ class RoutingState:
     keep_first_token: bool = True
     allocation: Allocation | None = None  # fitted per-layer capacities (set with set_allocation)
     capacity_override: dict[str, list[float]] | None = None  # fit_allocation: the candidate being measured
-    _capacity_cache: dict = field(default_factory=dict)  # (component, budget) -> per-layer capacities
+    pin_override: dict[str, dict[int, torch.Tensor]] | None = None  # and its pinned units' scores
+    _capacity_cache: dict = field(default_factory=dict)  # (component, budget) -> per-layer capacities; and the
+    # pinned units' scores, as tensors (see `pinned_scores`)
     causal: bool = True  # False (encoders): no causal mask, and token routing may use top-k at inference
     generator: torch.Generator | None = None  # the random baseline draws from it when set (evaluate's own RNG)
     # ---- per-forward context, set by the forward pre-hook of whichever model entry point was called ----
@@ -107,6 +109,21 @@ class RoutingState:
                 caps = self._capacity_cache[key] = self.allocation.capacities(*key)
             return caps[layer]
         return uniform_capacity(self.budget[component], self.n_layers, self.dense_layers.get(component, frozenset()))
+
+    def pinned_scores(self, component: str, layer: int) -> torch.Tensor | None:
+        """(U,) the calibration importances a pinned unit chooses its heads / experts by, the same for every token
+        (see `allocation`); None: the learned router chooses per token (or a baseline runs)."""
+        if self.method != "learned":
+            return None
+        if self.capacity_override is not None:
+            return (self.pin_override or {}).get(component, {}).get(layer)
+        if self.allocation is None or not self.allocation.pinned:
+            return None
+        key = ("pinned", component, layer)
+        if key not in self._capacity_cache:
+            scores = self.allocation.pinned.get(component, {}).get(layer)
+            self._capacity_cache[key] = None if scores is None else torch.tensor(scores)
+        return self._capacity_cache[key]
 
     def capacities(self) -> dict[str, list[float]]:
         """{component: per-layer capacities} under the current budget, method and mode (1.0 with routing off)."""
@@ -270,13 +287,14 @@ class ElasticSubLayer(SubLayerWrapper):
                          unit_capacity: float) -> tuple[bool, list[float] | None]:
         """Decoding one token at batch 1: whether the token router processes `x` at `capacity`, and, when the layer
         routes its heads / experts too (`unit_capacity` < 1) with learned scores, that router's logits, from the
-        same norm and matmul as the token's score (`joint_one_token_logits`). x: (1, 1, C) -> (selected, the unit
-        router's logits on the host, or None: the unit router scores the token itself)."""
+        same norm and matmul as the token's score (`joint_one_token_logits`); `unit_router` None: no unit router
+        runs (a pinned unit). x: (1, 1, C) -> (selected, the unit router's logits on the host, or None: the unit
+        router scores the token itself, if it runs)."""
         st = self.state
         rule = st.one_token_rule(x.device)
         joint = None
         if rule is None and st.method == "learned" and unit_capacity < 1.0 and not st.topk \
-                and self.token_router.norm_weight is None:
+                and self.token_router.norm_weight is None and unit_router is not None:
             joint = joint_one_token_logits(self, x, (self.token_router.net, unit_router.net))
         if joint is None:
             return self.token_router.one_token_selected(x, capacity, rule, method=st.method,

@@ -56,11 +56,13 @@ class ExpertRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, capacity: float, with_aux: bool, method: str = "learned",
                 generator: torch.Generator | None = None, positions: torch.Tensor | None = None,
-                layer: int = 0) -> ExpertSelection:
+                layer: int = 0, pinned: torch.Tensor | None = None) -> ExpertSelection:
         """x: (N, C), positions: (N,) sequence index of each token. A fractional count of experts per token (see
-        `fractional_top_units`), so compute falls strictly with the capacity."""
-        logits = self.logits(x, method, generator)  # (N, C) -> (N, E)
-        baseline = method in ("random", "static")  # uniform scores, or the same experts for every token
+        `fractional_top_units`), so compute falls strictly with the capacity. pinned: (E,) the scores of a unit the
+        allocation pinned (the same experts for every token), else None."""
+        logits = self.logits(x, method, generator, pinned)  # (N, C) -> (N, E)
+        # uniform scores, or the same experts for every token: no router probability to gate by
+        baseline = method in ("random", "static") or pinned is not None
         if baseline or not with_aux and not torch.is_grad_enabled():  # (the softmax keeps the order; the gate is 1)
             chosen, kept = fractional_top_units(logits, capacity, positions, layer)  # (N, k)
             gate = kept.float() if baseline else logits.new_ones(()).expand(chosen.shape)
@@ -77,8 +79,11 @@ class ExpertRouter(nn.Module):
             aux = E * (load / used.numel() * probs.mean(dim=0)).sum()
         return ExpertSelection(chosen.masked_fill(~kept, -1), straight_through_gate(top_p), aux)
 
-    def logits(self, x: torch.Tensor, method: str, generator: torch.Generator | None) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, method: str, generator: torch.Generator | None,
+               pinned: torch.Tensor | None = None) -> torch.Tensor:
         """(N, C) -> (N, E) the scores the experts are chosen by (the learned router's softmax keeps their order)."""
+        if pinned is not None:  # a unit the allocation pinned: its calibration importances, for every token
+            return static_scores(pinned, x, self.n_experts)
         if method == "random":  # baseline: uniform scores (from `generator` when given, else torch's global RNG)
             return torch.rand(x.shape[0], self.n_experts, device=x.device, generator=generator)
         if method == "static":  # baseline: the same experts for every token, the most important on calibration text
@@ -87,12 +92,14 @@ class ExpertRouter(nn.Module):
 
     def one_token_experts(self, x: torch.Tensor, capacity: float, position: int, method: str = "learned",
                           generator: torch.Generator | None = None, layer: int = 0,
-                          logits: list[float] | None = None) -> list[int]:
+                          logits: list[float] | None = None, pinned: torch.Tensor | None = None) -> list[int]:
         """Decoding one token: its experts as a sorted list, the same choice as `forward` makes at inference,
         decided on the host. x: (1, C); position: the token's place among its row's real tokens; logits: this
-        router's logits already read to the host (`joint_one_token_logits`), else computed."""
-        return one_token_units(self.logits(x, method, generator) if logits is None else logits, capacity, position,
-                               layer)
+        router's logits already read to the host (`joint_one_token_logits`), else computed; pinned: as in
+        `forward`."""
+        if logits is None:
+            logits = self.logits(x, method, generator, pinned)
+        return one_token_units(logits, capacity, position, layer)
 
     def importance_loss(self, x: torch.Tensor, importance: torch.Tensor, capacity: float) -> torch.Tensor:
         """Cross-entropy of the router's distribution against the top-k experts by `importance` (the norm of each

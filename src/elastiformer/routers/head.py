@@ -41,13 +41,14 @@ class HeadRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, capacity: float, method: str = "learned",
                 generator: torch.Generator | None = None, positions: torch.Tensor | None = None,
-                layer: int = 0) -> HeadSelection:
+                layer: int = 0, pinned: torch.Tensor | None = None) -> HeadSelection:
         """x: (B, T, C), positions: (B, T) sequence index of each token. A fractional count of heads per token (see
-        `fractional_top_units`): capacity 0.6 of 4 heads gives 2 heads to 60% of the tokens and 3 to the rest."""
-        logits = self.logits(x, method, generator)  # (B, T, U)
+        `fractional_top_units`): capacity 0.6 of 4 heads gives 2 heads to 60% of the tokens and 3 to the rest.
+        pinned: (U,) the scores of a unit the allocation pinned (the same heads for every token), else None."""
+        logits = self.logits(x, method, generator, pinned)  # (B, T, U)
         top, kept = fractional_top_units(logits, capacity, positions, layer)  # (B, T, k)
         active = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, kept)  # (B, T, U)
-        if method == "learned" and torch.is_grad_enabled():
+        if method == "learned" and pinned is None and torch.is_grad_enabled():
             gate = straight_through_gate(torch.sigmoid(logits))
         else:  # forward value 1 either way: without a gradient to carry, no sigmoid
             gate = logits.new_ones(()).expand(logits.shape)
@@ -56,8 +57,11 @@ class HeadRouter(nn.Module):
             gate = gate.repeat_interleave(self.n_rep, dim=-1)
         return HeadSelection(active, gate, None)
 
-    def logits(self, x: torch.Tensor, method: str, generator: torch.Generator | None) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, method: str, generator: torch.Generator | None,
+               pinned: torch.Tensor | None = None) -> torch.Tensor:
         """(..., C) -> (..., U) the scores the units are chosen by."""
+        if pinned is not None:  # a unit the allocation pinned: its calibration importances, for every token
+            return static_scores(pinned, x, self.n_units)
         if method == "random":  # baseline: uniform scores (from `generator` when given, else torch's global RNG)
             return torch.rand(*x.shape[:-1], self.n_units, device=x.device, generator=generator)
         if method == "static":  # baseline: the same heads for every token, the most important on calibration text
@@ -66,12 +70,14 @@ class HeadRouter(nn.Module):
 
     def one_token_heads(self, x: torch.Tensor, capacity: float, position: int, method: str = "learned",
                         generator: torch.Generator | None = None, layer: int = 0,
-                        logits: list[float] | None = None) -> list[int]:
+                        logits: list[float] | None = None, pinned: torch.Tensor | None = None) -> list[int]:
         """Decoding one token at batch 1: its active heads as a sorted list, the same choice as `forward` makes,
         without building the (B, T, H) mask. x: (1, 1, C); position: the token's place among its row's real
-        tokens; logits: this router's logits already read to the host (`joint_one_token_logits`), else computed."""
-        units = one_token_units(self.logits(x, method, generator) if logits is None else logits, capacity, position,
-                                layer)
+        tokens; logits: this router's logits already read to the host (`joint_one_token_logits`), else computed;
+        pinned: as in `forward`."""
+        if logits is None:
+            logits = self.logits(x, method, generator, pinned)
+        units = one_token_units(logits, capacity, position, layer)
         return [u * self.n_rep + r for u in units for r in range(self.n_rep)]
 
     def importance_loss(self, x: torch.Tensor, importance: torch.Tensor, capacity: float) -> torch.Tensor:
