@@ -146,6 +146,13 @@ class Allocation:
         """(component, layer) of the units the path pinned."""
         return {(m.component, m.layer) for m in self.moves if m.pinned}
 
+    def pinned_layers(self) -> dict[str, list[int]]:
+        """{component: sorted layers} of the pinned units (what `info` and the benches report)."""
+        out: dict[str, list[int]] = {}
+        for c, i in sorted(self.pinned_units()):
+            out.setdefault(c, []).append(i)
+        return out
+
     @property
     def min_flops(self) -> float:
         return self.flops[-1]

@@ -129,7 +129,8 @@ def run_encoder_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any
                 "final_cosine_distance": report.final_distill,
                 "router_param_fraction": ev["router_param_fraction"], "dense_layers": list(dense),
                 "allocation_moves": len(em.allocation.moves) if em.allocation else 0,
-                "allocation_tokens": em.allocation.tokens if em.allocation else 0}
+                "allocation_tokens": em.allocation.tokens if em.allocation else 0,
+                "pinned": em.allocation.pinned_layers() if em.allocation else {}}
         return Measured(records, info, report.tokens)
 
     def finish(result: dict[str, Any]) -> None:

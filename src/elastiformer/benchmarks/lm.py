@@ -210,7 +210,7 @@ def run_lm_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]:
         info = trained | {"train_options": train_options, "router_param_fraction": ev["router_param_fraction"],
                 "dense_layers": list(dense), "allocation_seconds": t_alloc,
                 "allocation_tokens": em.allocation.tokens, "allocation_moves": len(em.allocation.moves),
-                "allocation": allocations}
+                "pinned": em.allocation.pinned_layers(), "allocation": allocations}
         return Measured(records, info, info["train_tokens"])
 
     def finish(result: dict[str, Any]) -> None:

@@ -140,7 +140,8 @@ def run_vision_bench(o: dict[str, Any], plot=None, echo=print) -> dict[str, Any]
         result["teacher_accuracy"] = ev["teacher_accuracy"]
         info = {"train_images_seen": report.steps * int(o["batch_size"]), "steps": report.steps,
                 "train_seconds": report.seconds, "final_loss": report.history[-1]["loss"] if report.history else None,
-                "router_param_fraction": ev["router_param_fraction"]}
+                "router_param_fraction": ev["router_param_fraction"],
+                "pinned": em.allocation.pinned_layers() if em.allocation else {}}
         return Measured(records, info)
 
     def finish(result: dict[str, Any]) -> None:

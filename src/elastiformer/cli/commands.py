@@ -335,12 +335,9 @@ def describe_allocation(meta: dict[str, Any], folder: Path, budgets=(0.9, 0.8, 0
         split = alloc.component_budgets(b) if len(components) > 1 else {components[0]: b}
         table[str(b)] = {"budgets": {k: round(v, 4) for k, v in split.items()},
                          "capacities": {k: [round(c, 3) for c in alloc.capacities(k, v)] for k, v in split.items()}}
-    pinned: dict[str, list[int]] = {}
-    for c, i in sorted(alloc.pinned_units()):
-        pinned.setdefault(c, []).append(i)
     return {"moves": len(alloc.moves), "calibration_tokens": alloc.tokens,
             "path_end_routed_flops": round(alloc.flops[-1], 4), "path_end_cost": round(alloc.cost[-1] - alloc.cost[0], 5),
-            "pinned": pinned, "per_budget": table}
+            "pinned": alloc.pinned_layers(), "per_budget": table}
 
 
 def print_allocation(table: dict[str, Any], fitted: bool) -> None:
