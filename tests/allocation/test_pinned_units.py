@@ -148,3 +148,19 @@ def test_info_names_the_pinned_units(tmp_path, capsys):
     assert "pinned:         attn_heads of layers 1" in out
     code, out, _ = run(["info", str(tmp_path / "r"), "--json"], capsys)
     assert json.loads(out)["allocation"]["pinned"] == {"attn_heads": [1]}
+
+
+def test_training_can_keep_every_unit_routed():
+    from elastiformer.training.routers import train_routers
+
+    def trained(**kw):
+        em = ef.get_elastic_model(pretrained_like(), ef.ElasticConfig(attn_heads=0.5, dense_layers=()))
+        with torch.no_grad():
+            o = em.base_model.model.layers[1].self_attn.base_layer.o_proj.weight
+            o[:, 3 * (o.shape[1] // 4):] = 0  # head 3 of layer 1 adds nothing: pinning it away is free
+        train_routers(em, tokens(8, 16, seed=3), steps=1, progress=False, allocation_floor=0.85,
+                      calibration_data=[{"input_ids": tokens(4, 16, seed=3)}], **kw)
+        return em.allocation
+
+    assert trained().pinned_units()
+    assert not trained(allocation_pin=False).pinned_units()

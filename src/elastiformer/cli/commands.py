@@ -111,6 +111,8 @@ TRAIN_OPTIONS = {
                                 "e.g. 0.875,0.75,0.5,0.25,0 (default: 0.75,0.5,0.25,0). 0.875 spreads a budget near "
                                 "1 over more layers, each at its cheapest work; every level adds forwards to the "
                                 "fit."),
+    "allocation_pin": Option(True, "Let the allocation lower a layer's heads / experts as the same set for every "
+                             "token (no router) where that costs less than routing them per token."),
     "resume": Option(False, "Continue from OUTPUT/checkpoint."),
     "device": Option(None, "cpu or cuda (default: a GPU when there is one).", kind=str),
     "overwrite": Option(False, "Replace an existing OUTPUT."),
@@ -207,7 +209,7 @@ def run_train(o: dict[str, Any]) -> dict[str, Any]:
         key_value_targets=o["key_value_targets"],
         target_repeats=int(o["target_repeats"]), allocation=bool(o["allocation"]),
         allocation_floor=float(o["allocation_floor"]), allocation_batches=int(o["allocation_batches"]),
-        allocation_levels=levels.get("levels"),
+        allocation_levels=levels.get("levels"), allocation_pin=bool(o["allocation_pin"]),
         stand_in_lr_scale=float(o["stand_in_lr_scale"]),
     )
     return report.to_dict() | {"routers": str(out / "routers")}

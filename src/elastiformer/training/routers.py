@@ -168,6 +168,7 @@ def train_routers(
     allocation_floor: float = 0.5,
     allocation_batches: int = 1,
     allocation_levels: tuple[float, ...] | None = None,
+    allocation_pin: bool = True,
     target_steps: int | None = None,
     target_repeats: int = 4,
     stand_in_lr_scale: float = 0.1,
@@ -203,6 +204,8 @@ def train_routers(
     lower) before calibrating, on the first `allocation_batches` of them (the fit's cost grows with each, its noise
     falls); False keeps every routed layer at the same capacity. allocation_levels: the capacities
     each unit's cost curve is measured at (default `allocation.LEVELS`; fewer levels, fewer forwards).
+    allocation_pin: a layer's heads / experts may be lowered pinned, the same for every token, where the fit measures
+    that cheaper than routing them per token (`ElasticModel.fit_allocation(pin=...)`).
     stand_in_lr_scale: the stand-ins of skipped MLP / attention tokens (`ElasticConfig.stand_in_rank`,
     `attn_stand_in_rank`) are fitted by regression before the target phase, then trained by the distillation loss
     beside the routers at this fraction of `lr` (0: kept as fitted). Only the student's skipped tokens reach them, so
@@ -426,7 +429,7 @@ def train_routers(
         lowest = min(fixed.values()) if fixed else budget_range[0]
         core.fit_allocation(cal, allocation_batches, min_budget=min(allocation_floor, max(0.05, lowest - 0.05)),
                             **({"levels": tuple(allocation_levels)} if allocation_levels else {}),
-                            progress=progress and accelerator.is_main_process)
+                            pin=allocation_pin, progress=progress and accelerator.is_main_process)
     core.trained_budgets = ((min(fixed.values()), max(fixed.values())) if fixed
                             else (float(budget_range[0]), float(budget_range[1])))
     core.set_budget(**(fixed or em.elastic_config.capacities()))
