@@ -207,8 +207,9 @@ def run_speed_bench(o: dict[str, Any], echo=print, new_model: Callable[[], Any] 
             echo(f"[{comp}] timing at budget {b}...")
             for r in measure_subject(elastic_subject(em), **timing):
                 records.append({"system": "elastiformer", "component": comp, "budget": b} | r)
+        pinned = em.allocation.pinned_layers()  # units run as the same heads / experts for every token
         em.unload()
-        return Measured(records)
+        return Measured(records, {"pinned": pinned})
 
     run_settings(o, result, SPEED_SETTINGS, measure, same=(), plot=plot_speed, echo=echo)
     if o["flextron"]:
