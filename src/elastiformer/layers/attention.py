@@ -212,7 +212,7 @@ class ElasticAttention(ElasticSubLayer):
         if head_cap < 1.0:
             out_sub, flops, unit_fraction = self._head_routed(x_sub, slot_valid, mask, kw, cache, head_cap, q_pos)
             out_sub = self.finish(out_sub, x_sub, self.weights().norm)
-            router_flops += self.head_router_flops(B * m)
+            router_flops += self.unit_router_flops("attn_heads", self.head_router, B * m)
         elif n_real < B * m and self.pack_rows:  # rows of different lengths: no projection on the padding slots
             out_sub, flops = self._packed(x_sub, slot_valid, mask, kw, cache)
             out_sub = self.finish(out_sub, x_sub, self.weights().norm)
@@ -259,7 +259,7 @@ class ElasticAttention(ElasticSubLayer):
             out, flops, unit_fraction = self._head_routed(x, None, mask, kwargs, cache, head_capacity, current,
                                                           head_logits)
             out = self.finish(out, x, self.weights().norm)  # (1, 1, C)
-            router_flops += self.head_router_flops(1)
+            router_flops += self.unit_router_flops("attn_heads", self.head_router, 1)
         else:
             if self._cache_routed(cache):  # transformers' mask assumes every past token is cached, in order
                 kwargs["attention_mask"] = self._cached_entries_mask(past, current, x.dtype)
@@ -483,14 +483,6 @@ class ElasticAttention(ElasticSubLayer):
             n_slots = B * m if slot_valid is None else int(slot_valid.sum())
             unit_fraction = float(active.sum()) / max(1, n_slots * H)
         return out.view(B, m, C), flops, unit_fraction
-
-    def head_router_flops(self, n_tokens: int) -> int:
-        """What the head router costs on `n_tokens` tokens: nothing for a baseline or a pinned unit (no router
-        runs)."""
-        st = self.state
-        if st.method != "learned" or st.pinned_scores("attn_heads", self.layer_idx) is not None:
-            return 0
-        return self.head_router.flops(n_tokens)
 
     def _one_token_heads(self, x, w, k, v, mask, cos_sin, active, scaling, heads: list[int] | None = None
                          ) -> tuple[torch.Tensor, int, int]:

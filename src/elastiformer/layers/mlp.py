@@ -139,7 +139,7 @@ class ElasticMLP(ElasticSubLayer):
         if exp_cap < 1.0:
             y, exp_flops, unit_fraction = self._run_experts(x_in, exp_cap, positions)
             y = self.finish(y, x_in, self.weights().norm)
-            router_flops += self.expert_router_flops(n)
+            router_flops += self.unit_router_flops("mlp_experts_active", self.expert_router, n)
         else:
             y = self.base_layer(x_in) if n else x_in.new_zeros(0, C)  # (n, C)
             exp_flops, unit_fraction = mlp_flops(n, C, I, self.gated), 1.0
@@ -152,14 +152,6 @@ class ElasticMLP(ElasticSubLayer):
         st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, exp_flops + router_flops, router_flops,
                                       token_fraction, unit_fraction))
         return y.view(B, T, C)
-
-    def expert_router_flops(self, n_tokens: int) -> int:
-        """What the expert router costs on `n_tokens` tokens: nothing for a baseline or a pinned unit (no router
-        runs)."""
-        st = self.state
-        if st.method != "learned" or st.pinned_scores("mlp_experts_active", self.layer_idx) is not None:
-            return 0
-        return self.expert_router.flops(n_tokens)
 
     def _one_token(self, x: torch.Tensor, capacity: float, expert_capacity: float, dense: int) -> torch.Tensor:
         """Decoding one token (batch 1) with token routing: one score and one host read decide whether the MLP (or
@@ -181,7 +173,7 @@ class ElasticMLP(ElasticSubLayer):
         y, flops, unit_fraction = self._run_experts(xf, expert_capacity, self._flat_positions(1, 1, x.device),
                                                     expert_logits)
         y = self.finish(y, xf, self.weights().norm)
-        router_flops += self.expert_router_flops(1)
+        router_flops += self.unit_router_flops("mlp_experts_active", self.expert_router, 1)
         st.stats.append(SubLayerStats(self.layer_idx, "mlp", dense, flops + router_flops, router_flops, 1.0,
                                       unit_fraction))
         return y.view_as(x)

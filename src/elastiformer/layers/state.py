@@ -283,6 +283,14 @@ class ElasticSubLayer(SubLayerWrapper):
     # (each subclass sets `self.stand_in`: a `StandIn`, what a token that skips it gets, or None: nothing. Not a class
     # attribute: one would shadow the submodule nn.Module keeps in _modules)
 
+    def unit_router_flops(self, component: str, router: nn.Module, n_tokens: int) -> int:
+        """What this layer's head / expert router costs on `n_tokens` tokens: nothing for a baseline or a pinned
+        unit (no router runs)."""
+        st = self.state
+        if st.method != "learned" or st.pinned_scores(component, self.layer_idx) is not None:
+            return 0
+        return router.flops(n_tokens)
+
     def one_token_choice(self, x: torch.Tensor, capacity: float, unit_router: nn.Module | None,
                          unit_capacity: float) -> tuple[bool, list[float] | None]:
         """Decoding one token at batch 1: whether the token router processes `x` at `capacity`, and, when the layer
