@@ -207,6 +207,7 @@ def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batche
     alloc.tokens = sum(int(b["input_ids"].numel()) for b in batches if "input_ids" in b)
     st.set_allocation(alloc)
 
+
 def unit_routed(em) -> list[ElasticAttention | ElasticMLP]:
     """The sub-layers of this layer stack that route heads or experts."""
     st = em.state

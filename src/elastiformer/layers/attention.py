@@ -246,9 +246,7 @@ class ElasticAttention(ElasticSubLayer):
         window. x: (1, 1, C)."""
         st = self.state
         d = self.dims
-        pinned = st.pinned_scores("attn_heads", self.layer_idx) is not None  # its heads need no router
-        selected, head_logits = self.one_token_choice(x, capacity, None if pinned else self.head_router,
-                                                      head_capacity)
+        selected, head_logits = self.one_token_choice(x, capacity, "attn_heads", self.head_router, head_capacity)
         router_flops = self.token_router.flops(1) if st.method == "learned" else 0
         if not selected:  # skipped: only the stand-in's weights (if any) are read, nothing is cached
             return self._none_selected(x, cache, past, dense, router_flops)

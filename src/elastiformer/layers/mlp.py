@@ -158,8 +158,7 @@ class ElasticMLP(ElasticSubLayer):
         the token's experts) runs on `x` as it is or not at all, without the gather / scatter of the batched path.
         x: (1, 1, C)."""
         st = self.state
-        pinned = st.pinned_scores("mlp_experts_active", self.layer_idx) is not None  # its experts need no router
-        selected, expert_logits = self.one_token_choice(x, capacity, None if pinned else self.expert_router,
+        selected, expert_logits = self.one_token_choice(x, capacity, "mlp_experts_active", self.expert_router,
                                                         expert_capacity)
         router_flops = self.token_router.flops(1) if st.method == "learned" else 0
         if not selected:  # skipped: no weight of this MLP is read (the stand-in's, if any)

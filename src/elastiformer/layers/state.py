@@ -291,18 +291,19 @@ class ElasticSubLayer(SubLayerWrapper):
             return 0
         return router.flops(n_tokens)
 
-    def one_token_choice(self, x: torch.Tensor, capacity: float, unit_router: nn.Module | None,
+    def one_token_choice(self, x: torch.Tensor, capacity: float, unit_component: str, unit_router: nn.Module | None,
                          unit_capacity: float) -> tuple[bool, list[float] | None]:
         """Decoding one token at batch 1: whether the token router processes `x` at `capacity`, and, when the layer
-        routes its heads / experts too (`unit_capacity` < 1) with learned scores, that router's logits, from the
-        same norm and matmul as the token's score (`joint_one_token_logits`); `unit_router` None: no unit router
-        runs (a pinned unit). x: (1, 1, C) -> (selected, the unit router's logits on the host, or None: the unit
-        router scores the token itself, if it runs)."""
+        routes its heads / experts too (`unit_component` at `unit_capacity` < 1) with a learned router that is not
+        pinned, that router's logits, from the same norm and matmul as the token's score
+        (`joint_one_token_logits`). x: (1, 1, C) -> (selected, the unit router's logits on the host, or None: the
+        unit router scores the token itself, if it runs)."""
         st = self.state
         rule = st.one_token_rule(x.device)
         joint = None
         if rule is None and st.method == "learned" and unit_capacity < 1.0 and not st.topk \
-                and self.token_router.norm_weight is None and unit_router is not None:
+                and self.token_router.norm_weight is None \
+                and st.pinned_scores(unit_component, self.layer_idx) is None:
             joint = joint_one_token_logits(self, x, (self.token_router.net, unit_router.net))
         if joint is None:
             return self.token_router.one_token_selected(x, capacity, rule, method=st.method,
