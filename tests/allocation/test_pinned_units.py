@@ -164,3 +164,64 @@ def test_training_can_keep_every_unit_routed():
 
     assert trained().pinned_units()
     assert not trained(allocation_pin=False).pinned_units()
+
+
+def pinned_experts_model(arch: str = "llama", capacity: float = 0.5, split: str = "contiguous"
+                         ) -> tuple[ef.ElasticModel, dict[str, torch.Tensor]]:
+    """Layer 1's experts pinned (scores keep experts 2 and 0 at capacity 0.5: not adjacent in the weights); also
+    the base MLP weights of layer 1 before anything ran."""
+    em = make_elastic(arch, "mlp_experts", dense_layers=(), expert_split=split)
+    mlp = em.spec.get_mlp(em.spec.layers(em.base_model)[1])
+    before = {k: v.detach().clone() for k, v in mlp.base_layer.state_dict().items()}
+    em.state.set_allocation(Allocation(n_layers=4, components=("mlp_experts_active",),
+                                       moves=[Move("mlp_experts_active", 1, 1.0, capacity, True)], flops=[1.0, 0.9],
+                                       cost=[0.0, 0.1], pinned={"mlp_experts_active": {1: [0.3, 0.1, 0.9, 0.2]}}))
+    em.set_budget(mlp_experts_active=1.0 - (1.0 - capacity) / 4)
+    em.eval()
+    return em, before
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pinned_experts_hold_their_weights_most_important_first_and_run_as_one_slice(arch):
+    """The pinned unit's expert blocks are stored by importance (2, 0, 3, 1), so the experts it runs at any capacity
+    are one contiguous slice: one matmul per projection. The function is the base model's with experts 1 and 3
+    removed, on many tokens (no dispatch) and on one; unload() gives the base weights back exactly."""
+    em, before = pinned_experts_model(arch)
+    mlp = em.spec.get_mlp(em.spec.layers(em.base_model)[1])
+    x = tokens(2, 12, seed=4)
+    with torch.no_grad():
+        out = em(input_ids=x).logits
+    assert mlp.expert_slot == [1, 3, 0, 2]
+    runs = list(mlp.__dict__["_views_per_weights"][1].values())
+    assert [len(r) for r in runs] == [1]  # the pinned set {0, 2}: one run of blocks
+    w = mlp.weights()
+    width = w.down_w.shape[1] // 4
+    saved = w.down_w.detach().clone()
+    with torch.no_grad():  # the reference: experts 1 and 3 (blocks 3 and 2 of the stored layout) add nothing
+        w.down_w[:, 2 * width:] = 0
+        with em.disable_routers():
+            ref = em(input_ids=x).logits
+        w.down_w.copy_(saved)
+    assert torch.allclose(out, ref, atol=1e-5)
+    base = em.unload()
+    mlp_after = (base.model.layers[1].mlp if arch == "llama" else base.transformer.h[1].mlp).state_dict()
+    assert all(torch.equal(mlp_after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("split", ["contiguous", "cluster"])
+def test_pinned_experts_at_a_fractional_capacity_match_the_routed_dispatch_and_decoding(split):
+    """At capacity 0.75 every token runs the two most important experts and a fraction of the tokens (by position)
+    the third: the many-token path (no dispatch), the generic dispatch (taken with autograd on) and decoding one
+    token at batch 1 agree."""
+    em, _ = pinned_experts_model(capacity=0.625, split=split)
+    x = tokens(2, 12, seed=6)
+    with torch.no_grad():
+        fast = em(input_ids=x).logits
+        ran = [s for s in em.last_stats()["per_layer"] if s["sublayer"] == "mlp" and s["layer"] == 1][0]
+        prefix = em(input_ids=x[:1, :-1], use_cache=True)
+        step = em(input_ids=x[:1, -1:], cache=prefix.past_key_values, use_cache=True).logits[:, -1]
+    assert ran["router_flops"] == 0 and 0.5 < ran["unit_fraction"] < 0.75  # 2 experts, and 3 for some tokens
+    with torch.enable_grad():
+        generic = em(input_ids=x).logits.detach()
+    assert torch.allclose(fast, generic, atol=1e-5)
+    assert torch.allclose(step, fast[:1, -1], atol=1e-5)

@@ -440,6 +440,8 @@ class ElasticAttention(ElasticSubLayer):
             and not whole_q_norm
         if one_token and B == 1:  # the token's heads as a list, decided on the host: no (B, m, H) mask is built
             position = st.per_call(("one_token_position",), lambda: int(st.real_positions(q_pos)))  # one host read
+            if pinned is not None and logits is None:  # a pinned unit: its scores, already on the host
+                logits = st.pinned_host_scores("attn_heads", self.layer_idx)
             used = self.head_router.one_token_heads(x, capacity, position, method=st.method, generator=st.generator,
                                                     layer=self.layer_idx, logits=logits, pinned=pinned)
             heads = active = None

@@ -4,8 +4,11 @@ neurons that fire together; each token runs only its chosen experts).
 
 A clustered split only regroups hidden neurons, which leaves the MLP's function unchanged: the base MLP's weights are
 permuted once into the router's `neuron_order` (up / gate rows, down columns), so every expert is a contiguous slice
-at run time, as in the contiguous split, and no step gathers scattered weight rows. `weight_order` records the order
-the base weights hold now; `ElasticModel` undoes it for its weight fingerprint and on `unload()`.
+at run time, as in the contiguous split, and no step gathers scattered weight rows. A unit the allocation pinned (the
+same most important experts for every token) also stores its experts' blocks most important first, so whatever it
+runs is one slice, three matmuls as in a dense MLP of that width, and on many tokens it runs without a per-expert
+gather / scatter (`_pinned_experts`). `weight_order` records the order the base weights hold now; `ElasticModel`
+undoes it for its weight fingerprint and on `unload()`.
 
 With every expert active the sum over experts is the dense MLP: down(act(gate(x)) * up(x)) splits over hidden
 neurons because the activation is elementwise and `down` is linear. A post-LN MLP (BERT) returns
@@ -21,6 +24,7 @@ from torch import nn
 from ..arch import ArchSpec
 from ..flops import mlp_flops
 from ..routers import ExpertRouter, TokenRouter
+from ..routers.net import fractional_count, slot_phase
 from .stand_in import StandIn
 from .state import ElasticSubLayer, RoutingState, SubLayerStats, views_per_weights
 
@@ -36,20 +40,30 @@ class ElasticMLP(ElasticSubLayer):
         self.gated = spec.mlp_weights(base_layer).gate_w is not None  # SwiGLU-style: 3 matmuls, else 2
         # (I,) the hidden-neuron order the base weights hold now, in the original numbering (None: the original)
         self.register_buffer("weight_order", None, persistent=False)
-        self._order_applied: tuple[int, int] | None = None  # (storage, version) of the neuron_order last applied
+        # ((storage, version) of the neuron_order, pinned scores) of the layout last applied (see `align_weights`)
+        self._order_applied: tuple | None = None
+        self.expert_slot: list[int] | None = None  # where expert e's block sits in the weights (None: at e)
 
-    # ---- clustered experts: the base weights permuted into the split's order, once ----
+    # ---- the weights' layout: clustered experts, pinned units ----
     def align_weights(self) -> None:
-        """Permute the base weights into the expert router's `neuron_order` if it changed since the last call (a
-        split fitted, routers loaded, a checkpoint resumed): checked by the order tensor's version counter, so the
+        """Put the base weights in the layout expert routing reads, if it changed since the last call (a split
+        fitted, routers loaded, a checkpoint resumed, an allocation fitted or loaded): the expert router's
+        `neuron_order` (clustered experts), its experts' blocks ordered by importance when the allocation pinned
+        this unit (`expert_layout`). Checked by the order tensor's version counter and the scores' identity, so the
         per-call cost is a tuple comparison."""
-        order = None if self.expert_router is None else self.expert_router.neuron_order
-        if order is None:
+        router = self.expert_router
+        if router is None:
             return
-        key = (order.data_ptr(), order._version)
-        if key != self._order_applied:
-            self.set_weight_order(order)
-            self._order_applied = key
+        order = router.neuron_order
+        alloc = self.state.allocation
+        scores = None if alloc is None else alloc.pinned.get("mlp_experts_active", {}).get(self.layer_idx)
+        key = None if order is None else (order.data_ptr(), order._version)
+        if self._order_applied is not None and self._order_applied[0] == key and self._order_applied[1] is scores:
+            return
+        target, self.expert_slot = expert_layout(order, scores, router.n_experts, self.dims["I"],
+                                                 self.weights().up_w.device)
+        self.set_weight_order(target)
+        self._order_applied = (key, scores)
 
     @torch.no_grad()
     def set_weight_order(self, order: torch.Tensor | None) -> None:
@@ -77,6 +91,7 @@ class ElasticMLP(ElasticSubLayer):
         """Expert e's hidden neurons in the weights as they are now: a contiguous slice (call `align_weights` first
         for a clustered split)."""
         width = self.dims["I"] // self.expert_router.n_experts
+        e = e if self.expert_slot is None else self.expert_slot[e]
         return slice(e * width, (e + 1) * width)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -254,29 +269,35 @@ class ElasticMLP(ElasticSubLayer):
         E = self.expert_router.n_experts
         width = I // E
         n = x.shape[0]
-        out = x.new_zeros(n, C)
         if n == 0:
-            return out, 0, 1.0
+            return x.new_zeros(0, C), 0, 1.0
         st = self.state
+        self.align_weights()
         one_token = n == 1 and not torch.is_grad_enabled()  # decoding one token: its experts' rows, in runs
         pinned = st.pinned_scores("mlp_experts_active", self.layer_idx)  # (E,) the same experts for every token
         if one_token and not st.topk:  # its experts decided on the host, no selection tensors
-            experts = self.expert_router.one_token_experts(x, capacity, int(positions), method=st.method,
+            only = st.batch_size == 1 and st.positions is not None and st.positions.numel() == 1  # the call's token
+            position = st.per_call(("one_token_position",), lambda: int(positions)) if only else int(positions)
+            if pinned is not None and logits is None:  # a pinned unit: its scores, already on the host
+                logits = st.pinned_host_scores("mlp_experts_active", self.layer_idx)
+            experts = self.expert_router.one_token_experts(x, capacity, position, method=st.method,
                                                            generator=st.generator, layer=self.layer_idx,
                                                            logits=logits, pinned=pinned)
+        elif pinned is not None and not st.topk and not torch.is_grad_enabled():
+            return self._pinned_experts(x, w, capacity, positions)
         else:
             sel = self.expert_router(x, capacity, with_aux=st.topk, method=st.method, generator=st.generator,
                                      positions=positions, layer=self.layer_idx, pinned=pinned)
             if sel.aux_loss is not None:
                 st.aux_losses["expert_balance"].append(sel.aux_loss)
             experts = sorted(e for e in sel.chosen[0].tolist() if e >= 0) if one_token else None
-        self.align_weights()
         if one_token:
-            out, flops = self._one_token_experts(x, w, experts, out)
+            out, flops = self._expert_set(x, w, experts)
             if w.down_b is not None:
                 out = out + w.down_b
             return out, flops, len(experts) / E
         token_idx, slot, counts = dispatch_by_expert(sel.chosen, E)
+        out = x.new_zeros(n, C)
         flops, begin = 0, 0
         for e, count in enumerate(counts):  # loop over experts (a handful), never over tokens
             if count == 0:
@@ -299,25 +320,71 @@ class ElasticMLP(ElasticSubLayer):
             out = out + w.down_b
         return out, flops, sum(counts) / (n * E)
 
-    def _one_token_experts(self, x: torch.Tensor, w, experts: list[int], out: torch.Tensor
-                           ) -> tuple[torch.Tensor, int]:
-        """One token through `experts` (sorted): adjacent experts are one contiguous slice of the (permuted) weights,
-        so each run of them is a single up / gate / down matmul, reading exactly the chosen rows. x: (1, C)."""
+    def _pinned_experts(self, x: torch.Tensor, w, capacity: float, positions: torch.Tensor
+                        ) -> tuple[torch.Tensor, int, float]:
+        """A pinned unit on many tokens: every token runs the same most important experts, as one set of slices of
+        the weights with no gather (a prefix of them: see `expert_layout`), and the tokens whose position falls in a
+        fractional count run the next expert too (the rule of `fractional_top_units`). x: (n, C), positions: (n,)
+        -> what the experts add (with the down bias), FLOPs, the fraction of (token, expert) pairs that ran."""
+        n, E = x.shape[0], self.expert_router.n_experts
+        scores = self.state.pinned_host_scores("mlp_experts_active", self.layer_idx)
+        rank = sorted(range(E), key=scores.__getitem__, reverse=True)  # most important first, as topk orders them
+        k_lo, frac, k = fractional_count(capacity, E)
+        out, flops = self._expert_set(x, w, sorted(rank[:k_lo]))
+        pairs = n * k_lo
+        if k > k_lo:
+            t = (slot_phase(positions.to(torch.float64), self.layer_idx) < frac).nonzero().squeeze(1)  # (n_extra,)
+            if t.numel():
+                extra, extra_flops = self._expert_set(x.index_select(0, t), w, [rank[k_lo]])
+                out.index_add_(0, t, extra)
+                flops += extra_flops
+                pairs += t.numel()
+        if w.down_b is not None:
+            out = out + w.down_b
+        return out, flops, pairs / (n * E)
+
+    def _expert_set(self, x: torch.Tensor, w, experts: list[int], out: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, int]:
+        """Tokens x (n, C) through the same `experts`, added to `out` (n, C; None: zeros): experts adjacent in the
+        weights are one contiguous slice of them, so each run is a single up / gate / down matmul, reading exactly
+        the chosen rows (call `align_weights` first)."""
         C, I = self.dims["C"], self.dims["I"]
         width = I // self.expert_router.n_experts
+        blocks = sorted(experts if self.expert_slot is None else (self.expert_slot[e] for e in experts))
 
-        def make() -> list[tuple[torch.Tensor | None, ...]]:  # per run of experts: views of its rows / columns
-            runs = [slice(first * width, (last + 1) * width) for first, last in contiguous_runs(experts)]
+        def make() -> list[tuple[torch.Tensor | None, ...]]:  # per run of blocks: views of its rows / columns
+            runs = [slice(first * width, (last + 1) * width) for first, last in contiguous_runs(blocks)]
             return [(w.up_w[s], None if w.up_b is None else w.up_b[s], None if w.gate_w is None else w.gate_w[s],
                      None if w.gate_b is None else w.gate_b[s], w.down_w[:, s]) for s in runs]
 
         flops = 0
-        for up_w, up_b, gate_w, gate_b, down_w in views_per_weights(self, (w.up_w, w.down_w), tuple(experts), make):
-            h = F.linear(x, up_w, up_b)  # (1, run width): the neurons of one run of adjacent experts
+        for up_w, up_b, gate_w, gate_b, down_w in views_per_weights(self, (w.up_w, w.down_w), tuple(blocks), make):
+            h = F.linear(x, up_w, up_b)  # (n, run width): the neurons of one run of adjacent experts
             h = w.act(F.linear(x, gate_w, gate_b)) * h if gate_w is not None else w.act(h)
-            out = out + F.linear(h, down_w)  # (1, C)
-            flops += mlp_flops(1, C, up_w.shape[0], gate_w is not None)
-        return out, flops
+            y = F.linear(h, down_w)  # (n, C)
+            out = y if out is None else out + y
+            flops += mlp_flops(x.shape[0], C, up_w.shape[0], gate_w is not None)
+        return (x.new_zeros(x.shape[0], C) if out is None else out), flops
+
+
+def expert_layout(order: torch.Tensor | None, scores: list[float] | None, n_experts: int, hidden: int, device
+                  ) -> tuple[torch.Tensor | None, list[int] | None]:
+    """The hidden-neuron order an expert-routed MLP's weights hold, and where each expert's block sits in it.
+    order: (I,) the clustered split's neuron order (None: contiguous experts); scores: the importances of a unit
+    the allocation pinned (None: not pinned). A pinned unit's blocks are sorted by importance, most important
+    first, so every set it runs (the top k experts, at any capacity) is one contiguous slice: one matmul per
+    projection, as in a dense MLP of that width. Only the storage order changes, never the function.
+    -> ((I,) original neuron indices or None for the original order, expert -> block position or None)."""
+    if scores is None:
+        return order, None
+    rank = sorted(range(n_experts), key=scores.__getitem__, reverse=True)  # the block order: experts by importance
+    base = order if order is not None else torch.arange(hidden, device=device)
+    blocks = base.view(n_experts, -1)  # (I,) -> (E, I/E) each expert's neurons
+    target = blocks[torch.tensor(rank, device=blocks.device)].reshape(-1)  # (E, I/E) -> (I,)
+    slot = [0] * n_experts
+    for position, e in enumerate(rank):
+        slot[e] = position
+    return target, slot
 
 
 def contiguous_runs(sorted_ids: list[int]) -> list[tuple[int, int]]:

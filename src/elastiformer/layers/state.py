@@ -125,6 +125,18 @@ class RoutingState:
             self._capacity_cache[key] = None if scores is None else torch.tensor(scores)
         return self._capacity_cache[key]
 
+    def pinned_host_scores(self, component: str, layer: int) -> list[float] | None:
+        """`pinned_scores` as a list on the host: what a pinned unit decoding one token at batch 1 chooses by, in place
+        of router logits (`one_token_units`), with no tensor op and no host read."""
+        scores = self.pinned_scores(component, layer)
+        if scores is None:
+            return None
+        key = ("pinned_host", id(scores))
+        kept = self._capacity_cache.get(key)
+        if kept is None or kept[0] is not scores:
+            kept = self._capacity_cache[key] = (scores, [float(v) for v in scores.tolist()])
+        return kept[1]
+
     def capacities(self) -> dict[str, list[float]]:
         """{component: per-layer capacities} under the current budget, method and mode (1.0 with routing off)."""
         return {k: [self.layer_capacity(k, i) for i in range(self.n_layers)] for k in self.budget}
