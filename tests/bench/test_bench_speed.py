@@ -16,7 +16,21 @@ def test_speed_bench_records_every_measurement_with_flops_and_machine(tmp_path):
                               decode_tokens=3, decode_batches="1,2", prompt_len=4, reps=1,
                               output=str(tmp_path / "speed.json"))
     lines = []
-    result = run_speed_bench(o, echo=lines.append, new_model=tiny_llama, data=(tokens(8, 16), tokens(4, 24, seed=2)))
+    models = []
+
+    def new_model():  # every model the bench makes, to find the dense reference among them afterwards
+        models.append(tiny_llama())
+        model = models[-1]
+        model.calls = []  # per forward: whether the model held elastiformer's wrappers when it ran
+        model.register_forward_hook(lambda *a: model.calls.append(
+            any(type(x).__module__.startswith("elastiformer") for x in model.modules())))
+        return model
+
+    result = run_speed_bench(o, echo=lines.append, new_model=new_model, data=(tokens(8, 16), tokens(4, 24, seed=2)))
+    # the dense side of every ratio is a plain model that ran and was never wrapped (not the elastic model with its
+    # routing off, whose wrappers cost time even then)
+    plain = [m for m in models if m.calls and not any(m.calls)]
+    assert len(plain) == 1 and "never wrapped" in result["dense"]
     saved = json.loads((tmp_path / "speed.json").read_text())
     assert saved["records"] == json.loads(json.dumps(result["records"]))
     assert saved["machine"]["torch_threads"] == torch.get_num_threads() and saved["machine"]["cpu_count"]

@@ -3,7 +3,7 @@
 Per routed component (and their combination) and budget, and for Flextron's sub-networks at the same budgets:
 prefill of `prefill_batch` x `prefill_len` tokens, and greedy generation of `decode_tokens` tokens at each batch
 size of `decode_batches`, each as the elastic / dense time ratio (median of `reps` interleaved runs: dense,
-elastic, dense, ...) and tokens/s, beside the executed model-FLOPs ratio of the same run (blocks, routers and LM
+elastic, dense, ...; dense is the base model as loaded, a separate copy never wrapped) and tokens/s, beside the executed model-FLOPs ratio of the same run (blocks, routers and LM
 head). The physical limit is a time ratio equal to the FLOPs ratio: the PNG plots one against the other with the
 line y = x. The JSON records the machine and the torch threads, since ratios measured on a busy machine mean little.
 
@@ -76,19 +76,21 @@ def timing_record(kind: str, tokens: int, dense: list[float], elastic: list[floa
 
 class Subject:
     """What the bench times, ElastiFormer or Flextron alike: the model in its elastic setting (`elastic()`, a
-    context) and in its dense one (`dense()`), and the executed / dense model FLOPs of the last call."""
+    context), and the executed / dense model FLOPs of the last call. The dense side of every ratio is the base model
+    as loaded, never wrapped (`measure_subject`'s `dense`), not the elastic model with its routing off: the wrappers
+    cost a few percent of a decode step even then, and that overhead belongs to the elastic side."""
 
-    def __init__(self, model, dense: Callable[[], Any], elastic: Callable[[], Any],
-                 flops: Callable[[bool], float]):
-        self.model, self.dense, self.elastic, self.flops = model, dense, elastic, flops
+    def __init__(self, model, elastic: Callable[[], Any], flops: Callable[[bool], float]):
+        self.model, self.elastic, self.flops = model, elastic, flops
 
 
-def measure_subject(subject: Subject, prefill: torch.Tensor, prompts: dict[int, torch.Tensor], new_tokens: int,
-            reps: int) -> list[dict[str, Any]]:
-    """Prefill and decode records of one subject at its current budget."""
+def measure_subject(subject: Subject, dense, prefill: torch.Tensor, prompts: dict[int, torch.Tensor],
+                    new_tokens: int, reps: int) -> list[dict[str, Any]]:
+    """Prefill and decode records of one subject at its current budget, against `dense`: the plain base model (a
+    separate copy of the same weights, never wrapped)."""
     m = subject.model
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-               pad_token_id=m.base_model.config.eos_token_id)
+               pad_token_id=dense.config.eos_token_id)
 
     def run(context, fn):
         def go():
@@ -97,14 +99,16 @@ def measure_subject(subject: Subject, prefill: torch.Tensor, prompts: dict[int, 
         return go
 
     forward = lambda: m(input_ids=prefill)  # noqa: E731
-    d, e = interleaved_runs(run(subject.dense, forward), run(subject.elastic, forward), reps)
+    d, e = interleaved_runs(run(contextlib.nullcontext, lambda: dense(input_ids=prefill)),
+                            run(subject.elastic, forward), reps)
     with torch.no_grad(), subject.elastic():
         forward()
     records = [timing_record("prefill", int(prefill.numel()), d, e, subject.flops(False)) |
                {"batch": int(prefill.shape[0]), "tokens": int(prefill.shape[1])}]
     for batch, prompt in prompts.items():
         generate = lambda p=prompt: m.generate(p, **gen)  # noqa: E731
-        d, e = interleaved_runs(run(subject.dense, generate), run(subject.elastic, generate), reps)
+        d, e = interleaved_runs(run(contextlib.nullcontext, lambda p=prompt: dense.generate(p, **gen)),
+                                run(subject.elastic, generate), reps)
         with torch.no_grad(), subject.elastic():
             generate()
         records.append(timing_record("decode", batch * new_tokens, d, e, subject.flops(True)) |
@@ -118,7 +122,7 @@ def elastic_subject(em) -> Subject:
     def flops(generation: bool) -> float:
         stats = em.last_stats()
         return (stats["generation"] if generation else stats)["model_flops_ratio"]
-    return Subject(em, em.disable_routers, contextlib.nullcontext, flops)
+    return Subject(em, contextlib.nullcontext, flops)
 
 
 class _FlopsTotals:
@@ -150,7 +154,7 @@ def flextron_subject(fm, totals: _FlopsTotals, choices: dict[str, Any] | None) -
         with (fm.using(**choices) if choices is not None else contextlib.nullcontext()), totals.counting():
             yield
 
-    return Subject(fm, fm.full, elastic, lambda generation: totals.ratio())
+    return Subject(fm, elastic, lambda generation: totals.ratio())
 
 
 def uniform_widths(fm, budget: float, seq_len: int) -> dict[str, int]:
@@ -189,7 +193,10 @@ def run_speed_bench(o: dict[str, Any], echo=print, new_model: Callable[[], Any] 
     result: dict[str, Any] = {"model": o["model"], "machine": machine() | {"torch_threads": torch.get_num_threads()},
                               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in o.items()},
                               "components": {}, "records": []}
-    timing = dict(prefill=prefill, prompts=prompts, new_tokens=int(o["decode_tokens"]), reps=int(o["reps"]))
+    dense = new_model().eval()  # the dense side of every ratio: the base model as loaded, never wrapped
+    result["dense"] = "the base model as loaded, never wrapped (a separate copy of the same weights)"
+    timing = dict(dense=dense, prefill=prefill, prompts=prompts, new_tokens=int(o["decode_tokens"]),
+                  reps=int(o["reps"]))
     out = Path(o["output"])
 
     def measure(comp: str) -> Measured:
@@ -327,7 +334,8 @@ def speed_markdown(result: dict[str, Any]) -> str:
     lines = [f"Model `{result['model']}` on {m.get('processor')} ({m.get('cpu_count')} cores, {m.get('torch_threads')} "
              f"torch threads, torch {m.get('torch')}). Prefill of {s.get('prefill_batch')} x {s.get('prefill_len')} "
              f"tokens; generation of {s.get('decode_tokens')} tokens at batch {s.get('decode_batches')}; elastic and "
-             f"dense runs interleaved, median of {s.get('reps')}. Targets: prefill time ratio <= model-FLOPs ratio + "
+             f"dense runs interleaved, median of {s.get('reps')}; dense: "
+             f"{result.get('dense', 'the elastic model with its routing off')}. Targets: prefill time ratio <= model-FLOPs ratio + "
              "0.05 and decode at batch 1 <= FLOPs ratio + 0.10, never slower than dense. Regenerate: "
              "`make bench-speed`, then `elastiformer bench-speed --readme`.", "",
              "Paired: each repetition's elastic / dense time (lowest - highest), how steady the machine was.", "",

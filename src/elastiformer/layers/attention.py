@@ -155,7 +155,7 @@ class ElasticAttention(ElasticSubLayer):
             return self.skipped_output(x), None
         skip_padding = st.skips_padding(B, T, x.device)  # non-causal and padded: no cache, nothing to remember
         if tok_cap >= 1.0 and head_cap >= 1.0 and not skip_padding:  # full capacity: the base sub-layer, untouched
-            if cache is not None:
+            if cache is not None and self._keeps_index(cache):  # (else its cache holds every token, in order)
                 current = st.current_positions(T, x.device).expand(B, T)
                 if self._cache_routed(cache):  # the unmodified sub-layer must attend through the cached indices
                     kwargs["attention_mask"] = self._cached_entries_mask(past, current, x.dtype)
@@ -197,9 +197,10 @@ class ElasticAttention(ElasticSubLayer):
             return self._none_selected(x, cache, past, dense, router_flops, valid)
         # (B, m) sequence index of each processed token, -1 marks batch padding
         q_pos = torch.where(slot_valid, positions.gather(1, idx), -1) if compacted else positions
-        kv_pos = torch.cat([past, q_pos], dim=1)  # (B, P + m)
+        kv_len = past.shape[1] + m  # the keys: the cached entries and this call's
         # (B, 1, m, P + m); None: one query at batch 1 that may attend to every key (decoding without padding)
-        mask = None if self._attends_to_every_key(B, m) else self._additive_mask(q_pos, kv_pos, x.dtype)
+        mask = None if self._attends_to_every_key(B, m) else \
+            self._additive_mask(q_pos, torch.cat([past, q_pos], dim=1), x.dtype)  # keys' sequence index (B, P + m)
 
         kw = dict(kwargs)
         kw["attention_mask"] = mask
@@ -220,7 +221,7 @@ class ElasticAttention(ElasticSubLayer):
         else:
             out_sub = self.base_layer(x_sub, *args, **kw)[0]  # (B, m, C)
             flops = attention_projection_flops(B * m, B * m, C, d["H"], d["KVH"], d["D"]) + \
-                attention_score_flops(B * m, kv_pos.shape[1], d["H"], d["D"]) + adapter_flops(self.base_layer, B * m)
+                attention_score_flops(B * m, kv_len, d["H"], d["D"]) + adapter_flops(self.base_layer, B * m)
             unit_fraction = 1.0
         if cache is not None:
             self._remember_index(cache, past, q_pos, routed=gate is not None)
@@ -499,7 +500,8 @@ class ElasticAttention(ElasticSubLayer):
         U, kv_len = len(heads), k.shape[2]
         plan = self._head_runs(w, heads, x.device)
         xf = x.view(B, C)  # (B, 1, C) -> (B, C)
-        q = torch.cat([F.linear(xf, q_w, q_b) for q_w, q_b in plan.q], dim=1)  # (B, U*D)
+        q = [F.linear(xf, q_w, q_b) for q_w, q_b in plan.q]  # per run of heads: (B, run*D)
+        q = q[0] if len(q) == 1 else torch.cat(q, dim=1)  # (B, U*D)
         q = q.view(B, U, 1, D)  # (B, U*D) -> (B, U, 1, D)
         if w.q_norm is not None:  # (per head here: a whole-projection norm takes the bucket path)
             q = w.q_norm(q)
@@ -609,7 +611,9 @@ class ElasticAttention(ElasticSubLayer):
             return index
         P = cache.get_seq_length(self.layer_idx) if layer is not None else 0  # tokens seen
         held = self._held(layer) if getattr(layer, "is_sliding", False) else P
-        return torch.arange(P - held, P, device=device).expand(B, held)  # filled before routing was on: in order
+        # every token in order (nothing routed this layer's cache yet): the same for such layers, made once per call
+        return self.state.per_call(("in_order_index", P - held, P, B, device),
+                                   lambda: torch.arange(P - held, P, device=device).expand(B, held))
 
     @staticmethod
     def _held(layer) -> int:
@@ -620,7 +624,11 @@ class ElasticAttention(ElasticSubLayer):
     def _remember_index(self, cache, past: torch.Tensor, new: torch.Tensor, routed: bool = False) -> None:
         """Append the sequence indices of the entries this call added to the layer's cache. `routed` (token routing
         chose them), or a call that added none (the layer was skipped): from now on the cache may miss tokens or
-        hold batch padding, and every later call of the layer attends by these indices."""
+        hold batch padding, and every later call of the layer attends by these indices. Until then the layer's
+        entries are every token in order, which `_cached_index` reads off the cache's length: nothing is kept (a
+        concatenation per layer and step saved)."""
+        if not routed and new.shape[1] > 0 and not self._keeps_index(cache):
+            return
         if not hasattr(cache, _CACHE_INDEX_ATTR):
             setattr(cache, _CACHE_INDEX_ATTR, {})
         getattr(cache, _CACHE_INDEX_ATTR)[self.layer_idx] = torch.cat([past, new], dim=1)
@@ -628,6 +636,10 @@ class ElasticAttention(ElasticSubLayer):
             if not hasattr(cache, _CACHE_ROUTED_ATTR):
                 setattr(cache, _CACHE_ROUTED_ATTR, set())
             getattr(cache, _CACHE_ROUTED_ATTR).add(self.layer_idx)
+
+    def _keeps_index(self, cache) -> bool:
+        """Whether the cache keeps this layer's entry indices (see `_remember_index`)."""
+        return self.layer_idx in getattr(cache, _CACHE_INDEX_ATTR, ())
 
     def _cache_routed(self, cache) -> bool:
         """Whether this layer's cache holds a routed set of entries (not every past token, in order)."""
