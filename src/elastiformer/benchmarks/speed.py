@@ -3,9 +3,10 @@
 Per routed component (and their combination) and budget, and for Flextron's sub-networks at the same budgets:
 prefill of `prefill_batch` x `prefill_len` tokens, and greedy generation of `decode_tokens` tokens at each batch
 size of `decode_batches`, each as the elastic / dense time ratio (median of `reps` interleaved runs: dense,
-elastic, dense, ...; dense is the base model as loaded, a separate copy never wrapped) and tokens/s, beside the executed model-FLOPs ratio of the same run (blocks, routers and LM
-head). The physical limit is a time ratio equal to the FLOPs ratio: the PNG plots one against the other with the
-line y = x. The JSON records the machine and the torch threads, since ratios measured on a busy machine mean little.
+elastic, dense, ...; dense is the base model as loaded, a separate copy never wrapped) and tokens/s, beside the
+executed model-FLOPs ratio of the same run (blocks, routers and LM head). The physical limit is a time ratio equal
+to the FLOPs ratio: the PNG plots one against the other with the line y = x. The JSON records the machine and the
+torch threads, since ratios measured on a busy machine mean little.
 
 ElastiFormer's routers are trained briefly here (`steps`; what the routes look like matters for speed, not their
 quality), their allocation fitted and thresholds calibrated. Flextron runs the base model's nested widths: with
@@ -335,9 +336,9 @@ def speed_markdown(result: dict[str, Any]) -> str:
              f"torch threads, torch {m.get('torch')}). Prefill of {s.get('prefill_batch')} x {s.get('prefill_len')} "
              f"tokens; generation of {s.get('decode_tokens')} tokens at batch {s.get('decode_batches')}; elastic and "
              f"dense runs interleaved, median of {s.get('reps')}; dense: "
-             f"{result.get('dense', 'the elastic model with its routing off')}. Targets: prefill time ratio <= model-FLOPs ratio + "
-             "0.05 and decode at batch 1 <= FLOPs ratio + 0.10, never slower than dense. Regenerate: "
-             "`make bench-speed`, then `elastiformer bench-speed --readme`.", "",
+             f"{result.get('dense', 'the elastic model with its routing off')}. Targets: prefill time ratio <= "
+             "model-FLOPs ratio + 0.05 and decode at batch 1 <= FLOPs ratio + 0.10, never slower than dense. "
+             "Regenerate: `make bench-speed`, then `elastiformer bench-speed --readme`.", "",
              "Paired: each repetition's elastic / dense time (lowest - highest), how steady the machine was.", "",
              "| system | setting | budget | run | batch | model FLOPs | time / dense | paired | tokens/s (dense) "
              "| target |",

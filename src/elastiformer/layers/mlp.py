@@ -24,7 +24,7 @@ from torch import nn
 from ..arch import ArchSpec
 from ..flops import mlp_flops
 from ..routers import ExpertRouter, TokenRouter
-from ..routers.net import fractional_count, slot_phase
+from ..routers.net import best_first, fractional_count, slot_phase
 from .stand_in import StandIn
 from .state import ElasticSubLayer, RoutingState, SubLayerStats, views_per_weights
 
@@ -88,8 +88,8 @@ class ElasticMLP(ElasticSubLayer):
         self.weight_order = order.clone()
 
     def expert_slice(self, e: int) -> slice:
-        """Expert e's hidden neurons in the weights as they are now: a contiguous slice (call `align_weights` first
-        for a clustered split)."""
+        """Expert e's hidden neurons in the weights as they are now: a contiguous slice (call `align_weights` first:
+        a clustered split and a pinned unit reorder the blocks)."""
         width = self.dims["I"] // self.expert_router.n_experts
         e = e if self.expert_slot is None else self.expert_slot[e]
         return slice(e * width, (e + 1) * width)
@@ -328,7 +328,7 @@ class ElasticMLP(ElasticSubLayer):
         -> what the experts add (with the down bias), FLOPs, the fraction of (token, expert) pairs that ran."""
         n, E = x.shape[0], self.expert_router.n_experts
         scores = self.state.pinned_host_scores("mlp_experts_active", self.layer_idx)
-        rank = sorted(range(E), key=scores.__getitem__, reverse=True)  # most important first, as topk orders them
+        rank = best_first(scores)  # most important first
         k_lo, frac, k = fractional_count(capacity, E)
         out, flops = self._expert_set(x, w, sorted(rank[:k_lo]))
         pairs = n * k_lo
@@ -377,7 +377,7 @@ def expert_layout(order: torch.Tensor | None, scores: list[float] | None, n_expe
     -> ((I,) original neuron indices or None for the original order, expert -> block position or None)."""
     if scores is None:
         return order, None
-    rank = sorted(range(n_experts), key=scores.__getitem__, reverse=True)  # the block order: experts by importance
+    rank = best_first(scores)  # the block order: experts by importance
     base = order if order is not None else torch.arange(hidden, device=device)
     blocks = base.view(n_experts, -1)  # (I,) -> (E, I/E) each expert's neurons
     target = blocks[torch.tensor(rank, device=blocks.device)].reshape(-1)  # (E, I/E) -> (I,)

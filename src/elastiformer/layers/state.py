@@ -113,29 +113,30 @@ class RoutingState:
     def pinned_scores(self, component: str, layer: int) -> torch.Tensor | None:
         """(U,) the calibration importances a pinned unit chooses its heads / experts by, the same for every token
         (see `allocation`); None: the learned router chooses per token (or a baseline runs)."""
+        scores = self._pinned(component, layer)
+        if scores is None or isinstance(scores, torch.Tensor):
+            return scores
+        key = ("pinned", component, layer)
+        if key not in self._capacity_cache:
+            self._capacity_cache[key] = torch.tensor(scores)
+        return self._capacity_cache[key]
+
+    def pinned_host_scores(self, component: str, layer: int) -> list[float] | None:
+        """`pinned_scores` as a list on the host: what a pinned unit chooses by in place of router logits
+        (`one_token_units`), with no tensor op (the allocation's own list, except while `fit_allocation` measures)."""
+        scores = self._pinned(component, layer)
+        return scores.tolist() if isinstance(scores, torch.Tensor) else scores
+
+    def _pinned(self, component: str, layer: int) -> torch.Tensor | list[float] | None:
+        """A pinned unit's scores as held: the candidate's tensor while `fit_allocation` measures, else the fitted
+        allocation's list; None: not pinned (or not learned routing)."""
         if self.method != "learned":
             return None
         if self.capacity_override is not None:
             return (self.pin_override or {}).get(component, {}).get(layer)
-        if self.allocation is None or not self.allocation.pinned:
+        if self.allocation is None:
             return None
-        key = ("pinned", component, layer)
-        if key not in self._capacity_cache:
-            scores = self.allocation.pinned.get(component, {}).get(layer)
-            self._capacity_cache[key] = None if scores is None else torch.tensor(scores)
-        return self._capacity_cache[key]
-
-    def pinned_host_scores(self, component: str, layer: int) -> list[float] | None:
-        """`pinned_scores` as a list on the host: what a pinned unit decoding one token at batch 1 chooses by, in place
-        of router logits (`one_token_units`), with no tensor op and no host read."""
-        scores = self.pinned_scores(component, layer)
-        if scores is None:
-            return None
-        key = ("pinned_host", id(scores))
-        kept = self._capacity_cache.get(key)
-        if kept is None or kept[0] is not scores:
-            kept = self._capacity_cache[key] = (scores, [float(v) for v in scores.tolist()])
-        return kept[1]
+        return self.allocation.pinned.get(component, {}).get(layer)
 
     def capacities(self) -> dict[str, list[float]]:
         """{component: per-layer capacities} under the current budget, method and mode (1.0 with routing off)."""

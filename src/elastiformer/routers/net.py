@@ -82,6 +82,11 @@ def fractional_count(capacity: float, U: int) -> tuple[int, float, int]:
     return k_lo, frac, min(U, k_lo + (1 if frac > 0 else 0))
 
 
+def best_first(scores: list[float]) -> list[int]:
+    """Unit indices by score on the host, best first, as `topk` orders them."""
+    return sorted(range(len(scores)), key=scores.__getitem__, reverse=True)
+
+
 def one_token_units(logits: torch.Tensor | list[float], capacity: float, position: int, layer: int = 0) -> list[int]:
     """`fractional_top_units` for one token, decided on the host (decoding at batch 1: a list of units is what the
     caller needs, so no mask is built). logits: (U,) or (1, U), or a list of U floats already read to the host
@@ -89,8 +94,8 @@ def one_token_units(logits: torch.Tensor | list[float], capacity: float, positio
     k_lo, frac, k = fractional_count(capacity, len(logits) if isinstance(logits, list) else logits.shape[-1])
     if k == 0:
         return []
-    if isinstance(logits, list):  # best first, as topk orders them
-        chosen = sorted(range(len(logits)), key=logits.__getitem__, reverse=True)[:k]
+    if isinstance(logits, list):
+        chosen = best_first(logits)[:k]
     else:
         chosen = logits.reshape(-1).topk(k).indices.tolist()
     if k > k_lo and not slot_phase(position, layer) < frac:  # the same rule, in Python's float64
