@@ -434,7 +434,7 @@ class ElasticModel(WrappedModel):
     def _end_call(self, module, args, output):
         if module is self._call_entry:
             if self._generation is not None:  # one forward of a generation (the prefill, or one decode step)
-                stats = self.last_stats()
+                stats = self._flop_totals([s for st in self._states() for s in st.stats])
                 self._generation["forwards"] += 1
                 for key in GENERATION_TOTALS:
                     self._generation[key] += stats.get(key, 0.0)
@@ -629,14 +629,9 @@ class ElasticModel(WrappedModel):
     def last_stats(self) -> dict[str, Any]:
         """FLOPs of the transformer blocks in the last forward (routers included), counted from what ran."""
         stats = [s for st in self._states() for s in st.stats]  # this stack's and the towers'
-        dense = sum(s.dense_flops for s in stats)
-        executed = sum(s.executed_flops for s in stats)
-        n_tokens = int(self.state.positions.numel()) if self.state.positions is not None else 0
-        out: dict[str, Any] = {
-            "dense_flops": dense,
-            "elastic_flops": executed,
-            "flops_ratio": executed / dense if dense else 1.0,
-            "router_flops": sum(s.router_flops for s in stats),
+        out: dict[str, Any] = self._flop_totals(stats)
+        out |= {
+            "flops_ratio": out["elastic_flops"] / out["dense_flops"] if out["dense_flops"] else 1.0,
             "budget": self.get_budget(),
             "capacities": self.state.capacities(),  # per component, per layer (1.0 everywhere with routing off)
             "per_layer": [vars(s).copy() for s in stats],
@@ -650,16 +645,25 @@ class ElasticModel(WrappedModel):
         if self._towers:  # each layer stack on its own (LLaVA: the language model, then the vision tower)
             out["stacks"] = {name: _flops_summary(st.stats) for name, st in
                              zip((self.spec.name, *self.spec.towers), (self.state, *(t.state for t in self._towers)))}
-        if stats and n_tokens and self.is_causal:  # the whole model: blocks plus the LM head (lookups are free)
-            head = lm_head_flops(n_tokens * self.state.batch_size, self.dims["C"], self.dims["V"])
-            out["model_dense_flops"] = dense + head
-            out["model_elastic_flops"] = executed + head
-            out["model_flops_ratio"] = (executed + head) / (dense + head)
-        elif stats:  # encoders: the blocks are the model (embeddings, pooler and a classifier are negligible)
-            out["model_dense_flops"], out["model_elastic_flops"] = dense, executed
-            out["model_flops_ratio"] = out["flops_ratio"]
+        if "model_dense_flops" in out:
+            out["model_flops_ratio"] = out["model_elastic_flops"] / out["model_dense_flops"] \
+                if out["model_dense_flops"] else 1.0
         if self._last_generation is not None:
             out["generation"] = dict(self._last_generation)
+        return out
+
+    def _flop_totals(self, stats: list) -> dict[str, int]:
+        """The FLOP sums of a forward's sub-layer `stats` (`GENERATION_TOTALS`): what `last_stats` reports, and what
+        a generation adds up at every step without the per-layer report a step does not need."""
+        dense = sum(s.dense_flops for s in stats)
+        executed = sum(s.executed_flops for s in stats)
+        out = {"dense_flops": dense, "elastic_flops": executed, "router_flops": sum(s.router_flops for s in stats)}
+        n_tokens = int(self.state.positions.numel()) if self.state.positions is not None else 0
+        if stats and n_tokens and self.is_causal:  # the whole model: blocks plus the LM head (lookups are free)
+            head = lm_head_flops(n_tokens * self.state.batch_size, self.dims["C"], self.dims["V"])
+            out["model_dense_flops"], out["model_elastic_flops"] = dense + head, executed + head
+        elif stats:  # encoders: the blocks are the model (embeddings, pooler and a classifier are negligible)
+            out["model_dense_flops"], out["model_elastic_flops"] = dense, executed
         return out
 
     def generate(self, *args, **kwargs):

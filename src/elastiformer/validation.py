@@ -122,7 +122,7 @@ def check_token_ids(ids: Any, *, vocab_size: int | None = None, context: int | N
                         f" pass at most {context} tokens per sequence, e.g. cut long text into windows with "
                         f"pack_sequences(seq_len={context}) / --seq-len {context}")
     if vocab_size is not None:
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = (int(v) for v in torch.aminmax(ids))  # one op: this runs on every decoding step
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
             raise DataError(f"{what} holds token id {bad}, outside the model's vocabulary [0, {vocab_size}): "

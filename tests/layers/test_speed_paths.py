@@ -443,3 +443,32 @@ def test_joint_one_token_logits_stack_the_routers_of_a_sublayer():
         alone = torch.cat([token.net(x)[0, 0], expert.net(x)[0, 0]]).tolist()
         assert joint_one_token_logits(owner, x, (token.net, expert.net)) == pytest.approx(alone, abs=1e-5)
     assert joint_one_token_logits(owner, x, (token.net, ExpertRouter(16, 4, kind="mlp").net)) is None
+
+
+def test_attention_at_full_capacity_decodes_without_cache_index_bookkeeping(monkeypatch):
+    """A layer held at full capacity runs the base module and nothing of the routed path's cache bookkeeping: it
+    neither reads nor extends the cache's entry index (which only a layer whose cache a routed call thinned needs),
+    so a decode step of a dense layer costs what the module costs. The same step routed does read it (the control:
+    the patch below is where the routed path goes)."""
+    from elastiformer.layers import ElasticAttention
+
+    em = ef.get_elastic_model(MODELS["llama"](), ef.ElasticConfig(attn_heads=0.5))
+    em.set_budget(0.5)
+    ids = tokens(1, 8)
+    with torch.no_grad():
+        with em.disable_routers():
+            full = em(input_ids=ids).logits
+        prefix = em(input_ids=ids[:, :6], use_cache=True)  # (routed: the cache's index may be kept)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cache's entry index was read or extended")
+
+    monkeypatch.setattr(ElasticAttention, "_cached_index", refuse)
+    monkeypatch.setattr(ElasticAttention, "_remember_index", refuse)
+    with torch.no_grad():
+        with em.disable_routers():
+            out = em(input_ids=ids[:, :6], use_cache=True)
+            out = em(input_ids=ids[:, 6:7], past_key_values=out.past_key_values, use_cache=True)
+        torch.testing.assert_close(out.logits[:, -1], full[:, 6], atol=2e-5, rtol=1e-4)
+        with pytest.raises(AssertionError, match="entry index"):
+            em(input_ids=ids[:, 6:7], past_key_values=prefix.past_key_values, use_cache=True)

@@ -40,7 +40,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 
 from ..arch import ArchSpec, get_dotted
 from ..flops import attention_projection_flops, attention_score_flops, dense_attention_flops
-from .lora import HeadPathLoRA, adapter_flops
+from .lora import HeadPathLoRA, LoRALinear
 from ..routers import HeadRouter, TokenRouter
 from .mlp import contiguous_runs
 from .stand_in import StandIn
@@ -118,6 +118,8 @@ class ElasticAttention(ElasticSubLayer):
         self.token_router = token_router
         self.head_router = head_router
         self.stand_in = stand_in  # what a token that skips this attention gets (None, or unfitted: nothing)
+        # the adapters inside the unmodified attention (set before it is wrapped), found once, not per call
+        self._adapters: tuple[LoRALinear, ...] = tuple(m for m in base_layer.modules() if isinstance(m, LoRALinear))
         # this layer's window (sliding-window layers, alone or mixed with global ones): the masks built here apply it
         self.sliding_window = spec.attention_weights(base_layer).sliding_window
 
@@ -130,10 +132,13 @@ class ElasticAttention(ElasticSubLayer):
         B, T, C = x.shape
         cache = next((kwargs[k] for k in ("cache", "past_key_values", "layer_past") if kwargs.get(k) is not None), None)
         cache = getattr(cache, "self_attention_cache", cache)  # GPT-2 may wrap it in an EncoderDecoderCache
-        past = self._cached_index(cache, B, x.device)  # (B, P)
         dense = dense_attention_flops(B, T, st.past_len + T, C, d["H"], d["KVH"], d["D"])
         tok_cap = st.layer_capacity("attn_tokens", self.layer_idx) if self.token_router is not None else 1.0
         head_cap = st.layer_capacity("attn_heads", self.layer_idx) if self.head_router is not None else 1.0
+        if tok_cap >= 1.0 and head_cap >= 1.0 and not st.teacher_targets and st.student_targets is None \
+                and not st.skips_padding(B, T, x.device):  # inference at full capacity: the base sub-layer
+            return self._full_capacity(hidden_states, args, kwargs, cache, dense)
+        past = self._cached_index(cache, B, x.device)  # (B, P)
 
         if st.teacher_targets and not st.enabled:
             if cache is not None:
@@ -155,13 +160,7 @@ class ElasticAttention(ElasticSubLayer):
             return self.skipped_output(x), None
         skip_padding = st.skips_padding(B, T, x.device)  # non-causal and padded: no cache, nothing to remember
         if tok_cap >= 1.0 and head_cap >= 1.0 and not skip_padding:  # full capacity: the base sub-layer, untouched
-            if cache is not None and self._keeps_index(cache):  # (else its cache holds every token, in order)
-                current = st.current_positions(T, x.device).expand(B, T)
-                if self._cache_routed(cache):  # the unmodified sub-layer must attend through the cached indices
-                    kwargs["attention_mask"] = self._cached_entries_mask(past, current, x.dtype)
-                self._remember_index(cache, past, current)
-            st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, dense + adapter_flops(self.base_layer, B * T)))
-            return self.base_layer(hidden_states, *args, **kwargs)
+            return self._full_capacity(hidden_states, args, kwargs, cache, dense)
 
         if B * T == 1 and tok_cap < 1.0 and not st.topk and not torch.is_grad_enabled() \
                 and self.token_router.calibration_log is None:
@@ -221,7 +220,7 @@ class ElasticAttention(ElasticSubLayer):
         else:
             out_sub = self.base_layer(x_sub, *args, **kw)[0]  # (B, m, C)
             flops = attention_projection_flops(B * m, B * m, C, d["H"], d["KVH"], d["D"]) + \
-                attention_score_flops(B * m, kv_len, d["H"], d["D"]) + adapter_flops(self.base_layer, B * m)
+                attention_score_flops(B * m, kv_len, d["H"], d["D"]) + self.adapter_flops(B * m)
             unit_fraction = 1.0
         if cache is not None:
             self._remember_index(cache, past, q_pos, routed=gate is not None)
@@ -238,6 +237,26 @@ class ElasticAttention(ElasticSubLayer):
         st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, flops + router_flops, router_flops,
                                       token_fraction, unit_fraction))
         return out, None
+
+    def adapter_flops(self, n_rows: int) -> int:
+        """FLOPs of the active adapters when each projection of the attention runs on `n_rows` rows."""
+        return sum(m.flops(n_rows) for m in self._adapters)
+
+    def _full_capacity(self, hidden_states: torch.Tensor, args, kwargs, cache, dense: int):
+        """The base sub-layer, untouched, on every token. Its cached entries' indices are read and extended only
+        where the cache keeps them (an earlier routed call of this layer cached a subset); else the cache holds
+        every token in order and nothing is looked up: the cost of a decode step of a layer held dense is the
+        module's own."""
+        st = self.state
+        B, T, _ = hidden_states.shape
+        if cache is not None and self._keeps_index(cache):
+            past = self._cached_index(cache, B, hidden_states.device)  # (B, P)
+            current = st.current_positions(T, hidden_states.device).expand(B, T)  # (B, T)
+            if self._cache_routed(cache):  # the unmodified sub-layer must attend through the cached indices
+                kwargs["attention_mask"] = self._cached_entries_mask(past, current, hidden_states.dtype)
+            self._remember_index(cache, past, current)
+        st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, dense + self.adapter_flops(B * T)))
+        return self.base_layer(hidden_states, *args, **kwargs)
 
     def _one_token(self, x, args, kwargs, cache, past, capacity: float, head_capacity: float, dense: int):
         """Decoding one token (batch 1) with token routing: one score and one host read decide whether the attention
@@ -264,7 +283,7 @@ class ElasticAttention(ElasticSubLayer):
                 kwargs["attention_mask"] = self._cached_entries_mask(past, current, x.dtype)
             out = self.base_layer(x, *args, **kwargs)[0]  # (1, 1, C)
             flops = attention_projection_flops(1, 1, d["C"], d["H"], d["KVH"], d["D"]) + \
-                attention_score_flops(1, past.shape[1] + 1, d["H"], d["D"]) + adapter_flops(self.base_layer, 1)
+                attention_score_flops(1, past.shape[1] + 1, d["H"], d["D"]) + self.adapter_flops(1)
         if cache is not None:
             self._remember_index(cache, past, current, routed=True)
         st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, flops + router_flops, router_flops, 1.0,

@@ -99,12 +99,6 @@ def out_rows(update: LowRank | None, rows) -> LowRank | None:
     return None if update is None else update.out_rows(rows)
 
 
-def adapter_flops(module: nn.Module, n_rows: int) -> int:
-    """FLOPs of the active adapters inside `module` when each of its projections runs on `n_rows` rows (an attention
-    module applies every projection to every row it is given)."""
-    return sum(m.flops(n_rows) for m in module.modules() if isinstance(m, LoRALinear))
-
-
 class HeadPathLoRA:
     """The adapters' updates on ElasticAttention's per-head path, as thin matmuls, with their FLOPs.
 

@@ -94,10 +94,8 @@ def one_token_units(logits: torch.Tensor | list[float], capacity: float, positio
     k_lo, frac, k = fractional_count(capacity, len(logits) if isinstance(logits, list) else logits.shape[-1])
     if k == 0:
         return []
-    if isinstance(logits, list):
-        chosen = best_first(logits)[:k]
-    else:
-        chosen = logits.reshape(-1).topk(k).indices.tolist()
+    # one host read of the U logits, then a sort in Python: no topk op on the decoding path
+    chosen = best_first(logits if isinstance(logits, list) else logits.reshape(-1).tolist())[:k]
     if k > k_lo and not slot_phase(position, layer) < frac:  # the same rule, in Python's float64
         chosen.pop()
     return sorted(chosen)
