@@ -434,7 +434,7 @@ class ElasticModel(WrappedModel):
     def _end_call(self, module, args, output):
         if module is self._call_entry:
             if self._generation is not None:  # one forward of a generation (the prefill, or one decode step)
-                stats = self._flop_totals([s for st in self._states() for s in st.stats])
+                stats = self._flop_totals(self._sublayer_stats())
                 self._generation["forwards"] += 1
                 for key in GENERATION_TOTALS:
                     self._generation[key] += stats.get(key, 0.0)
@@ -628,7 +628,7 @@ class ElasticModel(WrappedModel):
 
     def last_stats(self) -> dict[str, Any]:
         """FLOPs of the transformer blocks in the last forward (routers included), counted from what ran."""
-        stats = [s for st in self._states() for s in st.stats]  # this stack's and the towers'
+        stats = self._sublayer_stats()
         out: dict[str, Any] = self._flop_totals(stats)
         out |= {
             "flops_ratio": out["elastic_flops"] / out["dense_flops"] if out["dense_flops"] else 1.0,
@@ -651,6 +651,10 @@ class ElasticModel(WrappedModel):
         if self._last_generation is not None:
             out["generation"] = dict(self._last_generation)
         return out
+
+    def _sublayer_stats(self) -> list:
+        """What each wrapped sub-layer ran in the last forward: this stack's and the towers'."""
+        return [s for st in self._states() for s in st.stats]
 
     def _flop_totals(self, stats: list) -> dict[str, int]:
         """The FLOP sums of a forward's sub-layer `stats` (`GENERATION_TOTALS`): what `last_stats` reports, and what

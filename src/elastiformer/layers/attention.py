@@ -135,32 +135,32 @@ class ElasticAttention(ElasticSubLayer):
         dense = dense_attention_flops(B, T, st.past_len + T, C, d["H"], d["KVH"], d["D"])
         tok_cap = st.layer_capacity("attn_tokens", self.layer_idx) if self.token_router is not None else 1.0
         head_cap = st.layer_capacity("attn_heads", self.layer_idx) if self.head_router is not None else 1.0
-        if tok_cap >= 1.0 and head_cap >= 1.0 and not st.teacher_targets and st.student_targets is None \
-                and not st.skips_padding(B, T, x.device):  # inference at full capacity: the base sub-layer
-            return self._full_capacity(hidden_states, args, kwargs, cache, dense)
-        past = self._cached_index(cache, B, x.device)  # (B, P)
 
         if st.teacher_targets and not st.enabled:
             if cache is not None:
-                self._remember_index(cache, past, st.current_positions(T, x.device).expand(B, T))
+                self._remember_index(cache, self._cached_index(cache, B, x.device),
+                                     st.current_positions(T, x.device).expand(B, T))
             st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, dense))
             return self._teacher_with_targets(x, args, kwargs)
         self.learn_on_student(x)
         if st.method == "static" and self.token_router is not None and tok_cap < 1.0:
             if st.statically_dropped("attn_tokens", self.layer_idx):  # baseline: the whole sub-layer is skipped
                 if cache is not None:
-                    self._remember_index(cache, past, past[:, :0])
+                    self._remember_nothing(cache, B, x.device)
                 st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, self.skip_flops(B * T), 0, 0.0, 0.0))
                 return self.skipped_output(x), None
             tok_cap = 1.0
         if tok_cap <= 0.0 or head_cap <= 0.0:  # allocated nothing: the sub-layer is skipped for every token
             if cache is not None:
-                self._remember_index(cache, past, past[:, :0])
+                self._remember_nothing(cache, B, x.device)
             st.stats.append(SubLayerStats(self.layer_idx, "attn", dense, self.skip_flops(B * T), 0, 0.0, 0.0))
             return self.skipped_output(x), None
         skip_padding = st.skips_padding(B, T, x.device)  # non-causal and padded: no cache, nothing to remember
         if tok_cap >= 1.0 and head_cap >= 1.0 and not skip_padding:  # full capacity: the base sub-layer, untouched
             return self._full_capacity(hidden_states, args, kwargs, cache, dense)
+        # the cached entries' indices, looked up only where they are used: a layer at full capacity needs them only
+        # if its cache keeps them (`_full_capacity`), so a decode step of a dense layer costs the module's own
+        past = self._cached_index(cache, B, x.device)  # (B, P)
 
         if B * T == 1 and tok_cap < 1.0 and not st.topk and not torch.is_grad_enabled() \
                 and self.token_router.calibration_log is None:
@@ -241,6 +241,11 @@ class ElasticAttention(ElasticSubLayer):
     def adapter_flops(self, n_rows: int) -> int:
         """FLOPs of the active adapters when each projection of the attention runs on `n_rows` rows."""
         return sum(m.flops(n_rows) for m in self._adapters)
+
+    def _remember_nothing(self, cache, B: int, device) -> None:
+        """A call that skipped this layer for every token added no entry to its cache: its index says so."""
+        past = self._cached_index(cache, B, device)  # (B, P)
+        self._remember_index(cache, past, past[:, :0])
 
     def _full_capacity(self, hidden_states: torch.Tensor, args, kwargs, cache, dense: int):
         """The base sub-layer, untouched, on every token. Its cached entries' indices are read and extended only
