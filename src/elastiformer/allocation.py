@@ -35,7 +35,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
-from .errors import RouterFileError
+from .errors import ConfigError, RouterFileError
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ LEVELS = (0.75, 0.5, 0.25, 0.0)  # capacities a unit may be lowered to, from den
 # tokens then get the stand-in (layers/stand_in.py), while no head / expert left gives them nothing. So heads and
 # experts do not go to 0 in a layer whose tokens are routed too (same FLOPs saved, a dearer loss).
 DROPPED_BY = {"attn_heads": "attn_tokens", "mlp_experts_active": "mlp_tokens"}
+PINNABLE = ("attn_heads", "mlp_experts_active")  # components whose units may be lowered pinned (see below)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ class Allocation:
     # {component: {layer: per-unit importance}}: the scores a pinned unit chooses its heads / experts by, the same
     # for every token (mean output norm of each head / expert on the calibration text)
     pinned: dict[str, dict[int, list[float]]] = field(default_factory=dict)
+    # the unit latency table the path's moves were ranked by (loss per second saved, see `fit_path`), or None:
+    # ranked by loss per FLOP saved
+    latency: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ lookups
     def component_fraction_after(self, component: str, k: int) -> float:
@@ -181,8 +185,11 @@ class Allocation:
                         fixed={str(k): [int(i) for i in v] for k, v in d.get("fixed", {}).items()},
                         tokens=int(d.get("tokens", 0)),
                         pinned={str(c): {int(i): [float(x) for x in v] for i, v in per.items()}
-                                for c, per in d.get("pinned", {}).items()})
-        except (KeyError, TypeError, ValueError) as err:
+                                for c, per in d.get("pinned", {}).items()},
+                        latency=d.get("latency"))
+            if alloc.latency is not None:
+                check_latency_table(alloc.latency, alloc.components)
+        except (KeyError, TypeError, ValueError, ConfigError) as err:
             raise RouterFileError(f"the allocation in {where} is malformed ({err!r}): fit it again with "
                                   "em.fit_allocation(data), or train the routers again") from err
         bad = [m for m in alloc.moves if m.component not in components or not 0 <= m.layer < n_layers
@@ -195,6 +202,50 @@ class Allocation:
         return alloc
 
 
+# ---------------------------------------------------------------------- latency
+def check_latency_table(table: Any, components: Sequence[str]) -> None:
+    """Refuse a unit latency table (`unit_latency.measure_unit_latency`) that is malformed or lacks a component."""
+    saved = table.get("saved") if isinstance(table, dict) else None
+    if not isinstance(saved, dict):
+        raise ConfigError("the latency table has no 'saved' entry: measure it with em.measure_unit_latency(data)")
+    missing = [c for c in components if c not in saved]
+    if missing:
+        raise ConfigError(f"the latency table has no entry for {', '.join(missing)} (it holds "
+                          f"{', '.join(saved) or 'none'}): measure it again with em.measure_unit_latency(data)")
+    for c in components:
+        for variant, per in saved[c].items():
+            if variant not in ("routed", "pinned") or not isinstance(per, dict) or not per or not all(
+                    0.0 <= float(k) < 1.0 and isinstance(v, (int, float)) for k, v in per.items()):
+                raise ConfigError(f"the latency table's {c}/{variant} entry is malformed: measure it again with "
+                                  "em.measure_unit_latency(data)")
+
+
+def level_time_saved(table: dict[str, Any], component: str, pinned: bool, level: float) -> float:
+    """Fraction of the reference decoding time one unit of `component` saves at capacity `level` (0 at 1.0),
+    linear between the levels measured. A pinned unit at 0 runs nothing, as a routed one does."""
+    if level >= 1.0:
+        return 0.0
+    per = table["saved"][component]
+    points = {float(k): float(v) for k, v in per.get("routed", {}).items()}
+    if pinned and level > 0.0:
+        points = {float(k): float(v) for k, v in per.get("pinned", {}).items()} or points
+    points[1.0] = 0.0
+    xs = sorted(points)
+    if level <= xs[0]:
+        return points[xs[0]]
+    for lo, hi in zip(xs, xs[1:]):
+        if lo <= level <= hi:
+            t = (level - lo) / (hi - lo)
+            return points[lo] + t * (points[hi] - points[lo])
+    return 0.0
+
+
+def move_time_saved(table: dict[str, Any], component: str, pinned: bool, start: float, end: float) -> float:
+    """Fraction of the reference decoding time a move of one unit from capacity `start` to `end` saves (negative:
+    it costs time)."""
+    return level_time_saved(table, component, pinned, end) - level_time_saved(table, component, pinned, start)
+
+
 # ---------------------------------------------------------------------- fitting
 # (capacities, pinned units) -> (cost, routed FLOPs ratio)
 Measure = Callable[[dict[str, list[float]], frozenset], tuple[float, float]]  # pins: frozenset of (component, layer)
@@ -205,7 +256,8 @@ def fit_path(measure: Measure, units: Sequence[tuple[str, int]], n_layers: int, 
              min_flops: float = 0.4, levels: Sequence[float] = LEVELS, lookahead: int = 3, max_lookahead: int = 8,
              progress: Callable[[str], None] | None = None, fixed: dict[str, list[int]] | None = None,
              on_move: Callable[[dict[str, list[float]], frozenset], None] | None = None,
-             pinnable: Sequence[str] = ()) -> Allocation:
+             pinnable: Sequence[str] = (),
+             time_saved: Callable[[str, bool, float, float], float] | None = None) -> Allocation:
     """Fit an allocation path by lazy greedy on measured costs.
 
     `measure(capacities, pins)` runs the model on calibration data with `capacities` ({component: [per layer]}),
@@ -224,6 +276,11 @@ def fit_path(measure: Measure, units: Sequence[tuple[str, int]], n_layers: int, 
     the SmolLM2 combined path dropped whole MLPs through their experts at 3.3-6.5 nats per unit of FLOPs while the
     MLP-token moves around them cost 1.8-4.3). `on_move(capacities, pins)` is told the allocation after each move
     taken (fit_allocation then replays its leading blocks for the next candidates, see `block_replay`).
+
+    `time_saved(component, pinned, start, end)`: the fraction of decoding time a move of one unit saves (from a unit
+    latency table, `move_time_saved`). With it, moves are ranked by cost per time saved, and a move that saves no
+    time (a partial set of heads at batch 1 on a CPU) ranks after every move that does, by cost per FLOP: the path
+    spends the FLOPs budget where it buys time first.
     """
     note = progress or (lambda s: None)
     dense = {c: [1.0] * n_layers for c in components}
@@ -257,6 +314,14 @@ def fit_path(measure: Measure, units: Sequence[tuple[str, int]], n_layers: int, 
     seen_scale: dict[str, list[float]] = {c: [] for c in components}  # recent ratios per component, for units
     # not re-measured lately
 
+    def rank(added: float, flops_saved: float, u: Candidate, start: float, end: float) -> tuple[int, float]:
+        """Sort key of a move (lower first): cost per FLOP saved; with `time_saved`, cost per time saved, and the
+        moves that save no time after all the others."""
+        if time_saved is None:
+            return 0, added / flops_saved
+        secs = time_saved(u[0], u[2], start, end)
+        return (0, added / secs) if secs > 0 else (1, added / flops_saved)
+
     def estimate(u: Candidate):
         """(estimated cost per FLOP saved, target level) of u's best move, or None if u cannot move."""
         c, i, pin = u
@@ -274,7 +339,7 @@ def fit_path(measure: Measure, units: Sequence[tuple[str, int]], n_layers: int, 
             saved = df - here[1]
             if saved <= 0:
                 continue
-            r = max(0.0, dc - here[0]) * scale / saved
+            r = rank(max(0.0, dc - here[0]) * scale, saved, u, cur, lev)
             if best is None or r < best[0]:
                 best = (r, lev)
         return best
@@ -299,7 +364,7 @@ def fit_path(measure: Measure, units: Sequence[tuple[str, int]], n_layers: int, 
                 unit_scale[u] = added / base_added
                 seen_scale[c].append(unit_scale[u])
             if saved > 0:
-                trials.append((added / saved, u, lev, new_cost, new_flops))
+                trials.append((rank(added, saved, u, old, lev), u, lev, new_cost, new_flops))
             measured.add(u)
         if not trials:  # nothing re-measured saves FLOPs: never propose those moves again
             for _, u, lev in ranked[:len(measured)]:

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .allocation import LEVELS, fit_path
+from .allocation import LEVELS, PINNABLE, check_latency_table, fit_path, move_time_saved
 from .block_replay import BlockReplay
 from .data.batches import as_batches
 from .config import TOKEN_COMPONENTS
@@ -114,7 +114,8 @@ def collect_batches(em, data, max_batches: int | None, what: str) -> list[dict[s
 @torch.no_grad()
 def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 1, *,
                    min_budget: float = 0.5, levels: tuple[float, ...] = LEVELS, lookahead: int = 2,
-                   max_lookahead: int = 8, progress: bool = True, replay: bool = True, pin: bool = True) -> None:
+                   max_lookahead: int = 8, progress: bool = True, replay: bool = True, pin: bool = True,
+                   latency: dict[str, Any] | None = None) -> None:
     """Fit where the budget is spent: the per-layer allocation path (see `elastiformer.allocation`).
 
     Measured on `data` (calibration text, never the evaluation text) with the learned routers choosing by
@@ -128,7 +129,11 @@ def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batche
 
     With `pin` (the default), each unit of heads / experts may instead be lowered *pinned*: the same heads / experts
     for every token, those with the largest mean output norm on `data` (no router runs for it); the path measures
-    both variants and keeps the cheaper."""
+    both variants and keeps the cheaper.
+
+    With `latency` (a unit latency table, `unit_latency.measure_unit_latency`), moves are ranked by loss per
+    decoding time saved on the machine the table was measured on, and moves that save no time come after every move
+    that does (`allocation.fit_path`); the table is stored with the allocation."""
     from tqdm.auto import tqdm
 
     if not 0.0 < min_budget < 1.0:
@@ -136,9 +141,11 @@ def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batche
                           "e.g. 0.5")
     if not levels or any(not 0.0 <= v < 1.0 for v in levels):
         raise ConfigError(f"levels={levels!r}: pass capacities in [0, 1) a unit may be lowered to")
+    components = em.elastic_config.components()
+    if latency is not None:
+        check_latency_table(latency, components)
     batches = collect_batches(em, data, max_batches, "fit_allocation()")
     st = em.state
-    components = em.elastic_config.components()
     sublayers = {"attn" if k.startswith("attn") else "mlp" for k in components}
     units = [(k, i) for k in components for i in range(st.n_layers) if i not in st.dense_layers[k]]
     saved = (dict(st.budget), st.method, em.training)
@@ -146,7 +153,7 @@ def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batche
     try:
         with em.disable_routers():
             teachers = [em.distill_target(b) for b in batches]
-        pinnable = [k for k in ("attn_heads", "mlp_experts_active") if k in components] if pin else []
+        pinnable = [k for k in PINNABLE if k in components] if pin else []
         scores = unit_scores(em, batches) if pinnable else {}  # {(component, layer): (U,) mean output norms}
         st.method, st.topk = "learned", True  # top-k inside each layer: thresholds are fitted afterwards
         st.budget = {k: 0.5 for k in components}  # any value: the override sets every capacity
@@ -196,8 +203,11 @@ def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batche
         alloc = fit_path(measure, units, st.n_layers, components, min_flops=min_budget, levels=levels,
                          lookahead=lookahead, max_lookahead=max_lookahead, progress=bar.set_postfix_str,
                          fixed=fixed, on_move=(lambda caps, pins: run(caps, pins, record=True)) if replay else None,
-                         pinnable=pinnable)
+                         pinnable=pinnable,
+                         time_saved=None if latency is None else (
+                             lambda c, pinned, start, end: move_time_saved(latency, c, pinned, start, end)))
         bar.close()
+        alloc.latency = latency
         for c, i in sorted(alloc.pinned_units()):
             alloc.pinned.setdefault(c, {})[i] = [float(v) for v in scores[(c, i)]]
     finally:

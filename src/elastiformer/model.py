@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import artifacts, calibration
+from . import artifacts, calibration, unit_latency
 from .allocation import LEVELS, Allocation
 from .arch import ArchSpec, get_arch_spec, get_dotted, set_dotted
 from .config import BUDGET_KEYS, TOKEN_COMPONENTS, ElasticConfig, check_fraction
@@ -520,13 +520,24 @@ class ElasticModel(WrappedModel):
 
     def fit_allocation(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 1, *,
                        min_budget: float = 0.5, levels: tuple[float, ...] = LEVELS, lookahead: int = 2,
-                       max_lookahead: int = 8, progress: bool = True, pin: bool = True) -> "ElasticModel":
+                       max_lookahead: int = 8, progress: bool = True, pin: bool = True,
+                       latency: dict[str, Any] | None = None) -> "ElasticModel":
         """Fit where the budget is spent: the per-layer allocation path (`calibration.fit_allocation`); `pin`: a
-        layer's heads / experts may be lowered as the same set for every token where that costs less. Call
-        `calibrate` afterwards (`train_routers` does both when it ends)."""
+        layer's heads / experts may be lowered as the same set for every token where that costs less; `latency`: a
+        table from `measure_unit_latency`, to rank the path's moves by loss per decoding time saved on this machine
+        (else per FLOP saved). Call `calibrate` afterwards (`train_routers` does both when it ends)."""
         calibration.fit_allocation(self, data, max_batches, min_budget=min_budget, levels=levels,
-                                   lookahead=lookahead, max_lookahead=max_lookahead, progress=progress, pin=pin)
+                                   lookahead=lookahead, max_lookahead=max_lookahead, progress=progress, pin=pin,
+                                   latency=latency)
         return self
+
+    def measure_unit_latency(self, data: Iterable[dict[str, Any]] | torch.Tensor, *, prompt_len: int = 8,
+                             new_tokens: int = 16, reps: int = 5, levels: tuple[float, ...] = LEVELS,
+                             pin: bool = True, progress: bool = True) -> dict[str, Any]:
+        """Time what a unit of each routed component saves per capacity level when decoding at batch 1 on this
+        machine (`unit_latency.measure_unit_latency`): the table `fit_allocation(latency=...)` ranks moves by."""
+        return unit_latency.measure_unit_latency(self, data, prompt_len=prompt_len, new_tokens=new_tokens, reps=reps,
+                                    levels=levels, pin=pin, progress=progress)
 
     def split_experts(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 2,
                       seed: int = 0) -> "ElasticModel":

@@ -35,16 +35,26 @@ def test_speed_bench_records_every_measurement_with_flops_and_machine(tmp_path):
     assert saved["records"] == json.loads(json.dumps(result["records"]))
     assert saved["machine"]["torch_threads"] == torch.get_num_threads() and saved["machine"]["cpu_count"]
     assert (tmp_path / "speed.png").stat().st_size > 10_000
-    systems = {(r["system"], r["component"]) for r in saved["records"]}
-    assert systems == {("elastiformer", "mlp_tokens"), ("elastiformer", "attn_heads"),
-                       ("elastiformer", "mlp_experts_cluster"), ("flextron", "flextron (uniform widths)")}
-    for system, comp in systems:
+    # each ElastiFormer setting twice, on the same routers: its allocation ranked by FLOPs and by decoding time
+    systems = {(r["system"], r["component"], r.get("ranking")) for r in saved["records"]}
+    assert systems == {("elastiformer", c, ranking) for c in ("mlp_tokens", "attn_heads", "mlp_experts_cluster")
+                       for ranking in ("flops", "time")} | {("flextron", "flextron (uniform widths)", None)}
+    for setting in ("mlp_tokens", "attn_heads", "mlp_experts_cluster"):
+        latency = saved["components"][setting]["latency"]  # the table the time-ranked allocation used
+        assert set(latency["saved"]) == {"mlp_tokens" if setting == "mlp_tokens" else
+                                         "attn_heads" if setting == "attn_heads" else "mlp_experts_active"}
+    for system, comp, ranking in systems:
         for budget in (0.6, 0.9):
-            rows = [r for r in saved["records"] if r["component"] == comp and r["budget"] == budget]
+            rows = [r for r in saved["records"] if (r["component"], r.get("ranking"), r["budget"]) ==
+                    (comp, ranking, budget)]
             assert sorted((r["kind"], r["batch"]) for r in rows) == [("decode", 1), ("decode", 2), ("prefill", 2)]
             for r in rows:
                 assert r["time_ratio"] > 0 and r["dense_tokens_per_s"] > 0 and r["elastic_tokens_per_s"] > 0
                 assert 0 < r["model_flops_ratio"] <= 1.0 + 1e-9
+                assert r["heldout_kl"] >= -1e-6  # what the time was bought with, against the dense model
+    kl = {(r["component"], r.get("ranking"), r["budget"]): r["heldout_kl"] for r in saved["records"]}
+    assert kl[("mlp_tokens", "flops", 0.6)] > 1e-7  # skipped work changes the predictions (a tiny model's, a little)
+    assert "(time-ranked)" in "\n".join(lines) and "KL" in "\n".join(lines)
     low = [r["model_flops_ratio"] for r in saved["records"] if r["budget"] == 0.6 and r["kind"] == "prefill"]
     assert max(low) < 1.0  # the work really falls at the lower budget
     assert len(lines) >= len(saved["records"])  # a summary line per record

@@ -51,6 +51,9 @@ SPEED_OPTIONS = {
     "decode_batches": Option("1,8", "Batch sizes of the timed generations."),
     "prompt_len": Option(32, "Prompt tokens of each timed generation."),
     "reps": Option(3, "Interleaved repetitions per measurement (median)."),
+    "rankings": Option("flops,time", "How ElastiFormer's allocation ranks its moves, each on the same trained "
+                       "routers: 'flops' (loss per FLOP saved, train_routers' default), 'time' (loss per decoding "
+                       "time saved, from a unit latency table measured here first)."),
     "flextron": Option(True, "Time Flextron's sub-networks at the same budgets too."),
     "flextron_checkpoint": Option(None, "A sorted, trained Flextron checkpoint with its router/ (routed "
                                   "sub-networks); without, the same width in every layer.", kind=Path),
@@ -85,10 +88,20 @@ class Subject:
         self.model, self.elastic, self.flops = model, elastic, flops
 
 
+def heldout_kl(reference: list[torch.Tensor], logits: torch.Tensor) -> float:
+    """Mean KL(dense || elastic) of the next-token distributions over every position of the prefill batch: what the
+    time was bought with. reference: the dense model's log-probabilities, one (T, V) tensor per row; logits (B, T, V)."""
+    total = 0.0
+    for ref, row in zip(reference, logits):  # a row at a time: (T, V) floats of a 49k vocabulary add up
+        total += float((ref.exp() * (ref - torch.log_softmax(row.float(), dim=-1))).sum(-1).mean())
+    return total / len(reference)
+
+
 def measure_subject(subject: Subject, dense, prefill: torch.Tensor, prompts: dict[int, torch.Tensor],
-                    new_tokens: int, reps: int) -> list[dict[str, Any]]:
+                    new_tokens: int, reps: int, reference: list[torch.Tensor] | None = None) -> list[dict[str, Any]]:
     """Prefill and decode records of one subject at its current budget, against `dense`: the plain base model (a
-    separate copy of the same weights, never wrapped)."""
+    separate copy of the same weights, never wrapped). reference: the dense model's log-probabilities on `prefill`
+    (one (T, V) tensor per row): each record then holds `heldout_kl`, the subject's KL from them."""
     m = subject.model
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                pad_token_id=dense.config.eos_token_id)
@@ -103,7 +116,9 @@ def measure_subject(subject: Subject, dense, prefill: torch.Tensor, prompts: dic
     d, e = interleaved_runs(run(contextlib.nullcontext, lambda: dense(input_ids=prefill)),
                             run(subject.elastic, forward), reps)
     with torch.no_grad(), subject.elastic():
-        forward()
+        logits = getattr(forward(), "logits", None)
+    quality = {} if reference is None or logits is None else {"heldout_kl": heldout_kl(reference, logits)}
+    del logits
     records = [timing_record("prefill", int(prefill.numel()), d, e, subject.flops(False)) |
                {"batch": int(prefill.shape[0]), "tokens": int(prefill.shape[1])}]
     for batch, prompt in prompts.items():
@@ -114,7 +129,7 @@ def measure_subject(subject: Subject, dense, prefill: torch.Tensor, prompts: dic
             generate()
         records.append(timing_record("decode", batch * new_tokens, d, e, subject.flops(True)) |
                        {"batch": batch, "tokens": new_tokens})
-    return records
+    return [r | quality for r in records]
 
 
 # ---------------------------------------------------------------- the two kinds of elastic model
@@ -184,6 +199,7 @@ def run_speed_bench(o: dict[str, Any], echo=print, new_model: Callable[[], Any] 
     if int(o["threads"]):
         torch.set_num_threads(int(o["threads"]))
     parse_components(o["components"], SPEED_SETTINGS)  # an unknown setting is refused before any work
+    rankings = parse_rankings(o["rankings"])
     budgets = parse_floats(o["budgets"], "budgets")
     new_model = new_model or (lambda: _load_model(o["model"]))
     train, held = data if data is not None else _load_books(o)
@@ -196,8 +212,10 @@ def run_speed_bench(o: dict[str, Any], echo=print, new_model: Callable[[], Any] 
                               "components": {}, "records": []}
     dense = new_model().eval()  # the dense side of every ratio: the base model as loaded, never wrapped
     result["dense"] = "the base model as loaded, never wrapped (a separate copy of the same weights)"
+    with torch.no_grad():
+        reference = [torch.log_softmax(row.float(), dim=-1) for row in dense(input_ids=prefill).logits]  # (T, V) each
     timing = dict(dense=dense, prefill=prefill, prompts=prompts, new_tokens=int(o["decode_tokens"]),
-                  reps=int(o["reps"]))
+                  reps=int(o["reps"]), reference=reference)
     out = Path(o["output"])
 
     def measure(comp: str) -> Measured:
@@ -207,17 +225,25 @@ def run_speed_bench(o: dict[str, Any], echo=print, new_model: Callable[[], Any] 
         train_routers(em, train, steps=int(o["steps"]), batch_size=int(o["batch_size"]), seed=int(o["seed"]),
                       budget_range=(min(budgets) - 0.05, 0.95), calibration_data=calib, allocation=False,
                       target_steps=int(o["target_steps"]), progress=False, checkpoint_every=None)
-        em.fit_allocation(calib, max_batches=1, min_budget=min(0.5, min(budgets) - 0.05))
-        em.calibrate(calib, progress=False)
-        records = []
-        for b in budgets:
-            em.set_budget(b)
-            echo(f"[{comp}] timing at budget {b}...")
-            for r in measure_subject(elastic_subject(em), **timing):
-                records.append({"system": "elastiformer", "component": comp, "budget": b} | r)
-        pinned = em.allocation.pinned_layers()  # units run as the same heads / experts for every token
+        records, info = [], {}
+        for ranking in rankings:  # each allocation on the same routers
+            latency = None
+            if ranking == "time":
+                echo(f"[{comp}] timing the units (latency table)...")
+                latency = em.measure_unit_latency(calib, progress=False)
+                info["latency"] = latency
+            em.fit_allocation(calib, max_batches=1, min_budget=min(0.5, min(budgets) - 0.05), latency=latency)
+            em.calibrate(calib, progress=False)
+            for b in budgets:
+                em.set_budget(b)
+                echo(f"[{comp}] timing at budget {b} ({ranking}-ranked allocation)...")
+                for r in measure_subject(elastic_subject(em), **timing):
+                    records.append({"system": "elastiformer", "component": comp, "ranking": ranking,
+                                    "budget": b} | r)
+            # units run as the same heads / experts for every token
+            info[f"pinned ({ranking}-ranked)"] = em.allocation.pinned_layers()
         em.unload()
-        return Measured(records, {"pinned": pinned})
+        return Measured(records, info)
 
     run_settings(o, result, SPEED_SETTINGS, measure, same=(), plot=plot_speed, echo=echo)
     if o["flextron"]:
@@ -241,6 +267,23 @@ def run_speed_bench(o: dict[str, Any], echo=print, new_model: Callable[[], Any] 
     for line in summary_lines(result):
         echo(line)
     return result
+
+
+def parse_rankings(value: str) -> list[str]:
+    """'flops,time' -> ['flops', 'time']: how the allocations the bench times rank their moves."""
+    from ..errors import ConfigError
+
+    rankings = [v.strip() for v in str(value).split(",") if v.strip()]
+    bad = [v for v in rankings if v not in ("flops", "time")]
+    if not rankings or bad:
+        raise ConfigError(f"rankings={value!r}: pass 'flops', 'time' or 'flops,time' (how the allocation ranks its "
+                          "moves: loss per FLOP or per decoding time saved)")
+    return list(dict.fromkeys(rankings))
+
+
+def series(r: dict[str, Any]) -> str:
+    """A record's name in the plot and tables: its setting, and how its allocation was ranked when by time."""
+    return r["component"] + (" (time-ranked)" if r.get("ranking") == "time" else "")
 
 
 def _load_model(name: str):
@@ -268,9 +311,10 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     lines = []
     for r in result["records"]:
         where = f"{r['kind']} b{r['batch']}"
-        lines.append(f"{r['component']:<26} {r['budget']:<5} {where:<11} time {r['time_ratio']:.3f}  "
+        kl = f"  KL {r['heldout_kl']:.3f}" if "heldout_kl" in r else ""
+        lines.append(f"{series(r):<40} {r['budget']:<5} {where:<11} time {r['time_ratio']:.3f}  "
                      f"FLOPs {r['model_flops_ratio']:.3f}  {r['elastic_tokens_per_s']:.1f} tok/s "
-                     f"(dense {r['dense_tokens_per_s']:.1f})")
+                     f"(dense {r['dense_tokens_per_s']:.1f}){kl}")
     return lines
 
 
@@ -286,8 +330,8 @@ def plot_speed(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.6 * max(1, len(panels)), 4.2), squeeze=False)
     for ax, (kind, batch) in zip(axes[0], panels):
         rows = [r for r in result["records"] if (r["kind"], r["batch"]) == (kind, batch)]
-        for comp in dict.fromkeys(r["component"] for r in rows):
-            mine = sorted((r for r in rows if r["component"] == comp), key=lambda r: r["model_flops_ratio"])
+        for comp in dict.fromkeys(series(r) for r in rows):
+            mine = sorted((r for r in rows if series(r) == comp), key=lambda r: r["model_flops_ratio"])
             ax.plot([r["model_flops_ratio"] for r in mine], [r["time_ratio"] for r in mine], "o-", label=comp)
         values = [v for r in rows for v in (r["model_flops_ratio"], r["time_ratio"])]
         lo, hi = min(values + [1.0]) - 0.05, max(values + [1.0]) + 0.05
@@ -339,15 +383,19 @@ def speed_markdown(result: dict[str, Any]) -> str:
              f"{result.get('dense', 'the elastic model with its routing off')}. Targets: prefill time ratio <= "
              "model-FLOPs ratio + 0.05 and decode at batch 1 <= FLOPs ratio + 0.10, never slower than dense. "
              "Regenerate: `make bench-speed`, then `elastiformer bench-speed --readme`.", "",
-             "Paired: each repetition's elastic / dense time (lowest - highest), how steady the machine was.", "",
+             "Paired: each repetition's elastic / dense time (lowest - highest), how steady the machine was. KL: "
+             "mean KL(dense || elastic) of the next-token distributions on the prefill batch (held-out text), what "
+             "the time was bought with. Time-ranked: the allocation ranked its moves by loss per decoding time saved "
+             "(a unit latency table measured on this machine), on the same routers.", "",
              "| system | setting | budget | run | batch | model FLOPs | time / dense | paired | tokens/s (dense) "
-             "| target |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| KL | target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["records"]:
-        lines.append(f"| {r['system']} | {r['component']} | {r['budget']:.2f} | {r['kind']} | {r['batch']} | "
+        kl = f"{r['heldout_kl']:.3f}" if "heldout_kl" in r else "-"
+        lines.append(f"| {r['system']} | {series(r)} | {r['budget']:.2f} | {r['kind']} | {r['batch']} | "
                      f"{r['model_flops_ratio']:.3f} | {r['time_ratio']:.3f} | {paired_range(r)} | "
                      f"{r['elastic_tokens_per_s']:.1f} "
-                     f"({r['dense_tokens_per_s']:.1f}) | {target_check(r)} |")
+                     f"({r['dense_tokens_per_s']:.1f}) | {kl} | {target_check(r)} |")
     checked = [target_check(r) for r in result["records"] if target_check(r)]
     lines += ["", f"Targets met in {sum(c == 'met' for c in checked)} of {len(checked)} checked rows."]
     return "\n".join(lines)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..cache import atomic_dir, atomic_write_json, committed_dir, ensure_writable_dir
 from ..distill import DEFAULT_AUX_WEIGHTS, LOSSES, POOLINGS, embedding_distance, kl_teacher_student
+from ..allocation import check_latency_table
 from ..errors import ConfigError, DataError, ElastiformerError
 from ..data.batches import as_batches, tensor_batch
 from ..layers.stand_in import StandIn
@@ -169,6 +170,7 @@ def train_routers(
     allocation_batches: int = 1,
     allocation_levels: tuple[float, ...] | None = None,
     allocation_pin: bool = True,
+    allocation_latency: bool | dict | None = None,
     target_steps: int | None = None,
     target_repeats: int = 4,
     stand_in_lr_scale: float = 0.1,
@@ -206,6 +208,9 @@ def train_routers(
     each unit's cost curve is measured at (default `allocation.LEVELS`; fewer levels, fewer forwards).
     allocation_pin: a layer's heads / experts may be lowered pinned, the same for every token, where the fit measures
     that cheaper than routing them per token (`ElasticModel.fit_allocation(pin=...)`).
+    allocation_latency: True ranks the allocation's moves by decoding time saved on this machine, measured first on
+    the calibration batches (`ElasticModel.measure_unit_latency`, causal LMs, one process); or pass a table it
+    returned. None / False: by FLOPs saved.
     stand_in_lr_scale: the stand-ins of skipped MLP / attention tokens (`ElasticConfig.stand_in_rank`,
     `attn_stand_in_rank`) are fitted by regression before the target phase, then trained by the distillation loss
     beside the routers at this fraction of `lr` (0: kept as fitted). Only the student's skipped tokens reach them, so
@@ -245,6 +250,11 @@ def train_routers(
             isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1 for v in allocation_levels)):
         raise ConfigError(f"allocation_levels={allocation_levels!r}: pass capacities in [0, 1) a unit may be lowered "
                           "to, e.g. (0.875, 0.75, 0.5, 0.25, 0.0), or None for the default")
+    if allocation_latency not in (None, True, False) and not isinstance(allocation_latency, dict):
+        raise ConfigError(f"allocation_latency={allocation_latency!r}: pass True (measure decoding time on this "
+                          "machine), a table from em.measure_unit_latency(data), or None (rank moves by FLOPs)")
+    if isinstance(allocation_latency, dict):
+        check_latency_table(allocation_latency, em.elastic_config.components())
     check_int("seed", seed, minimum=0)
     check_int("allocation_batches", allocation_batches)
     if stop_after is not None:
@@ -348,6 +358,10 @@ def train_routers(
     resumed_from = start if resume and start else None
 
     rank, world = accelerator.process_index, accelerator.num_processes
+    if allocation and allocation_latency is True and world > 1:
+        raise ConfigError("allocation_latency=True times decoding in each process, and the processes would fit "
+                          "different allocations: measure the table once with em.measure_unit_latency(data) and "
+                          "pass it as allocation_latency=table")
     core.state.set_allocation(None)  # an allocation fitted for other routers would be stale: refitted at the end
     with core.override("key_value_targets", key_value_targets):  # the targets of both phases
         target_history = []
@@ -427,9 +441,14 @@ def train_routers(
     cal = _split_batches(cal)  # fit_allocation() / calibrate() move the batches to the model's device
     if allocation:  # where each budget is spent: fitted on calibration batches with the trained routers
         lowest = min(fixed.values()) if fixed else budget_range[0]
+        levels = {"levels": tuple(allocation_levels)} if allocation_levels else {}
+        latency = allocation_latency if isinstance(allocation_latency, dict) else None
+        if allocation_latency is True:  # (refused above with several processes: each would time its own)
+            latency = core.measure_unit_latency(cal, pin=allocation_pin, **levels,
+                                                progress=progress and accelerator.is_main_process)
         core.fit_allocation(cal, allocation_batches, min_budget=min(allocation_floor, max(0.05, lowest - 0.05)),
-                            **({"levels": tuple(allocation_levels)} if allocation_levels else {}),
-                            pin=allocation_pin, progress=progress and accelerator.is_main_process)
+                            **levels, pin=allocation_pin, latency=latency,
+                            progress=progress and accelerator.is_main_process)
     core.trained_budgets = ((min(fixed.values()), max(fixed.values())) if fixed
                             else (float(budget_range[0]), float(budget_range[1])))
     core.set_budget(**(fixed or em.elastic_config.capacities()))
