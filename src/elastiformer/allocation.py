@@ -27,6 +27,11 @@ router at all.
 Costs compound (skipping in one layer makes skipping in the next costlier), so the path is fitted with routing on:
 single-unit cost curves measured once give first estimates, and every move is re-measured at the current
 allocation before it is taken (lazy greedy, see `fit_allocation`).
+
+FLOPs are not time: with a unit latency table (`unit_latency.py`: what one unit saves per capacity level when
+decoding at batch 1 on this machine), the path ranks its moves by cost per *time* saved instead, and moves that save
+no time (partial heads, on a CPU) come after every move that does (`fit_path(time_saved=...)`). Budgets stay
+fractions of FLOPs; the table is kept with the allocation.
 """
 
 from __future__ import annotations

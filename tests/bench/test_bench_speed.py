@@ -111,3 +111,15 @@ def test_speed_records_keep_each_repetitions_paired_ratio():
     assert r["time_ratio"] == 3.0 / 3.0  # the ratio of the medians, as before
     assert r["paired_ratios"] == pytest.approx([0.5, 0.75, 1.1]) and paired_range(r) == "0.50-1.10"
     assert r["dense_tokens_per_s"] == 64 / 3.0
+
+
+def test_an_unknown_ranking_is_refused_before_any_work():
+    from elastiformer.errors import ConfigError
+
+    o = SPEED_DEFAULTS | dict(model="tiny-llama", components="mlp_tokens", rankings="flops,speed")
+
+    def never():
+        raise AssertionError("no model is made for a bad option")
+
+    with pytest.raises(ConfigError, match="rankings='flops,speed'"):
+        run_speed_bench(o, echo=lambda *_: None, new_model=never, data=(tokens(8, 16), tokens(4, 24, seed=2)))

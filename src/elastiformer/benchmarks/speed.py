@@ -9,7 +9,10 @@ to the FLOPs ratio: the PNG plots one against the other with the line y = x. The
 torch threads, since ratios measured on a busy machine mean little.
 
 ElastiFormer's routers are trained briefly here (`steps`; what the routes look like matters for speed, not their
-quality), their allocation fitted and thresholds calibrated. Flextron runs the base model's nested widths: with
+quality), their allocation fitted and thresholds calibrated; with `rankings` "flops,time", twice on the same routers:
+ranked by loss per FLOP saved, then by loss per decoding time saved (a unit latency table timed here first, see
+`unit_latency.py`). Every record holds `heldout_kl`, the subject's KL from the dense model's next-token distributions
+on the prefill batch: what its time was bought with. Flextron runs the base model's nested widths: with
 `flextron_checkpoint` (a sorted, trained checkpoint holding `router/`), the routed sub-network its router picks at
 each budget (`set_budget(relative_compute=b)`); without, the same width in every layer, the widest whose block
 FLOPs fit the budget (the speed of a sub-network depends on its widths, not on how they were chosen).
