@@ -99,6 +99,15 @@ def test_yaml_config_and_command_line_precedence(workspace, tmp_path, capsys):
     assert log["steps"] == 2 and log["history"][0]["budget_mlp_tokens"] == 0.6
 
 
+def test_train_can_rank_the_allocation_by_decoding_time(workspace, tmp_path, capsys):
+    code, out, err = run(train_args(workspace, tmp_path / "run", "--steps", "1", "--allocation-time"), capsys)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "run" / "routers" / "elastic_config.json").read_text())
+    assert set(meta["allocation"]["latency"]["saved"]) == {"mlp_tokens", "attn_heads"}  # the table it ranked by
+    code, out, _ = run(["info", tmp_path / "run" / "routers"], capsys)
+    assert code == 0 and "ranked by:      loss per decoding time saved" in out
+
+
 def test_resume_from_the_command_line(workspace, tmp_path, capsys):
     assert run(train_args(workspace, tmp_path / "run"), capsys)[0] == 0
     code, out, err = run(train_args(workspace, tmp_path / "run", "--steps", "6", "--resume"), capsys)
