@@ -77,8 +77,8 @@ class Allocation:
     # {component: {layer: per-unit importance}}: the scores a pinned unit chooses its heads / experts by, the same
     # for every token (mean output norm of each head / expert on the calibration text)
     pinned: dict[str, dict[int, list[float]]] = field(default_factory=dict)
-    # the unit latency table the path's moves were ranked by (loss per second saved, see `fit_path`), or None:
-    # ranked by loss per FLOP saved
+    # the unit latency table the path's moves were ranked by (loss per decoding time saved, see `fit_path`), or
+    # None: ranked by loss per FLOP saved
     latency: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ lookups
@@ -218,9 +218,13 @@ def check_latency_table(table: Any, components: Sequence[str]) -> None:
         raise ConfigError(f"the latency table has no entry for {', '.join(missing)} (it holds "
                           f"{', '.join(saved) or 'none'}): measure it again with em.measure_unit_latency(data)")
     for c in components:
-        for variant, per in saved[c].items():
-            if variant not in ("routed", "pinned") or not isinstance(per, dict) or not per or not all(
-                    0.0 <= float(k) < 1.0 and isinstance(v, (int, float)) for k, v in per.items()):
+        for variant, per in (saved[c].items() if isinstance(saved[c], dict) else [("?", None)]):
+            try:
+                ok = variant in ("routed", "pinned") and isinstance(per, dict) and per and all(
+                    0.0 <= float(k) < 1.0 and isinstance(v, (int, float)) for k, v in per.items())
+            except (TypeError, ValueError):  # a level that is not a number
+                ok = False
+            if not ok:
                 raise ConfigError(f"the latency table's {c}/{variant} entry is malformed: measure it again with "
                                   "em.measure_unit_latency(data)")
 
@@ -324,11 +328,12 @@ def fit_path(measure: Measure, units: Sequence[tuple[str, int]], n_layers: int, 
         moves that save no time after all the others."""
         if time_saved is None:
             return 0, added / flops_saved
-        secs = time_saved(u[0], u[2], start, end)
-        return (0, added / secs) if secs > 0 else (1, added / flops_saved)
+        fraction = time_saved(u[0], u[2], start, end)  # of the decoding time
+        return (0, added / fraction) if fraction > 0 else (1, added / flops_saved)
 
     def estimate(u: Candidate):
-        """(estimated cost per FLOP saved, target level) of u's best move, or None if u cannot move."""
+        """(rank of u's best move by its estimated cost, see `rank`; its target level), or None if u cannot
+        move."""
         c, i, pin = u
         if variant.get((c, i), pin) != pin:
             return None  # the unit moved as the other variant

@@ -74,6 +74,9 @@ def test_a_table_without_a_component_or_malformed_is_refused():
         check_latency_table({"saved": {"attn_heads": {"routed": {"1.5": 0.1}}}}, ("attn_heads",))
     with pytest.raises(ef.ConfigError, match="no 'saved' entry"):
         check_latency_table([], ("attn_heads",))
+    for broken in ({"routed": {"half": 0.1}}, {"routed": {"0.5": "fast"}}, {"sideways": {"0.5": 0.1}}, [0.1]):
+        with pytest.raises(ef.ConfigError, match="attn_heads/.* entry is malformed"):
+            check_latency_table({"saved": {"attn_heads": broken}}, ("attn_heads",))
 
 
 def test_the_table_is_saved_with_the_allocation_and_a_broken_one_refused():
