@@ -207,6 +207,12 @@ class Allocation:
         return alloc
 
 
+def check_levels(levels: Sequence[float]) -> None:
+    """Refuse capacity levels a unit could not be lowered to (each in [0, 1); at least one)."""
+    if not levels or any(not 0.0 <= v < 1.0 for v in levels):
+        raise ConfigError(f"levels={levels!r}: pass capacities in [0, 1) a unit may be lowered to")
+
+
 # ---------------------------------------------------------------------- latency
 def check_latency_table(table: Any, components: Sequence[str]) -> None:
     """Refuse a unit latency table (`unit_latency.measure_unit_latency`) that is malformed or lacks a component."""

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .allocation import LEVELS, PINNABLE, check_latency_table, fit_path, move_time_saved
+from .allocation import LEVELS, PINNABLE, check_latency_table, check_levels, fit_path, move_time_saved
 from .block_replay import BlockReplay
 from .data.batches import as_batches
 from .config import TOKEN_COMPONENTS
@@ -139,8 +139,7 @@ def fit_allocation(em, data: Iterable[dict[str, Any]] | torch.Tensor, max_batche
     if not 0.0 < min_budget < 1.0:
         raise ConfigError(f"min_budget={min_budget!r}: pass the fraction of routed FLOPs where the path ends, "
                           "e.g. 0.5")
-    if not levels or any(not 0.0 <= v < 1.0 for v in levels):
-        raise ConfigError(f"levels={levels!r}: pass capacities in [0, 1) a unit may be lowered to")
+    check_levels(levels)
     components = em.elastic_config.components()
     if latency is not None:
         check_latency_table(latency, components)

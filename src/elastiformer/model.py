@@ -536,8 +536,8 @@ class ElasticModel(WrappedModel):
                              pin: bool = True, progress: bool = True) -> dict[str, Any]:
         """Time what a unit of each routed component saves per capacity level when decoding at batch 1 on this
         machine (`unit_latency.measure_unit_latency`): the table `fit_allocation(latency=...)` ranks moves by."""
-        return unit_latency.measure_unit_latency(self, data, prompt_len=prompt_len, new_tokens=new_tokens, reps=reps,
-                                    levels=levels, pin=pin, progress=progress)
+        return unit_latency.measure_unit_latency(self, data, prompt_len=prompt_len, new_tokens=new_tokens,
+                                                 reps=reps, levels=levels, pin=pin, progress=progress)
 
     def split_experts(self, data: Iterable[dict[str, Any]] | torch.Tensor, max_batches: int | None = 2,
                       seed: int = 0) -> "ElasticModel":

@@ -24,11 +24,12 @@ from typing import Any, Iterable
 
 import torch
 
-from .allocation import DROPPED_BY, LEVELS, PINNABLE
+from .allocation import DROPPED_BY, LEVELS, PINNABLE, check_levels
 from .calibration import calibrate, collect_batches, unit_scores
 from .errors import ConfigError, DataError
 from .evaluation.timing import machine, time_setups_all
 from .routers import TokenRouter
+from .validation import check_int
 
 TABLE_VERSION = 1
 
@@ -47,10 +48,8 @@ def measure_unit_latency(em, data: Iterable[dict[str, Any]] | torch.Tensor, *, p
     time saved per unit}}}, `n_units` per component, `reference_s` (median seconds of the reference generation), and
     the regime and machine it holds for."""
     for name, v in (("prompt_len", prompt_len), ("new_tokens", new_tokens), ("reps", reps)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{name}={v!r}: pass a positive integer")
-    if not levels or any(not 0.0 <= v < 1.0 for v in levels):
-        raise ConfigError(f"levels={levels!r}: pass capacities in [0, 1) a unit may be lowered to")
+        check_int(name, v)
+    check_levels(levels)
     if not em.is_causal or not hasattr(em.base_model, "generate"):
         raise ConfigError("measure_unit_latency() times decoding at batch 1: it needs a causal language model "
                           "(an encoder or vision model has no decoding to time); fit the allocation without latency")

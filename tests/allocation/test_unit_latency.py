@@ -164,5 +164,6 @@ def test_train_routers_measures_the_table_or_takes_one():
     measured = trained(True).latency
     check_latency_table(measured, ("attn_heads",))
     assert trained(None).latency is None
-    with pytest.raises(ef.ConfigError, match="allocation_latency='yes'"):
-        trained("yes")
+    for bad in ("yes", 1):  # 1 == True, but is not the flag: refused rather than read as FLOPs ranking
+        with pytest.raises(ef.ConfigError, match=f"allocation_latency={bad!r}"):
+            trained(bad)

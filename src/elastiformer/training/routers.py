@@ -250,7 +250,7 @@ def train_routers(
             isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1 for v in allocation_levels)):
         raise ConfigError(f"allocation_levels={allocation_levels!r}: pass capacities in [0, 1) a unit may be lowered "
                           "to, e.g. (0.875, 0.75, 0.5, 0.25, 0.0), or None for the default")
-    if allocation_latency not in (None, True, False) and not isinstance(allocation_latency, dict):
+    if allocation_latency is not None and not isinstance(allocation_latency, (bool, dict)):  # (1 is no True here)
         raise ConfigError(f"allocation_latency={allocation_latency!r}: pass True (measure decoding time on this "
                           "machine), a table from em.measure_unit_latency(data), or None (rank moves by FLOPs)")
     if isinstance(allocation_latency, dict):
